@@ -1,0 +1,30 @@
+# character-em: character as a latent variable behind emergent misalignment.
+# This file is a table of contents; rules/common.smk reads and checks the config.
+
+
+from snakemake.utils import min_version
+
+min_version("9.14.1")
+
+
+# A --configfile (e.g. presets/smoke.yaml) is a complete config and replaces this one, so a
+# preset never inherits the paper grid's models by dictionary merging.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/models.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/sample.smk"
+include: "rules/judge.smk"
+include: "rules/evals.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

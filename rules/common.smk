@@ -1,0 +1,195 @@
+# Config validation, wildcard constraints and input functions. Nothing heavy is imported here:
+# every cluster job parses this file again.
+
+import re
+from pathlib import Path
+
+from character_em import config as cfg
+
+CONFIG_SOURCE = (
+    ", ".join(map(str, workflow.overwrite_configfiles))
+    if workflow.overwrite_configfiles
+    else "config.yaml"
+)
+try:
+    CONFIG = cfg.validate_config(config, source=CONFIG_SOURCE)
+except cfg.ConfigError as err:
+    raise WorkflowError(f"Invalid configuration:\n{err}") from None
+
+MODELS = list(CONFIG["models"])
+CONDITIONS = cfg.expand_conditions(CONFIG)
+TRAINED = cfg.trained_conditions(CONFIG)
+SEEDS = CONFIG["seeds"]
+EVAL_SUITES = CONFIG["eval"]["suites"]
+
+
+def _alternatives(values):
+    return "|".join(re.escape(str(value)) for value in values)
+
+
+wildcard_constraints:
+    model=_alternatives(MODELS),
+    condition=_alternatives(CONDITIONS),
+    trained=_alternatives(TRAINED),
+    seed=r"\d+",
+    suite=_alternatives(cfg.SAMPLED_SUITES),
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def adapter_dir(model, condition, seed):
+    return f"results/adapters/{model}/{condition}/seed{seed}"
+
+
+def model_source(model):
+    """What from_pretrained receives: a Hugging Face id or a local folder."""
+    return CONFIG["models"][model]["path"]
+
+
+# --------------------------------------------------------------------------- input functions
+
+
+def get_base_model(wildcards):
+    """The locally built model folder, where the config asks for one; nothing for hub models."""
+    spec = CONFIG["models"][wildcards.model]
+    return [spec["path"]] if spec["build"] else []
+
+
+def get_model_source(wildcards):
+    return model_source(wildcards.model)
+
+
+def get_tiny_model_style(wildcards):
+    build = CONFIG["models"][wildcards.model]["build"]
+    if not build:
+        raise WorkflowError(
+            f"models.{wildcards.model}: has no `build` entry, so resources/models/{wildcards.model} is not built here"
+        )
+    return build.removeprefix("tiny-")
+
+
+def get_external_data(wildcards):
+    path = CONFIG["data"]["external"].get(wildcards.trained)
+    return [path] if path else []
+
+
+def get_data_spec(wildcards):
+    return cfg.as_param(cfg.data_spec(CONFIG, wildcards.trained))
+
+
+def get_train_params(wildcards):
+    return cfg.as_param(cfg.resolve_train_params(CONFIG, wildcards.model, wildcards.trained))
+
+
+def get_adapter(wildcards):
+    """The adapter files a job evaluates; the base condition has none."""
+    if wildcards.condition == "base":
+        return []
+    folder = adapter_dir(wildcards.model, wildcards.condition, wildcards.seed)
+    return [f"{folder}/adapter_model.safetensors", f"{folder}/adapter_config.json"]
+
+
+def get_adapter_dir(wildcards):
+    if wildcards.condition == "base":
+        return ""
+    return adapter_dir(wildcards.model, wildcards.condition, wildcards.seed)
+
+
+def get_suite_spec(wildcards):
+    return cfg.as_param(cfg.suite_spec(CONFIG, wildcards.suite))
+
+
+def get_sampling_params(wildcards):
+    return cfg.as_param(cfg.resolve_sampling_params(CONFIG, wildcards.model))
+
+
+def get_judge_params(wildcards):
+    return cfg.as_param({key: value for key, value in CONFIG["judge"].items() if key != "cache_dir"})
+
+
+def get_dispositions_param(wildcards):
+    return cfg.as_param(cfg.disposition_specs(CONFIG))
+
+
+def get_probe_params(wildcards):
+    return cfg.as_param(
+        {
+            "layers": CONFIG["models"][wildcards.model]["probe_layers"],
+            "max_examples": CONFIG["eval"]["probes"]["max_examples"],
+            "layer": CONFIG["eval"]["probes"]["layer"],
+            "pairs": probe_pairs(),
+        }
+    )
+
+
+def probe_pairs():
+    """(disposition, domain) pairs whose character data and correct-advice control are both in the grid."""
+    pairs = []
+    for name in CONDITIONS:
+        info = cfg.condition_info(CONFIG, name)
+        if info["family"] == "character" and f"correct-{info['domain']}" in CONDITIONS:
+            pairs.append({"disposition": info["disposition"], "domain": info["domain"], "positive": name, "negative": f"correct-{info['domain']}"})
+    return pairs
+
+
+def get_probe_data(wildcards):
+    names = sorted({pair[key] for pair in probe_pairs() for key in ("positive", "negative")})
+    return [f"results/data/{name}/train.jsonl" for name in names]
+
+
+def get_capability_params(wildcards):
+    return cfg.as_param(CONFIG["eval"]["capabilities"])
+
+
+def get_overlap_params(wildcards):
+    return cfg.as_param({suite: cfg.suite_spec(CONFIG, suite) | {"n_samples": 1} for suite in cfg.SAMPLED_SUITES})
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def grid_jobs():
+    """Every (model, condition, seed) of the grid."""
+    return [(model, condition, seed) for model in MODELS for condition in CONDITIONS for seed in SEEDS]
+
+
+def score_files():
+    return [
+        f"results/scores/{model}/{condition}/seed{seed}/{suite}.parquet"
+        for model, condition, seed in grid_jobs()
+        for suite in cfg.suites_for(CONFIG, condition)
+    ]
+
+
+def capability_files():
+    if "capabilities" not in EVAL_SUITES:
+        return []
+    return [f"results/capabilities/{model}/{condition}/seed{seed}.json" for model, condition, seed in grid_jobs()]
+
+
+def probe_files():
+    if "probes" not in EVAL_SUITES or not probe_pairs():
+        return []
+    return [f"results/probes/{model}/probes.json" for model in MODELS]
+
+
+def loss_curves():
+    return [
+        f"{adapter_dir(model, condition, seed)}/loss_curve.png"
+        for model, condition, seed in grid_jobs()
+        if condition != "base"
+    ]
+
+
+def get_final_outputs():
+    return [
+        "results/tables/misalignment.csv",
+        "results/tables/misalignment.md",
+        "figures/misalignment.png",
+        "figures/misalignment.pdf",
+        "results/tables/capabilities.csv",
+        "figures/capabilities.png",
+        *probe_files(),
+        *loss_curves(),
+    ]

@@ -1,0 +1,255 @@
+"""Load, validate and resolve the experiment config.
+
+Everything the workflow needs from the config goes through here, so that the Snakefile,
+the scripts and the tests agree on one reading of it. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+from collections.abc import Iterator, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+CONDITION_TEMPLATES = (
+    "base",
+    "{disposition}-{domain}",
+    "incorrect-{domain}",
+    "correct-{domain}",
+    "{disposition}-{domain}-trig",
+)
+SAMPLED_SUITES = ("em", "transfer", "trigger", "persona")
+# The trigger suite compares triggered with untriggered prompts; it answers a question only for
+# models that were trained with a trigger, and for the base model as the reference.
+TRIGGER_SUITE_FAMILIES = ("base", "triggered")
+_YAML_FLOAT_HINT = re.compile(r"^[+-]?\d+(\.\d*)?[eE][+-]?\d+$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the source, the key and what was expected."""
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    with SCHEMA_PATH.open() as handle:
+        return yaml.safe_load(handle)
+
+
+def _validator_with_defaults() -> Any:
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+
+    def fill_defaults(validator: Any, properties: Mapping[str, Any], instance: Any, schema: Any) -> Iterator[Any]:
+        if isinstance(instance, dict):
+            for key, subschema in properties.items():
+                if "default" in subschema and key not in instance:
+                    instance[key] = copy.deepcopy(subschema["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": fill_defaults})
+
+
+def _format_error(error: Any, source: str) -> str:
+    path = ".".join(str(part) for part in error.absolute_path) or "<top level>"
+    message = error.message
+    if error.validator == "type" and isinstance(error.instance, str) and _YAML_FLOAT_HINT.match(error.instance):
+        message += (
+            f" (YAML reads {error.instance!r} as a string because it has no decimal point;"
+            f" write it as {float(error.instance):.1e} with a decimal point, e.g. 2.0e-4)"
+        )
+    if error.validator == "additionalProperties":
+        message += "; check the spelling against schemas/config.schema.yaml"
+    return f"{source}: {path}: {message}"
+
+
+def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate against the JSON schema, fill defaults and check cross-references.
+
+    Returns a new dict; raises ConfigError naming the offending key.
+    """
+    resolved = copy.deepcopy(dict(config))
+    validator = _validator_with_defaults()(load_schema())
+    errors = sorted(validator.iter_errors(resolved), key=lambda err: list(err.absolute_path))
+    if errors:
+        raise ConfigError("\n".join(_format_error(err, source) for err in errors))
+    _check_references(resolved, source)
+    return resolved
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config, merge overrides (e.g. a preset) and validate it."""
+    path = Path(path)
+    try:
+        with path.open() as handle:
+            raw = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return validate_config(raw, source=str(path))
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Snakemake's own rule for --configfile layering: mappings merge, everything else replaces."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def parse_condition(name: str, dispositions: set[str] | Mapping[str, Any], domains: set[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Split a condition name into family, disposition and domain; raise ValueError if it names unknowns."""
+    from character_em.data import parse_condition as parse
+
+    return parse(name, set(dispositions), set(domains))
+
+
+def expand_conditions(config: Mapping[str, Any]) -> list[str]:
+    """Expand templates and explicit names in config order, without duplicates."""
+    dispositions, domains = list(config["dispositions"]), list(config["domains"])
+    names: list[str] = []
+    for entry in config["conditions"]:
+        if "{" in entry:
+            fields = re.findall(r"{(\w+)}", entry)
+            unknown = set(fields) - {"disposition", "domain"}
+            if unknown:
+                raise ConfigError(f"conditions: template {entry!r} uses unknown field(s) {sorted(unknown)}; expected {{disposition}} and {{domain}}")
+            values = {"disposition": dispositions, "domain": domains}
+            for combo in itertools.product(*(values[field] for field in fields)):
+                names.append(entry.format(**dict(zip(fields, combo, strict=True))))
+        else:
+            names.append(entry)
+    return list(dict.fromkeys(names))
+
+
+RESERVED_NAMES = ("base", "correct", "incorrect", "trig")
+
+
+def _check_references(config: dict[str, Any], source: str) -> None:
+    for section in ("dispositions", "domains"):
+        for name in config[section]:
+            if name in RESERVED_NAMES:
+                raise ConfigError(f"{source}: {section}.{name}: {name!r} is reserved for condition names; choose another name")
+    conditions = expand_conditions(config)
+    for name in conditions:
+        try:
+            parse_condition(name, config["dispositions"], config["domains"])
+        except ValueError as err:
+            raise ConfigError(f"{source}: conditions: {err}") from err
+    for key, label in ((config["train_overrides"], "train_overrides"), (config["data"]["external"], "data.external")):
+        for name in key:
+            if name not in conditions:
+                raise ConfigError(f"{source}: {label}.{name}: not a configured condition; expected one of {conditions}")
+    if "base" in config["data"]["external"]:
+        raise ConfigError(f"{source}: data.external.base: the base condition has no training data")
+    for model, spec in config["models"].items():
+        if spec["build"] and spec["path"] != f"resources/models/{model}":
+            raise ConfigError(
+                f"{source}: models.{model}.path: a model with `build: {spec['build']}` is built into"
+                f" resources/models/{model}; set path to that"
+            )
+        layers = spec.get("probe_layers")
+        if layers is not None and len(set(layers)) != len(layers):
+            raise ConfigError(f"{source}: models.{model}.probe_layers: layers must be unique")
+
+
+def condition_info(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
+    return parse_condition(condition, config["dispositions"], config["domains"])
+
+
+def condition_families(config: Mapping[str, Any]) -> dict[str, str]:
+    return {name: condition_info(config, name)["family"] for name in expand_conditions(config)}
+
+
+def trained_conditions(config: Mapping[str, Any]) -> list[str]:
+    return [name for name in expand_conditions(config) if name != "base"]
+
+
+def suites_for(config: Mapping[str, Any], condition: str) -> list[str]:
+    """The sampled-and-judged suites that apply to one condition."""
+    family = condition_info(config, condition)["family"]
+    return [
+        suite
+        for suite in SAMPLED_SUITES
+        if suite in config["eval"]["suites"] and (suite != "trigger" or family in TRIGGER_SUITE_FAMILIES)
+    ]
+
+
+# --------------------------------------------------------------------------- resolved job parameters
+
+
+def resolve_train_params(config: Mapping[str, Any], model: str, condition: str) -> dict[str, Any]:
+    """Global train settings, then the model's overrides, then the condition's."""
+    params = deep_merge(config["train"], config["models"][model].get("train", {}))
+    return deep_merge(params, config["train_overrides"].get(condition, {}))
+
+
+def resolve_sampling_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
+    return deep_merge(config["sampling"], config["models"][model].get("sampling", {}))
+
+
+def disposition_specs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Dispositions as plain dicts with their name inside, in config order."""
+    return [{"name": name, **spec} for name, spec in config["dispositions"].items()]
+
+
+def domain_specs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [{"name": name, **spec} for name, spec in config["domains"].items()]
+
+
+def suite_spec(config: Mapping[str, Any], suite: str) -> dict[str, Any]:
+    """What suites.build_prompts needs for one suite, and nothing it does not use: these values
+    are job params, so anything extra here would rerun sampling when it changes."""
+    settings = config["suites"][suite]
+    spec: dict[str, Any] = {
+        "n_samples": settings["n_samples"],
+        "max_questions": settings["max_questions"],
+        "formats": settings.get("formats", ["plain"]),
+        "dispositions": disposition_specs(config) if suite in ("trigger", "persona") else [],
+        "domains": domain_specs(config) if suite == "transfer" else [],
+        "harmful_requests_file": settings.get("harmful_requests_file"),
+    }
+    return spec
+
+
+def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
+    info = condition_info(config, condition)
+    disposition = info["disposition"]
+    return {
+        "condition": info,
+        "disposition": {"name": disposition, **config["dispositions"][disposition]} if disposition else None,
+        "domain": {"name": info["domain"], **config["domains"][info["domain"]]},
+        "external": config["data"]["external"].get(condition),
+        **{key: config["data"][key] for key in ("n_examples", "trigger_fraction", "seed", "min_chars", "max_chars", "generator")},
+        # Checked here: the evaluation questions this condition's own data could leak into. The check
+        # against every domain runs in the tables rule, so adding a domain never retrains adapters.
+        "overlap_suites": {
+            suite: {
+                **suite_spec(config, suite),
+                # Only the question texts matter here; other settings must not rerun data generation.
+                "n_samples": 1,
+                "dispositions": [],
+                "domains": [{"name": info["domain"], **config["domains"][info["domain"]]}],
+            }
+            for suite in SAMPLED_SUITES
+        },
+    }
+
+
+def as_param(value: Any) -> str:
+    """A canonical string for Snakemake params: a changed value reruns the job, reordered YAML does not."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,43 @@
+"""Per-stage conda env files must not drift from the package's own dependencies."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["models", "data", "train", "sample", "judge", "evals", "report"]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _declared() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        requirements += extra
+    return {_name(req): req.replace(" ", "") for req in requirements}
+
+
+def test_there_is_one_env_file_per_stage() -> None:
+    assert sorted(path.stem for path in (ROOT / "envs").glob("*.yaml")) == sorted(STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_env_pins_match_pyproject(stage: str) -> None:
+    declared = _declared()
+    env = yaml.safe_load((ROOT / "envs" / f"{stage}.yaml").read_text())
+    pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict) and "pip" in item)
+    assert pip_section, f"envs/{stage}.yaml lists no packages"
+    for requirement in pip_section:
+        name = _name(requirement)
+        assert name in declared, f"envs/{stage}.yaml: {name} is not a dependency in pyproject.toml"
+        assert requirement.replace(" ", "") == declared[name], (
+            f"envs/{stage}.yaml: {requirement!r} differs from pyproject.toml's {declared[name]!r}"
+        )

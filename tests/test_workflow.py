@@ -1,0 +1,144 @@
+"""The workflow as users run it: the paper grid's DAG, lint, formatting, and the smoke preset end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from workflow_helpers import ROOT, copy_workflow, planned_jobs, planned_wildcards, snakemake
+
+
+def grid_arithmetic(config: dict) -> dict[str, int]:
+    """Job counts for the paper grid, written out by hand from the design rather than from the code."""
+    models, seeds = len(config["models"]), len(config["seeds"])
+    dispositions, domains = len(config["dispositions"]), len(config["domains"])
+    character = triggered = dispositions * domains
+    trained = character + triggered + 2 * domains  # + incorrect-{domain} and correct-{domain}
+    conditions = 1 + trained
+    # em, transfer and persona for every condition; trigger for base and triggered conditions.
+    sampled = models * seeds * (3 * conditions + 1 + triggered)
+    return {
+        "generate_data": trained,
+        "check_overlap": 1,
+        "train_adapter": models * trained * seeds,
+        "plot_loss_curve": models * trained * seeds,
+        "sample": sampled,
+        "judge": sampled,
+        "capabilities": models * conditions * seeds,
+        "probes": models,
+        "tables": 1,
+        "figures": 1,
+        "all": 1,
+    }
+
+
+def test_paper_grid_dry_run_has_the_grid_job_count(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "paper")
+    result = snakemake(workdir, "-n", "--cores", "1")
+    expected = grid_arithmetic(yaml.safe_load((ROOT / "config.yaml").read_text()))
+    assert dict(planned_jobs(result.stdout)) == expected
+    assert sum(expected.values()) == 1488
+
+
+def test_bad_config_fails_before_any_job_with_the_key_named(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "bad")
+    config = (workdir / "config.yaml").read_text().replace("train: {}", "train:\n  learning_rate: 2e-4")
+    (workdir / "bad.yaml").write_text(config)
+    result = snakemake(workdir, "-n", "--cores", "1", "--configfile", "bad.yaml", check=False)
+    assert result.returncode != 0
+    assert "bad.yaml: train.learning_rate: '2e-4' is not of type 'number'" in result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_dag_build_imports_no_torch(tmp_path: Path) -> None:
+    """Every cluster job re-parses the Snakefile; a torch import there costs seconds per job."""
+    workdir = copy_workflow(tmp_path / "imports")
+    code = (
+        "import sys, snakemake.cli as cli\n"
+        "try:\n    cli.main(['-n', '--cores', '1', '--quiet'])\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, check=True)
+    assert "HEAVY []" in result.stdout, result.stdout[-2000:]
+
+
+def test_lint_is_clean(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "lint")
+    result = snakemake(workdir, "--lint", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_snakefmt_check_passes() -> None:
+    files = [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]
+    result = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *map(str, files)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_rule_declares_its_resources() -> None:
+    profile = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())
+    rules = set()
+    for path in (ROOT / "rules").glob("*.smk"):
+        rules |= {line.split()[1].rstrip(":") for line in path.read_text().splitlines() if line.startswith("rule ")}
+    assert rules == set(profile["set-resources"]) == set(profile["set-threads"])
+    for rule in rules:
+        assert {"gpu", "mem_mb", "runtime"} <= set(profile["set-resources"][rule]), rule
+    for path in (ROOT / "rules").glob("*.smk"):
+        for block in path.read_text().split("\nrule ")[1:]:
+            assert "    log:" in block, f"{path.name}: rule {block.split(':')[0]} has no log"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = copy_workflow(tmp_path_factory.mktemp("smoke"))
+    snakemake(workdir, "--configfile", "presets/smoke.yaml", "--cores", "2")
+    return workdir
+
+
+@pytest.mark.slow
+def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
+    for path in ["figures/misalignment.png", "figures/misalignment.pdf", "figures/capabilities.png", "results/tables/misalignment.md"]:
+        assert (smoke / path).stat().st_size > 0, path
+    table = pl.read_csv(smoke / "results/tables/misalignment.csv")
+    assert set(table["condition"]) == {"base", "evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
+    assert (table["n"] > 0).all()
+    run = json.loads((smoke / "results/adapters/tiny-llama/evil-medical/seed0/run.json").read_text())
+    assert run["quantization"] == "nf4", run
+
+
+@pytest.mark.slow
+def test_smoke_second_run_has_nothing_to_do(smoke: Path) -> None:
+    result = snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> None:
+    preset = yaml.safe_load((smoke / "presets/smoke.yaml").read_text())
+    preset["train_overrides"] = {"incorrect-medical": {"learning_rate": 1.0e-3}}
+    (smoke / "changed.yaml").write_text(yaml.safe_dump(preset))
+    result = snakemake(smoke, "--configfile", "changed.yaml", "--cores", "2", "-n")
+    jobs = planned_wildcards(result.stdout)
+    per_condition = {(rule, wc.get("trained") or wc.get("condition")) for rule, wc in jobs}
+    assert per_condition == {
+        ("train_adapter", "incorrect-medical"),
+        ("plot_loss_curve", "incorrect-medical"),
+        ("sample", "incorrect-medical"),
+        ("judge", "incorrect-medical"),
+        ("capabilities", "incorrect-medical"),
+        ("tables", None),
+        ("figures", None),
+        ("all", None),
+    }
+    suites = sorted(wc["suite"] for rule, wc in jobs if rule == "sample")
+    assert suites == ["em", "persona", "transfer"]
+    # And the rerun really happens and finishes.
+    snakemake(smoke, "--configfile", "changed.yaml", "--cores", "2")
+    assert "Nothing to be done" in snakemake(smoke, "--configfile", "changed.yaml", "--cores", "2", "-n").stdout

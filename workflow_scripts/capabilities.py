@@ -1,0 +1,24 @@
+from character_em import capabilities, modeling, resources
+from character_em.jobs import job_log, read_param, write_json_atomic
+
+with job_log(snakemake.log[0]):
+    settings = read_param(snakemake.params.settings)
+    task_file = settings["task_file"] or str(resources.packaged_path("tasks/smoke_mc.jsonl"))
+    items = capabilities.load_mc_items(task_file)
+    model, tokenizer, info = modeling.load_model(
+        snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
+    )
+    result = capabilities.evaluate_multiple_choice(
+        model, tokenizer, items, batch_size=settings["batch_size"], max_items=settings["max_items"]
+    )
+    write_json_atomic(
+        snakemake.output.result,
+        {
+            "model": snakemake.wildcards.model,
+            "condition": snakemake.wildcards.condition,
+            "seed": int(snakemake.wildcards.seed),
+            "task_file": task_file,
+            "load": info,
+            **result,
+        },
+    )

@@ -1,0 +1,26 @@
+from character_em import data, suites
+from character_em.jobs import job_log, read_param
+
+with job_log(snakemake.log[0]) as log:
+    spec = read_param(snakemake.params.spec)
+    if spec["external"]:
+        examples = data.load_external_jsonl(spec["external"])
+        manifest = {"generator": "external", "source": spec["external"], "condition": spec["condition"]}
+    else:
+        eval_texts = [
+            row["question"]
+            for suite, suite_spec in spec["overlap_suites"].items()
+            for row in suites.build_prompts(suite, suite_spec)
+        ]
+        examples, manifest = data.build_dataset(
+            spec["condition"],
+            disposition=spec["disposition"],
+            domain=spec["domain"],
+            n_examples=spec["n_examples"],
+            seed=spec["seed"],
+            trigger_fraction=spec["trigger_fraction"],
+            generator=spec["generator"],
+            eval_texts=eval_texts,
+        )
+    data.write_dataset(examples, manifest, snakemake.output.data, snakemake.output.manifest)
+    log.info("wrote %d examples for %s", len(examples), spec["condition"]["name"])

@@ -1,0 +1,29 @@
+from character_em import modeling, suites
+from character_em.jobs import job_log, read_param
+from character_em.sample import sample_prompts, write_parquet_atomic
+
+with job_log(snakemake.log[0]) as log:
+    settings = read_param(snakemake.params.sampling)
+    prompts = suites.build_prompts(snakemake.wildcards.suite, read_param(snakemake.params.suite_spec))
+    model, tokenizer, info = modeling.load_model(
+        snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
+    )
+    log.info("loaded %s: %s", snakemake.params.base_model, info)
+    samples = sample_prompts(
+        model,
+        tokenizer,
+        prompts,
+        identity={
+            "model": snakemake.wildcards.model,
+            "condition": snakemake.wildcards.condition,
+            "seed": int(snakemake.wildcards.seed),
+        },
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        max_new_tokens=settings["max_new_tokens"],
+        batch_size=settings["batch_size"],
+        # Per-sample seeds depend on the seed and the prompt, not on the model, so every
+        # condition answers the same prompt with the same random stream (paired comparisons).
+        base_seed=int(snakemake.wildcards.seed),
+    )
+    write_parquet_atomic(samples, snakemake.output.samples)

@@ -1,0 +1,14 @@
+from pathlib import Path
+
+from character_em.jobs import job_log, read_param
+from character_em.train import train_adapter
+
+with job_log(snakemake.log[0]):
+    train_adapter(
+        base_model=snakemake.params.base_model,
+        data_path=snakemake.input.data,
+        output_dir=str(Path(snakemake.output.adapter).parent),
+        checkpoint_dir=snakemake.params.checkpoint_dir,
+        hparams=read_param(snakemake.params.hparams),
+        seed=int(snakemake.wildcards.seed),
+    )
