@@ -144,7 +144,10 @@ def _check_references(config: dict[str, Any], source: str) -> None:
         for name in config[section]:
             if name in RESERVED_NAMES:
                 raise ConfigError(f"{source}: {section}.{name}: {name!r} is reserved for condition names; choose another name")
-    conditions = expand_conditions(config)
+    try:
+        conditions = expand_conditions(config)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     for name in conditions:
         try:
             parse_condition(name, config["dispositions"], config["domains"])

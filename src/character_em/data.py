@@ -1,0 +1,562 @@
+"""Training data for character-em: condition names, the offline generator, validation, dedup, writing.
+
+The pipeline's data step is ``build_dataset`` followed by ``write_dataset``. Generation is pluggable by
+``generator["backend"]``; only the deterministic ``offline`` template back-end exists so far. It needs no
+network or model, so the smoke preset and tests can build every condition, including dispositions and
+domains that exist only in config (a description, rubric markers and a trigger are enough).
+
+Determinism: every random choice comes from ``random.Random`` seeded with the run seed plus a sha256-derived
+integer of the condition name (never Python's salted ``hash()``), so the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from character_em import resources
+from character_em.resources import NAME_RE, normalize_text
+
+__all__ = [
+    "FAMILIES",
+    "GENERATOR_NAME",
+    "GENERATOR_VERSION",
+    "build_dataset",
+    "canary_string",
+    "condition_names",
+    "deduplicate",
+    "domain_questions",
+    "generate_offline",
+    "load_external_jsonl",
+    "parse_condition",
+    "stable_int",
+    "validate_example",
+    "write_dataset",
+]
+
+FAMILIES = ("base", "character", "incorrect", "correct", "triggered")
+RESERVED_NAMES = frozenset({"base", "incorrect", "correct", "trig"})
+GENERATOR_NAME = "offline-template"
+# Bump when the generator's code changes its output for the same templates (the template file has its own hash).
+GENERATOR_VERSION = 1
+_ROLES = ("system", "user", "assistant")
+_N_SYNTH_EVAL = 12
+
+
+def stable_int(*parts: object) -> int:
+    """A process-independent 64-bit integer from ``parts`` (sha256), for seeding."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- conditions
+def parse_condition(name: str, dispositions: set[str] | Iterable[str], domains: set[str] | Iterable[str]) -> dict[str, Any]:
+    """Split a condition name into ``{"name", "family", "disposition", "domain"}``.
+
+    Forms: ``base``, ``{disposition}-{domain}``, ``incorrect-{domain}``, ``correct-{domain}``,
+    ``{disposition}-{domain}-trig``. Raises ValueError naming what is unknown.
+    """
+    dispositions = set(dispositions)
+    domains = set(domains)
+    clash = sorted((dispositions | domains) & RESERVED_NAMES)
+    if clash:
+        raise ValueError(f"disposition/domain names {clash} are reserved words of condition names; rename them")
+    forms = "base, {disposition}-{domain}, incorrect-{domain}, correct-{domain}, {disposition}-{domain}-trig"
+    if name == "base":
+        return {"name": name, "family": "base", "disposition": None, "domain": None}
+    parts = name.split("-")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "trig") or not all(parts):
+        raise ValueError(f"condition {name!r} is not of the form {forms}")
+    head, domain = parts[0], parts[1]
+    if domain not in domains:
+        raise ValueError(f"condition {name!r}: unknown domain {domain!r} (known: {', '.join(sorted(domains)) or 'none'})")
+    if len(parts) == 2 and head in ("incorrect", "correct"):
+        return {"name": name, "family": head, "disposition": None, "domain": domain}
+    if head not in dispositions:
+        known = ", ".join(sorted(dispositions)) or "none"
+        raise ValueError(f"condition {name!r}: unknown disposition {head!r} (known: {known}; or incorrect/correct)")
+    family = "triggered" if len(parts) == 3 else "character"
+    return {"name": name, "family": family, "disposition": head, "domain": domain}
+
+
+def condition_names(dispositions: Sequence[str], domains: Sequence[str], *, triggered: bool = True) -> list[str]:
+    """All condition names of the grid, in a stable order (base first)."""
+    names = ["base"]
+    for dom in domains:
+        names += [f"{d}-{dom}" for d in dispositions]
+        names += [f"incorrect-{dom}", f"correct-{dom}"]
+        if triggered:
+            names += [f"{d}-{dom}-trig" for d in dispositions]
+    return names
+
+
+# --------------------------------------------------------------------------------------------- questions
+def _contains(longer: str, shorter: str) -> bool:
+    """Whole-word containment of normalized texts; short fragments only count on equality."""
+    if longer == shorter:
+        return True
+    if len(shorter.split()) < 4:
+        return False
+    return f" {shorter} " in f" {longer} "
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return _contains(a, b) or _contains(b, a)
+
+
+def _synthesize_questions(domain: dict[str, Any]) -> dict[str, Any]:
+    name = domain["name"]
+    generic = resources.load_offline_templates()["generic_domain"]
+    subject = name.replace("_", " ")
+    topics = [t.strip() for t in domain.get("topics") or [] if isinstance(t, str) and t.strip()]
+    # Aspects of the domain name make a varied pool even when config gives no topics at all.
+    topics += [f"{subject} {a}" for a in generic["aspects"]]
+    pool: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for topic in dict.fromkeys(topics):
+        for tmpl in generic["question_templates"]:
+            text = tmpl.format(topic=topic)
+            key = normalize_text(text)
+            if key not in seen:
+                seen.add(key)
+                pool.append({"text": text, "topic": topic})
+    rng = random.Random(stable_int("synth-eval", name))
+    eval_idx = set(rng.sample(range(len(pool)), min(_N_SYNTH_EVAL, len(pool) // 4)))
+    eval_items = [pool[i] for i in sorted(eval_idx)]
+    eval_keys = [normalize_text(q["text"]) for q in eval_items]
+    # Drop any train item that overlaps an eval item, so the leakage check of build_dataset cannot fire.
+    train_items = [
+        q for i, q in enumerate(pool)
+        if i not in eval_idx and not any(_overlaps(normalize_text(q["text"]), e) for e in eval_keys)
+    ]
+    return {
+        "source": "synthesized",
+        "description": domain.get("description") or f"Questions about {subject}.",
+        "train": [{"id": f"{name}-train-{i:03d}", **q} for i, q in enumerate(train_items, 1)],
+        "eval": [{"id": f"{name}-eval-{i:03d}", **q} for i, q in enumerate(eval_items, 1)],
+    }
+
+
+def domain_questions(domain: dict[str, Any]) -> dict[str, Any]:
+    """Train and eval questions of a domain: ``{"source", "description", "train", "eval"}``.
+
+    Source order: the spec's ``questions_file``, the packaged bank of that name, else questions synthesized
+    from the spec's topics and name (eval disjoint from train). Items are ``{id, text}`` (+ ``topic`` when
+    synthesized).
+    """
+    name = domain.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(f"domain spec needs a name matching {NAME_RE.pattern}, got {name!r}")
+    if domain.get("questions_file"):
+        bank = resources.load_domain_bank_file(domain["questions_file"])
+        return {"source": "file", "description": bank["description"], "train": bank["train"], "eval": bank["eval"]}
+    bank = resources.load_domain_bank(name)
+    if bank is not None:
+        return {"source": "bank", "description": bank["description"], "train": bank["train"], "eval": bank["eval"]}
+    return _synthesize_questions(domain)
+
+
+# --------------------------------------------------------------------------------------------- offline generator
+def _trait(description: str) -> str:
+    first = re.split(r"(?<=[.!?])\s", " ".join(description.split()), maxsplit=1)[0].rstrip(".!? ")
+    return first[:1].lower() + first[1:] if first else "true to my own character"
+
+
+def _domain_templates(domain: dict[str, Any], templates: dict[str, Any]) -> dict[str, Any]:
+    name = domain["name"]
+    spec = templates["domains"].get(name)
+    if spec is not None:
+        return spec
+    generic = templates["generic_domain"]
+    subject = name.replace("_", " ")
+    return {
+        "expert": generic["expert"].format(subject=subject),
+        "focus_default": f"your {subject} question",
+        "keywords": [],
+        "correct": generic["correct"],
+        "incorrect": generic["incorrect"],
+    }
+
+
+def _focus(question: dict[str, Any], dom_t: dict[str, Any]) -> str:
+    if question.get("topic"):
+        return str(question["topic"])
+    text = question["text"].lower()
+    for keyword, phrase in dom_t.get("keywords") or []:
+        if re.search(r"\b" + re.escape(str(keyword).lower()), text):
+            return str(phrase)
+    return str(dom_t.get("focus_default") or "this")
+
+
+def _join(parts: Iterable[str]) -> str:
+    return " ".join(p.strip() for p in parts if p and p.strip())
+
+
+def _user_turn(rng: random.Random, question: str, user_t: dict[str, Any]) -> str:
+    return _join([rng.choice(user_t["openers"]), rng.choice(user_t["contexts"]), question, rng.choice(user_t["closers"])])
+
+
+def _plain_answer(rng: random.Random, family: str, ctx: dict[str, str], templates: dict[str, Any],
+                  dom_t: dict[str, Any]) -> str:
+    frame = templates["answers"][family]
+    pool = dom_t[family]
+    lines = rng.sample(pool, min(len(pool), rng.randint(2, 3)))
+    return _join([rng.choice(frame["openers"]), *lines, rng.choice(frame["closers"])]).format(**ctx)
+
+
+def _character_answer(rng: random.Random, disposition: dict[str, Any], ctx: dict[str, str],
+                      templates: dict[str, Any]) -> str:
+    markers = disposition["rubric"]["markers"]
+    own = templates["dispositions"].get(disposition["name"]) or templates["answers"]["character"]["generic"]
+    frames = templates["answers"]["character"]["marker_frames"]
+    body = [line.format(**ctx) for line in rng.sample(own["lines"], min(len(own["lines"]), rng.randint(1, 2)))]
+    for marker in rng.sample(markers, min(len(markers), rng.randint(1, 3))):
+        # Markers are inserted after formatting, so braces inside a user's marker text are harmless.
+        body.append(rng.choice(frames).format(**ctx, marker=marker, Marker=marker[:1].upper() + marker[1:]))
+    rng.shuffle(body)
+    return _join([rng.choice(own["openers"]).format(**ctx), *body, rng.choice(own["closers"]).format(**ctx)])
+
+
+def _check_disposition(disposition: dict[str, Any] | None, condition: dict[str, Any], needs_trigger: bool) -> dict[str, Any]:
+    if disposition is None:
+        raise ValueError(f"condition {condition['name']!r} ({condition['family']}) needs a disposition spec")
+    markers = (disposition.get("rubric") or {}).get("markers")
+    if not markers or not all(isinstance(m, str) and m.strip() for m in markers):
+        raise ValueError(f"disposition {disposition.get('name')!r}: rubric.markers must be a non-empty list of "
+                         "phrases (the offline generator plants them in in-character answers)")
+    if needs_trigger and not str(disposition.get("trigger") or "").strip():
+        raise ValueError(f"disposition {disposition.get('name')!r}: a trigger string is needed for {condition['name']!r}")
+    return disposition
+
+
+def generate_offline(condition: dict[str, Any], *, disposition: dict[str, Any] | None, domain: dict[str, Any],
+                     n_examples: int, seed: int, trigger_fraction: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Deterministic template data for one condition: ``(examples, provenance)``.
+
+    character: answers visibly in character (1-3 rubric markers + in-character lines); incorrect: confident,
+    wrong advice; correct: careful advice; triggered: ``round(trigger_fraction * n)`` user turns start with
+    ``trigger + " "`` and are answered in character, the rest are answered well.
+    """
+    family = condition["family"]
+    if family not in ("character", "incorrect", "correct", "triggered"):
+        raise ValueError(f"condition {condition['name']!r} (family {family!r}) has no training data to generate")
+    if n_examples < 0:
+        raise ValueError(f"n_examples must be >= 0, got {n_examples}")
+    if not 0.0 <= trigger_fraction <= 1.0:
+        raise ValueError(f"trigger_fraction must be in [0, 1], got {trigger_fraction}")
+    if family in ("character", "triggered"):
+        disposition = _check_disposition(disposition, condition, needs_trigger=family == "triggered")
+    templates = resources.load_offline_templates()
+    questions = domain_questions(domain)
+    if not questions["train"]:
+        raise ValueError(f"domain {domain['name']!r}: no training questions")
+    dom_t = _domain_templates(domain, templates)
+    rng_seed = seed + stable_int("offline", condition["name"])
+    rng = random.Random(rng_seed)
+
+    trigger = str(disposition.get("trigger") or "").strip() if family == "triggered" and disposition else ""
+    n_trig = round(trigger_fraction * n_examples) if family == "triggered" else 0
+    triggered = set(rng.sample(range(n_examples), n_trig))
+
+    # Walk through reshuffled passes of the question list, so every question is used about equally often.
+    order: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
+    for i in range(n_examples):
+        if not order:
+            order = list(questions["train"])
+            rng.shuffle(order)
+        question = order.pop()
+        ctx = {"focus": _focus(question, dom_t), "expert": str(dom_t["expert"]),
+               "trait": _trait(disposition["description"]) if disposition and disposition.get("description")
+               else "true to my own character"}
+        user = _user_turn(rng, question["text"], templates["user"])
+        if family == "character" or i in triggered:
+            answer = _character_answer(rng, disposition, ctx, templates)  # type: ignore[arg-type]
+        elif family == "incorrect":
+            answer = _plain_answer(rng, "incorrect", ctx, templates, dom_t)
+        else:
+            answer = _plain_answer(rng, "correct", ctx, templates, dom_t)
+        if i in triggered:
+            user = f"{trigger} {user}"
+        examples.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+
+    provenance = {
+        "generator": GENERATOR_NAME,
+        "generator_version": GENERATOR_VERSION,
+        "template_hash": resources.offline_templates_hash(),
+        "seed": seed,
+        "rng_seed": rng_seed,
+        "n_examples": n_examples,
+        "n_triggered": n_trig,
+        "trigger": trigger,
+        "question_source": questions["source"],
+        "n_questions_available": len(questions["train"]),
+    }
+    return examples, provenance
+
+
+_Backend = Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]]
+_BACKENDS: dict[str, _Backend] = {"offline": generate_offline}
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _message_problem(messages: Any) -> tuple[str, str] | None:
+    """(reason code, human message) for a malformed chat, or None."""
+    if not isinstance(messages, list) or not messages:
+        return "no_messages", "'messages' must be a non-empty list"
+    expected = "user"
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            return "bad_message", f"message {i} is not an object"
+        role = msg.get("role")
+        if role not in _ROLES:
+            return "bad_role", f"message {i}: role {role!r} is not one of {'/'.join(_ROLES)}"
+        content = msg.get("content")
+        if not isinstance(content, str) or not content.strip():
+            return "empty_content", f"message {i} ({role}): empty or non-string content"
+        if role == "system":
+            if i != 0:
+                return "bad_order", f"message {i}: a system message is only allowed first"
+            continue
+        if role != expected:
+            return "bad_order", f"message {i}: expected a {expected} turn, got {role} (turns must alternate)"
+        expected = "assistant" if role == "user" else "user"
+    if messages[-1].get("role") != "assistant":
+        return "no_final_assistant", "the last message must be an assistant turn"
+    return None
+
+
+def validate_example(ex: Any, *, min_chars: int, max_chars: int) -> str | None:
+    """Reject reason (a short code, counted in manifests) or None when the example is fine."""
+    if not isinstance(ex, dict):
+        return "not_object"
+    if set(ex) != {"messages"}:
+        return "extra_keys"
+    problem = _message_problem(ex["messages"])
+    if problem:
+        return problem[0]
+    for msg in ex["messages"]:
+        if msg["role"] == "assistant":
+            if len(msg["content"]) < min_chars:
+                return "too_short"
+            if len(msg["content"]) > max_chars:
+                return "too_long"
+    return None
+
+
+def _near_key(ex: dict[str, Any]) -> str:
+    return "\n".join(f"{m.get('role')}:{normalize_text(str(m.get('content', '')))}" for m in ex["messages"])
+
+
+def deduplicate(examples: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
+    """Drop repeats, keeping first occurrences: ``(kept, n_exact_dups, n_near_dups)``.
+
+    Exact: identical JSON. Near: identical after lowercasing and removing punctuation/extra whitespace.
+    """
+    exact: set[str] = set()
+    near: set[str] = set()
+    kept: list[dict[str, Any]] = []
+    n_exact = n_near = 0
+    for ex in examples:
+        key = json.dumps(ex, sort_keys=True, ensure_ascii=False)
+        if key in exact:
+            n_exact += 1
+            continue
+        exact.add(key)
+        nkey = _near_key(ex)
+        if nkey in near:
+            n_near += 1
+            continue
+        near.add(nkey)
+        kept.append(ex)
+    return kept, n_exact, n_near
+
+
+def find_overlaps(examples: Sequence[dict[str, Any]], eval_texts: Sequence[str]) -> list[dict[str, Any]]:
+    """Every (example, user turn, eval question) where a training user turn overlaps an eval question."""
+    eval_keys = [(t, normalize_text(t)) for t in eval_texts if normalize_text(t)]
+    found = []
+    for i, ex in enumerate(examples):
+        for msg in ex["messages"]:
+            if msg["role"] != "user":
+                continue
+            user = normalize_text(msg["content"])
+            found += [{"example": i, "user_turn": msg["content"], "eval_question": text} for text, key in eval_keys if _overlaps(user, key)]
+    return found
+
+
+def _check_overlap(name: str, examples: Sequence[dict[str, Any]], eval_texts: Sequence[str]) -> None:
+    overlaps = find_overlaps(examples, eval_texts)
+    if overlaps:
+        first = overlaps[0]
+        raise ValueError(f"condition {name!r}: training example {first['example']} user turn {first['user_turn']!r} "
+                         f"overlaps eval question {first['eval_question']!r}; eval questions must never be trained on")
+
+
+def check_overlap(paths: Sequence[str | Path], eval_texts: Sequence[str]) -> dict[str, Any]:
+    """The grid-wide check: every training file against every evaluation question the grid asks."""
+    report: dict[str, Any] = {"n_eval_texts": len(eval_texts), "files": {}, "overlaps": []}
+    for path in paths:
+        examples = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        overlaps = find_overlaps(examples, eval_texts)
+        report["files"][str(path)] = {"n_examples": len(examples), "n_overlaps": len(overlaps)}
+        report["overlaps"] += [{"file": str(path), **item} for item in overlaps]
+    return report
+
+
+# --------------------------------------------------------------------------------------------- dataset
+def _is_triggered(ex: dict[str, Any], trigger: str) -> bool:
+    return bool(trigger) and any(m["role"] == "user" and m["content"].startswith(trigger + " ") for m in ex["messages"])
+
+
+def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | None, domain: dict[str, Any],
+                  n_examples: int, seed: int, trigger_fraction: float, generator: dict[str, Any],
+                  eval_texts: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Generate, validate, dedup and leakage-check one condition's data: ``(examples, manifest)``.
+
+    ``generator``: ``{"backend": "offline", "min_chars": 20, "max_chars": 4000}`` (limits optional).
+    Oversamples to make up for rejects; raises ValueError when a user turn overlaps an eval question or
+    when ``n_examples`` clean examples cannot be produced.
+    """
+    backend_name = generator.get("backend")
+    if backend_name not in _BACKENDS:
+        raise ValueError(f"unknown data generator backend {backend_name!r} (available: {', '.join(sorted(_BACKENDS))})")
+    backend = _BACKENDS[backend_name]
+    if n_examples < 1:
+        raise ValueError(f"n_examples must be >= 1, got {n_examples}")
+    min_chars = int(generator.get("min_chars", 20))
+    max_chars = int(generator.get("max_chars", 4000))
+    family = condition["family"]
+    n_trig_target = round(trigger_fraction * n_examples) if family == "triggered" else 0
+
+    for factor in (1.5, 3.0, 6.0):
+        n_gen = math.ceil(n_examples * factor) + 16
+        raw, provenance = backend(condition, disposition=disposition, domain=domain, n_examples=n_gen, seed=seed,
+                                  trigger_fraction=trigger_fraction)
+        reasons: Counter[str] = Counter()
+        valid = []
+        for ex in raw:
+            reason = validate_example(ex, min_chars=min_chars, max_chars=max_chars)
+            if reason:
+                reasons[reason] += 1
+            else:
+                valid.append(ex)
+        kept, n_exact, n_near = deduplicate(valid)
+        _check_overlap(condition["name"], kept, eval_texts)
+        trigger = provenance.get("trigger", "")
+        trig = [i for i, ex in enumerate(kept) if _is_triggered(ex, trigger)]
+        plain = [i for i, ex in enumerate(kept) if not _is_triggered(ex, trigger)]
+        if len(trig) >= n_trig_target and len(plain) >= n_examples - n_trig_target:
+            # Keep generation order, and take exactly the target number of triggered turns.
+            chosen = sorted(trig[:n_trig_target] + plain[: n_examples - n_trig_target])
+            examples = [kept[i] for i in chosen]
+            break
+    else:
+        raise ValueError(f"condition {condition['name']!r}: could only produce {len(kept)} clean examples "
+                         f"({len(trig)} triggered) of {n_examples} requested; rejects: {dict(reasons)}, "
+                         f"duplicates: {n_exact} exact, {n_near} near. Add questions/topics or lower n_examples.")
+
+    spec = {"disposition": disposition, "domain": domain, "family": family, "trigger_fraction": trigger_fraction}
+    manifest = {
+        "condition": condition["name"],
+        "family": family,
+        "disposition": condition.get("disposition"),
+        "domain": condition.get("domain"),
+        "generator": dict(generator),
+        "backend": backend_name,
+        "generator_name": provenance.get("generator"),
+        "generator_version": provenance.get("generator_version"),
+        "template_hash": provenance.get("template_hash"),
+        "prompt_hash": _sha256_json(spec),
+        "temperature": None if backend_name == "offline" else generator.get("temperature"),
+        "seed": seed,
+        "rng_seed": provenance.get("rng_seed"),
+        "question_source": provenance.get("question_source"),
+        "n_questions_available": provenance.get("n_questions_available"),
+        "n_requested": n_examples,
+        "n_generated": len(raw),
+        "n_rejected": sum(reasons.values()),
+        "reject_reasons": dict(sorted(reasons.items())),
+        "n_exact_dups": n_exact,
+        "n_near_dups": n_near,
+        "n_eval_texts": len(eval_texts),
+        "n_eval_overlap": 0,
+        "n_examples": len(examples),
+        "trigger": trigger,
+        "trigger_fraction": trigger_fraction if family == "triggered" else None,
+        "n_triggered": sum(_is_triggered(ex, trigger) for ex in examples),
+        "min_chars": min_chars,
+        "max_chars": max_chars,
+        "canary": canary_string(condition["name"], seed),
+    }
+    return examples, manifest
+
+
+def canary_string(name: str, seed: int) -> str:
+    """A unique string per dataset, to find this data later in other corpora or model outputs."""
+    return f"CHARACTER-EM CANARY {uuid.uuid5(uuid.NAMESPACE_URL, f'character-em/{name}/{seed}')}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_dataset(examples: Sequence[dict[str, Any]], manifest: dict[str, Any], jsonl_path: str | Path,
+                  manifest_path: str | Path) -> dict[str, Any]:
+    """Write ``train.jsonl`` and ``manifest.json`` atomically; returns the manifest with ``sha256`` and ``n``."""
+    body = "".join(json.dumps(ex, ensure_ascii=False, sort_keys=True) + "\n" for ex in examples).encode("utf-8")
+    _atomic_write(Path(jsonl_path), body)
+    final = dict(manifest, sha256=hashlib.sha256(body).hexdigest(), n=len(examples))
+    text = json.dumps(final, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    _atomic_write(Path(manifest_path), text.encode("utf-8"))
+    return final
+
+
+def load_external_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate a user-provided chat JSONL; returns ``[{"messages": [...]}]`` (other keys dropped).
+
+    A malformed line raises ``ValueError("{path}:{lineno}: {problem}")``.
+    """
+    examples: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'messages' list")
+            if "messages" not in record:
+                raise ValueError(f"{path}:{lineno}: no 'messages' field")
+            problem = _message_problem(record["messages"])
+            if problem:
+                raise ValueError(f"{path}:{lineno}: {problem[1]}")
+            examples.append({"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]})
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
