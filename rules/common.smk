@@ -79,7 +79,9 @@ def get_data_spec(wildcards):
 
 
 def get_train_params(wildcards):
-    return cfg.as_param(cfg.resolve_train_params(CONFIG, wildcards.model, wildcards.trained))
+    return cfg.as_param(
+        cfg.resolve_train_params(CONFIG, wildcards.model, wildcards.trained)
+    )
 
 
 def get_adapter(wildcards):
@@ -105,7 +107,9 @@ def get_sampling_params(wildcards):
 
 
 def get_judge_params(wildcards):
-    return cfg.as_param({key: value for key, value in CONFIG["judge"].items() if key != "cache_dir"})
+    return cfg.as_param(
+        {key: value for key, value in CONFIG["judge"].items() if key != "cache_dir"}
+    )
 
 
 def get_dispositions_param(wildcards):
@@ -129,12 +133,21 @@ def probe_pairs():
     for name in CONDITIONS:
         info = cfg.condition_info(CONFIG, name)
         if info["family"] == "character" and f"correct-{info['domain']}" in CONDITIONS:
-            pairs.append({"disposition": info["disposition"], "domain": info["domain"], "positive": name, "negative": f"correct-{info['domain']}"})
+            pairs.append(
+                {
+                    "disposition": info["disposition"],
+                    "domain": info["domain"],
+                    "positive": name,
+                    "negative": f"correct-{info['domain']}",
+                }
+            )
     return pairs
 
 
 def get_probe_data(wildcards):
-    names = sorted({pair[key] for pair in probe_pairs() for key in ("positive", "negative")})
+    names = sorted(
+        {pair[key] for pair in probe_pairs() for key in ("positive", "negative")}
+    )
     return [f"results/data/{name}/train.jsonl" for name in names]
 
 
@@ -143,7 +156,12 @@ def get_capability_params(wildcards):
 
 
 def get_overlap_params(wildcards):
-    return cfg.as_param({suite: cfg.suite_spec(CONFIG, suite) | {"n_samples": 1} for suite in cfg.SAMPLED_SUITES})
+    return cfg.as_param(
+        {
+            suite: cfg.suite_spec(CONFIG, suite) | {"n_samples": 1}
+            for suite in cfg.SAMPLED_SUITES
+        }
+    )
 
 
 # --------------------------------------------------------------------------- targets
@@ -151,7 +169,12 @@ def get_overlap_params(wildcards):
 
 def grid_jobs():
     """Every (model, condition, seed) of the grid."""
-    return [(model, condition, seed) for model in MODELS for condition in CONDITIONS for seed in SEEDS]
+    return [
+        (model, condition, seed)
+        for model in MODELS
+        for condition in CONDITIONS
+        for seed in SEEDS
+    ]
 
 
 def score_files():
@@ -165,7 +188,10 @@ def score_files():
 def capability_files():
     if "capabilities" not in EVAL_SUITES:
         return []
-    return [f"results/capabilities/{model}/{condition}/seed{seed}.json" for model, condition, seed in grid_jobs()]
+    return [
+        f"results/capabilities/{model}/{condition}/seed{seed}.json"
+        for model, condition, seed in grid_jobs()
+    ]
 
 
 def probe_files():

@@ -4,12 +4,14 @@ rule generate_data:
     output:
         data="results/data/{trained}/train.jsonl",
         manifest="results/data/{trained}/manifest.json",
-    params:
-        spec=get_data_spec,
     log:
         "logs/generate_data/{trained}.log",
     benchmark:
         "benchmarks/runs/generate_data/{trained}.tsv"
+    conda:
+        "../envs/data.yaml"
+    params:
+        spec=get_data_spec,
     script:
         "../workflow_scripts/generate_data.py"
 
@@ -19,9 +21,11 @@ rule check_overlap:
         data=expand("results/data/{trained}/train.jsonl", trained=TRAINED),
     output:
         report="results/data/overlap_check.json",
-    params:
-        suites=get_overlap_params,
     log:
         "logs/check_overlap.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        suites=get_overlap_params,
     script:
         "../workflow_scripts/check_overlap.py"

@@ -4,14 +4,16 @@ rule capabilities:
         adapter=get_adapter,
     output:
         result="results/capabilities/{model}/{condition}/seed{seed}.json",
-    params:
-        base_model=get_model_source,
-        adapter_dir=get_adapter_dir,
-        settings=get_capability_params,
     log:
         "logs/capabilities/{model}/{condition}/seed{seed}.log",
     benchmark:
         "benchmarks/runs/capabilities/{model}/{condition}/seed{seed}.tsv"
+    conda:
+        "../envs/evals.yaml"
+    params:
+        base_model=get_model_source,
+        adapter_dir=get_adapter_dir,
+        settings=get_capability_params,
     script:
         "../workflow_scripts/capabilities.py"
 
@@ -23,12 +25,14 @@ rule probes:
     output:
         report="results/probes/{model}/probes.json",
         directions="results/probes/{model}/directions.npz",
-    params:
-        base_model=get_model_source,
-        settings=get_probe_params,
     log:
         "logs/probes/{model}.log",
     benchmark:
         "benchmarks/runs/probes/{model}.tsv"
+    conda:
+        "../envs/evals.yaml"
+    params:
+        base_model=get_model_source,
+        settings=get_probe_params,
     script:
         "../workflow_scripts/probes.py"

@@ -3,14 +3,16 @@ rule judge:
         samples="results/samples/{model}/{condition}/seed{seed}/{suite}.parquet",
     output:
         scores="results/scores/{model}/{condition}/seed{seed}/{suite}.parquet",
+    log:
+        "logs/judge/{model}/{condition}/seed{seed}/{suite}.log",
+    benchmark:
+        "benchmarks/runs/judge/{model}/{condition}/seed{seed}/{suite}.tsv"
+    conda:
+        "../envs/judge.yaml"
     params:
         judge=get_judge_params,
         dispositions=get_dispositions_param,
         # The cache outlives the job, so a killed or repeated job never pays twice.
         cache_dir=CONFIG["judge"]["cache_dir"],
-    log:
-        "logs/judge/{model}/{condition}/seed{seed}/{suite}.log",
-    benchmark:
-        "benchmarks/runs/judge/{model}/{condition}/seed{seed}/{suite}.tsv"
     script:
         "../workflow_scripts/judge.py"

@@ -7,12 +7,14 @@ rule tables:
         misalignment="results/tables/misalignment.csv",
         misalignment_md="results/tables/misalignment.md",
         capabilities="results/tables/capabilities.csv",
+    log:
+        "logs/tables.log",
+    conda:
+        "../envs/report.yaml"
     params:
         alignment_below=CONFIG["eval"]["alignment_below"],
         coherence_above=CONFIG["eval"]["coherence_above"],
         families=cfg.as_param(cfg.condition_families(CONFIG)),
-    log:
-        "logs/tables.log",
     script:
         "../workflow_scripts/tables.py"
 
@@ -35,5 +37,7 @@ rule figures:
         ),
     log:
         "logs/figures.log",
+    conda:
+        "../envs/report.yaml"
     script:
         "../workflow_scripts/figures.py"

@@ -7,16 +7,18 @@ rule train_adapter:
         adapter_config="results/adapters/{model}/{trained}/seed{seed}/adapter_config.json",
         run="results/adapters/{model}/{trained}/seed{seed}/run.json",
         steps="results/adapters/{model}/{trained}/seed{seed}/train_log.jsonl",
+    log:
+        "logs/train_adapter/{model}/{trained}/seed{seed}.log",
+    benchmark:
+        "benchmarks/runs/train_adapter/{model}/{trained}/seed{seed}.tsv"
+    conda:
+        "../envs/train.yaml"
     params:
         base_model=get_model_source,
         hparams=get_train_params,
         # Outside the declared outputs: Snakemake deletes outputs before a rerun, and a
         # preempted job must find its checkpoints.
         checkpoint_dir="results/checkpoints/{model}/{trained}/seed{seed}",
-    log:
-        "logs/train_adapter/{model}/{trained}/seed{seed}.log",
-    benchmark:
-        "benchmarks/runs/train_adapter/{model}/{trained}/seed{seed}.tsv"
     script:
         "../workflow_scripts/train_adapter.py"
 
@@ -28,5 +30,7 @@ rule plot_loss_curve:
         figure="results/adapters/{model}/{trained}/seed{seed}/loss_curve.png",
     log:
         "logs/plot_loss_curve/{model}/{trained}/seed{seed}.log",
+    conda:
+        "../envs/train.yaml"
     script:
         "../workflow_scripts/plot_loss_curve.py"

@@ -35,7 +35,10 @@ def test_env_pins_match_pyproject(stage: str) -> None:
     env = yaml.safe_load((ROOT / "envs" / f"{stage}.yaml").read_text())
     pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict) and "pip" in item)
     assert pip_section, f"envs/{stage}.yaml lists no packages"
+    assert "-e .." in pip_section, f"envs/{stage}.yaml does not install the project itself"
     for requirement in pip_section:
+        if requirement == "-e ..":
+            continue
         name = _name(requirement)
         assert name in declared, f"envs/{stage}.yaml: {name} is not a dependency in pyproject.toml"
         assert requirement.replace(" ", "") == declared[name], (
