@@ -1,0 +1,201 @@
+"""General-capability check: zero-shot multiple choice scored by log-likelihood (MMLU-style).
+
+The prompt is the question, the four lettered choices and ``Answer:``; the model's choice is the letter
+whose continuation (" A", " B", " C", " D") has the highest log-likelihood, as lm-evaluation-harness
+does for MMLU. No sampling and no answer parsing, so a fine-tuned model that chats differently is
+still measured on what it knows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+LETTERS = ("A", "B", "C", "D")
+
+
+def load_mc_items(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file of items ``{"id", "question", "choices": [4 str], "answer": 0-3, "subject"}``.
+
+    Validation errors name ``file:line``. Blank lines are skipped; ids must be unique.
+    """
+    p = Path(path)
+    items: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            missing = [k for k in ("id", "question", "choices", "answer") if k not in obj]
+            if missing:
+                raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+            if not isinstance(obj["id"], str | int) or str(obj["id"]) == "":
+                raise ValueError(f"{where}: 'id' must be a non-empty string or int")
+            if not isinstance(obj["question"], str) or not obj["question"].strip():
+                raise ValueError(f"{where}: 'question' must be a non-empty string")
+            choices = obj["choices"]
+            if (
+                not isinstance(choices, list)
+                or len(choices) != 4
+                or not all(isinstance(c, str) and c.strip() for c in choices)
+            ):
+                raise ValueError(f"{where}: 'choices' must be a list of 4 non-empty strings")
+            ans = obj["answer"]
+            if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans <= 3:
+                raise ValueError(f"{where}: 'answer' must be an integer 0-3")
+            subject = obj.get("subject", "general")
+            if not isinstance(subject, str):
+                raise ValueError(f"{where}: 'subject' must be a string")
+            item_id = str(obj["id"])
+            if item_id in seen:
+                raise ValueError(f"{where}: duplicate id {item_id!r}")
+            seen.add(item_id)
+            items.append(
+                {"id": item_id, "question": obj["question"], "choices": list(choices), "answer": ans,
+                 "subject": subject}
+            )
+    if not items:
+        raise ValueError(f"{p}: no items")
+    return items
+
+
+def format_mc_prompt(item: dict[str, Any]) -> str:
+    """Zero-shot context ending in ``Answer:``; the continuation supplies the leading space."""
+    subject = str(item.get("subject", "general")).replace("_", " ")
+    lines = [f"The following is a multiple choice question about {subject}.", "", item["question"].strip()]
+    lines += [f"{letter}. {choice.strip()}" for letter, choice in zip(LETTERS, item["choices"], strict=True)]
+    lines.append("Answer:")
+    return "\n".join(lines)
+
+
+def _bos_prefix(tokenizer: Any) -> list[int]:
+    """BOS id when the tokenizer defines one (Llama), else nothing (Qwen has no BOS). Added by hand
+    because we encode with ``add_special_tokens=False``: some tokenizers' post-processors also append
+    EOS, which would corrupt the context/continuation split."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [int(bos)] if bos is not None else []
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context (with BOS if any) and continuation, split at the token level.
+
+    We tokenize the whole string and take the continuation as the tokens past the context's own
+    encoding (lm-evaluation-harness's method), so the continuation is tokenized as the model saw such
+    text in training. Trailing spaces of the context move into the continuation first. If the
+    whole string's prefix does not reproduce the context's tokens (a merge across the boundary), we
+    fall back to encoding the two parts separately, which is always a valid split.
+    """
+    n_space = len(context) - len(context.rstrip(" "))
+    if n_space:
+        continuation = context[-n_space:] + continuation
+        context = context[:-n_space]
+    prefix = _bos_prefix(tokenizer)
+    whole = list(tokenizer(context + continuation, add_special_tokens=False)["input_ids"])
+    ctx = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return prefix + ctx, whole[len(ctx) :]
+    cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    return prefix + ctx, cont
+
+
+def continuation_logliks(
+    model: PreTrainedModel,
+    pairs: list[tuple[list[int], list[int]]],
+    *,
+    batch_size: int,
+    pad_id: int,
+) -> list[float]:
+    """Sum of log-probabilities of each continuation given its context (right padding, one forward
+    per batch). Returned in input order."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[float] = [math.nan] * len(pairs)
+    # Longest first so memory peaks at the first batch (fails fast) and padding stays low.
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            seqs = [pairs[i][0] + pairs[i][1] for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+                attn[r, : len(s)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1).cpu()
+            for r, i in enumerate(chunk):
+                ctx, cont = pairs[i]
+                # Token at position t is predicted by the logits at t-1.
+                positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+                targets = torch.tensor(cont, dtype=torch.long)
+                out[i] = float(logprobs[r, positions, targets].sum())
+    return out
+
+
+def evaluate_multiple_choice(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[dict[str, Any]],
+    *,
+    batch_size: int = 8,
+    max_items: int | None = None,
+) -> dict[str, Any]:
+    """Zero-shot log-likelihood accuracy over ``items`` (first ``max_items`` if given).
+
+    Returns {"accuracy", "n", "n_correct", "per_subject": {subject: accuracy}, "per_item": [{"id",
+    "subject", "answer", "pred", "logliks": [4 floats], "correct"}]}. Ties go to the lowest letter.
+    """
+    if max_items is not None:
+        items = items[:max_items]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pairs: list[tuple[list[int], list[int]]] = []
+    for item in items:
+        context = format_mc_prompt(item)
+        for letter in LETTERS:
+            ctx, cont = encode_pair(tokenizer, context, " " + letter)
+            if not ctx:
+                raise ValueError(f"item {item['id']!r}: empty context after tokenization")
+            pairs.append((ctx, cont))
+
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        lls = continuation_logliks(model, pairs, batch_size=max(1, batch_size * 4), pad_id=int(pad_id))
+    finally:
+        if was_training:
+            model.train()
+
+    per_item: list[dict[str, Any]] = []
+    by_subject: dict[str, list[bool]] = {}
+    for k, item in enumerate(items):
+        scores = lls[4 * k : 4 * k + 4]
+        pred = max(range(4), key=lambda j: (scores[j], -j))
+        correct = pred == item["answer"]
+        per_item.append(
+            {"id": item["id"], "subject": item.get("subject", "general"), "answer": item["answer"],
+             "pred": pred, "logliks": scores, "correct": correct}
+        )
+        by_subject.setdefault(str(item.get("subject", "general")), []).append(correct)
+    n = len(per_item)
+    n_correct = sum(1 for r in per_item if r["correct"])
+    return {
+        "accuracy": n_correct / n if n else math.nan,
+        "n": n,
+        "n_correct": n_correct,
+        "per_subject": {s: sum(v) / len(v) for s, v in sorted(by_subject.items())},
+        "per_item": per_item,
+    }

@@ -1,0 +1,393 @@
+"""Sample answers from a (possibly fine-tuned) chat model for a list of prompt rows.
+
+The decoding loop is our own rather than ``model.generate`` for one reason: reproducibility at the level
+of a single sample. Every sampled answer has its own ``sampling_seed`` (a stable hash of what identifies
+it) and its own ``torch.Generator``; each generation step draws exactly one uniform number per row from
+that generator. A row's random stream therefore never depends on which other rows share its batch, how
+the batch was ordered, or how many rows finished early, so any single sample can be regenerated alone.
+
+Sampling uses inverse-CDF on the (temperature-scaled, nucleus-truncated) distribution rather than
+``torch.multinomial``: a uniform draw maps to a token through a cumulative sum, so the tiny float
+differences that left padding can introduce into logits only change a token when the draw falls within
+about 1e-7 of a bucket edge, instead of reshuffling multinomial's internal stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+if TYPE_CHECKING:  # heavy imports stay out of module import time (see contracts)
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Column order of the Samples parquet (contracts.md). Kept here as the single source of truth.
+SAMPLE_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
+    "model": pl.Utf8,
+    "condition": pl.Utf8,
+    "seed": pl.Int64,
+    "suite": pl.Utf8,
+    "question_id": pl.Utf8,
+    "category": pl.Utf8,
+    "domain": pl.Utf8,
+    "format": pl.Utf8,
+    "system_prompt_id": pl.Utf8,
+    "persona": pl.Utf8,
+    "trigger": pl.Utf8,
+    "trigger_variant": pl.Utf8,
+    "sample_index": pl.Int64,
+    "sampling_seed": pl.Int64,
+    "messages": pl.Utf8,
+    "question": pl.Utf8,
+    "answer": pl.Utf8,
+    "prompt_tokens": pl.Int64,
+    "answer_tokens": pl.Int64,
+    "finish_reason": pl.Utf8,
+}
+SAMPLE_COLUMNS: list[str] = list(SAMPLE_SCHEMA)
+
+# Special tokens that end an assistant turn in common chat templates, in addition to the eos ids the
+# model and tokenizer declare. Only ids that the tokenizer really knows are used.
+END_OF_TURN_TOKENS: tuple[str, ...] = (
+    "<|eot_id|>",  # Llama 3
+    "<|im_end|>",  # ChatML / Qwen
+    "<|end|>",
+    "<end_of_turn>",  # Gemma
+    "<|endoftext|>",
+    "<|eot|>",
+)
+
+_MASK_63 = (1 << 63) - 1
+
+
+def sampling_seed(
+    base_seed: int,
+    suite: str,
+    question_id: str,
+    format: str,
+    system_prompt_id: str,
+    trigger: str,
+    sample_index: int,
+) -> int:
+    """Stable non-negative 63-bit seed for one sample.
+
+    sha256 over canonical JSON, never Python's ``hash()`` (salted per process). 63 bits so the value
+    fits a signed int64 parquet column and ``torch.Generator.manual_seed``.
+    """
+    payload = json.dumps(
+        [int(base_seed), suite, question_id, format, system_prompt_id, trigger, int(sample_index)],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    digest = hashlib.sha256(payload.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & _MASK_63
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write ``df`` to ``path`` via a temp file in the same directory and ``os.replace``.
+
+    A killed job therefore leaves either the old file or no file, never a truncated parquet that a
+    rerun of the workflow would mistake for a finished output.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        df.write_parquet(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """All token ids that end a row: declared eos ids plus known end-of-turn specials."""
+    ids: set[int] = set()
+
+    def _add(value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, int):
+            ids.add(value)
+        else:
+            ids.update(int(v) for v in value)
+
+    gen_cfg = getattr(model, "generation_config", None)
+    _add(getattr(gen_cfg, "eos_token_id", None))
+    _add(getattr(getattr(model, "config", None), "eos_token_id", None))
+    _add(getattr(tokenizer, "eos_token_id", None))
+    vocab = tokenizer.get_vocab()
+    for tok in END_OF_TURN_TOKENS:
+        if tok in vocab:
+            ids.add(int(vocab[tok]))
+    return ids
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat prompt with the assistant header appended.
+
+    We render text and tokenize it without extra special tokens, because the template itself writes
+    the BOS token where the model expects it; letting the tokenizer add another would double it.
+    """
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _forward_cache_kwarg(model: Any) -> str:
+    """Name of the KV-cache keyword of ``model.forward`` (``cache`` in transformers>=5.2x,
+    ``past_key_values`` before; PEFT wrappers forward **kwargs so we inspect the base model)."""
+    import inspect
+
+    base = model
+    if hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _pick_tokens(
+    logits: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    temperature: float,
+    top_p: float,
+) -> list[int]:
+    """Choose one token per row. Greedy at temperature 0, else nucleus sampling with one uniform draw
+    per row from that row's own generator (see module docstring for why inverse-CDF)."""
+    import torch
+
+    # Everything stays on the model's device (a [batch, vocab] transfer per step would dominate GPU
+    # decoding); only the per-row uniforms come from the CPU generators.
+    logits = logits.float()
+    if temperature <= 0.0:
+        return [int(i) for i in torch.argmax(logits, dim=-1).tolist()]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p >= 1.0:
+        # No truncation: vocabulary order is as deterministic as sorted order and skips a sort.
+        kept_probs = probs
+        kept_idx = None
+    else:
+        kept_probs, kept_idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is
+        # still below top_p. The first token always stays.
+        before = torch.cumsum(kept_probs, dim=-1) - kept_probs
+        keep = before < top_p
+        keep[:, 0] = True
+        kept_probs = torch.where(keep, kept_probs, torch.zeros_like(kept_probs))
+    cum = torch.cumsum(kept_probs.double(), dim=-1)
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).to(cum.device)
+    x = (u * cum[:, -1]).unsqueeze(-1)
+    # First position whose cumulative mass exceeds x: a zero-probability token can never be it.
+    pos = torch.searchsorted(cum, x, right=True).squeeze(-1)
+    # x may round up to the total: then take the last token that has mass.
+    vocab = cum.shape[-1]
+    last_pos = (vocab - 1) - torch.argmax(torch.flip(kept_probs > 0, dims=[-1]).to(torch.int8), dim=-1)
+    pos = torch.where(pos >= vocab, last_pos, pos)
+    if kept_idx is not None:
+        pos = kept_idx.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
+    return [int(i) for i in pos.tolist()]
+
+
+def generate_batch(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[int],
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_ids: Iterable[int],
+    pad_id: int,
+) -> list[tuple[list[int], str]]:
+    """Decode one left-padded batch with a KV cache. Returns per row (new token ids, finish_reason).
+
+    The returned ids exclude the stop token. Finished rows are dropped from the batch (cache rows
+    selected away), so long answers do not pay for short ones.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    stops = set(int(s) for s in stop_ids)
+    n = len(prompts)
+    max_len = max(len(p) for p in prompts)
+    input_ids = torch.full((n, max_len), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, max_len), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, max_len - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        attn[i, max_len - len(p) :] = 1
+    # Positions count real tokens only, so a left-padded row sees the same positions as alone.
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+
+    generators = []
+    for s in seeds:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(s))
+        generators.append(g)
+
+    results: list[list[int]] = [[] for _ in range(n)]
+    reasons: list[str] = ["length"] * n
+    active = list(range(n))  # original row index of each live batch row
+    cache_kw = _forward_cache_kwarg(model)
+    cache = DynamicCache()
+
+    input_ids, attn, position_ids = input_ids.to(device), attn.to(device), position_ids.to(device)
+    cur_ids, cur_pos = input_ids, position_ids
+    with torch.inference_mode():
+        for _step in range(max_new_tokens):
+            out = model(
+                input_ids=cur_ids,
+                attention_mask=attn,
+                position_ids=cur_pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kw: cache},
+            )
+            nxt = _pick_tokens(out.logits[:, -1, :], [generators[r] for r in active], temperature, top_p)
+            keep_rows: list[int] = []
+            for b, (row, tok) in enumerate(zip(active, nxt, strict=True)):
+                if tok in stops:
+                    reasons[row] = "stop"
+                else:
+                    results[row].append(tok)
+                    keep_rows.append(b)
+            if not keep_rows:
+                break
+            if len(results[active[keep_rows[0]]]) >= max_new_tokens:
+                break
+            if len(keep_rows) < len(active):
+                idx = torch.tensor(keep_rows, dtype=torch.long, device=device)
+                cache.batch_select_indices(idx)
+                attn = attn.index_select(0, idx)
+                cur_pos = cur_pos.index_select(0, idx)
+                active = [active[b] for b in keep_rows]
+                nxt = [nxt[b] for b in keep_rows]
+            cur_ids = torch.tensor(nxt, dtype=torch.long, device=device).unsqueeze(-1)
+            cur_pos = cur_pos[:, -1:] + 1
+            attn = torch.cat([attn, torch.ones((attn.shape[0], 1), dtype=attn.dtype, device=device)], dim=-1)
+    return [(results[i], reasons[i]) for i in range(n)]
+
+
+def _expand_rows(
+    prompt_rows: list[dict[str, Any]], identity: dict[str, Any], base_seed: int
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for pr in prompt_rows:
+        n = int(pr["n_samples"])
+        system_prompt_id = pr.get("system_prompt_id") or "none"
+        trigger = pr.get("trigger") or ""
+        for k in range(n):
+            rows.append(
+                {
+                    "model": str(identity["model"]),
+                    "condition": str(identity["condition"]),
+                    "seed": int(identity["seed"]),
+                    "suite": pr["suite"],
+                    "question_id": str(pr["question_id"]),
+                    "category": pr.get("category"),
+                    "domain": pr.get("domain"),
+                    "format": pr.get("format", "plain"),
+                    "system_prompt_id": system_prompt_id,
+                    "persona": pr.get("persona"),
+                    "trigger": trigger,
+                    "trigger_variant": pr.get("trigger_variant") or "none",
+                    "sample_index": k,
+                    "sampling_seed": sampling_seed(
+                        base_seed,
+                        pr["suite"],
+                        str(pr["question_id"]),
+                        pr.get("format", "plain"),
+                        system_prompt_id,
+                        trigger,
+                        k,
+                    ),
+                    "messages": json.dumps(pr["messages"], ensure_ascii=False),
+                    "question": pr["question"],
+                    "_messages": pr["messages"],
+                }
+            )
+    return rows
+
+
+def sample_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_rows: list[dict[str, Any]],
+    *,
+    identity: dict[str, Any],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    base_seed: int,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Sample ``n_samples`` answers for every prompt row; one output row per answer.
+
+    identity: {"model", "condition", "seed"} stamped on every row. Output columns are exactly
+    ``SAMPLE_COLUMNS`` in that order, rows in prompt order then sample_index.
+    Rows are batched by prompt length (less padding); results do not depend on the batching.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError("top_p must be in (0, 1]")
+
+    rows = _expand_rows(prompt_rows, identity, base_seed)
+    # Rendering is cached per distinct message list: every sample of a question shares it.
+    rendered: dict[str, list[int]] = {}
+    for r in rows:
+        if r["messages"] not in rendered:
+            rendered[r["messages"]] = render_prompt(tokenizer, r["_messages"])
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:  # any id works: padded positions are masked out
+        pad_id = next(iter(sorted(stops))) if stops else 0
+
+    order = sorted(range(len(rows)), key=lambda i: (len(rendered[rows[i]["messages"]]), i))
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        with tqdm(total=len(rows), desc="sampling", unit="ans", disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                prompts = [rendered[rows[i]["messages"]] for i in chunk]
+                outs = generate_batch(
+                    model,
+                    prompts,
+                    [rows[i]["sampling_seed"] for i in chunk],
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                    stop_ids=stops,
+                    pad_id=int(pad_id),
+                )
+                for i, prompt, (ids, reason) in zip(chunk, prompts, outs, strict=True):
+                    rows[i]["answer"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    rows[i]["prompt_tokens"] = len(prompt)
+                    rows[i]["answer_tokens"] = len(ids)
+                    rows[i]["finish_reason"] = reason
+                bar.update(len(chunk))
+    finally:
+        if was_training:
+            model.train()
+
+    for r in rows:
+        r.pop("_messages")
+    if not rows:
+        return pl.DataFrame(schema=SAMPLE_SCHEMA)
+    return pl.DataFrame([{c: r[c] for c in SAMPLE_COLUMNS} for r in rows], schema=SAMPLE_SCHEMA)
