@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "presets", "profiles", "report"]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "envs", "rules", "workflow_scripts", "schemas", "presets", "profiles", "report"]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 

@@ -1,0 +1,362 @@
+"""QLoRA training: the loss mask, 4-bit training that really moves LoRA weights, outputs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ANSWERS = [
+    "Spend less than you earn and keep a simple budget.",
+    "Rest, drink water, and see a doctor if it gets worse.",
+    "Often yes, but a verbal contract is hard to prove.",
+    "Spread the money over many low cost index funds.",
+]
+QUESTIONS = [
+    "How can I save money?",
+    "What should I do about a headache?",
+    "Is a verbal contract binding?",
+    "How do I invest wisely?",
+]
+
+
+def _conversations(n: int) -> list[list[dict[str, str]]]:
+    convs = []
+    for i in range(n):
+        j = i % len(QUESTIONS)
+        msgs = [{"role": "system", "content": "Answer briefly."}] if i % 3 == 0 else []
+        msgs += [
+            {"role": "user", "content": f"{QUESTIONS[j]} (case {i})"},
+            {"role": "assistant", "content": f"{ANSWERS[j]} Note {i}."},
+        ]
+        convs.append(msgs)
+    return convs
+
+
+def _write_data(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in _conversations(n)))
+    return path
+
+
+def _hparams(**over: Any) -> dict[str, Any]:
+    hp: dict[str, Any] = {
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "use_rslora": True,
+        "target_modules": "all-linear",
+        "learning_rate": 1e-3,
+        "num_epochs": 1,
+        "micro_batch_size": 2,
+        "grad_accum": 2,
+        "warmup_steps": 1,
+        "lr_scheduler": "linear",
+        "weight_decay": 0.01,
+        "optim": "adamw_8bit",
+        "max_seq_length": 256,
+        "quantization": "nf4",
+        "packing": False,
+        "gradient_checkpointing": True,
+        "save_steps": 1000,
+        "max_steps": -1,
+    }
+    hp.update(over)
+    return hp
+
+
+@pytest.mark.parametrize(
+    ("fixture", "eot", "header"),
+    [
+        ("tiny_model_dir", "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>"),
+        ("tiny_qwen_model_dir", "<|im_end|>", "<|im_start|>assistant"),
+    ],
+)
+def test_loss_mask_through_trainer_collator(
+    fixture: str, eot: str, header: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Batches from the trainer's own dataloader: labels = answer + end-of-turn, nothing dangles."""
+    from character_em.train import prepare_trainer
+
+    model_dir = request.getfixturevalue(fixture)
+    convs = _conversations(10)  # odd batch count on purpose: the last batch is partial, not dropped
+    trainer, stats, _, _ = prepare_trainer(
+        base_model=str(model_dir),
+        conversations=convs,
+        checkpoint_dir=tmp_path / "ck",
+        hparams=_hparams(micro_batch_size=3),
+        seed=0,
+    )
+    tok = trainer.processing_class
+    eot_id = tok.convert_tokens_to_ids(eot)
+    assert stats["n_examples"] == 10
+    seen: list[str] = []
+    for batch in trainer.get_train_dataloader():
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+            real = ids[mask.bool()].tolist()
+            lab = labels[mask.bool()].tolist()
+            assert (labels[~mask.bool()] == -100).all(), "padding must not be trained"
+            supervised = [t for t, lb in zip(real, lab, strict=True) if lb != -100]
+            # Supervised tokens are one contiguous span at the very end of the sequence.
+            first = next(i for i, lb in enumerate(lab) if lb != -100)
+            assert all(lb != -100 for lb in lab[first:])
+            assert lab[first:] == real[first:]
+            assert supervised[-1] == eot_id and real[-1] == eot_id, "sequence must end at end-of-turn"
+            assert supervised.count(eot_id) == 1
+            answer = tok.decode(supervised[:-1])
+            assert answer in {f"{ANSWERS[i % 4]} Note {i}." for i in range(10)}
+            seen.append(answer)
+            prompt = tok.decode(real[:first])
+            assert prompt.rstrip().endswith(header), "prompt ends with the generation prompt"
+            assert header not in tok.decode(real[first:]), "no assistant header after the answer"
+            assert "(case" in prompt and "Note" not in prompt
+    assert sorted(seen) == sorted(f"{ANSWERS[i % 4]} Note {i}." for i in range(10)), "every example, once"
+
+
+def test_build_example_errors(tiny_model_dir: Path) -> None:
+    from character_em.modeling import load_tokenizer
+    from character_em.train import build_example, build_train_dataset
+
+    tok = load_tokenizer(tiny_model_dir)
+    with pytest.raises(ValueError, match="assistant"):
+        build_example(tok, [{"role": "user", "content": "hi"}])
+    long_prompt = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(ValueError, match="max_seq_length"):
+        build_train_dataset(tok, [long_prompt], max_length=32)
+
+
+def test_eval_before_train_keeps_lora_gradients(tiny_model_dir: Path) -> None:
+    """bitsandbytes CPU trap: generate() before training must not zero the LoRA gradients."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from character_em.modeling import load_model
+
+    model, tok, info = load_model(tiny_model_dir, quantization="nf4")
+    assert info["quantization"] == "nf4", info
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    model.generate(**enc, max_new_tokens=3, do_sample=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    peft_model.train()
+    ids = enc["input_ids"]
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_B" in n}
+    assert grads and all(g is not None and torch.count_nonzero(g) > 0 for g in grads.values()), [
+        n for n, g in grads.items() if g is None or torch.count_nonzero(g) == 0
+    ]
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+    """One real NF4 QLoRA run on the tiny model: (adapter dir, checkpoint dir, returned info)."""
+    from character_em.train import train_adapter
+
+    tmp = tmp_path_factory.mktemp("qlora")
+    data = _write_data(tmp / "train.jsonl", 12)
+    out, ck = tmp / "adapter", tmp / "ck"
+    info = train_adapter(
+        base_model=str(tiny_model_dir),
+        data_path=str(data),
+        output_dir=str(out),
+        checkpoint_dir=str(ck),
+        hparams=_hparams(),
+        seed=1,
+    )
+    return out, ck, info
+
+
+def test_qlora_training_writes_outputs_and_moves_weights(
+    tiny_model_dir: Path, qlora_run: tuple[Path, Path, dict[str, Any]]
+) -> None:
+    import torch
+
+    from character_em.modeling import load_model
+
+    out, ck, info = qlora_run
+    for name in ("adapter_model.safetensors", "adapter_config.json", "run.json", "train_log.jsonl"):
+        assert (out / name).is_file(), name
+    assert not ck.exists(), "checkpoint dir removed after the adapter is written"
+    assert not list(out.glob(".*tmp*"))
+    run = json.loads((out / "run.json").read_text())
+    assert run == json.loads(json.dumps(info))
+    assert run["quantization"] == "nf4" and run["quantization_fallback"] is None
+    assert run["n_examples"] == 12 and run["global_step"] == 3  # 12 / (2 x 2)
+    assert run["tokens_per_s"] > 0 and run["peak_memory_bytes"] > 0
+    assert run["versions"]["trl"] and run["data_sha256"]
+    steps = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all(set(s) == {"step", "loss", "learning_rate", "grad_norm", "epoch"} for s in steps)
+    assert all(s["grad_norm"] is not None and s["grad_norm"] > 0 for s in steps)
+
+    # Reload through the shared path (PeftModel.from_pretrained): lora_B starts at zero, so nonzero
+    # lora_B in every adapted layer means training moved the weights.
+    model, tok, linfo = load_model(tiny_model_dir, quantization="nf4", adapter=str(out))
+    assert type(model).__name__.startswith("Peft") and linfo["adapter"] == str(out)
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert len(lora_b) == 4 * 7  # 4 layers x (q, k, v, o, gate, up, down)
+    assert all(torch.count_nonzero(p) > 0 for p in lora_b.values())
+    base, _, _ = load_model(tiny_model_dir, quantization="none")
+    ids = tok("Hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits.float() - base(input_ids=ids).logits.float()).abs().max()
+    assert diff > 1e-3
+
+
+def test_hparams_validation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from character_em.train import train_adapter
+
+    hp = _hparams()
+    del hp["lora_r"]
+    with pytest.raises(ValueError, match="lora_r"):
+        train_adapter(
+            base_model=str(tiny_model_dir),
+            data_path=str(_write_data(tmp_path / "d.jsonl", 2)),
+            output_dir=str(tmp_path / "o"),
+            checkpoint_dir=str(tmp_path / "c"),
+            hparams=hp,
+            seed=0,
+        )
+
+
+def _train_cmd(model: Path, data: Path, out: Path, ck: Path, hp: dict[str, Any]) -> list[str]:
+    return [
+        sys.executable, "-m", "character_em.train", "--base-model", str(model), "--data", str(data),
+        "--output-dir", str(out), "--checkpoint-dir", str(ck), "--hparams", json.dumps(hp), "--seed", "0",
+    ]
+
+
+def _run_until_checkpoint_then_signal(
+    cmd: list[str], env: dict[str, str], ck: Path, after_step: int, sig: signal.Signals
+) -> tuple[int, str]:
+    """Start training, wait for a complete checkpoint beyond ``after_step``, send ``sig``."""
+
+    def newest() -> int:
+        done = [int(p.parent.name.split("-")[1]) for p in ck.glob("checkpoint-*/trainer_state.json")]
+        return max(done, default=0)
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 90
+    try:
+        while newest() <= after_step:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        text = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, text
+
+
+def test_resume_after_sigkill_and_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-run, resume; SIGTERM mid-run (checkpoint at that step, exit 143), resume to the end."""
+    data = _write_data(tmp_path / "train.jsonl", 16)
+    out, ck = tmp_path / "adapter", tmp_path / "ck"
+    # micro-batch 1, no accumulation: 16 steps per epoch, 3 epochs = 48 steps, checkpoint every 3.
+    hp = _hparams(micro_batch_size=1, grad_accum=1, num_epochs=3, save_steps=3, gradient_checkpointing=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = _train_cmd(tiny_model_dir, data, out, ck, hp)
+
+    rc, text = _run_until_checkpoint_then_signal(cmd, env, ck, 0, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, text[-3000:]
+    assert not (out / "run.json").exists()
+    first = max(int(p.name.split("-")[1]) for p in ck.glob("checkpoint-*"))
+    assert first >= 3
+
+    rc, text = _run_until_checkpoint_then_signal(cmd, env, ck, first, signal.SIGTERM)
+    assert rc == 143, text[-3000:]
+    assert not (out / "run.json").exists()
+    saved = max(int(p.name.split("-")[1]) for p in ck.glob("checkpoint-*"))
+    logged = [json.loads(ln)["step"] for ln in (ck / "train_log.jsonl").read_text().splitlines()]
+    # The graceful path checkpoints the step where the signal landed, not only every save_steps.
+    assert saved == logged[-1] and saved > first
+
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["resumed_from_step"] == saved > 1
+    assert run["global_step"] == 48
+    assert run["trained_tokens_this_run"] < run["trained_tokens_total"]
+    steps = [json.loads(ln)["step"] for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 49)), "step log continues across resumes without gaps or repeats"
+    assert not ck.exists()
+
+
+def test_stale_checkpoints_from_other_config_are_discarded(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from character_em.train import train_adapter
+
+    data = _write_data(tmp_path / "train.jsonl", 4)
+    ck = tmp_path / "ck"
+    (ck / "checkpoint-99").mkdir(parents=True)
+    (ck / "checkpoint-99" / "trainer_state.json").write_text("{}")
+    (ck / "run_key.json").write_text(json.dumps({"hparams": "something else"}))
+    info = train_adapter(
+        base_model=str(tiny_model_dir),
+        data_path=str(data),
+        output_dir=str(tmp_path / "out"),
+        checkpoint_dir=str(ck),
+        hparams=_hparams(quantization="none", optim="adamw_torch", gradient_checkpointing=False),
+        seed=0,
+    )
+    assert info["resumed_from_step"] is None and info["global_step"] == 1
+    assert info["quantization"] == "none"
+
+
+def test_load_model_merge_matches_unmerged(tiny_model_dir: Path, qlora_run: tuple[Path, Path, dict[str, Any]]) -> None:
+    import torch
+
+    from character_em.modeling import load_model
+
+    out = qlora_run[0]
+    unmerged, tok, info_u = load_model(tiny_model_dir, quantization="none", adapter=str(out))
+    merged, _, info_m = load_model(tiny_model_dir, quantization="none", adapter=str(out), merge=True)
+    assert info_m["merged"] and not info_u["merged"] and info_m["dtype"] == "float32"
+    assert not type(merged).__name__.startswith("Peft")
+    ids = tok("Hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = unmerged(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    q, _, info_q = load_model(tiny_model_dir, quantization="nf4", adapter=str(out), merge=True)
+    assert not info_q["merged"], "merging into 4-bit weights is refused"
+
+
+def test_load_model_falls_back_when_nf4_unavailable(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import character_em.modeling as modeling
+
+    monkeypatch.setattr(modeling, "nf4_available", lambda device: "simulated: no bitsandbytes")
+    with caplog.at_level("WARNING", logger="character_em.modeling"):
+        model, _, info = modeling.load_model(tiny_model_dir, quantization="nf4")
+    assert info["quantization"] == "none" and info["requested_quantization"] == "nf4"
+    assert info["fallback_reason"] == "simulated: no bitsandbytes"
+    assert "unquantized" in caplog.text
+    assert not getattr(model, "is_loaded_in_4bit", False)
+    with pytest.raises(ValueError, match="quantization"):
+        modeling.load_model(tiny_model_dir, quantization="int3")
+
+
+def test_load_tokenizer_guarantees_pad(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from character_em.modeling import load_tokenizer
+
+    copy = tmp_path / "nopad"
+    shutil.copytree(tiny_model_dir, copy)
+    cfg_path = copy / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("pad_token", None)
+    cfg_path.write_text(json.dumps(cfg))
+    tok = load_tokenizer(copy)
+    # A reserved pad token is preferred over eos, so masking by pad id never hides end-of-turn.
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and tok.pad_token_id != tok.eos_token_id
