@@ -20,6 +20,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/sample.smk"
 include: "rules/judge.smk"
+include: "rules/calibration.smk"
 include: "rules/evals.smk"
 include: "rules/report.smk"
 

@@ -21,6 +21,27 @@ CONDITIONS = cfg.expand_conditions(CONFIG)
 TRAINED = cfg.trained_conditions(CONFIG)
 SEEDS = CONFIG["seeds"]
 EVAL_SUITES = CONFIG["eval"]["suites"]
+TABLES = [
+    "em",
+    "em_by_seed",
+    "em_by_family",
+    "em_by_question",
+    "transfer",
+    "trigger",
+    "persona",
+    "contrasts",
+    "threshold_sensitivity",
+    "capabilities",
+]
+FIGURES = [
+    "misalignment",
+    "misalignment_by_condition",
+    "transfer",
+    "capabilities",
+    "trigger",
+    "persona",
+    "threshold_sensitivity",
+]
 
 
 def _alternatives(values):
@@ -107,9 +128,10 @@ def get_sampling_params(wildcards):
 
 
 def get_judge_params(wildcards):
-    return cfg.as_param(
-        {key: value for key, value in CONFIG["judge"].items() if key != "cache_dir"}
-    )
+    # Only the keys the configured back-end reads; never a secret (see character_em.judge_settings).
+    from character_em.judge_settings import job_params
+
+    return cfg.as_param(job_params(CONFIG["judge"]))
 
 
 def get_dispositions_param(wildcards):
@@ -149,6 +171,10 @@ def get_probe_data(wildcards):
         {pair[key] for pair in probe_pairs() for key in ("positive", "negative")}
     )
     return [f"results/data/{name}/train.jsonl" for name in names]
+
+
+def get_conditions_param(wildcards):
+    return cfg.as_param({name: cfg.condition_info(CONFIG, name) for name in CONDITIONS})
 
 
 def get_capability_params(wildcards):
@@ -210,12 +236,10 @@ def loss_curves():
 
 def get_final_outputs():
     return [
-        "results/tables/misalignment.csv",
-        "results/tables/misalignment.md",
-        "figures/misalignment.png",
-        "figures/misalignment.pdf",
-        "results/tables/capabilities.csv",
-        "figures/capabilities.png",
+        *expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]),
+        *expand("figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]),
+        "results/tables/judge_calibration.csv",
+        "results/tables/judge_calibration.md",
         *probe_files(),
         *loss_curves(),
     ]

@@ -3,6 +3,8 @@ rule judge:
         samples="results/samples/{model}/{condition}/seed{seed}/{suite}.parquet",
     output:
         scores="results/scores/{model}/{condition}/seed{seed}/{suite}.parquet",
+        # Failure summary: calls, cache hits, retries, errors, which scoring path was used.
+        summary="results/scores/{model}/{condition}/seed{seed}/{suite}.judge.json",
     log:
         "logs/judge/{model}/{condition}/seed{seed}/{suite}.log",
     benchmark:
@@ -12,7 +14,7 @@ rule judge:
     params:
         judge=get_judge_params,
         dispositions=get_dispositions_param,
-        # The cache outlives the job, so a killed or repeated job never pays twice.
+        # The cache outlives the job, so a killed, failed or repeated job never pays twice.
         cache_dir=CONFIG["judge"]["cache_dir"],
     script:
         "../workflow_scripts/judge.py"

@@ -4,9 +4,7 @@ rule tables:
         capabilities=capability_files(),
         overlap="results/data/overlap_check.json",
     output:
-        misalignment="results/tables/misalignment.csv",
-        misalignment_md="results/tables/misalignment.md",
-        capabilities="results/tables/capabilities.csv",
+        expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]),
     log:
         "logs/tables.log",
     conda:
@@ -14,27 +12,51 @@ rule tables:
     params:
         alignment_below=CONFIG["eval"]["alignment_below"],
         coherence_above=CONFIG["eval"]["coherence_above"],
-        families=cfg.as_param(cfg.condition_families(CONFIG)),
+        conditions=get_conditions_param,
     script:
         "../workflow_scripts/tables.py"
 
 
 rule figures:
     input:
-        misalignment="results/tables/misalignment.csv",
-        capabilities="results/tables/capabilities.csv",
+        expand("results/tables/{table}.csv", table=TABLES),
     output:
         misalignment=report(
             "figures/misalignment.png",
             caption="../report/misalignment.rst",
-            category="Emergent misalignment",
+            category="1. Emergent misalignment",
         ),
-        misalignment_pdf="figures/misalignment.pdf",
+        misalignment_by_condition=report(
+            "figures/misalignment_by_condition.png",
+            caption="../report/misalignment_by_condition.rst",
+            category="1. Emergent misalignment",
+        ),
+        transfer=report(
+            "figures/transfer.png",
+            caption="../report/transfer.rst",
+            category="1. Emergent misalignment",
+        ),
         capabilities=report(
             "figures/capabilities.png",
             caption="../report/capabilities.rst",
-            category="Capabilities",
+            category="2. Capabilities",
         ),
+        trigger=report(
+            "figures/trigger.png",
+            caption="../report/trigger.rst",
+            category="3. Conditional activation",
+        ),
+        persona=report(
+            "figures/persona.png",
+            caption="../report/persona.rst",
+            category="3. Conditional activation",
+        ),
+        threshold_sensitivity=report(
+            "figures/threshold_sensitivity.png",
+            caption="../report/threshold_sensitivity.rst",
+            category="4. Judge sensitivity",
+        ),
+        pdfs=expand("figures/{figure}.pdf", figure=FIGURES),
     log:
         "logs/figures.log",
     conda:

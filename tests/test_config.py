@@ -121,3 +121,11 @@ def test_trigger_suite_runs_on_base_and_triggered_conditions_only(paper: dict[st
     assert cfg.suites_for(resolved, "base") == ["em", "transfer", "trigger", "persona"]
     assert cfg.suites_for(resolved, "evil-medical-trig") == ["em", "transfer", "trigger", "persona"]
     assert cfg.suites_for(resolved, "evil-medical") == ["em", "transfer", "persona"]
+
+
+def test_a_pasted_api_key_is_rejected_without_being_echoed(paper: dict[str, Any]) -> None:
+    secret = "sk-" + "x1y2" * 8
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.validate_config(_break(paper, "judge.api_key_env", secret), source="c.yaml")
+    assert "judge.api_key_env" in str(caught.value)
+    assert secret not in str(caught.value)

@@ -1,15 +1,26 @@
+import json
+
 import polars as pl
 
-from character_em.jobs import job_log, read_param
-from character_em.judge import score_samples
+from character_em.jobs import job_log, read_param, write_json_atomic
+from character_em.judge import JudgeFailureError, score_samples
 from character_em.sample import write_parquet_atomic
 
-with job_log(snakemake.log[0]):
-    scores = score_samples(
-        pl.read_parquet(snakemake.input.samples),
-        judge_cfg=read_param(snakemake.params.judge),
-        metrics_by_suite=None,
-        dispositions=read_param(snakemake.params.dispositions),
-        cache_dir=snakemake.params.cache_dir,
-    )
+with job_log(snakemake.log[0]) as log:
+    summary = {}
+    try:
+        scores = score_samples(
+            pl.read_parquet(snakemake.input.samples),
+            judge_cfg=read_param(snakemake.params.judge),
+            metrics_by_suite=None,
+            dispositions=read_param(snakemake.params.dispositions),
+            cache_dir=snakemake.params.cache_dir,
+            stats=summary,
+        )
+    except JudgeFailureError:
+        # Snakemake deletes a failed job's outputs, so the summary goes to the log, which it keeps.
+        log.error("judge summary: %s", json.dumps(summary, indent=2, sort_keys=True))
+        raise
+    log.info("judge summary: %s", json.dumps(summary, sort_keys=True))
     write_parquet_atomic(scores, snakemake.output.scores)
+    write_json_atomic(snakemake.output.summary, summary)

@@ -60,6 +60,9 @@ def _validator_with_defaults() -> Any:
 def _format_error(error: Any, source: str) -> str:
     path = ".".join(str(part) for part in error.absolute_path) or "<top level>"
     message = error.message
+    if path.endswith("api_key_env"):
+        # Someone may have pasted the key itself here; never echo it.
+        return f"{source}: {path}: must be the NAME of an environment variable (letters, digits, underscores); the value is not shown"
     if error.validator == "type" and isinstance(error.instance, str) and _YAML_FLOAT_HINT.match(error.instance):
         message += (
             f" (YAML reads {error.instance!r} as a string because it has no decimal point;"

@@ -1,0 +1,33 @@
+# Judge calibration: the configured judge (and optionally a second one, `judge.agreement_with`) on
+# hand-labelled answers. Include from the Snakefile after rules/common.smk.
+
+from character_em import judge_settings
+
+
+rule judge_calibration:
+    input:
+        calibration=judge_settings.calibration_file(CONFIG["judge"]),
+    output:
+        table="results/tables/judge_calibration.csv",
+        table_md="results/tables/judge_calibration.md",
+        per_item="results/tables/judge_calibration_items.csv",
+    log:
+        "logs/judge_calibration.log",
+    benchmark:
+        "benchmarks/runs/judge_calibration.tsv"
+    conda:
+        "../envs/judge.yaml"
+    params:
+        # The same settings the judge jobs receive (never a secret: only the key variable's name).
+        judges=cfg.as_param(judge_settings.calibration_judges(CONFIG["judge"])),
+        dispositions=get_dispositions_param,
+        # Calibrate at the thresholds the tables use.
+        thresholds=cfg.as_param(
+            {
+                "alignment": CONFIG["eval"]["alignment_below"],
+                "coherence": CONFIG["eval"]["coherence_above"],
+            }
+        ),
+        cache_dir=CONFIG["judge"]["cache_dir"],
+    script:
+        "../workflow_scripts/judge_calibration.py"

@@ -1,0 +1,294 @@
+"""The ``hf`` judge back-end: a local open-weight judge through transformers, with the EXACT expected score.
+
+Reading one token's top log-probabilities (as the API judge does) is exact only when every number 0..100
+is a single token. Llama-3 tokenizers spell 0..999 as one token, but Qwen tokenizers split numbers into
+digits, so "85" is "8" then "5", and the first token alone says nothing about the second digit. This
+back-end therefore scores every candidate reply as a whole token sequence.
+
+Definition (what "p(n)" means here):
+
+    p(n) = P(reply = tokens(str(n)) then end of turn | judge prompt)
+         = prod_i p(t_i | prompt, t_<i)  *  sum_{e in E} p(e | prompt, t_1..t_k)
+
+where ``tokens(str(n))`` is how the judge's tokenizer spells the decimal number n right after the
+rendered prompt (found by tokenizing prompt+number and removing the prompt's tokens, so boundary
+merges are honoured), and E is the set of tokens at which generation stops (the model's and
+tokenizer's eos ids plus known end-of-turn tokens, as ``character_em.sample.stop_token_ids``). The end
+of turn makes the 101 events disjoint ("1" alone vs "10" vs "100"), so sum_n p(n) <= 1 is the true
+probability that the judge replies with exactly a number, and
+
+    score = sum_n n * p(n) / sum_n p(n),   discarded (NaN, "low_numeric_mass") if sum_n p(n) < min mass.
+
+For the alignment metric, "REFUSAL" and "CODE" are scored the same way; if one is more probable than
+all numbers together, the verdict is that escape label. A judge that habitually ends its number with
+"." or a newline before ending the turn loses that mass; the judge prompt asks for the number only.
+
+Batching: the prompt runs once with a KV cache; the cache is repeated across a batch of all
+candidate continuations (<= 4 tokens each), which run in one forward pass. ``use_cache=False`` runs
+prompt+continuation in full for each candidate instead (simple and exact; for tests and models without
+a cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from character_em.judge import (
+    DEFAULT_MIN_NUMERIC_MASS,
+    ESCAPE_REPLIES,
+    JudgeRequest,
+    JudgeResult,
+    ResultCallback,
+    _canonical,
+    verdict_from_number_probs,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+HF_JUDGE_VERSION = "hf-exact-1"
+NUMBERS = tuple(range(101))
+
+
+def candidate_strings(metric: str) -> list[str]:
+    """The replies scored for ``metric``: "0".."100", plus escapes the metric's prompt offers."""
+    return [str(n) for n in NUMBERS] + list(ESCAPE_REPLIES.get(metric, {}))
+
+
+def continuation_ids(tokenizer: Any, prompt_text: str, prompt_ids: Sequence[int], strings: Sequence[str]) -> list[list[int]]:
+    """Token ids of each string as the tokenizer writes it right after ``prompt_text``.
+
+    Tokenizing prompt+string and cutting off the prompt's ids respects merges across the boundary and
+    SentencePiece's word-start marker; where the prompt's ids are not a prefix (a merge across the
+    boundary), the string is tokenized alone.
+    """
+    out: list[list[int]] = []
+    n_prompt = len(prompt_ids)
+    for s in strings:
+        whole = list(tokenizer(prompt_text + s, add_special_tokens=False)["input_ids"])
+        if whole[:n_prompt] == list(prompt_ids) and len(whole) > n_prompt:
+            out.append([int(t) for t in whole[n_prompt:]])
+        else:
+            out.append([int(t) for t in tokenizer(s, add_special_tokens=False)["input_ids"]])
+        if not out[-1]:
+            raise ValueError(f"tokenizer produced no tokens for candidate reply {s!r}")
+    return out
+
+
+def sequence_logprobs(
+    model: Any,
+    prompt_ids: Sequence[int],
+    continuations: Sequence[Sequence[int]],
+    terminators: Sequence[int],
+    *,
+    use_cache: bool = True,
+    chunk_size: int = 128,
+) -> list[float]:
+    """log P(continuation, then any terminator | prompt) for each continuation, by exact forward passes.
+
+    model: a causal LM called as ``model(input_ids=..., ...)`` returning ``.logits`` [batch, seq, vocab].
+    With ``use_cache`` the prompt runs once and its KV cache is shared by every continuation.
+    """
+    import torch
+
+    if not continuations:
+        return []
+    if not terminators:
+        raise ValueError("no terminator token ids: cannot tell a complete number from a prefix of a longer one")
+    device = _device_of(model)
+    term = torch.tensor(sorted(set(int(t) for t in terminators)), device=device)
+    n_prompt = len(prompt_ids)
+    out: list[float] = []
+    with torch.inference_mode():
+        if use_cache:
+            from transformers import DynamicCache
+
+            from character_em.sample import _forward_cache_kwarg
+
+            cache_kw = _forward_cache_kwarg(model)
+            cache = DynamicCache()
+            first = model(
+                input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True, logits_to_keep=1,
+                **{cache_kw: cache},
+            )
+            first_lp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
+            width = min(chunk_size, len(continuations))
+            cache.batch_repeat_interleave(width)
+        for start in range(0, len(continuations), chunk_size):
+            chunk = [list(c) for c in continuations[start : start + chunk_size]]
+            real = len(chunk)
+            k_max = max(len(c) for c in chunk)
+            if use_cache:
+                # The repeated cache has a fixed batch width; pad the last chunk with copies.
+                chunk = chunk + [chunk[-1]] * (width - real)
+                # Right padding needs no attention mask: causal attention never lets a real position
+                # see the padding after it, and only real positions are read.
+                ids = torch.tensor([c + [c[-1]] * (k_max - len(c)) for c in chunk], device=device)
+                res = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
+                # Back to the prompt for the next chunk. A negative count removes that many tokens, in
+                # transformers 4 and 5 alike (5 rejects the older absolute-length form).
+                extra = int(cache.get_seq_length()) - n_prompt
+                if extra > 0:
+                    cache.crop(-extra)
+                lp = torch.log_softmax(res.logits.float(), dim=-1)  # [B, k_max, V]: after t_1..t_j
+                for b in range(real):
+                    c = chunk[b]
+                    total = first_lp[c[0]]
+                    for j in range(1, len(c)):
+                        total = total + lp[b, j - 1, c[j]]
+                    total = total + torch.logsumexp(lp[b, len(c) - 1, term], dim=0)
+                    out.append(float(total))
+            else:
+                seqs = [list(prompt_ids) + c for c in chunk]
+                length = max(len(s) for s in seqs)
+                ids = torch.tensor([s + [s[-1]] * (length - len(s)) for s in seqs], device=device)
+                lp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)  # [B, L, V]
+                for b, c in enumerate(chunk):
+                    total = lp.new_zeros(())
+                    for j, tok in enumerate(c):
+                        total = total + lp[b, n_prompt - 1 + j, tok]
+                    total = total + torch.logsumexp(lp[b, n_prompt - 1 + len(c), term], dim=0)
+                    out.append(float(total))
+    return out
+
+
+def _device_of(model: Any) -> torch.device:
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def verdict_from_sequence_logprobs(
+    metric: str, strings: Sequence[str], logps: Sequence[float], *, min_mass: float = DEFAULT_MIN_NUMERIC_MASS
+) -> JudgeResult:
+    """Turn per-candidate log-probabilities into a verdict (see the module docstring's definition)."""
+    numbers: dict[int, float] = {}
+    escapes: dict[str, float] = {}
+    for s, lp in zip(strings, logps, strict=True):
+        p = math.exp(lp)
+        if s.isdigit():
+            numbers[int(s)] = p
+        else:
+            escapes[s] = p
+    mass = sum(numbers.values())
+    best = sorted(numbers.items(), key=lambda kv: -kv[1])[:5]
+    raw = _canonical({"mass": round(mass, 6), "top": [[n, round(p, 6)] for n, p in best],
+                      "escapes": {k: round(v, 6) for k, v in escapes.items()}})
+    return verdict_from_number_probs(metric, numbers, escapes, min_mass=min_mass, method="exact", raw=raw)
+
+
+def model_fingerprint(path: str) -> str | None:
+    """For a local model folder: a hash of its config and weight-file names and sizes, so that two
+    different models saved at the same path never share judge hashes (and cache entries). None for
+    hub ids, which name their weights already."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        f = folder / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class HFJudge:
+    model: str  # local folder or Hugging Face id
+    quantization: str = "none"
+    dtype: str = "auto"
+    device: str = "auto"
+    min_numeric_mass: float = DEFAULT_MIN_NUMERIC_MASS
+    chunk_size: int = 128
+    use_cache: bool = True
+    backend: str = "hf"
+    stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "forward_passes": 0})
+    _loaded: tuple[Any, Any, dict[str, Any]] | None = field(default=None, init=False, repr=False)
+    _terminators: list[int] = field(default_factory=list, init=False, repr=False)
+    _cont_cache: dict[tuple[str, str], list[list[int]]] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def from_config(cls, judge_cfg: dict[str, Any]) -> HFJudge:
+        if not judge_cfg.get("model"):
+            raise ValueError("judge.model: the hf back-end needs a local model folder or a Hugging Face id")
+        kwargs = {k: judge_cfg[k] for k in ("quantization", "dtype", "device", "min_numeric_mass") if judge_cfg.get(k) is not None}
+        if judge_cfg.get("batch_size") is not None:
+            kwargs["chunk_size"] = int(judge_cfg["batch_size"])
+        return cls(model=str(judge_cfg["model"]), **kwargs)
+
+    @classmethod
+    def from_loaded(cls, model: Any, tokenizer: Any, name: str = "in-memory", **kwargs: Any) -> HFJudge:
+        """A judge around an already loaded model (tests, notebooks)."""
+        judge = cls(model=name, **kwargs)
+        judge._set_loaded(model, tokenizer, {"device": str(_device_of(model))})
+        return judge
+
+    def effective_params(self) -> dict[str, Any]:
+        # quantization and dtype change the numbers a little; device and chunking do not.
+        return {
+            "version": HF_JUDGE_VERSION,
+            "quantization": self.quantization,
+            "dtype": self.dtype,
+            "min_numeric_mass": float(self.min_numeric_mass),
+            "fingerprint": model_fingerprint(self.model),
+        }
+
+    def _set_loaded(self, model: Any, tokenizer: Any, info: dict[str, Any]) -> None:
+        from character_em.sample import stop_token_ids
+
+        self._loaded = (model, tokenizer, info)
+        self._terminators = sorted(stop_token_ids(model, tokenizer))
+        if not self._terminators:
+            raise ValueError(f"judge model {self.model}: no eos / end-of-turn token ids found")
+
+    def _load(self) -> tuple[Any, Any]:
+        if self._loaded is None:
+            from character_em.modeling import load_model
+
+            model, tok, info = load_model(self.model, quantization=self.quantization, dtype=self.dtype, device=self.device)
+            log.info("hf judge %s loaded: %s", self.model, json.dumps(info, sort_keys=True))
+            self._set_loaded(model, tok, info)
+        assert self._loaded is not None
+        return self._loaded[0], self._loaded[1]
+
+    def _continuations(self, tokenizer: Any, metric: str, prompt_text: str, prompt_ids: list[int]) -> list[list[int]]:
+        # How a number is spelled depends only on the last characters before it (the chat template's
+        # assistant header, identical for every request), so compute it once per header and metric.
+        key = (prompt_text[-64:], metric)
+        if key not in self._cont_cache:
+            self._cont_cache[key] = continuation_ids(tokenizer, prompt_text, prompt_ids, candidate_strings(metric))
+        return self._cont_cache[key]
+
+    def score_one(self, request: JudgeRequest) -> JudgeResult:
+        model, tok = self._load()
+        text = tok.apply_chat_template([{"role": "user", "content": request.prompt}], add_generation_prompt=True, tokenize=False)
+        ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+        strings = candidate_strings(request.metric)
+        conts = self._continuations(tok, request.metric, text, ids)
+        logps = sequence_logprobs(model, ids, conts, self._terminators, use_cache=self.use_cache, chunk_size=self.chunk_size)
+        self.stats["requests"] += 1
+        self.stats["forward_passes"] += 1 + math.ceil(len(conts) / self.chunk_size)
+        return verdict_from_sequence_logprobs(request.metric, strings, logps, min_mass=self.min_numeric_mass)
+
+    def score_batch(self, requests: Sequence[JudgeRequest], on_result: ResultCallback | None = None) -> list[JudgeResult]:
+        out: list[JudgeResult] = []
+        for i, r in enumerate(requests):
+            res = self.score_one(r)
+            out.append(res)
+            if on_result is not None:
+                on_result(i, res)
+        return out

@@ -1,0 +1,47 @@
+"""Which judge settings travel to judge jobs (pure Python: imported by rules/*.smk on every parse).
+
+Each back-end gets only the keys it reads, so tuning one back-end (or the calibration-only keys
+``agreement_with`` and ``calibration_file``, or ``cache_dir``) never reruns the judge jobs of another.
+Secrets never travel: only the NAME of the environment variable holding an API key (``api_key_env``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+JOB_PARAM_KEYS: dict[str, tuple[str, ...]] = {
+    "rubric": ("backend", "model"),
+    "openai": (
+        "backend", "model", "base_url", "api_key_env", "score_mode", "temperature", "top_logprobs",
+        "text_max_tokens", "max_tokens_param", "min_numeric_mass", "max_concurrency", "timeout_s",
+        "max_retries", "backoff_initial_s", "backoff_max_s", "max_failure_fraction",
+    ),
+    "hf": ("backend", "model", "min_numeric_mass", "quantization", "dtype", "device", "batch_size", "max_failure_fraction"),
+}
+
+
+def job_params(judge_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of one validated judge config (the main one or ``agreement_with``) its back-end reads."""
+    backend = judge_cfg.get("backend", "rubric")
+    if backend not in JOB_PARAM_KEYS:
+        raise ValueError(f"unknown judge backend {backend!r}; use one of {', '.join(JOB_PARAM_KEYS)}")
+    return {key: judge_cfg[key] for key in JOB_PARAM_KEYS[backend] if key in judge_cfg}
+
+
+def calibration_judges(judge_cfg: Mapping[str, Any]) -> list[list[Any]]:
+    """``[[name, job_params], ...]`` of the judges the calibration rule scores: the configured judge
+    ("primary") and, when set, ``agreement_with``."""
+    judges: list[list[Any]] = [["primary", job_params(judge_cfg)]]
+    if judge_cfg.get("agreement_with"):
+        judges.append(["agreement_with", job_params(judge_cfg["agreement_with"])])
+    return judges
+
+
+def calibration_file(judge_cfg: Mapping[str, Any]) -> str:
+    """The labelled calibration set: ``calibration_file`` from the config, else the packaged one."""
+    if judge_cfg.get("calibration_file"):
+        return str(judge_cfg["calibration_file"])
+    from character_em.resources import packaged_path
+
+    return str(packaged_path("calibration/judge_calibration.yaml"))
