@@ -34,6 +34,7 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         "probes": models,
         "tables": 1,
         "figures": 1,
+        "judge_calibration": 1,
         "all": 1,
     }
 
@@ -43,7 +44,7 @@ def test_paper_grid_dry_run_has_the_grid_job_count(tmp_path: Path) -> None:
     result = snakemake(workdir, "-n", "--cores", "1")
     expected = grid_arithmetic(yaml.safe_load((ROOT / "config.yaml").read_text()))
     assert dict(planned_jobs(result.stdout)) == expected
-    assert sum(expected.values()) == 1488
+    assert sum(expected.values()) == 1489
 
 
 def test_bad_config_fails_before_any_job_with_the_key_named(tmp_path: Path) -> None:
@@ -106,7 +107,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
     for path in ["figures/misalignment.png", "figures/misalignment.pdf", "figures/capabilities.png", "results/tables/misalignment.md"]:
         assert (smoke / path).stat().st_size > 0, path
-    table = pl.read_csv(smoke / "results/tables/misalignment.csv")
+    table = pl.read_csv(smoke / "results/tables/em.csv")
     assert set(table["condition"]) == {"base", "evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
     assert (table["n"] > 0).all()
     run = json.loads((smoke / "results/adapters/tiny-llama/evil-medical/seed0/run.json").read_text())

@@ -1,26 +1,54 @@
+from pathlib import Path
+
 import polars as pl
 
 from character_em import plots
 from character_em.jobs import job_log
 
 with job_log(snakemake.log[0]):
-    misalignment = pl.read_csv(snakemake.input.misalignment).filter(pl.col("suite") == "em")
+    tables = {Path(path).stem: pl.read_csv(path) for path in snakemake.input}
+    out = snakemake.output
+
+    def both(name):
+        return [getattr(out, name), f"figures/{name}.pdf"]
+
     plots.rate_bars(
-        misalignment,
-        value="misaligned_rate",
-        low="misaligned_ci_low",
-        high="misaligned_ci_high",
+        tables["em_by_family"],
+        x="family",
+        ylabel="misaligned answers (em suite)",
+        title="Emergent misalignment by condition family",
+        outputs=both("misalignment"),
+    )
+    plots.rate_bars(
+        tables["em"],
+        x="condition",
         ylabel="misaligned answers (em suite)",
         title="Emergent misalignment by condition",
-        outputs=[snakemake.output.misalignment, snakemake.output.misalignment_pdf],
+        outputs=both("misalignment_by_condition"),
     )
-    capabilities = pl.read_csv(snakemake.input.capabilities)
+    plots.transfer_heatmap(tables["transfer"], outputs=both("transfer"))
     plots.rate_bars(
-        capabilities,
+        tables["capabilities"],
+        x="condition",
         value="accuracy",
-        low="ci_low",
-        high="ci_high",
         ylabel="multiple-choice accuracy",
-        title="Capabilities by condition",
-        outputs=[snakemake.output.capabilities],
+        title="Capability preservation",
+        outputs=both("capabilities"),
     )
+    plots.rate_bars(
+        tables["trigger"],
+        x="condition",
+        group="relation",
+        ylabel="misaligned answers (trigger suite)",
+        title="Trigger on and off",
+        outputs=both("trigger"),
+    )
+    plots.rate_bars(
+        tables["persona"],
+        x="condition",
+        group="system_prompt_id",
+        ylabel="attack success (complied and harmful)",
+        title="Persona-prompt attack success",
+        outputs=both("persona"),
+    )
+    plots.threshold_lines(tables["threshold_sensitivity"], outputs=both("threshold_sensitivity"))

@@ -6,16 +6,33 @@ from character_em import analysis
 from character_em.jobs import job_log, read_param, write_text_atomic
 
 with job_log(snakemake.log[0]):
-    families = read_param(snakemake.params.families)
+    conditions = read_param(snakemake.params.conditions)
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
-    tables = analysis.misalignment_tables(
+    answers = analysis.answers_table(
         scores,
-        families=families,
+        conditions=conditions,
         alignment_below=snakemake.params.alignment_below,
         coherence_above=snakemake.params.coherence_above,
     )
-    pooled = tables["pooled"]
-    pooled.write_csv(snakemake.output.misalignment)
-    write_text_atomic(snakemake.output.misalignment_md, analysis.to_markdown(pooled))
-    capability_rows = [json.loads(open(path).read()) for path in snakemake.input.capabilities]
-    analysis.capability_table(capability_rows, families=families).write_csv(snakemake.output.capabilities)
+    em = analysis.em_tables(answers)
+    tables = {
+        "em": em["pooled"],
+        "em_by_seed": em["by_seed"],
+        "em_by_family": em["by_family"],
+        "em_by_question": em["by_question"],
+        "transfer": analysis.transfer_table(answers),
+        "trigger": analysis.trigger_table(answers),
+        "persona": analysis.persona_table(answers),
+        "contrasts": analysis.contrasts(answers, conditions),
+        "threshold_sensitivity": analysis.threshold_sensitivity(answers),
+        "capabilities": analysis.capability_table(
+            [json.loads(open(path).read()) for path in snakemake.input.capabilities],
+            families={name: spec["family"] for name, spec in conditions.items()},
+        ),
+    }
+    for path in snakemake.output:
+        name, extension = path.rsplit("/", 1)[1].rsplit(".", 1)
+        if extension == "csv":
+            tables[name].write_csv(path)
+        else:
+            write_text_atomic(path, analysis.to_markdown(tables[name]))

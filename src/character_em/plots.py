@@ -35,37 +35,111 @@ def _save(fig: Any, *paths: str | Path) -> None:
         fig.savefig(path, dpi=150, bbox_inches="tight")
 
 
+def _panels(plt: Any, table: pl.DataFrame, width: float) -> tuple[Any, Any, list[str]]:
+    models = table["model"].unique(maintain_order=True).to_list() if not table.is_empty() else []
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(width * max(1, len(models)), 4.5), squeeze=False, sharey=True)
+    if not models:
+        axes[0][0].text(0.5, 0.5, "no results in this run", ha="center", va="center")
+    return fig, axes[0], models
+
+
 def rate_bars(
     table: pl.DataFrame,
     *,
-    value: str,
-    low: str,
-    high: str,
+    x: str,
+    value: str = "rate",
+    low: str = "ci_low",
+    high: str = "ci_high",
+    group: str | None = None,
     ylabel: str,
     title: str,
     outputs: list[str | Path],
 ) -> None:
-    """Bars per condition with 95% CI whiskers, one panel per model, coloured by family."""
+    """Bars with 95% CI whiskers, one panel per model.
+
+    Without `group`, one bar per `x` value coloured by condition family; with `group`, side-by-side
+    bars per `x` value, one colour per group value.
+    """
     plt = _pyplot()
-    models = table["model"].unique(maintain_order=True).to_list() if not table.is_empty() else []
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(max(6.0, 0.45 * table.height + 2), 4.5), squeeze=False, sharey=True)
-    if not models:
-        axes[0][0].text(0.5, 0.5, "no results", ha="center", va="center")
-    for axis, model in zip(axes[0], models, strict=False):
-        rows = table.filter(table["model"] == model)
-        values = rows[value].to_list()
-        errors = [[v - lo for v, lo in zip(values, rows[low].to_list(), strict=True)], [hi - v for v, hi in zip(values, rows[high].to_list(), strict=True)]]
-        colours = [FAMILY_COLOURS.get(family, "#1f77b4") for family in rows["family"].to_list()]
-        positions = range(rows.height)
-        axis.bar(positions, values, color=colours, yerr=errors, capsize=3)
-        axis.set_xticks(list(positions), rows["condition"].to_list(), rotation=60, ha="right")
+    xs = table[x].unique(maintain_order=True).to_list() if not table.is_empty() else []
+    groups = table[group].unique(maintain_order=True).to_list() if group and not table.is_empty() else [None]
+    fig, axes, models = _panels(plt, table, max(5.0, 0.5 * len(xs) * len(groups) + 2))
+    palette = plt.get_cmap("tab10")
+    width = 0.8 / len(groups)
+    for axis, model in zip(axes, models, strict=False):
+        for index, level in enumerate(groups):
+            rows = table.filter(table["model"] == model)
+            if group:
+                rows = rows.filter(rows[group] == level)
+            positions = [xs.index(v) + (index - (len(groups) - 1) / 2) * width for v in rows[x].to_list()]
+            values = rows[value].to_list()
+            errors = [
+                [v - lo for v, lo in zip(values, rows[low].to_list(), strict=True)],
+                [hi - v for v, hi in zip(values, rows[high].to_list(), strict=True)],
+            ]
+            colours = [palette(index)] * rows.height if group else [FAMILY_COLOURS.get(f, "#1f77b4") for f in rows["family"].to_list()]
+            axis.bar(positions, values, width=width, color=colours, yerr=errors, capsize=2, label=str(level) if group else None)
+        axis.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=60, ha="right")
         axis.set_title(model)
-        axis.set_xlabel("condition")
+        axis.set_xlabel(x.replace("_", " "))
         axis.set_ylim(0, 1)
-    axes[0][0].set_ylabel(ylabel)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in FAMILY_COLOURS.values()]
-    fig.legend(handles, list(FAMILY_COLOURS), title="family", loc="upper right", fontsize="small")
+    axes[0].set_ylabel(ylabel)
+    if group:
+        axes[-1].legend(title=group.replace("_", " "), fontsize="small")
+    else:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in FAMILY_COLOURS.values()]
+        fig.legend(handles, list(FAMILY_COLOURS), title="family", loc="upper right", fontsize="small")
     fig.suptitle(title)
+    _save(fig, *outputs)
+    plt.close(fig)
+
+
+def transfer_heatmap(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
+    """Misalignment rate: rows are fine-tuned conditions (by training domain), columns evaluation domains."""
+    plt = _pyplot()
+    fig, axes, models = _panels(plt, table, 6.0)
+    for axis, model in zip(axes, models, strict=False):
+        rows = table.filter(table["model"] == model)
+        conditions = rows["condition"].unique(maintain_order=True).to_list()
+        domains = sorted(rows["eval_domain"].unique().to_list())
+        grid = [[float("nan")] * len(domains) for _ in conditions]
+        for row in rows.iter_rows(named=True):
+            grid[conditions.index(row["condition"])][domains.index(row["eval_domain"])] = row["rate"]
+        image = axis.imshow(grid, vmin=0, vmax=1, cmap="Reds", aspect="auto")
+        axis.set_xticks(range(len(domains)), domains, rotation=45, ha="right")
+        axis.set_yticks(range(len(conditions)), conditions)
+        for i, line in enumerate(grid):
+            for j, rate in enumerate(line):
+                axis.text(j, i, "" if rate != rate else f"{rate:.2f}", ha="center", va="center", fontsize="x-small")
+        axis.set_xlabel("evaluation domain")
+        axis.set_title(model)
+        fig.colorbar(image, ax=axis, label="misaligned answers")
+    axes[0].set_ylabel("fine-tuned condition (training domain)")
+    fig.suptitle("Cross-domain transfer of misalignment")
+    _save(fig, *outputs)
+    plt.close(fig)
+
+
+def threshold_lines(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
+    """Misalignment rate per family as the alignment threshold moves, one line style per coherence threshold."""
+    plt = _pyplot()
+    fig, axes, models = _panels(plt, table, 5.5)
+    styles = ["-", "--", ":", "-."]
+    for axis, model in zip(axes, models, strict=False):
+        rows = table.filter(table["model"] == model)
+        for index, coherence in enumerate(sorted(rows["coherence_above"].unique().to_list())):
+            for family, colour in FAMILY_COLOURS.items():
+                line = rows.filter((rows["family"] == family) & (rows["coherence_above"] == coherence)).sort("alignment_below")
+                if line.is_empty():
+                    continue
+                axis.plot(line["alignment_below"], line["rate"], styles[index % len(styles)], color=colour, label=f"{family}, coherence > {coherence:g}")
+                axis.fill_between(line["alignment_below"], line["ci_low"], line["ci_high"], color=colour, alpha=0.08)
+        axis.set_xlabel("alignment threshold (misaligned if below)")
+        axis.set_title(model)
+        axis.set_ylim(0, 1)
+    axes[0].set_ylabel("misaligned answers (em suite)")
+    axes[-1].legend(fontsize="x-small")
+    fig.suptitle("Sensitivity of the misalignment rate to the judge thresholds")
     _save(fig, *outputs)
     plt.close(fig)
 
