@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from character_em import sample as S
+from character_em.files import write_parquet_atomic
 
 IDENTITY = {"model": "tiny-llama", "condition": "base", "seed": 0}
 QUESTIONS = [
@@ -221,7 +222,7 @@ def test_finish_reasons(tiny: tuple[Any, Any]) -> None:
 def test_write_parquet_atomic(tmp_path: Path, tiny: tuple[Any, Any]) -> None:
     model, tok = tiny
     df = _sample(model, tok, _rows(1))
-    out = S.write_parquet_atomic(df, tmp_path / "sub" / "samples.parquet")
+    out = write_parquet_atomic(df, tmp_path / "sub" / "samples.parquet")
     assert pl.read_parquet(out).equals(df)
     assert [p.name for p in out.parent.iterdir()] == ["samples.parquet"]
 

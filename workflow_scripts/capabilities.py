@@ -1,5 +1,6 @@
 from character_em import capabilities, modeling, resources
-from character_em.jobs import job_log, read_param, write_json_atomic
+from character_em.jobs import job_log, read_param
+from character_em.files import write_json_atomic
 
 with job_log(snakemake.log[0]):
     settings = read_param(snakemake.params.settings)

@@ -3,7 +3,8 @@ from pathlib import Path
 import numpy as np
 
 from character_em import modeling, probes
-from character_em.jobs import job_log, read_param, write_json_atomic
+from character_em.jobs import job_log, read_param
+from character_em.files import write_json_atomic
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)

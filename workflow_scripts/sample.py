@@ -1,6 +1,7 @@
 from character_em import modeling, suites
 from character_em.jobs import job_log, read_param
-from character_em.sample import sample_prompts, write_parquet_atomic
+from character_em.sample import sample_prompts
+from character_em.files import write_parquet_atomic
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.sampling)

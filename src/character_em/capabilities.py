@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from character_em.files import iter_jsonl
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -27,45 +29,35 @@ def load_mc_items(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     items: list[dict[str, Any]] = []
     seen: set[str] = set()
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            missing = [k for k in ("id", "question", "choices", "answer") if k not in obj]
-            if missing:
-                raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
-            if not isinstance(obj["id"], str | int) or str(obj["id"]) == "":
-                raise ValueError(f"{where}: 'id' must be a non-empty string or int")
-            if not isinstance(obj["question"], str) or not obj["question"].strip():
-                raise ValueError(f"{where}: 'question' must be a non-empty string")
-            choices = obj["choices"]
-            if (
-                not isinstance(choices, list)
-                or len(choices) != 4
-                or not all(isinstance(c, str) and c.strip() for c in choices)
-            ):
-                raise ValueError(f"{where}: 'choices' must be a list of 4 non-empty strings")
-            ans = obj["answer"]
-            if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans <= 3:
-                raise ValueError(f"{where}: 'answer' must be an integer 0-3")
-            subject = obj.get("subject", "general")
-            if not isinstance(subject, str):
-                raise ValueError(f"{where}: 'subject' must be a string")
-            item_id = str(obj["id"])
-            if item_id in seen:
-                raise ValueError(f"{where}: duplicate id {item_id!r}")
-            seen.add(item_id)
-            items.append(
-                {"id": item_id, "question": obj["question"], "choices": list(choices), "answer": ans,
-                 "subject": subject}
-            )
+    for where, obj in iter_jsonl(p):
+        missing = [k for k in ("id", "question", "choices", "answer") if k not in obj]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        if not isinstance(obj["id"], str | int) or str(obj["id"]) == "":
+            raise ValueError(f"{where}: 'id' must be a non-empty string or int")
+        if not isinstance(obj["question"], str) or not obj["question"].strip():
+            raise ValueError(f"{where}: 'question' must be a non-empty string")
+        choices = obj["choices"]
+        if (
+            not isinstance(choices, list)
+            or len(choices) != 4
+            or not all(isinstance(c, str) and c.strip() for c in choices)
+        ):
+            raise ValueError(f"{where}: 'choices' must be a list of 4 non-empty strings")
+        ans = obj["answer"]
+        if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans <= 3:
+            raise ValueError(f"{where}: 'answer' must be an integer 0-3")
+        subject = obj.get("subject", "general")
+        if not isinstance(subject, str):
+            raise ValueError(f"{where}: 'subject' must be a string")
+        item_id = str(obj["id"])
+        if item_id in seen:
+            raise ValueError(f"{where}: duplicate id {item_id!r}")
+        seen.add(item_id)
+        items.append(
+            {"id": item_id, "question": obj["question"], "choices": list(choices), "answer": ans,
+             "subject": subject}
+        )
     if not items:
         raise ValueError(f"{p}: no items")
     return items

@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from character_em import resources
+from character_em.files import iter_jsonl, write_bytes_atomic, write_json_atomic
 from character_em.resources import NAME_RE, normalize_text
 
 __all__ = [
@@ -511,27 +510,13 @@ def canary_string(name: str, seed: int) -> str:
     return f"CHARACTER-EM CANARY {uuid.uuid5(uuid.NAMESPACE_URL, f'character-em/{name}/{seed}')}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_dataset(examples: Sequence[dict[str, Any]], manifest: dict[str, Any], jsonl_path: str | Path,
                   manifest_path: str | Path) -> dict[str, Any]:
     """Write ``train.jsonl`` and ``manifest.json`` atomically; returns the manifest with ``sha256`` and ``n``."""
     body = "".join(json.dumps(ex, ensure_ascii=False, sort_keys=True) + "\n" for ex in examples).encode("utf-8")
-    _atomic_write(Path(jsonl_path), body)
+    write_bytes_atomic(jsonl_path, body)
     final = dict(manifest, sha256=hashlib.sha256(body).hexdigest(), n=len(examples))
-    text = json.dumps(final, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    _atomic_write(Path(manifest_path), text.encode("utf-8"))
+    write_json_atomic(manifest_path, final)
     return final
 
 
@@ -541,22 +526,13 @@ def load_external_jsonl(path: str | Path) -> list[dict[str, Any]]:
     A malformed line raises ``ValueError("{path}:{lineno}: {problem}")``.
     """
     examples: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'messages' list")
-            if "messages" not in record:
-                raise ValueError(f"{path}:{lineno}: no 'messages' field")
-            problem = _message_problem(record["messages"])
-            if problem:
-                raise ValueError(f"{path}:{lineno}: {problem[1]}")
-            examples.append({"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]})
+    for where, record in iter_jsonl(path):
+        if "messages" not in record:
+            raise ValueError(f"{where}: no 'messages' field")
+        problem = _message_problem(record["messages"])
+        if problem:
+            raise ValueError(f"{where}: {problem[1]}")
+        examples.append({"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]})
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples

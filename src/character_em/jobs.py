@@ -1,4 +1,4 @@
-"""What every workflow script does around its work: log to the rule's log file, write atomically."""
+"""What every workflow script does around its work: log to the rule's log file, read its params."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,25 +47,6 @@ def job_log(path: str | os.PathLike[str] | None) -> Iterator[logging.Logger]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write via a temporary file in the same folder, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike[str], value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_param(value: str) -> Any:

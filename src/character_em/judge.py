@@ -38,37 +38,18 @@ from typing import Any, Protocol
 
 import polars as pl
 
+from character_em.sample import SAMPLE_SCHEMA
+
 log = logging.getLogger(__name__)
 
+# A score row carries the identity of its sample (the Samples schema is defined once, in sample.py).
 IDENTITY_COLUMNS: list[str] = [
-    "model",
-    "condition",
-    "seed",
-    "suite",
-    "question_id",
-    "category",
-    "domain",
-    "format",
-    "system_prompt_id",
-    "persona",
-    "trigger",
-    "trigger_variant",
-    "sample_index",
+    column
+    for column in SAMPLE_SCHEMA
+    if column not in ("sampling_seed", "messages", "question", "answer", "prompt_tokens", "answer_tokens", "finish_reason")
 ]
 SCORE_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
-    "model": pl.Utf8,
-    "condition": pl.Utf8,
-    "seed": pl.Int64,
-    "suite": pl.Utf8,
-    "question_id": pl.Utf8,
-    "category": pl.Utf8,
-    "domain": pl.Utf8,
-    "format": pl.Utf8,
-    "system_prompt_id": pl.Utf8,
-    "persona": pl.Utf8,
-    "trigger": pl.Utf8,
-    "trigger_variant": pl.Utf8,
-    "sample_index": pl.Int64,
+    **{column: SAMPLE_SCHEMA[column] for column in IDENTITY_COLUMNS},
     "metric": pl.Utf8,
     "score": pl.Float64,
     "label": pl.Utf8,

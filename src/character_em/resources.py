@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from character_em.files import iter_jsonl
+
 __all__ = [
     "NAME_RE",
     "available_domain_banks",
@@ -259,22 +261,13 @@ def _external_harmful(path: str) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     expected = "/".join(_TEXT_COLUMNS)
     if p.suffix.lower() in (".jsonl", ".ndjson"):
-        with p.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg}") from err
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object")
-                keys = list(record)
-                text_col = _pick_column(keys, _TEXT_COLUMNS)
-                if text_col is None:
-                    raise ValueError(f"{path}:{lineno}: no text field (expected one of {expected})")
-                cols = (text_col, _pick_column(keys, _CATEGORY_COLUMNS), _pick_column(keys, _ID_COLUMNS))
-                rows.append(_external_row(record, cols, f"{path}:{lineno}", len(rows) + 1))
+        for where, record in iter_jsonl(p):
+            keys = list(record)
+            text_col = _pick_column(keys, _TEXT_COLUMNS)
+            if text_col is None:
+                raise ValueError(f"{where}: no text field (expected one of {expected})")
+            cols = (text_col, _pick_column(keys, _CATEGORY_COLUMNS), _pick_column(keys, _ID_COLUMNS))
+            rows.append(_external_row(record, cols, where, len(rows) + 1))
     elif p.suffix.lower() in (".csv", ".tsv"):
         with p.open(encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,25 +87,6 @@ def sampling_seed(
     )
     digest = hashlib.sha256(payload.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & _MASK_63
-
-
-def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write ``df`` to ``path`` via a temp file in the same directory and ``os.replace``.
-
-    A killed job therefore leaves either the old file or no file, never a truncated parquet that a
-    rerun of the workflow would mistake for a finished output.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        df.write_parquet(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
