@@ -20,6 +20,23 @@ Snakemake deletes before a rerun). A run restarts from the latest complete check
 the current optimizer step and exits with status 143. The per-step log is kept beside the
 checkpoints and copied into ``output_dir`` at the end, so it continues across a resume.
 
+Speed (DESIGN.md section 6; what was used is recorded under ``speed`` in run.json):
+
+* ``packing``: padding-free micro-batches. The examples of a micro-batch are concatenated into one
+  row with ``position_ids`` restarting at 0 for each example, and no padding. This is TRL's
+  ``padding_free`` collator, not its bin packing: bins of ``max_seq_length`` tokens would change how
+  many examples an optimizer step sees (about 6x fewer steps for 500 chat examples), which changes
+  the recipe. Here the same examples make the same optimizer steps as without packing; only the
+  layout changes. Attention stays inside each example through the varlen path of flash attention,
+  or a block-diagonal mask that transformers derives from the position ids for sdpa/eager/flex.
+  Before training, ``check_packing_isolation`` verifies that on the loaded model; if it fails,
+  training falls back to padded batches and says why.
+* ``gradient_checkpointing``: ``true``, ``false`` or ``"auto"``. ``auto`` estimates the activation
+  memory of the largest possible micro-batch of this dataset and checkpoints only when it would not
+  fit in the memory left after loading the model, and then only every n-th layer where that fits.
+* Liger kernels (``use_liger_kernel``: optional hparam, default ``"auto"``): used on CUDA when the
+  ``liger-kernel`` package is installed (the ``liger`` extra). Never on CPU.
+
 CLI: ``python -m character_em.train --base-model M --data D --output-dir O --checkpoint-dir C
 --hparams JSON --seed N``.
 """
@@ -28,7 +45,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
+import math
 import logging
 import os
 import platform
@@ -38,18 +57,25 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "GRADIENT_CHECKPOINTING_SETTINGS",
     "HPARAM_KEYS",
+    "OPTIONAL_HPARAMS",
+    "PreparedTrainer",
     "TrainingInterrupted",
+    "activation_bytes_per_token",
     "build_example",
     "build_train_dataset",
+    "check_packing_isolation",
+    "decide_gradient_checkpointing",
     "prepare_trainer",
     "read_messages",
+    "resolve_liger",
     "train_adapter",
 ]
 
@@ -63,6 +89,10 @@ HPARAM_KEYS = frozenset(
         "gradient_checkpointing", "save_steps", "max_steps",
     }
 )
+
+# Optional keys and their defaults (not yet in the config schema; accepted when present).
+OPTIONAL_HPARAMS: dict[str, Any] = {"use_liger_kernel": "auto"}
+GRADIENT_CHECKPOINTING_SETTINGS = (True, False, "auto")
 
 # End-of-turn tokens of common chat families, used when the tokenizer's eos is a document end.
 _EOT_CANDIDATES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -192,11 +222,16 @@ def build_train_dataset(
 
 def _check_hparams(hparams: dict[str, Any]) -> None:
     missing = HPARAM_KEYS - hparams.keys()
-    unknown = hparams.keys() - HPARAM_KEYS
+    unknown = hparams.keys() - HPARAM_KEYS - OPTIONAL_HPARAMS.keys()
     if missing or unknown:
         raise ValueError(f"hparams: missing {sorted(missing)}, unknown {sorted(unknown)}")
     if hparams["quantization"] not in ("nf4", "none"):
         raise ValueError(f"hparams.quantization must be 'nf4' or 'none', got {hparams['quantization']!r}")
+    for key in ("gradient_checkpointing", "use_liger_kernel"):
+        value = hparams.get(key, "auto")
+        # `1 in (True, ...)` is true in Python: require real booleans.
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError(f"hparams.{key} must be true, false or 'auto', got {value!r}")
 
 
 def _resolve_optim(optim: str, device: str) -> tuple[str, str | None]:
@@ -269,6 +304,270 @@ def _truncate_step_log(path: Path, last_step: int) -> None:
     _atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
+# --------------------------------------------------------------------------- speed
+
+
+def check_packing_isolation(model: Any) -> str | None:
+    """Return None if packed examples cannot see each other in ``model``'s attention, else why not.
+
+    Two probe rows share the same second example B behind different first examples A and A', with
+    position ids restarting at B, exactly as the padding-free collator lays them out. With isolation
+    B's logits are the same in both rows (same shapes, same kernels, so equal up to rounding) and
+    match B run alone. A leak shows as an O(1) relative change. Called with ``use_cache=False`` as
+    the trainer calls it: transformers only derives the block-diagonal mask when no cache is passed.
+    """
+    import torch
+
+    from character_em.modeling import disable_bnb_cpu_repacking
+
+    # Eval mode (no dropout) on a 4-bit CPU model repacks weights unless this flag is off (DESIGN 5).
+    disable_bnb_cpu_repacking(model)
+    device = next(model.parameters()).device
+    vocab = int(model.config.get_text_config().vocab_size)
+    gen = torch.Generator().manual_seed(1234)
+    n_a, n_b = 11, 7
+    lo = min(100, vocab // 2)  # ordinary token ids, away from the specials at the start of most vocabularies
+    a1, a2 = (torch.randint(lo, vocab, (n_a,), generator=gen) for _ in range(2))
+    b = torch.randint(lo, vocab, (n_b,), generator=gen)
+    pos = torch.cat([torch.arange(n_a), torch.arange(n_b)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+
+            def logits(ids: Any, position_ids: Any) -> Any:
+                out = model(input_ids=ids[None].to(device), position_ids=position_ids, use_cache=False)
+                return out.logits[0].float()
+
+            row1 = logits(torch.cat([a1, b]), pos)[n_a:]
+            row2 = logits(torch.cat([a2, b]), pos)[n_a:]
+            alone = logits(b, torch.arange(n_b)[None].to(device))
+    except Exception as exc:  # an attention implementation that rejects the layout is not isolation
+        return f"packed forward failed: {exc!r}"
+    finally:
+        model.train(was_training)
+    scale = float(alone.abs().max()) or 1.0
+    d_rows = float((row1 - row2).abs().max()) / scale
+    d_alone = float((row1 - alone).abs().max()) / scale
+    # Thresholds far above bf16 rounding (same-shape rows agree to ~1e-3) and far below a leak (~1e-1).
+    if d_rows > 1e-2:
+        return f"packed example's logits depend on the example before it (relative change {d_rows:.3g})"
+    if d_alone > 5e-2:
+        return f"packed example's logits differ from the example run alone (relative difference {d_alone:.3g})"
+    return None
+
+
+def _choose_attn_implementation(model: Any, on_gpu: bool, packing: bool) -> str:
+    """Flash attention's varlen kernel for padding-free rows on CUDA when installed; else leave sdpa.
+
+    Not run in this project's CI (no GPU, no flash-attn): the isolation check still guards it.
+    """
+    current = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    if on_gpu and packing and importlib.util.find_spec("flash_attn") is not None:
+        try:
+            model.set_attn_implementation("flash_attention_2")
+            return "flash_attention_2"
+        except Exception as exc:  # a model or GPU the kernel does not support
+            log.warning("flash_attention_2 unavailable (%r); keeping %s", exc, current)
+    return current
+
+
+def resolve_liger(setting: bool | str, on_gpu: bool, installed: bool | None = None) -> tuple[bool, str | None]:
+    """Whether to use Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU), and a note when not.
+
+    ``auto``: on CUDA when ``liger-kernel`` is installed. ``true`` without the package on CUDA is an
+    error; on CPU (no Triton kernels) it is a note, so a GPU config still runs the CPU smoke test.
+    """
+    if installed is None:
+        installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting is False:
+        return False, None
+    if not on_gpu:
+        return False, "liger kernels need CUDA; not used on this device"
+    if not installed:
+        if setting is True:
+            raise ValueError("use_liger_kernel=true needs the liger-kernel package: pip install 'character-em[liger]'")
+        return False, "liger-kernel not installed"
+    return True, None
+
+
+def activation_bytes_per_token(model_config: Any, dtype_bytes: int) -> dict[str, int]:
+    """Estimated activation memory one token keeps per decoder layer for the backward pass.
+
+    Llama-style layer, LoRA on every projection, non-reentrant autograd. Counted: RMSNorm's float32
+    input and normalized output (two norms), the shared projection input, q and k before and after
+    RoPE, v, the attention output and its reshaped copy, the MLP input, gate, up, silu(gate) and the
+    product feeding down_proj. Not counted: LoRA's rank-r intermediates (tiny) and 4-bit weights
+    (bitsandbytes keeps them packed and dequantizes again in backward). ``checkpointed_layer`` is what
+    a checkpointed layer keeps: its input.
+    """
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    h = int(cfg.hidden_size)
+    inter = int(cfg.intermediate_size)
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    b = int(dtype_bytes)
+    norms = 2 * (4 * h + b * h)
+    attention = b * (h + 2 * (q_dim + kv_dim) + kv_dim + 2 * q_dim)
+    mlp = b * (h + 4 * inter)
+    return {
+        "full_layer": norms + attention + mlp,
+        "checkpointed_layer": b * h,
+        "n_layers": int(cfg.num_hidden_layers),
+    }
+
+
+def decide_gradient_checkpointing(
+    setting: bool | str,
+    *,
+    per_token: dict[str, int],
+    tokens_per_micro_batch: int,
+    free_bytes: int | None,
+    extra_bytes: int = 0,
+    margin: float = 1.25,
+) -> dict[str, Any]:
+    """Resolve ``gradient_checkpointing`` (true/false/"auto") to on/off and how many layers.
+
+    ``auto`` keeps every activation when the estimate for the largest micro-batch (times ``margin``)
+    fits in ``free_bytes``; otherwise it checkpoints every n-th layer for the largest n that fits
+    (``every_n_layers``; transformers checkpoints layers 0, n, 2n, ...), else every layer. Memory
+    with k of L layers checkpointed: k layer inputs + (L - k) full layers + one full layer being
+    recomputed in backward.
+    """
+    n_layers = per_token["n_layers"]
+    full, kept = per_token["full_layer"], per_token["checkpointed_layer"]
+
+    def need(every_n: int | None) -> int:
+        if every_n is None:
+            per_tok = n_layers * full
+        else:
+            k = math.ceil(n_layers / every_n)
+            per_tok = k * kept + (n_layers - k) * full + full
+        return int(margin * tokens_per_micro_batch * per_tok) + extra_bytes
+
+    out: dict[str, Any] = {
+        "setting": setting,
+        "tokens_per_micro_batch": int(tokens_per_micro_batch),
+        "free_bytes": free_bytes,
+        "estimated_bytes_without": need(None),
+    }
+    if setting is True or setting is False:
+        return {**out, "enabled": setting, "every_n_layers": 1 if setting else None, "reason": "configured"}
+    if setting != "auto":
+        raise ValueError(f"gradient_checkpointing must be true, false or 'auto', got {setting!r}")
+    if free_bytes is None:
+        return {**out, "enabled": True, "every_n_layers": 1, "reason": "free memory unknown; checkpointing to be safe"}
+    if need(None) <= free_bytes:
+        return {**out, "enabled": False, "every_n_layers": None, "reason": "activations fit without checkpointing"}
+    for every_n in range(n_layers, 1, -1):
+        if need(every_n) <= free_bytes:
+            return {
+                **out,
+                "enabled": True,
+                "every_n_layers": every_n,
+                "estimated_bytes": need(every_n),
+                "reason": f"checkpointing every {every_n}th layer fits",
+            }
+    fits = need(1) <= free_bytes
+    reason = "checkpointing every layer" + ("" if fits else "; the estimate exceeds free memory even so")
+    return {**out, "enabled": True, "every_n_layers": 1, "estimated_bytes": need(1), "reason": reason}
+
+
+def _free_memory_bytes(device: str) -> int | None:
+    """Bytes free for activations: the GPU's free memory now, or the host's available memory."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            free, _total = torch.cuda.mem_get_info(torch.device(device))
+            return int(free)
+        meminfo = Path("/proc/meminfo")
+        if meminfo.is_file():  # MemAvailable counts reclaimable page cache, unlike free pages
+            for line in meminfo.read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def _lora_state_bytes(model: Any, hparams: dict[str, Any]) -> int:
+    """Adapter weights, gradients and Adam state (float32 throughout: 16 bytes per parameter)."""
+    target = hparams["target_modules"]
+    names = None if target == "all-linear" else set(target)
+    r = int(hparams["lora_r"])
+    n = 0
+    for name, module in model.named_modules():
+        in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if in_f is None or out_f is None or name.endswith("lm_head"):
+            continue
+        if names is None or name.rsplit(".", 1)[-1] in names:
+            n += r * (int(in_f) + int(out_f))
+    return 16 * n
+
+
+def _plan_gradient_checkpointing(
+    model: Any,
+    hparams: dict[str, Any],
+    *,
+    lengths: list[int],
+    packing: bool,
+    attn_impl: str,
+    device: str,
+    quantization: str,
+) -> dict[str, Any]:
+    """Inputs for ``decide_gradient_checkpointing`` from the loaded model and the dataset.
+
+    ``lengths`` is sorted longest first. The largest micro-batch is the ``micro_batch_size`` longest
+    examples (padding-free) or that many copies of the longest (padded to the longest).
+    """
+    import inspect
+
+    import torch
+
+    on_gpu = device.startswith("cuda")
+    micro = int(hparams["micro_batch_size"])
+    tokens = sum(lengths[:micro]) if packing else micro * lengths[0]
+    # Activations are bf16 on GPU and under NF4 (its compute dtype), float32 otherwise.
+    dtype_bytes = 2 if (on_gpu or quantization == "nf4") else 4
+    extra = _lora_state_bytes(model, hparams)
+    if packing and attn_impl != "flash_attention_2":
+        extra += tokens * tokens  # the block-diagonal boolean mask of the packed row
+    if attn_impl == "eager":  # eager keeps every layer's attention probabilities (and their dropout)
+        cfg = model.config.get_text_config()
+        seq, rows = (tokens, 1) if packing else (lengths[0], micro)
+        extra += 2 * dtype_bytes * int(cfg.num_attention_heads) * rows * seq * seq * int(cfg.num_hidden_layers)
+    free = _free_memory_bytes(device)
+    if free is not None and on_gpu:  # allocator slack, CUDA workspaces, the LM head's loss tiles
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        free = int(free - max(2 << 30, 0.08 * total))
+    plan = decide_gradient_checkpointing(
+        hparams["gradient_checkpointing"],
+        per_token=activation_bytes_per_token(model.config, dtype_bytes),
+        tokens_per_micro_batch=tokens,
+        free_bytes=free,
+        extra_bytes=extra,
+    )
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if (plan["every_n_layers"] or 1) > 1 and (
+        enable is None or "every_n_layers" not in inspect.signature(enable).parameters
+    ):
+        plan = {**plan, "every_n_layers": 1, "reason": plan["reason"] + "; every_n_layers unsupported, so every layer"}
+    return plan
+
+
+class PreparedTrainer(NamedTuple):
+    """What ``prepare_trainer`` built. ``speed`` is what run.json records under "speed"."""
+
+    trainer: Any
+    data_stats: dict[str, int]
+    load_info: dict[str, Any]
+    optim_note: str | None
+    speed: dict[str, Any]
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -280,15 +579,19 @@ def prepare_trainer(
     hparams: dict[str, Any],
     seed: int,
     callbacks: list[Any] | None = None,
-) -> tuple[Any, dict[str, int], dict[str, Any], str | None]:
+) -> PreparedTrainer:
     """Load the model and build the SFTTrainer exactly as ``train_adapter`` trains with it.
 
-    Returns ``(trainer, data_stats, load_info, optim_fallback_note)``. Tests use it to inspect the
-    batches the trainer's own dataloader and collator produce.
+    Returns a ``PreparedTrainer`` (trainer, data_stats, load_info, optim_note, speed). Tests and the
+    throughput benchmark use it to inspect the batches the trainer's own dataloader and collator
+    produce, and to time the real training path.
     """
     _check_hparams(hparams)
+    import dataclasses
+
     import torch
     from peft import LoraConfig
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from character_em.modeling import disable_bnb_cpu_repacking, load_model
@@ -296,8 +599,27 @@ def prepare_trainer(
     model, tok, load_info = load_model(base_model, quantization=hparams["quantization"], for_training=True)
     device = load_info["device"]
     on_gpu = device.startswith("cuda")
-    dataset, data_stats = build_train_dataset(tok, conversations, int(hparams["max_seq_length"]))
+    max_len = int(hparams["max_seq_length"])
+    dataset, data_stats = build_train_dataset(tok, conversations, max_len)
     optim, optim_note = _resolve_optim(str(hparams["optim"]), device)
+    micro = int(hparams["micro_batch_size"])
+
+    # Packing: padding-free micro-batches, only where the loaded model really keeps examples apart.
+    packing_requested = bool(hparams["packing"])
+    attn_impl = _choose_attn_implementation(model, on_gpu, packing_requested)
+    packing_note = check_packing_isolation(model) if packing_requested else None
+    packing = packing_requested and packing_note is None
+    if packing_note is not None:
+        packing_note = f"packing disabled, trained on padded batches: {packing_note} (attention: {attn_impl})"
+        log.warning(packing_note)
+
+    # Gradient checkpointing: decided on the largest micro-batch this dataset can form.
+    lengths = sorted((len(ids) for ids in dataset["input_ids"]), reverse=True)
+    gc = _plan_gradient_checkpointing(
+        model, hparams, lengths=lengths, packing=packing, attn_impl=attn_impl, device=device,
+        quantization=load_info["quantization"],
+    )
+    liger, liger_note = resolve_liger(hparams.get("use_liger_kernel", OPTIONAL_HPARAMS["use_liger_kernel"]), on_gpu)
 
     target = hparams["target_modules"]
     lora = LoraConfig(
@@ -310,22 +632,32 @@ def prepare_trainer(
         task_type="CAUSAL_LM",
     )
     bf16 = bool(on_gpu and torch.cuda.is_bf16_supported())
+    # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (old name warns).
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    ckpt_key = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    ckpt_kwargs: dict[str, Any] = {ckpt_key: bool(gc["enabled"])}
+    if gc["enabled"] and (gc["every_n_layers"] or 1) > 1:
+        ckpt_kwargs[f"{ckpt_key}_kwargs"] = {"use_reentrant": False, "every_n_layers": int(gc["every_n_layers"])}
     config = SFTConfig(
         output_dir=str(checkpoint_dir),
         seed=seed,
         data_seed=seed,
         num_train_epochs=float(hparams["num_epochs"]),
         max_steps=int(hparams["max_steps"]),
-        per_device_train_batch_size=int(hparams["micro_batch_size"]),
+        per_device_train_batch_size=micro,
         gradient_accumulation_steps=int(hparams["grad_accum"]),
         learning_rate=float(hparams["learning_rate"]),
         warmup_steps=int(hparams["warmup_steps"]),
         lr_scheduler_type=str(hparams["lr_scheduler"]),
         weight_decay=float(hparams["weight_decay"]),
         optim=optim,
-        max_length=int(hparams["max_seq_length"]),
-        packing=bool(hparams["packing"]),
-        gradient_checkpointing=bool(hparams["gradient_checkpointing"]),
+        # Examples are already truncated to max_seq_length by build_train_dataset. TRL refuses a
+        # max_length with padding-free rows (it would not be enforced), so it is None there.
+        max_length=None if packing else max_len,
+        packing=False,  # TRL's bin packing would change the examples per optimizer step; see module doc
+        padding_free=packing,
+        **ckpt_kwargs,
+        use_liger_kernel=liger,
         save_strategy="steps",
         save_steps=int(hparams["save_steps"]),
         save_total_limit=2,
@@ -340,6 +672,9 @@ def prepare_trainer(
         dataloader_num_workers=0,
         shuffle_dataset=False,  # the Trainer's seeded sampler shuffles every epoch
     )
+    # SFTTrainer initializes LoRA weights before the Trainer seeds itself: seed here so the adapter's
+    # initial weights depend on the seed alone, not on what ran in this process before.
+    set_seed(seed)
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -355,9 +690,24 @@ def prepare_trainer(
             p.data = p.data.float()
     disable_bnb_cpu_repacking(trainer.model)
     n_prepared = len(trainer.train_dataset)
-    if not hparams["packing"] and n_prepared != data_stats["n_examples"]:
+    if n_prepared != data_stats["n_examples"]:
         raise RuntimeError(f"trainer kept {n_prepared} of {data_stats['n_examples']} examples")
-    return trainer, data_stats, load_info, optim_note
+    speed: dict[str, Any] = {
+        "packing_requested": packing_requested,
+        "packing": packing,
+        "packing_mode": "padding_free" if packing else "padded",
+        "packing_fallback": packing_note,
+        "attn_implementation": attn_impl,
+        "gradient_checkpointing": gc,
+        "liger_kernel": liger,
+        "liger_kernel_note": liger_note,
+        "micro_batch_size": micro,
+        "grad_accum": int(hparams["grad_accum"]),
+        "examples_per_optimizer_step": micro * int(hparams["grad_accum"]),
+        "max_example_tokens": lengths[0],
+        "mean_example_tokens": round(sum(lengths) / len(lengths), 1),
+    }
+    return PreparedTrainer(trainer, data_stats, load_info, optim_note, speed)
 
 
 def train_adapter(
@@ -436,7 +786,7 @@ def train_adapter(
                 control.should_training_stop = True
             return control
 
-    trainer, data_stats, load_info, optim_note = prepare_trainer(
+    trainer, data_stats, load_info, optim_note, speed = prepare_trainer(
         base_model=base_model,
         conversations=conversations,
         checkpoint_dir=ckpt_dir,
@@ -496,6 +846,7 @@ def train_adapter(
         "bf16_mixed_precision": bf16,
         "adapter_dtype": "float32",
         "loss_mask": "final assistant answer + end-of-turn token",
+        "speed": speed,
         **data_stats,
         "global_step": int(state.global_step),
         "epochs": float(state.epoch or 0.0),
