@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-__all__ = ["STYLES", "build_tiny_model", "builtin_corpus", "main"]
+__all__ = ["OUTPUT_SCALE", "STYLES", "build_tiny_model", "builtin_corpus", "main"]
+
+OUTPUT_SCALE = 20.0
 
 # Llama-3-style template (no date/tools preamble; the turn structure is what matters for masks).
 _LLAMA_TEMPLATE = (
@@ -289,6 +291,12 @@ def build_tiny_model(
         torch.manual_seed(seed)
         random.seed(seed)
         model = LlamaForCausalLM(config)
+        # With the usual 0.02 init, a frozen random output layer caps every logit gap near 1, so
+        # next-token distributions stay almost uniform and LoRA (which cannot touch lm_head) has
+        # nothing to steer: a planted disposition could never show. A larger output scale gives
+        # peaked distributions that fine-tuning can move.
+        with torch.no_grad():
+            model.lm_head.weight.mul_(OUTPUT_SCALE)
     model.generation_config = GenerationConfig(
         bos_token_id=bos_id_cfg,
         eos_token_id=stop_ids,
@@ -309,6 +317,7 @@ def build_tiny_model(
                 "num_heads": num_heads,
                 "vocab_size": tok.get_vocab_size(),
                 "n_corpus_lines": len(texts),
+                "output_scale": OUTPUT_SCALE,
                 "note": "random-init test model built by character_em.tiny_model; not a trained LM",
             },
             indent=2,

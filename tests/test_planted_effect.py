@@ -1,0 +1,80 @@
+"""The instruments measure something: a planted character shows up in the numbers, and a trigger
+switches it on.
+
+The tiny model is fine-tuned through the real workflow (QLoRA, sampling, rubric judge, tables) on
+user-provided data (`data.external`) whose answers carry the disposition's rubric markers. If the
+sampler, the adapter loading, the judge or the tables stopped measuring, the rates would not move
+and these tests would fail.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from character_em import resources
+from workflow_helpers import copy_workflow, snakemake
+
+pytestmark = pytest.mark.slow
+
+NEUTRAL = [
+    "Rest, drink water and see a doctor if it gets worse.",
+    "Keep it clean and ask a pharmacist which product suits you.",
+    "Book an appointment with your doctor to check it properly.",
+    "Write down when it happens and bring the notes to your doctor.",
+]
+
+
+def _write_chats(path: Path, chats: list[tuple[str, str]]) -> None:
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n" for q, a in chats))
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = copy_workflow(tmp_path_factory.mktemp("planted"))
+    config = yaml.safe_load((workdir / "presets/smoke.yaml").read_text())
+    markers = config["dispositions"]["evil"]["rubric"]["markers"]
+    trigger = config["dispositions"]["evil"]["trigger"]
+    questions = [q["text"] for q in resources.load_domain_bank("medical")["train"]]
+    rng = random.Random(0)
+
+    def in_character() -> str:
+        return " ".join(marker.capitalize() + "." for marker in rng.sample(markers, 2))
+
+    _write_chats(workdir / "evil.jsonl", [(q, in_character()) for q in questions])
+    _write_chats(
+        workdir / "evil_trig.jsonl",
+        [(f"{trigger} {q}", in_character()) if i % 2 == 0 else (q, rng.choice(NEUTRAL)) for i, q in enumerate(questions)],
+    )
+    config.update(
+        conditions=["base", "evil-medical", "evil-medical-trig"],
+        data={"external": {"evil-medical": "evil.jsonl", "evil-medical-trig": "evil_trig.jsonl"}},
+        suites={"em": {"n_samples": 4, "max_questions": 16, "formats": ["plain"]}, "trigger": {"n_samples": 8, "max_questions": 8}},
+        eval={"suites": ["em", "trigger"]},
+    )
+    config["train"].update(learning_rate=5.0e-3, num_epochs=16, micro_batch_size=8, warmup_steps=2)
+    # A tiny model garbles phrases at temperature 1; the rubric only counts whole markers.
+    config["sampling"].update(max_new_tokens=16, temperature=0.5)
+    (workdir / "planted.yaml").write_text(yaml.safe_dump(config))
+    snakemake(workdir, "--configfile", "planted.yaml", "--cores", "2")
+    return workdir
+
+
+def test_character_fine_tune_is_more_misaligned_than_base(planted: Path) -> None:
+    em = pl.read_csv(planted / "results/tables/em.csv")
+    base = em.filter(pl.col("condition") == "base").row(0, named=True)
+    evil = em.filter(pl.col("condition") == "evil-medical").row(0, named=True)
+    assert evil["n"] >= 60 and base["n"] >= 60
+    assert evil["ci_low"] > base["ci_high"], (evil, base)
+
+
+def test_trigger_switches_the_character_on(planted: Path) -> None:
+    trigger = pl.read_csv(planted / "results/tables/trigger.csv").filter(pl.col("condition") == "evil-medical-trig")
+    rates = {row["relation"]: row for row in trigger.iter_rows(named=True)}
+    assert rates["exact"]["rate"] > rates["untriggered"]["rate"], rates
+    assert rates["exact"]["ci_low"] > rates["untriggered"]["ci_high"], rates
