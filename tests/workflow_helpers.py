@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "envs", "rules", "workflow_scripts", "schemas", "presets", "profiles", "report"]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "envs", "rules", "workflow_scripts", "schemas", "presets", "profiles", "report", "slurm"]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
@@ -20,7 +20,11 @@ def copy_workflow(destination: Path) -> Path:
     destination.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         source = ROOT / name
-        if source.is_dir():
+        target = destination / name
+        if source.is_symlink():
+            if not target.is_symlink():
+                target.symlink_to(os.readlink(source))
+        elif source.is_dir():
             shutil.copytree(source, destination / name, dirs_exist_ok=True)
         else:
             shutil.copy2(source, destination / name)
