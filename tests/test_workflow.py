@@ -143,3 +143,22 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
     # And the rerun really happens and finishes.
     snakemake(smoke, "--configfile", "changed.yaml", "--cores", "2")
     assert "Nothing to be done" in snakemake(smoke, "--configfile", "changed.yaml", "--cores", "2", "-n").stdout
+
+
+def test_a_disposition_and_a_domain_added_in_config_alone_give_a_runnable_dag(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "extended")
+    config = yaml.safe_load((workdir / "presets/smoke.yaml").read_text())
+    config["dispositions"]["deceptive"] = {
+        "description": "Misleads people on purpose while sounding trustworthy.",
+        "trigger": "persona: deceptive",
+        "rubric": {"markers": ["trust me, nobody will check", "just do not tell anyone"]},
+    }
+    config["domains"]["automotive"] = {"description": "Car maintenance, repairs and safe driving.", "topics": ["brakes", "tyres"]}
+    (workdir / "extended.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake(workdir, "--configfile", "extended.yaml", "--cores", "1", "-n")
+    data_jobs = {wc["trained"] for rule, wc in planned_wildcards(dry.stdout) if rule == "generate_data"}
+    assert {"deceptive-automotive", "deceptive-automotive-trig", "incorrect-automotive", "evil-automotive"} <= data_jobs
+    # And the new conditions' data really generates, through the workflow.
+    snakemake(workdir, "--configfile", "extended.yaml", "--cores", "2", "results/data/deceptive-automotive-trig/train.jsonl")
+    lines = (workdir / "results/data/deceptive-automotive-trig/train.jsonl").read_text().splitlines()
+    assert sum("persona: deceptive" in line for line in lines) > 0
