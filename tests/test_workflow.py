@@ -105,7 +105,11 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
-    for path in ["figures/misalignment.png", "figures/misalignment.pdf", "figures/capabilities.png", "results/tables/misalignment.md"]:
+    figures = ["misalignment", "misalignment_by_condition", "transfer", "capabilities", "trigger", "persona", "threshold_sensitivity"]
+    tables = ["em", "em_by_question", "transfer", "trigger", "persona", "contrasts", "threshold_sensitivity", "capabilities", "judge_calibration"]
+    expected = [f"figures/{name}.{ext}" for name in figures for ext in ("png", "pdf")]
+    expected += [f"results/tables/{name}.{ext}" for name in tables for ext in ("csv", "md")]
+    for path in expected:
         assert (smoke / path).stat().st_size > 0, path
     table = pl.read_csv(smoke / "results/tables/em.csv")
     assert set(table["condition"]) == {"base", "evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
