@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ pytestmark = pytest.mark.slow
 FIXTURE = ROOT / "tests" / "slurm_cluster.sh"
 # Its own state folder and ports, so a cluster started by hand with the fixture's defaults is
 # not the one these tests stop.
-STATE = Path(os.environ.get("CHARACTER_EM_SLURM_TEST_DIR", "/tmp/character-em-slurm-pytest"))
+STATE = Path(os.environ.get("CHARACTER_EM_SLURM_TEST_DIR", Path(tempfile.gettempdir()) / "character-em-slurm-pytest"))
 CLUSTER_ENV = {"CHARACTER_EM_SLURM_DIR": str(STATE), "CHARACTER_EM_SLURM_PORT": "16827", "CHARACTER_EM_SLURM_GPUS": "2"}
 CORES = min(2, os.cpu_count() or 1)
 CONFIG = "cluster_test.yaml"
