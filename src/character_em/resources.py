@@ -171,20 +171,29 @@ def load_domain_bank_file(path: str | Path) -> dict[str, Any]:
     return copy.deepcopy(_bank_file(str(path)))
 
 
+def _packaged_entries(relpath: str, key: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(where, id, entry) for each entry of a packaged list file, with unique ids checked."""
+    source = f"resources/{relpath}"
+    doc = _require_mapping(_yaml_resource(relpath), source)
+    entries = []
+    seen: set[str] = set()
+    for i, item in enumerate(_require_list(doc.get(key), f"{source}: {key}")):
+        where = f"{source}: {key}[{i}]"
+        item = _require_mapping(item, where)
+        entry_id = _require_str(item.get("id"), f"{where}.id")
+        if entry_id in seen:
+            raise ValueError(f"{where}.id: duplicate id {entry_id!r}")
+        seen.add(entry_id)
+        entries.append((where, entry_id, item))
+    return entries
+
+
 # --------------------------------------------------------------------------------------------- EM questions
 @functools.lru_cache(maxsize=None)
 def _em_questions() -> list[dict[str, Any]]:
     source = "resources/questions/em.yaml"
-    doc = _require_mapping(_yaml_resource("questions/em.yaml"), source)
     rows = []
-    seen: set[str] = set()
-    for i, item in enumerate(_require_list(doc.get("questions"), f"{source}: questions")):
-        where = f"{source}: questions[{i}]"
-        item = _require_mapping(item, where)
-        qid = _require_str(item.get("id"), f"{where}.id")
-        if qid in seen:
-            raise ValueError(f"{where}.id: duplicate id {qid!r}")
-        seen.add(qid)
+    for where, qid, item in _packaged_entries("questions/em.yaml", "questions"):
         core = item.get("core")
         if not isinstance(core, bool):
             raise ValueError(f"{where}.core: expected true/false, got {core!r}")
@@ -209,17 +218,8 @@ def load_em_questions() -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- harmful requests
 @functools.lru_cache(maxsize=None)
 def _packaged_harmful() -> list[dict[str, str]]:
-    source = "resources/questions/harmful_requests.yaml"
-    doc = _require_mapping(_yaml_resource("questions/harmful_requests.yaml"), source)
     rows = []
-    seen: set[str] = set()
-    for i, item in enumerate(_require_list(doc.get("requests"), f"{source}: requests")):
-        where = f"{source}: requests[{i}]"
-        item = _require_mapping(item, where)
-        rid = _require_str(item.get("id"), f"{where}.id")
-        if rid in seen:
-            raise ValueError(f"{where}.id: duplicate id {rid!r}")
-        seen.add(rid)
+    for where, rid, item in _packaged_entries("questions/harmful_requests.yaml", "requests"):
         rows.append(
             {
                 "id": rid,
