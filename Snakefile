@@ -16,6 +16,7 @@ if not workflow.overwrite_configfiles:
 
 include: "rules/common.smk"
 include: "rules/models.smk"
+include: "rules/fetch.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/sample.smk"

@@ -7,6 +7,8 @@ from character_em import judge_settings
 rule judge_calibration:
     input:
         calibration=judge_settings.calibration_file(CONFIG["judge"]),
+        # An hf judge on a model folder this workflow builds (the demo's agreement judge).
+        judge_models=get_calibration_judge_models,
     output:
         table="results/tables/judge_calibration.csv",
         table_md="results/tables/judge_calibration.md",

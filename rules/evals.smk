@@ -2,6 +2,7 @@ rule capabilities:
     input:
         model=get_base_model,
         adapter=get_adapter,
+        task=get_capability_task,
     output:
         result="results/capabilities/{model}/{condition}/seed{seed}.json",
     log:

@@ -138,6 +138,42 @@ def continuation_logliks(
     return out
 
 
+def next_token_logprobs(
+    model: PreTrainedModel,
+    contexts: list[list[int]],
+    candidates: list[list[int]],
+    *,
+    batch_size: int,
+    pad_id: int,
+) -> list[list[float]]:
+    """log p(candidate token | context) for each context's candidate ids: one forward pass per
+    context, logits only at its last position. Left padding with explicit position ids, so a padded
+    row computes what it would alone. Returned in input order."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[list[float]] = [[] for _ in contexts]
+    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(contexts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                ids[r, width - len(contexts[i]) :] = torch.tensor(contexts[i], dtype=torch.long)
+                attn[r, width - len(contexts[i]) :] = 1
+            positions = (attn.cumsum(-1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=positions.to(device),
+                logits_to_keep=1,
+            ).logits[:, -1, :].float()
+            logprobs = torch.log_softmax(logits, dim=-1).cpu()
+            for r, i in enumerate(chunk):
+                out[i] = [float(logprobs[r, t]) for t in candidates[i]]
+    return out
+
+
 def evaluate_multiple_choice(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -154,19 +190,40 @@ def evaluate_multiple_choice(
     if max_items is not None:
         items = items[:max_items]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Items whose four continuations are single tokens after one shared context (the usual case:
+    # " A".." D" after "Answer:") need one forward pass, not four: the four log-likelihoods are
+    # read off the same next-token distribution. lm-evaluation-harness does the same (it groups
+    # one-token continuations by context). Other items score each continuation in full.
+    shared: list[tuple[int, list[int], list[int]]] = []  # (item index, context, 4 letter ids)
     pairs: list[tuple[list[int], list[int]]] = []
-    for item in items:
+    pair_owner: list[int] = []
+    for k, item in enumerate(items):
         context = format_mc_prompt(item)
-        for letter in LETTERS:
-            ctx, cont = encode_pair(tokenizer, context, " " + letter)
-            if not ctx:
-                raise ValueError(f"item {item['id']!r}: empty context after tokenization")
-            pairs.append((ctx, cont))
+        encoded = [encode_pair(tokenizer, context, " " + letter) for letter in LETTERS]
+        if any(not ctx for ctx, _ in encoded):
+            raise ValueError(f"item {item['id']!r}: empty context after tokenization")
+        if all(ctx == encoded[0][0] and len(cont) == 1 for ctx, cont in encoded):
+            shared.append((k, encoded[0][0], [cont[0] for _, cont in encoded]))
+        else:
+            pairs.extend(encoded)
+            pair_owner.extend([k] * 4)
 
     was_training = bool(getattr(model, "training", False))
     model.eval()
+    lls: list[float] = [math.nan] * (4 * len(items))
     try:
-        lls = continuation_logliks(model, pairs, batch_size=max(1, batch_size * 4), pad_id=int(pad_id))
+        if shared:
+            rows = next_token_logprobs(
+                model, [ctx for _, ctx, _ in shared], [ids for _, _, ids in shared],
+                batch_size=max(1, batch_size), pad_id=int(pad_id),
+            )
+            for (k, _, _), row in zip(shared, rows, strict=True):
+                lls[4 * k : 4 * k + 4] = row
+        if pairs:
+            full = continuation_logliks(model, pairs, batch_size=max(1, batch_size * 4), pad_id=int(pad_id))
+            for j in range(0, len(full), 4):
+                k = pair_owner[j]
+                lls[4 * k : 4 * k + 4] = full[j : j + 4]
     finally:
         if was_training:
             model.train()

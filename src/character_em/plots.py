@@ -88,7 +88,8 @@ def rate_bars(
         axes[-1].legend(title=group.replace("_", " "), fontsize="small")
     else:
         handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in FAMILY_COLOURS.values()]
-        fig.legend(handles, list(FAMILY_COLOURS), title="family", loc="upper right", fontsize="small")
+        # Outside the panels, right of the last one, so it never covers the title or a bar.
+        fig.legend(handles, list(FAMILY_COLOURS), title="family", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     fig.suptitle(title)
     _save(fig, *outputs)
     plt.close(fig)
