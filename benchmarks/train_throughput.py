@@ -34,16 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import random
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import _process
 
 ROOT = Path(__file__).resolve().parents[1]
 HPARAMS_SHOWN = ("micro_batch_size", "grad_accum", "packing", "gradient_checkpointing", "use_liger_kernel",
@@ -291,31 +291,13 @@ def markdown_rows(result: dict[str, Any]) -> str:
 
 
 
-def _device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.gpu:
-        # Set before torch loads: OpenMP reads these once. CPU mode stays on the CPU even on a GPU host.
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import importlib.metadata as md
 
-    import torch
-    import transformers
-
+    torch, transformers = _process.start(args.gpu, args.threads)
     from character_em.modeling import load_tokenizer
 
-    transformers.logging.set_verbosity_error()
-    if args.gpu and not torch.cuda.is_available():
-        raise SystemExit("--gpu given but CUDA is not available")
-    if not args.gpu:
-        torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.gpu else 3)
     n_examples = args.n_examples or (500 if args.gpu else 96)
 
@@ -441,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if not args.gpu else _device_slug(device)
+    slug = "cpu" if not args.gpu else _process.device_slug(device)
     out = out_dir / f"train_throughput_{slug}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown_rows(result))

@@ -18,7 +18,6 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -135,14 +134,27 @@ def _forward_cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _draw_uniforms(generators: Sequence[torch.Generator], n_steps: int) -> torch.Tensor:
+    """[rows, n_steps] float64 uniforms: row r's k-th draw is what ``torch.rand((), generator=g)`` would
+    return at step k. CPU generators fill a tensor serially, so one call per row gives the same
+    numbers (and leaves the generator in the same state) as one call per step, without a Python-level
+    call per row and step."""
+    import torch
+
+    return torch.stack([torch.rand(n_steps, generator=g, dtype=torch.float64) for g in generators])
+
+
 def _pick_tokens(
     logits: torch.Tensor,
-    generators: Sequence[torch.Generator],
+    generators: Sequence[torch.Generator] | None,
     temperature: float,
     top_p: float,
+    *,
+    uniforms: torch.Tensor | None = None,
 ) -> list[int]:
     """Choose one token per row. Greedy at temperature 0, else nucleus sampling with one uniform draw
-    per row from that row's own generator (see module docstring for why inverse-CDF)."""
+    per row from that row's own generator (see module docstring for why inverse-CDF). ``uniforms``
+    ([rows] float64, on any device) replaces the draws from ``generators`` where they were drawn ahead."""
     import torch
 
     # Everything stays on the model's device (a [batch, vocab] transfer per step would dominate GPU
@@ -164,17 +176,25 @@ def _pick_tokens(
         keep[:, 0] = True
         kept_probs = torch.where(keep, kept_probs, torch.zeros_like(kept_probs))
     cum = torch.cumsum(kept_probs.double(), dim=-1)
-    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).to(cum.device)
+    if uniforms is None:
+        assert generators is not None
+        uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+    u = uniforms.to(cum.device)
     x = (u * cum[:, -1]).unsqueeze(-1)
     # First position whose cumulative mass exceeds x: a zero-probability token can never be it.
     pos = torch.searchsorted(cum, x, right=True).squeeze(-1)
-    # x may round up to the total: then take the last token that has mass.
     vocab = cum.shape[-1]
-    last_pos = (vocab - 1) - torch.argmax(torch.flip(kept_probs > 0, dims=[-1]).to(torch.int8), dim=-1)
-    pos = torch.where(pos >= vocab, last_pos, pos)
+    tok = pos.clamp(max=vocab - 1)
     if kept_idx is not None:
-        pos = kept_idx.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
-    return [int(i) for i in pos.tolist()]
+        tok = kept_idx.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    pos_list, tok_list = torch.stack([pos, tok]).tolist()  # one device sync per step
+    for b, p in enumerate(pos_list):
+        if p >= vocab:
+            # x rounded up to the total (rare): take the last token that has mass. Done here, for the
+            # affected rows only, rather than as [batch, vocab] work on every step.
+            last = int(torch.nonzero(kept_probs[b] > 0)[-1, 0])
+            tok_list[b] = int(kept_idx[b, last]) if kept_idx is not None else last
+    return [int(i) for i in tok_list]
 
 
 def generate_batch(
@@ -213,6 +233,8 @@ def generate_batch(
         g = torch.Generator(device="cpu")
         g.manual_seed(int(s))
         generators.append(g)
+    # Every row's uniforms for every step, drawn once (greedy draws none); row order follows ``active``.
+    uniforms = _draw_uniforms(generators, max_new_tokens).to(device) if temperature > 0.0 else None
 
     results: list[list[int]] = [[] for _ in range(n)]
     reasons: list[str] = ["length"] * n
@@ -232,7 +254,8 @@ def generate_batch(
                 logits_to_keep=1,
                 **{cache_kw: cache},
             )
-            nxt = _pick_tokens(out.logits[:, -1, :], [generators[r] for r in active], temperature, top_p)
+            nxt = _pick_tokens(out.logits[:, -1, :], None, temperature, top_p,
+                               uniforms=uniforms[:, _step] if uniforms is not None else None)
             keep_rows: list[int] = []
             for b, (row, tok) in enumerate(zip(active, nxt, strict=True)):
                 if tok in stops:
@@ -249,6 +272,8 @@ def generate_batch(
                 cache.batch_select_indices(idx)
                 attn = attn.index_select(0, idx)
                 cur_pos = cur_pos.index_select(0, idx)
+                if uniforms is not None:
+                    uniforms = uniforms.index_select(0, idx)
                 active = [active[b] for b in keep_rows]
                 nxt = [nxt[b] for b in keep_rows]
             cur_ids = torch.tensor(nxt, dtype=torch.long, device=device).unsqueeze(-1)
