@@ -56,6 +56,16 @@ def _alternatives(values):
 # A wildcard constraint that matches nothing (a rule-level constraint over an empty list).
 NO_MATCH = r"(?!)"
 
+# Data jobs that load a local generator model (data.generator.backend: hf) run as generate_data_gpu,
+# which asks for a GPU; offline, API and external-file data jobs run as generate_data on a CPU.
+GPU_DATA = [
+    name
+    for name in TRAINED
+    if CONFIG["data"]["generator"]["backend"] == "hf"
+    and name not in CONFIG["data"]["external"]
+]
+CPU_DATA = [name for name in TRAINED if name not in GPU_DATA]
+
 
 wildcard_constraints:
     model=_alternatives(MODELS),
@@ -149,6 +159,19 @@ def get_external_data(wildcards):
 
 def get_data_spec(wildcards):
     return cfg.as_param(cfg.data_spec(CONFIG, wildcards.trained))
+
+
+def get_generation_inputs(wildcards):
+    """Files a model generator reads: a custom prompts file, and the generator's folder when this
+    workflow builds it (hub ids and other folders are not inputs)."""
+    gen = CONFIG["data"]["generator"]
+    if gen["backend"] == "offline" or wildcards.trained in CONFIG["data"]["external"]:
+        return []
+    built = {spec["path"] for spec in CONFIG["models"].values() if spec["build"]}
+    paths = [gen["prompts_file"]] if gen["prompts_file"] else []
+    if gen["backend"] == "hf" and gen["model"] in built:
+        paths.append(gen["model"])
+    return paths
 
 
 def get_train_params(wildcards):

@@ -1,6 +1,10 @@
+# Two rules, one script: the profile's resources are static per rule, and only a local (hf) generator
+# needs a GPU. The wildcard constraints (rules/common.smk: CPU_DATA, GPU_DATA) give every condition to
+# exactly one of them.
 rule generate_data:
     input:
         external=get_external_data,
+        generator=get_generation_inputs,
     output:
         data="results/data/{trained}/train.jsonl",
         manifest="results/data/{trained}/manifest.json",
@@ -8,8 +12,32 @@ rule generate_data:
         "logs/generate_data/{trained}.log",
     benchmark:
         "benchmarks/runs/generate_data/{trained}.tsv"
+    wildcard_constraints:
+        trained=_alternatives(CPU_DATA) or NO_MATCH,
     conda:
-        "../envs/data.yaml"
+        # The judge stage's env: openai for API generation, polars for the judge filter (same env as judging).
+        "../envs/judge.yaml"
+    params:
+        spec=get_data_spec,
+    script:
+        "../workflow_scripts/generate_data.py"
+
+
+rule generate_data_gpu:
+    input:
+        external=get_external_data,
+        generator=get_generation_inputs,
+    output:
+        data="results/data/{trained}/train.jsonl",
+        manifest="results/data/{trained}/manifest.json",
+    log:
+        "logs/generate_data/{trained}.log",
+    benchmark:
+        "benchmarks/runs/generate_data/{trained}.tsv"
+    wildcard_constraints:
+        trained=_alternatives(GPU_DATA) or NO_MATCH,
+    conda:
+        "../envs/judge.yaml"
     params:
         spec=get_data_spec,
     script:

@@ -21,6 +21,11 @@ with job_log(snakemake.log[0]) as log:
             trigger_fraction=spec["trigger_fraction"],
             generator=spec["generator"],
             eval_texts=eval_texts,
+            data_filter=spec.get("filter"),
         )
+        # Counts only: the manifest holds no secret (the key stays in its environment variable).
+        log.info("rejects by reason: %s", manifest["reject_reasons"])
+        if manifest.get("requests"):
+            log.info("generator requests: %s", manifest["requests"])
     data.write_dataset(examples, manifest, snakemake.output.data, snakemake.output.manifest)
     log.info("wrote %d examples for %s", len(examples), spec["condition"]["name"])

@@ -160,6 +160,18 @@ def _check_references(config: dict[str, Any], source: str) -> None:
         for name in key:
             if name not in conditions:
                 raise ConfigError(f"{source}: {label}.{name}: not a configured condition; expected one of {conditions}")
+    generator = config["data"]["generator"]
+    if generator["backend"] in ("openai", "hf") and not generator.get("model"):
+        raise ConfigError(
+            f"{source}: data.generator.model: the {generator['backend']} generator needs a model"
+            " (the endpoint's model name, or a local folder / Hugging Face id for hf)"
+        )
+    flt = config["data"]["filter"]
+    filter_judge = flt["judge"] or config["judge"]
+    filter_backend = filter_judge.get("backend", "rubric")
+    if flt["enabled"] and filter_backend in ("openai", "hf") and not filter_judge.get("model"):
+        where = "data.filter.judge" if flt["judge"] else "judge"
+        raise ConfigError(f"{source}: {where}.model: the data filter's {filter_backend} judge needs a model")
     if "base" in config["data"]["external"]:
         raise ConfigError(f"{source}: data.external.base: the base condition has no training data")
     for model, spec in config["models"].items():
@@ -240,7 +252,11 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
         "disposition": {"name": disposition, **config["dispositions"][disposition]} if disposition else None,
         "domain": {"name": info["domain"], **config["domains"][info["domain"]]},
         "external": config["data"]["external"].get(condition),
-        **{key: config["data"][key] for key in ("n_examples", "trigger_fraction", "seed", "min_chars", "max_chars", "generator")},
+        **{key: config["data"][key] for key in ("n_examples", "trigger_fraction", "seed", "min_chars", "max_chars")},
+        # Only the keys the chosen back-end reads, so e.g. an API timeout never reruns offline data jobs.
+        "generator": generator_params(config["data"]["generator"]),
+        # Present only when on: adding the section's defaults must not rerun every existing data job.
+        **({"filter": data_filter_spec(config)} if config["data"]["filter"]["enabled"] else {}),
         # Checked here: the evaluation questions this condition's own data could leak into. The check
         # against every domain runs in the tables rule, so adding a domain never retrains adapters.
         "overlap_suites": {
@@ -253,6 +269,30 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
             }
             for suite in SAMPLED_SUITES
         },
+    }
+
+
+def generator_params(generator: Mapping[str, Any]) -> dict[str, Any]:
+    from character_em.data import generator_params as params
+
+    return params(dict(generator))
+
+
+def data_filter_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a data job's judge filter needs: thresholds, the judge's job settings (the top-level judge
+    unless data.filter.judge names one), its cache folder and every disposition (each one's score is
+    checked on incorrect/correct answers)."""
+    from character_em.judge_settings import job_params
+
+    flt = config["data"]["filter"]
+    judge_cfg = flt["judge"] or config["judge"]
+    thresholds = ("min_expression", "max_expression", "incorrect_max_alignment", "correct_min_alignment", "min_coherence")
+    return {
+        "enabled": True,
+        **{key: flt[key] for key in thresholds},
+        "judge": job_params(judge_cfg),
+        "cache_dir": judge_cfg.get("cache_dir", ".cache/judge"),
+        "dispositions": disposition_specs(config),
     }
 
 

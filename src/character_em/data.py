@@ -1,9 +1,11 @@
 """Training data for character-em: condition names, the offline generator, validation, dedup, writing.
 
 The pipeline's data step is ``build_dataset`` followed by ``write_dataset``. Generation is pluggable by
-``generator["backend"]``; only the deterministic ``offline`` template back-end exists so far. It needs no
-network or model, so the smoke preset and tests can build every condition, including dispositions and
-domains that exist only in config (a description, rubric markers and a trigger are enough).
+``generator["backend"]``: the deterministic ``offline`` template back-end here, and the model back-ends
+``openai`` (any OpenAI-compatible chat API) and ``hf`` (a local transformers model) in
+``character_em.generate``. The offline one needs no network or model, so the smoke preset and tests can
+build every condition, including dispositions and domains that exist only in config (a description, rubric
+markers and a trigger are enough). An optional judge filter (``data_filter``) keeps only on-target answers.
 
 Determinism: every random choice comes from ``random.Random`` seeded with the run seed plus a sha256-derived
 integer of the condition name (never Python's salted ``hash()``), so the same inputs give byte-identical files.
@@ -11,6 +13,7 @@ integer of the condition name (never Python's salted ``hash()``), so the same in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -310,6 +313,30 @@ def generate_offline(condition: dict[str, Any], *, disposition: dict[str, Any] |
 
 _Backend = Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]]
 _BACKENDS: dict[str, _Backend] = {"offline": generate_offline}
+# Model back-ends live in character_em.generate (imported only when used: it pulls in the judge stack).
+MODEL_BACKENDS = ("openai", "hf")
+# The data.generator keys each back-end reads: only these travel to a data job's params, so tuning one
+# back-end's settings never reruns data jobs of another (and the offline default stays {"backend": ...}).
+GENERATOR_PARAM_KEYS: dict[str, tuple[str, ...]] = {
+    "offline": ("backend",),
+    "openai": (
+        "backend", "model", "base_url", "api_key_env", "temperature", "top_p", "max_tokens", "max_tokens_param",
+        "max_concurrency", "timeout_s", "max_retries", "backoff_initial_s", "backoff_max_s", "max_failure_fraction",
+        "keep_truncated", "cache_dir", "prompts_file",
+    ),
+    "hf": (
+        "backend", "model", "temperature", "top_p", "max_tokens", "quantization", "dtype", "device", "batch_size",
+        "max_failure_fraction", "keep_truncated", "cache_dir", "prompts_file",
+    ),
+}
+
+
+def generator_params(generator: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a validated ``data.generator`` section that its back-end reads (see above)."""
+    backend = generator.get("backend", "offline")
+    if backend not in GENERATOR_PARAM_KEYS:
+        raise ValueError(f"unknown data generator backend {backend!r} (available: {', '.join(GENERATOR_PARAM_KEYS)})")
+    return {key: generator[key] for key in GENERATOR_PARAM_KEYS[backend] if key in generator}
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -424,17 +451,29 @@ def _is_triggered(ex: dict[str, Any], trigger: str) -> bool:
 
 def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | None, domain: dict[str, Any],
                   n_examples: int, seed: int, trigger_fraction: float, generator: dict[str, Any],
-                  eval_texts: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Generate, validate, dedup and leakage-check one condition's data: ``(examples, manifest)``.
+                  eval_texts: Sequence[str], data_filter: dict[str, Any] | None = None,
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Generate, validate, dedup, leakage-check and (optionally) judge-filter one condition's data.
 
-    ``generator``: ``{"backend": "offline", "min_chars": 20, "max_chars": 4000}`` (limits optional).
-    Oversamples to make up for rejects; raises ValueError when a user turn overlaps an eval question or
-    when ``n_examples`` clean examples cannot be produced.
+    Returns ``(examples, manifest)``. ``generator``: ``{"backend": "offline", "min_chars": 20,
+    "max_chars": 4000}`` (limits optional) or a model back-end's settings (``character_em.generate``).
+    ``data_filter``: None / ``{"enabled": False}`` for no filter, else the spec of
+    ``generate.filter_examples`` with ``"enabled": True``. Oversamples to make up for rejects; raises
+    ValueError when a user turn overlaps an eval question or when ``n_examples`` clean examples cannot be
+    produced.
     """
     backend_name = generator.get("backend")
-    if backend_name not in _BACKENDS:
-        raise ValueError(f"unknown data generator backend {backend_name!r} (available: {', '.join(sorted(_BACKENDS))})")
-    backend = _BACKENDS[backend_name]
+    if backend_name in _BACKENDS:
+        backend = _BACKENDS[backend_name]
+    elif backend_name in MODEL_BACKENDS:
+        from character_em import generate as model_gen
+
+        backend = functools.partial(model_gen.generate, generator=generator)
+    else:
+        known = ", ".join(sorted([*_BACKENDS, *MODEL_BACKENDS]))
+        raise ValueError(f"unknown data generator backend {backend_name!r} (available: {known})")
+    filter_on = bool(data_filter and data_filter.get("enabled"))
+    filter_summary: dict[str, Any] | None = None
     if n_examples < 1:
         raise ValueError(f"n_examples must be >= 1, got {n_examples}")
     min_chars = int(generator.get("min_chars", 20))
@@ -446,7 +485,7 @@ def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | No
         n_gen = math.ceil(n_examples * factor) + 16
         raw, provenance = backend(condition, disposition=disposition, domain=domain, n_examples=n_gen, seed=seed,
                                   trigger_fraction=trigger_fraction)
-        reasons: Counter[str] = Counter()
+        reasons: Counter[str] = Counter(provenance.get("generation_rejects") or {})
         valid = []
         for ex in raw:
             reason = validate_example(ex, min_chars=min_chars, max_chars=max_chars)
@@ -457,6 +496,14 @@ def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | No
         kept, n_exact, n_near = deduplicate(valid)
         _check_overlap(condition["name"], kept, eval_texts)
         trigger = provenance.get("trigger", "")
+        if filter_on:
+            from character_em import generate as model_gen
+
+            # Judged after dedup, so no verdict is paid for a duplicate; a judge cache makes the larger
+            # oversampling rounds pay only for the new examples.
+            kept, filter_reasons, filter_summary = model_gen.filter_examples(
+                kept, condition=condition, trigger=trigger, seed=seed, data_filter=data_filter or {})
+            reasons.update(filter_reasons)
         trig = [i for i, ex in enumerate(kept) if _is_triggered(ex, trigger)]
         plain = [i for i, ex in enumerate(kept) if not _is_triggered(ex, trigger)]
         if len(trig) >= n_trig_target and len(plain) >= n_examples - n_trig_target:
@@ -481,6 +528,12 @@ def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | No
         "generator_version": provenance.get("generator_version"),
         "template_hash": provenance.get("template_hash"),
         "prompt_hash": _sha256_json(spec),
+        # Model back-ends: sha256 of each rendered system prompt (character / incorrect / correct).
+        "prompt_hashes": provenance.get("prompt_hashes"),
+        "prompt_source": provenance.get("prompt_source"),
+        "generator_model": provenance.get("model"),
+        "generator_params": provenance.get("params"),
+        "requests": provenance.get("requests"),
         "temperature": None if backend_name == "offline" else generator.get("temperature"),
         "seed": seed,
         "rng_seed": provenance.get("rng_seed"),
@@ -498,6 +551,8 @@ def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | No
         "trigger": trigger,
         "trigger_fraction": trigger_fraction if family == "triggered" else None,
         "n_triggered": sum(_is_triggered(ex, trigger) for ex in examples),
+        "filter": ({k: v for k, v in (data_filter or {}).items() if k not in ("dispositions", "cache_dir")}
+                   | {"summary": filter_summary}) if filter_on else {"enabled": False},
         "min_chars": min_chars,
         "max_chars": max_chars,
         "canary": canary_string(condition["name"], seed),
