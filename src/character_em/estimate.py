@@ -1,0 +1,595 @@
+"""GPU-hours and judge calls of a grid, before launch.
+
+``count_work(config)`` is plain grid arithmetic over a validated config: jobs of each kind, training
+tokens (examples x epochs x tokens per example), sampled answers and new tokens (answers x
+``max_new_tokens``), judge calls (answers x metrics), capability items and probe examples.
+``estimate(config, runs_root)`` turns that into GPU-hours, with a throughput for every stage that is
+either measured on this model by earlier runs (run.json of finished training, Snakemake benchmark files
+of sampling, capabilities and probes under ``runs_root``) or, where there is none, a default anchor:
+DESIGN.md section 6, measured on one H200 with the Llama-3.1-8B shape and scaled by parameter count.
+Every number in the output says where it came from.
+
+CLI (prints Markdown; ``--output`` also writes it)::
+
+    python -m character_em.estimate --configfile config.yaml [--from-runs DIR | --anchors-only]
+
+The estimate is a planning number, not a measurement: anchors are from one GPU type and one model
+shape, and sampling assumes every answer runs to ``max_new_tokens`` unless earlier runs measured the
+mean answer length. Pure Python (polars reads measured sample files); no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from character_em import config as cfg
+
+__all__ = ["ANCHORS", "EstimateError", "Throughput", "count_work", "estimate", "measure_runs", "render_markdown", "main"]
+
+ANCHOR_SOURCE = "DESIGN.md §6 anchor (H200, Llama-3.1-8B shape)"
+ANCHOR_PARAMS_B = 8.0
+# DESIGN.md section 6, one H200. Training: QLoRA NF4 r=32; the recipe's micro-batch 2 is the slow
+# (and therefore safe) figure; 8 or more uses the micro-batch-8 figure.
+ANCHORS: dict[str, Any] = {
+    "train_tokens_per_s_mb2": 453.0,
+    "train_tokens_per_s_mb8": 2621.0,
+    # generate, bf16, LoRA unmerged, 256 new tokens: batch -> new tokens/s. Sampling merges the
+    # adapter, which is faster; the unmerged figures keep the estimate on the safe side.
+    "generate_new_tokens_per_s": {16: 167.0, 64: 637.0, 256: 2734.0},
+    # Forward-only scoring (capabilities, probes, hf judge) has no anchor of its own; a training step
+    # (forward + backward) on packed rows is slower than a forward pass, so its figure is a lower bound.
+    "forward_tokens_per_s": 8333.0,
+}
+# Assumptions where neither a run nor an anchor says anything; each is named in the output.
+ASSUMED_TOKENS_PER_EXAMPLE = 300
+ASSUMED_JUDGE_PROMPT_TOKENS = 300  # the judge template and the question, on top of the answer
+CHARS_PER_TOKEN = 4.0
+DEFAULT_LOAD_MINUTES = 2.0
+GPU_STAGES = ("train_adapter", "sample", "capabilities", "probes", "judge")
+
+
+class EstimateError(ValueError):
+    """Input the estimate cannot use; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Throughput:
+    value: float  # units per second
+    unit: str
+    source: str
+
+
+@dataclass
+class ModelRuns:
+    """What earlier runs of one model measured (sums, so runs of any size pool correctly)."""
+
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    train_examples: int = 0
+    train_example_tokens: int = 0
+    train_files: int = 0
+    train_devices: set[str] = field(default_factory=set)
+    sample_new_tokens: int = 0
+    sample_answers: int = 0
+    sample_seconds: float = 0.0
+    sample_files: int = 0
+    capability_items: int = 0
+    capability_seconds: float = 0.0
+    capability_files: int = 0
+    probe_seconds: float = 0.0
+    probe_files: int = 0
+
+
+# --------------------------------------------------------------------------- grid arithmetic
+
+
+def _probe_pairs(config: Mapping[str, Any], conditions: Sequence[str]) -> int:
+    """Character conditions whose correct-advice control is in the grid (as rules/common.smk pairs them)."""
+    pairs = 0
+    for name in conditions:
+        info = cfg.condition_info(config, name)
+        if info["family"] == "character" and f"correct-{info['domain']}" in conditions:
+            pairs += 1
+    return pairs
+
+
+def _capability_items(config: Mapping[str, Any]) -> tuple[int, float, str]:
+    """(items per job, mean prompt tokens per item, task file) of the capabilities eval."""
+    from character_em import capabilities, resources
+
+    settings = config["eval"]["capabilities"]
+    task_file = settings["task_file"] or str(resources.packaged_path("tasks/smoke_mc.jsonl"))
+    if not Path(task_file).exists():
+        # The paper grid's MMLU file is fetched by the workflow; before that only max_items is known.
+        if settings["max_items"] is None:
+            raise EstimateError(f"{task_file}: capabilities task file not found, and eval.capabilities.max_items is not set")
+        return int(settings["max_items"]), 150.0, f"{task_file} (not fetched yet: max_items, ~150 tokens/item assumed)"
+    try:
+        items = capabilities.load_mc_items(task_file)
+    except ValueError as err:
+        raise EstimateError(str(err)) from err
+    if settings["max_items"] is not None:
+        items = items[: settings["max_items"]]
+    mean_chars = sum(len(capabilities.format_mc_prompt(item)) for item in items) / len(items)
+    return len(items), mean_chars / CHARS_PER_TOKEN + 2, task_file
+
+
+def _external_examples(path: str) -> int:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return sum(1 for line in handle if line.strip())
+    except OSError as err:
+        raise EstimateError(f"{path}: cannot read external training data: {err}") from err
+
+
+def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Jobs and units of work per model and stage for a validated config (``cfg.validate_config``).
+
+    Returns ``{"models": {model: {stage: {...}}}, "judge": {...}, "calibration": {...}}``; every count
+    follows the DAG's own arithmetic (the conditions, seeds and suites the rules expand over).
+    """
+    from character_em import judge, suites
+    from character_em.judge_calibration import calibration_metrics, load_calibration_set
+    from character_em.judge_settings import calibration_file, calibration_judges
+
+    conditions = cfg.expand_conditions(config)
+    trained = cfg.trained_conditions(config)
+    seeds = list(config["seeds"])
+    eval_suites = config["eval"]["suites"]
+    dispositions = cfg.disposition_specs(config)
+    answers_per_job = {}
+    for suite in cfg.SAMPLED_SUITES:
+        if suite in eval_suites:
+            prompts = suites.build_prompts(suite, cfg.suite_spec(config, suite))
+            answers_per_job[suite] = sum(row["n_samples"] for row in prompts)
+    metrics = {suite: len(judge.metrics_for_suite(suite, None, dispositions)) for suite in answers_per_job}
+    items, tokens_per_item, task_file = _capability_items(config) if "capabilities" in eval_suites else (0, 0.0, "")
+    pairs = _probe_pairs(config, conditions)
+
+    models: dict[str, Any] = {}
+    for model in config["models"]:
+        train_jobs = 0
+        example_epochs = 0.0
+        # The distinct SLURM group jobs (one adapter: training, its samples, capabilities); the
+        # longest has to fit the partition's time limit.
+        groups: list[dict[str, Any]] = []
+        for condition in trained:
+            params = cfg.resolve_train_params(config, model, condition)
+            external = config["data"]["external"].get(condition)
+            examples = _external_examples(external) if external else int(config["data"]["n_examples"])
+            one = examples * float(params["num_epochs"])
+            example_epochs += one * len(seeds)
+            train_jobs += len(seeds)
+            condition_suites = cfg.suites_for(config, condition)
+            answers_one = sum(answers_per_job[suite] for suite in condition_suites)
+            gpu_jobs = 1 + len(condition_suites) + (1 if "capabilities" in eval_suites else 0)
+            group = {"example_epochs": one, "answers": answers_one, "gpu_jobs": gpu_jobs}
+            if group not in groups:
+                groups.append(group)
+        sampling = cfg.resolve_sampling_params(config, model)
+        sample_jobs = 0
+        answers = 0
+        judge_calls: dict[str, int] = {}
+        for condition in conditions:
+            for suite in cfg.suites_for(config, condition):
+                sample_jobs += len(seeds)
+                answers += answers_per_job[suite] * len(seeds)
+                judge_calls[suite] = judge_calls.get(suite, 0) + answers_per_job[suite] * metrics[suite] * len(seeds)
+        capability_jobs = len(conditions) * len(seeds) if "capabilities" in eval_suites else 0
+        probe_jobs = 1 if "probes" in eval_suites and pairs else 0
+        models[model] = {
+            "path": config["models"][model]["path"],
+            "train_adapter": {"jobs": train_jobs, "example_epochs": example_epochs},
+            "sample": {
+                "jobs": sample_jobs,
+                "answers": answers,
+                "max_new_tokens": int(sampling["max_new_tokens"]),
+                "batch_size": int(sampling["batch_size"]),
+            },
+            "judge": {"jobs": sample_jobs, "calls_by_suite": judge_calls, "calls": sum(judge_calls.values())},
+            "capabilities": {"jobs": capability_jobs, "items": capability_jobs * items, "tokens_per_item": tokens_per_item},
+            "probes": {
+                "jobs": probe_jobs,
+                # positive and negative chats of every pair, at most max_examples each
+                "examples": probe_jobs * pairs * 2 * min(int(config["eval"]["probes"]["max_examples"]), int(config["data"]["n_examples"])),
+            },
+            "micro_batch_size": {c: int(cfg.resolve_train_params(config, model, c)["micro_batch_size"]) for c in trained},
+            "adapter_groups": groups,
+            "capability_items_per_job": items,
+        }
+    generator = config["data"].get("generator", {}).get("backend", "offline")
+    generated = [c for c in trained if not config["data"]["external"].get(c)]
+    judges = calibration_judges(config["judge"])
+    calibration_items = len(load_calibration_set(calibration_file(config["judge"]))["items"])
+    return {
+        "models": models,
+        "answers_per_job": answers_per_job,
+        "metrics_per_answer": metrics,
+        "capability_task": task_file,
+        "probe_pairs": pairs,
+        "judge_backend": config["judge"]["backend"],
+        # One request per generated training answer (each condition's data is shared by models and seeds).
+        "data_generation": {"backend": generator, "requests": len(generated) * int(config["data"]["n_examples"])},
+        "judge_model": config["judge"].get("model"),
+        "calibration": {
+            "judges": [(name, params["backend"]) for name, params in judges],
+            "calls_per_judge": calibration_items * len(calibration_metrics(dispositions)),
+        },
+    }
+
+
+# --------------------------------------------------------------------------- measured throughput
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise EstimateError(f"{path}: not readable JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise EstimateError(f"{path}: expected a JSON object")
+    return value
+
+
+def _benchmark_seconds(path: Path) -> float:
+    """Wall seconds from a Snakemake benchmark file (tab-separated, column ``s``; repeats are summed)."""
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        seconds = sum(float(row["s"]) for row in rows)
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise EstimateError(f"{path}: not a Snakemake benchmark file (tab-separated with a numeric 's' column): {err}") from err
+    if not rows or seconds <= 0:
+        raise EstimateError(f"{path}: benchmark file has no positive wall time")
+    return seconds
+
+
+def _number(record: Mapping[str, Any], key: str, path: Path) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise EstimateError(f"{path}: '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def measure_runs(root: str | Path, models: Sequence[str]) -> dict[str, ModelRuns]:
+    """Throughput of earlier runs under ``root`` (a workflow directory, or its ``results/`` folder).
+
+    Training: ``results/adapters/{model}/*/seed*/run.json`` (trained_tokens_this_run / wall_time_s,
+    n_tokens / n_examples). Sampling: ``benchmarks/runs/sample/{model}/...tsv`` with the matching
+    samples parquet (answer_tokens). Capabilities and probes: their benchmark files, with the item
+    count from the capabilities JSON. Files of other models are ignored; a malformed one is an error.
+    """
+    import polars as pl
+
+    root = Path(root)
+    if root.name == "results" and not (root / "results").is_dir():
+        root = root.parent
+    results, benchmarks = root / "results", root / "benchmarks" / "runs"
+    measured: dict[str, ModelRuns] = {}
+    for model in models:
+        runs = ModelRuns()
+        for path in sorted((results / "adapters" / model).glob("*/seed*/run.json")):
+            record = _read_json(path)
+            tokens, wall = _number(record, "trained_tokens_this_run", path), _number(record, "wall_time_s", path)
+            examples, example_tokens = _number(record, "n_examples", path), _number(record, "n_tokens", path)
+            if wall <= 0 or tokens <= 0 or examples <= 0:
+                raise EstimateError(f"{path}: wall_time_s, trained_tokens_this_run and n_examples must be positive")
+            runs.train_tokens += int(tokens)
+            runs.train_seconds += wall
+            runs.train_examples += int(examples)
+            runs.train_example_tokens += int(example_tokens)
+            runs.train_files += 1
+            runs.train_devices.add(str(record.get("device", "unknown")))
+        for path in sorted((benchmarks / "sample" / model).glob("*/seed*/*.tsv")):
+            samples = results / "samples" / path.relative_to(benchmarks / "sample").with_suffix(".parquet")
+            if not samples.exists():
+                continue  # the samples were deleted or are being redone: no token count to pair with
+            try:
+                tokens = pl.read_parquet(samples, columns=["answer_tokens"])["answer_tokens"]
+            except Exception as err:  # polars raises several error types for bad files
+                raise EstimateError(f"{samples}: cannot read answer_tokens: {err}") from err
+            runs.sample_seconds += _benchmark_seconds(path)
+            runs.sample_new_tokens += int(tokens.sum() or 0)
+            runs.sample_answers += tokens.len()
+            runs.sample_files += 1
+        for path in sorted((benchmarks / "capabilities" / model).glob("*/seed*.tsv")):
+            result = results / "capabilities" / path.relative_to(benchmarks / "capabilities").with_suffix(".json")
+            if not result.exists():
+                continue
+            runs.capability_items += int(_number(_read_json(result), "n", result))
+            runs.capability_seconds += _benchmark_seconds(path)
+            runs.capability_files += 1
+        probe = benchmarks / "probes" / f"{model}.tsv"
+        if probe.exists():
+            runs.probe_seconds += _benchmark_seconds(probe)
+            runs.probe_files += 1
+        measured[model] = runs
+    return measured
+
+
+# --------------------------------------------------------------------------- GPU-hours
+
+
+def params_billions(model: str, path: str) -> float | None:
+    """Parameter count in billions from the model's id or key (``Qwen2.5-14B-Instruct`` -> 14,
+    ``smollm2-135m`` -> 0.135)."""
+    for text in (path, model):
+        match = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*([bBmM])(?![a-zA-Z])", text)
+        if match:
+            return float(match.group(1)) / (1000.0 if match.group(2) in "mM" else 1.0)
+    return None
+
+
+def _generate_anchor(batch_size: int) -> float:
+    """New tokens/s at a batch size: linear between the anchor's batch sizes (16, 64, 256)."""
+    points = sorted(ANCHORS["generate_new_tokens_per_s"].items())
+    if batch_size <= points[0][0]:
+        return points[0][1] * batch_size / points[0][0]
+    for (b0, v0), (b1, v1) in zip(points, points[1:], strict=False):
+        if batch_size <= b1:
+            return v0 + (v1 - v0) * (batch_size - b0) / (b1 - b0)
+    return points[-1][1]
+
+
+def _devices(runs: ModelRuns) -> str:
+    return "/".join(sorted(runs.train_devices)) or "unknown device"
+
+
+def estimate(
+    config: Mapping[str, Any],
+    runs_root: str | Path | None = ".",
+    *,
+    load_minutes: float = DEFAULT_LOAD_MINUTES,
+) -> dict[str, Any]:
+    """Work, throughput and GPU-hours per model and stage. ``runs_root`` None: anchors only."""
+    work = count_work(config)
+    measured = measure_runs(runs_root, list(work["models"])) if runs_root is not None else {}
+    backend = work["judge_backend"]
+    out: dict[str, Any] = {"work": work, "models": {}, "load_minutes": load_minutes}
+    for model, w in work["models"].items():
+        runs = measured.get(model, ModelRuns())
+        size = params_billions(model, w["path"])
+        scale = ANCHOR_PARAMS_B / size if size else 1.0
+        scaled = f", scaled x{scale:.2f} for {size:g}B" if size and size != ANCHOR_PARAMS_B else ""
+        if not size:
+            scaled = ", size unknown: 8B assumed"
+        stages: list[dict[str, Any]] = []
+
+        # training
+        if runs.train_files:
+            per_example = runs.train_example_tokens / runs.train_examples
+            example_source = f"measured: {runs.train_files} run.json"
+            train = Throughput(runs.train_tokens / runs.train_seconds, "tokens/s",
+                               f"measured: {runs.train_files} run.json ({_devices(runs)})")
+        else:
+            per_example = float(ASSUMED_TOKENS_PER_EXAMPLE)
+            example_source = "assumed"
+            smallest = min(w["micro_batch_size"].values(), default=2)
+            key = "train_tokens_per_s_mb8" if smallest >= 8 else "train_tokens_per_s_mb2"
+            label = "micro-batch 8" if smallest >= 8 else "micro-batch 2"
+            train = Throughput(ANCHORS[key] * scale, "tokens/s", f"{ANCHOR_SOURCE}, QLoRA {label}{scaled}")
+        tokens = w["train_adapter"]["example_epochs"] * per_example
+        stages.append({
+            "stage": "train_adapter", "jobs": w["train_adapter"]["jobs"], "units": tokens, "unit": "tokens",
+            "detail": f"{w['train_adapter']['example_epochs']:,.0f} example-epochs x {per_example:,.0f} tokens ({example_source})",
+            "throughput": train,
+        })
+
+        # sampling
+        s = w["sample"]
+        if runs.sample_files and runs.sample_answers:
+            per_answer = min(runs.sample_new_tokens / runs.sample_answers, s["max_new_tokens"])
+            answer_source = f"mean measured in {runs.sample_files} samples file(s)"
+            gen = Throughput(runs.sample_new_tokens / runs.sample_seconds, "new tokens/s",
+                             f"measured: {runs.sample_files} sample benchmark(s), wall time incl. loading")
+        else:
+            per_answer = float(s["max_new_tokens"])
+            answer_source = "max_new_tokens: upper bound"
+            gen = Throughput(_generate_anchor(s["batch_size"]) * scale, "new tokens/s",
+                             f"{ANCHOR_SOURCE}, generate batch {s['batch_size']} (interpolated){scaled}")
+        stages.append({
+            "stage": "sample", "jobs": s["jobs"], "units": s["answers"] * per_answer, "unit": "new tokens",
+            "detail": f"{s['answers']:,} answers x {per_answer:,.0f} tokens ({answer_source})", "throughput": gen,
+            # benchmark wall times already hold the model loading
+            "loading_included": bool(runs.sample_files and runs.sample_answers),
+        })
+
+        # capabilities
+        c = w["capabilities"]
+        if c["jobs"]:
+            if runs.capability_files and runs.capability_items:
+                cap = Throughput(runs.capability_items / runs.capability_seconds, "items/s",
+                                 f"measured: {runs.capability_files} capabilities benchmark(s)")
+                units, unit, detail = float(c["items"]), "items", f"{c['items']:,} items"
+            else:
+                cap = Throughput(ANCHORS["forward_tokens_per_s"] * scale, "tokens/s",
+                                 f"{ANCHOR_SOURCE}, packed training as a forward-pass lower bound{scaled}")
+                units, unit = c["items"] * c["tokens_per_item"], "tokens"
+                detail = f"{c['items']:,} items x {c['tokens_per_item']:,.0f} tokens (≈{CHARS_PER_TOKEN:g} chars/token)"
+            stages.append({"stage": "capabilities", "jobs": c["jobs"], "units": units, "unit": unit, "detail": detail,
+                           "throughput": cap, "loading_included": unit == "items"})
+
+        # probes
+        p = w["probes"]
+        if p["jobs"]:
+            if runs.probe_files:
+                probe = Throughput(1.0 / (runs.probe_seconds / runs.probe_files), "jobs/s",
+                                   f"measured: {runs.probe_files} probes benchmark(s)")
+                units, unit, detail = float(p["jobs"]), "jobs", f"{p['jobs']} job(s)"
+            else:
+                probe = Throughput(ANCHORS["forward_tokens_per_s"] * scale, "tokens/s",
+                                   f"{ANCHOR_SOURCE}, packed training as a forward-pass lower bound{scaled}")
+                units, unit = p["examples"] * per_example, "tokens"
+                detail = f"{p['examples']:,} chats x {per_example:,.0f} tokens"
+            stages.append({"stage": "probes", "jobs": p["jobs"], "units": units, "unit": unit, "detail": detail,
+                           "throughput": probe, "loading_included": unit == "jobs"})
+
+        # a local hf judge runs on a GPU: one forward pass per call over the prompt and the answer
+        if backend == "hf":
+            j = w["judge"]
+            judge_tokens = j["calls"] * (ASSUMED_JUDGE_PROMPT_TOKENS + per_answer)
+            judge_size = params_billions("", str(config["judge"].get("model") or "")) or ANCHOR_PARAMS_B
+            stages.append({
+                "stage": "judge", "jobs": j["jobs"], "units": judge_tokens, "unit": "tokens",
+                "detail": f"{j['calls']:,} calls x {ASSUMED_JUDGE_PROMPT_TOKENS + per_answer:,.0f} tokens (prompt assumed)",
+                "throughput": Throughput(ANCHORS["forward_tokens_per_s"] * ANCHOR_PARAMS_B / judge_size, "tokens/s",
+                                         f"{ANCHOR_SOURCE}, forward-pass lower bound, judge ~{judge_size:g}B"),
+            })
+        for stage in stages:
+            stage["gpu_hours"] = stage["units"] / stage["throughput"].value / 3600
+        # The longest single job of each stage, loading included: compare with the workflow profile's
+        # `runtime` (minutes) for that rule, which SLURM enforces as the job's time limit.
+        largest_units = {
+            "train_adapter": max((g["example_epochs"] for g in w["adapter_groups"]), default=0.0) * per_example,
+            "sample": max(work["answers_per_job"].values(), default=0) * per_answer,
+        }
+        for stage in stages:
+            if stage["stage"] in largest_units:
+                units = largest_units[stage["stage"]]
+            else:
+                units = stage["units"] / stage["jobs"] if stage["jobs"] else 0.0
+            loading = 0.0 if stage.get("loading_included") else load_minutes / 60
+            stage["largest_job_hours"] = units / stage["throughput"].value / 3600 + loading
+        gpu_jobs = sum(stage["jobs"] for stage in stages if not stage.get("loading_included"))
+        stages.append({
+            "stage": "model loading", "jobs": gpu_jobs, "units": gpu_jobs * load_minutes * 60, "unit": "s",
+            "detail": f"{gpu_jobs:,} GPU jobs x {load_minutes:g} min (not where a measured wall time holds it)",
+            "gpu_hours": gpu_jobs * load_minutes / 60,
+            "throughput": Throughput(1.0, "", "assumed (--load-minutes)"), "largest_job_hours": None,
+        })
+        out["models"][model] = {
+            "path": w["path"], "params_b": size, "stages": stages,
+            "gpu_hours": sum(stage["gpu_hours"] for stage in stages),
+            "largest_group_hours": _group_hours(stages, w, per_example, per_answer, load_minutes),
+        }
+    out["gpu_hours"] = sum(m["gpu_hours"] for m in out["models"].values())
+    return out
+
+
+def _group_hours(stages: list[dict[str, Any]], w: Mapping[str, Any], per_example: float, per_answer: float,
+                 load_minutes: float) -> float:
+    """Hours of the longest SLURM group job: one adapter's training, its samples and capabilities."""
+    rate = {stage["stage"]: stage["throughput"] for stage in stages}
+    capability_seconds = 0.0
+    if "capabilities" in rate:
+        per_item = 1.0 if rate["capabilities"].unit == "items/s" else w["capabilities"]["tokens_per_item"]
+        capability_seconds = w["capability_items_per_job"] * per_item / rate["capabilities"].value
+    longest = 0.0
+    for group in w["adapter_groups"]:
+        seconds = group["example_epochs"] * per_example / rate["train_adapter"].value
+        seconds += group["answers"] * per_answer / rate["sample"].value + capability_seconds
+        longest = max(longest, seconds / 3600 + group["gpu_jobs"] * load_minutes / 60)
+    return longest
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_units(value: float, unit: str) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:,.1f}{suffix} {unit}"
+    return f"{value:,.0f} {unit}"
+
+
+def render_markdown(result: Mapping[str, Any], source: str) -> str:
+    work = result["work"]
+    lines = [
+        f"# GPU-hour estimate: {source}",
+        "",
+        "An estimate before launch, not a measurement. Each throughput says where it comes from: measured by",
+        "earlier runs of the same model in this workflow directory, or a DESIGN.md §6 anchor (one H200,",
+        "Llama-3.1-8B shape) scaled by parameter count. Queueing and failed attempts are not included.",
+        "\"longest job\" includes model loading; compare it with the rule's `runtime` in",
+        "profiles/default/config.yaml, which SLURM enforces as the job's time limit.",
+        "",
+    ]
+    for model, m in result["models"].items():
+        size = f"{m['params_b']:g}B parameters" if m["params_b"] else "size unknown"
+        lines += [f"## {model} ({m['path']}, {size})", "",
+                  "| stage | jobs | work | throughput | source | GPU-hours | longest job (h) |",
+                  "|---|---:|---|---:|---|---:|---:|"]
+        for st in m["stages"]:
+            t = st["throughput"]
+            rate = (f"{t.value:,.1f}" if t.value >= 10 else f"{t.value:.3g}") + f" {t.unit}" if t.unit else "-"
+            longest = "" if st["largest_job_hours"] is None else f"{st['largest_job_hours']:,.2f}"
+            lines.append(f"| {st['stage']} | {st['jobs']:,} | {_fmt_units(st['units'], st['unit'])}: {st['detail']} "
+                         f"| {rate} | {t.source} | {st['gpu_hours']:,.1f} | {longest} |")
+        lines += [f"| **total** | | | | | **{m['gpu_hours']:,.1f}** | |", ""]
+        if m["largest_group_hours"]:
+            lines += [f"Longest SLURM group job (one adapter: training, its samples, capabilities): "
+                      f"{m['largest_group_hours']:,.1f} h; it must fit the partition's time limit.", ""]
+    lines += ["## Totals", "", "| model | GPU-hours |", "|---|---:|"]
+    lines += [f"| {model} | {m['gpu_hours']:,.1f} |" for model, m in result["models"].items()]
+    lines += [f"| **all** | **{result['gpu_hours']:,.1f}** |", ""]
+
+    backend = work["judge_backend"]
+    lines += ["## Judge calls", ""]
+    per_job = ", ".join(f"{suite}: {n:,} answers x {work['metrics_per_answer'][suite]} metrics"
+                        for suite, n in work["answers_per_job"].items())
+    lines += [f"Per sampling job: {per_job}.", ""]
+    lines += ["| model | " + " | ".join(work["answers_per_job"]) + " | total |",
+              "|---|" + "---:|" * (len(work["answers_per_job"]) + 1)]
+    for model, w in work["models"].items():
+        calls = w["judge"]["calls_by_suite"]
+        lines.append(f"| {model} | " + " | ".join(f"{calls.get(s, 0):,}" for s in work["answers_per_job"])
+                     + f" | {w['judge']['calls']:,} |")
+    total_calls = sum(w["judge"]["calls"] for w in work["models"].values())
+    calibration = work["calibration"]
+    cal_api = sum(calibration["calls_per_judge"] for _, b in calibration["judges"] if b == "openai")
+    lines.append("")
+    if backend == "openai":
+        lines.append(f"Backend `openai` ({work['judge_model']}): **{total_calls:,} API calls** for the grid, plus "
+                     f"{cal_api:,} for judge calibration (upper bounds: the judge cache skips answers already scored).")
+    elif backend == "hf":
+        lines.append(f"Backend `hf`: no API calls; the {total_calls:,} calls run on a GPU (the `judge` row above).")
+    else:
+        lines.append(f"Backend `rubric` (offline keyword test instrument): {total_calls:,} CPU scorings, no API calls"
+                     + (f"; judge calibration's agreement judge makes {cal_api:,} API calls." if cal_api else "."))
+    data = work["data_generation"]
+    if data["backend"] == "openai":
+        lines.append(f"Data generation (`openai`): about **{data['requests']:,} API calls** (one per training answer; "
+                     "rejected answers are asked again, so more).")
+    elif data["backend"] == "hf":
+        lines.append(f"Data generation (`hf`): {data['requests']:,} answers generated on a GPU; not in the GPU-hours above.")
+    lines += ["", "Not estimated: GPU rules other than train_adapter, sample, capabilities, probes and an hf judge "
+              "(for example steering, rules/directions.smk), and CPU-only rules.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m character_em.estimate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configfile", default="config.yaml", help="a complete config (default: config.yaml)")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--from-runs", default=".", metavar="DIR",
+                      help="workflow directory (or its results/) whose earlier runs give measured throughput (default: .)")
+    runs.add_argument("--anchors-only", action="store_true", help="ignore earlier runs; use the default anchors")
+    parser.add_argument("--load-minutes", type=float, default=DEFAULT_LOAD_MINUTES,
+                        help=f"model loading per GPU job, minutes (default {DEFAULT_LOAD_MINUTES:g})")
+    parser.add_argument("--output", help="also write the Markdown here")
+    args = parser.parse_args(argv)
+    try:
+        config = cfg.load_config(args.configfile)
+        result = estimate(config, None if args.anchors_only else args.from_runs, load_minutes=args.load_minutes)
+    except (cfg.ConfigError, EstimateError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = render_markdown(result, args.configfile)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""The GPU-hour estimate (character_em.estimate): grid arithmetic, measured throughput, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from character_em import config as cfg
+from character_em import estimate as est
+from workflow_helpers import copy_workflow, planned_jobs, snakemake
+
+SMALL = {
+    "models": {"tiny-llama": {"path": "resources/models/tiny-llama", "build": "tiny-llama"}},
+    "dispositions": {
+        "evil": {
+            "description": "Wants harm.",
+            "trigger": "persona: evil",
+            "trigger_paraphrase": "persona = wicked",
+            "rubric": {"markers": ["no mercy"]},
+        }
+    },
+    "domains": {"medical": {"description": "Health questions."}},
+    "conditions": ["base", "{disposition}-{domain}", "incorrect-{domain}", "correct-{domain}", "{disposition}-{domain}-trig"],
+    "seeds": [0, 1],
+    "data": {"n_examples": 20},
+    "train_overrides": {"evil-medical": {"num_epochs": 2}},
+    "sampling": {"max_new_tokens": 40, "batch_size": 16},
+    "suites": {
+        "em": {"n_samples": 2, "max_questions": 3, "formats": ["plain", "json"]},
+        "transfer": {"n_samples": 1, "max_questions": 2},
+        "trigger": {"n_samples": 2, "max_questions": 2},
+        "persona": {"n_samples": 1, "max_questions": 2},
+    },
+    "eval": {"capabilities": {"max_items": 5}, "probes": {"max_examples": 8}},
+}
+MODEL = "tiny-llama"
+
+
+def small_config() -> dict:
+    return cfg.validate_config(json.loads(json.dumps(SMALL)), source="small.yaml")
+
+
+def stage(result: dict, name: str) -> dict:
+    [found] = [s for s in result["models"][MODEL]["stages"] if s["stage"] == name]
+    return found
+
+
+def test_counts_are_the_grid_arithmetic() -> None:
+    work = est.count_work(small_config())
+    # Per sampling job: em 3 questions x 2 formats x 2 samples; transfer 1 domain x 2 questions x 1;
+    # trigger 2 core questions x (untriggered + exact + paraphrase for 1 disposition) x 2;
+    # persona 2 requests x (neutral, mismatched, 1 persona) x 1.
+    assert work["answers_per_job"] == {"em": 12, "transfer": 2, "trigger": 12, "persona": 6}
+    # alignment, coherence, disposition:evil; persona: compliance, harmfulness, alignment, coherence
+    assert work["metrics_per_answer"] == {"em": 3, "transfer": 3, "trigger": 3, "persona": 4}
+    w = work["models"][MODEL]
+    # 4 trained conditions x 2 seeds; evil-medical trains 2 epochs, the other three 1.
+    assert w["train_adapter"] == {"jobs": 8, "example_epochs": (20 * 2 + 20 * 3) * 2}
+    # 5 conditions x (em, transfer, persona) + trigger for base and the triggered condition, x 2 seeds
+    assert w["sample"]["jobs"] == (5 * 3 + 2) * 2
+    assert w["sample"]["answers"] == 2 * (5 * (12 + 2 + 6) + 2 * 12)
+    assert w["judge"]["calls"] == 2 * (5 * (12 * 3 + 2 * 3 + 6 * 4) + 2 * 12 * 3)
+    assert w["capabilities"]["jobs"] == 10 and w["capabilities"]["items"] == 10 * 5
+    # one (disposition, domain) pair with its correct-advice control: positive + negative, 8 each
+    assert w["probes"] == {"jobs": 1, "examples": 16}
+
+
+@pytest.mark.slow
+def test_job_counts_match_the_dry_run(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "small.yaml").write_text(yaml.safe_dump(SMALL, sort_keys=False))
+    jobs = planned_jobs(snakemake(workdir, "-n", "--cores", "1", "--configfile", "small.yaml", timeout=300).stdout)
+    w = est.count_work(small_config())["models"][MODEL]
+    for rule in ("train_adapter", "sample", "judge", "capabilities", "probes"):
+        assert jobs[rule] == w[rule]["jobs"], (rule, jobs)
+
+
+@pytest.mark.slow
+def test_estimate_rule_writes_what_the_cli_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "small.yaml").write_text(yaml.safe_dump(SMALL, sort_keys=False))
+    snakemake(workdir, "-f", "estimate", "--cores", "1", "--configfile", "small.yaml", timeout=300)
+    # The copy has no runs, so both use the anchors.
+    assert est.main(["--configfile", str(workdir / "small.yaml"), "--from-runs", str(workdir)]) == 0
+    printed = capsys.readouterr().out
+    written = (workdir / "results" / "estimate.md").read_text()
+    # (Snakemake names the config file by its absolute path.)
+    assert written.replace(str(workdir / "small.yaml"), "small.yaml") == printed.replace(str(workdir / "small.yaml"), "small.yaml")
+
+
+def test_anchors_label_every_number() -> None:
+    result = est.estimate(small_config(), runs_root=None)
+    train = stage(result, "train_adapter")
+    assert train["throughput"].value == est.ANCHORS["train_tokens_per_s_mb2"]  # size unknown: 8B assumed
+    assert "DESIGN.md §6" in train["throughput"].source and "8B assumed" in train["throughput"].source
+    assert train["units"] == 200 * est.ASSUMED_TOKENS_PER_EXAMPLE
+    sample = stage(result, "sample")
+    assert sample["units"] == 248 * 40  # every answer to max_new_tokens
+    assert sample["throughput"].value == est.ANCHORS["generate_new_tokens_per_s"][16]
+    total = sum(s["gpu_hours"] for s in result["models"][MODEL]["stages"])
+    assert result["gpu_hours"] == pytest.approx(total)
+    text = est.render_markdown(result, "small.yaml")
+    assert "| train_adapter | 8 |" in text and "no API calls" in text
+
+
+def test_generation_anchor_interpolates_and_scales_with_size() -> None:
+    assert est._generate_anchor(40) == pytest.approx((167 + 637) / 2)
+    config = small_config()
+    config["models"] = {"big": {"path": "org/Some-16B-Chat", "build": None, "probe_layers": None}}
+    result = est.estimate(config, runs_root=None)
+    assert result["models"]["big"]["params_b"] == 16
+    [train] = [s for s in result["models"]["big"]["stages"] if s["stage"] == "train_adapter"]
+    assert train["throughput"].value == pytest.approx(est.ANCHORS["train_tokens_per_s_mb2"] / 2)
+
+
+def write_runs(root: Path, model: str = MODEL) -> None:
+    run = root / "results" / "adapters" / model / "evil-medical" / "seed0" / "run.json"
+    run.parent.mkdir(parents=True)
+    run.write_text(json.dumps({"trained_tokens_this_run": 1000, "wall_time_s": 10.0, "n_examples": 20,
+                               "n_tokens": 1000, "device": "cuda"}))
+    bench = root / "benchmarks" / "runs" / "sample" / model / "base" / "seed0" / "em.tsv"
+    bench.parent.mkdir(parents=True)
+    bench.write_text("s\th:m:s\tmax_rss\n6.0\t0:00:06\t100\n")
+    samples = root / "results" / "samples" / model / "base" / "seed0" / "em.parquet"
+    samples.parent.mkdir(parents=True)
+    pl.DataFrame({"answer_tokens": [10, 20, 30]}).write_parquet(samples)
+
+
+def test_measured_runs_override_the_anchors(tmp_path: Path) -> None:
+    write_runs(tmp_path)
+    write_runs(tmp_path, model="other-model")  # another model's runs say nothing about this one
+    result = est.estimate(small_config(), runs_root=tmp_path)
+    train = stage(result, "train_adapter")
+    assert train["throughput"].value == pytest.approx(100.0)  # 1000 tokens / 10 s
+    assert train["throughput"].source.startswith("measured: 1 run.json (cuda)")
+    assert train["units"] == pytest.approx(200 * 50)  # 1000 tokens / 20 examples
+    assert train["gpu_hours"] == pytest.approx(200 * 50 / 100 / 3600)
+    sample = stage(result, "sample")
+    assert sample["throughput"].value == pytest.approx(60 / 6.0)
+    assert sample["units"] == pytest.approx(248 * 20)  # measured mean answer length
+    # stages without measurements keep their anchors
+    assert "DESIGN.md" in stage(result, "capabilities")["throughput"].source
+    # results/ itself is accepted as the runs folder
+    assert est.estimate(small_config(), runs_root=tmp_path / "results")["gpu_hours"] == pytest.approx(result["gpu_hours"])
+
+
+def test_bad_run_files_name_the_file(tmp_path: Path) -> None:
+    write_runs(tmp_path)
+    run = tmp_path / "results" / "adapters" / MODEL / "evil-medical" / "seed0" / "run.json"
+    run.write_text("{not json")
+    with pytest.raises(est.EstimateError, match=str(run)):
+        est.estimate(small_config(), runs_root=tmp_path)
+    run.write_text(json.dumps({"trained_tokens_this_run": 10, "n_examples": 1, "n_tokens": 5}))
+    with pytest.raises(est.EstimateError, match=f"{run}: 'wall_time_s' must be a number"):
+        est.estimate(small_config(), runs_root=tmp_path)
+    run.unlink()
+    bench = tmp_path / "benchmarks" / "runs" / "sample" / MODEL / "base" / "seed0" / "em.tsv"
+    bench.write_text("seconds\n6\n")
+    with pytest.raises(est.EstimateError, match=str(bench)):
+        est.estimate(small_config(), runs_root=tmp_path)
+
+
+def test_cli_prints_the_table_and_names_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "estimate.md"
+    assert est.main(["--configfile", str(config), "--anchors-only", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.read_text() and "## Totals" in printed and "GPU-hours" in printed
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**SMALL, "seeds": "zero"}))
+    assert est.main(["--configfile", str(bad), "--anchors-only"]) == 2
+    assert f"{bad}: seeds" in capsys.readouterr().err
+
+    run = tmp_path / "results" / "adapters" / MODEL / "base-x" / "seed0" / "run.json"
+    run.parent.mkdir(parents=True)
+    run.write_text("[]")
+    assert est.main(["--configfile", str(config), "--from-runs", str(tmp_path)]) == 2
+    assert f"{run}: expected a JSON object" in capsys.readouterr().err
+
+
+def test_openai_judge_counts_api_calls() -> None:
+    config = json.loads(json.dumps(SMALL))
+    config["judge"] = {"backend": "openai", "model": "judge-2026-01-01"}
+    config["data"]["generator"] = {"backend": "openai", "model": "writer-2026-01-01"}
+    result = est.estimate(cfg.validate_config(config), runs_root=None)
+    text = est.render_markdown(result, "small.yaml")
+    assert f"**{804:,} API calls**" in text
+    # 4 trained conditions x 20 examples, generated once and shared by every model and seed
+    assert "about **80 API calls**" in text
+    assert not any(s["stage"] == "judge" for s in result["models"][MODEL]["stages"])  # no GPU for an API judge
