@@ -33,6 +33,7 @@ TABLES = [
     "em_by_question",
     "transfer",
     "trigger",
+    "trigger_specificity",
     "persona",
     "contrasts",
     "threshold_sensitivity",

@@ -46,6 +46,11 @@ rule figures:
             caption="../report/trigger.rst",
             category="3. Conditional activation",
         ),
+        trigger_specificity=report(
+            "figures/trigger_specificity.png",
+            caption="../report/trigger_specificity.rst",
+            category="3. Conditional activation",
+        ),
         persona=report(
             "figures/persona.png",
             caption="../report/persona.rst",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,29 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
 def test_smoke_second_run_has_nothing_to_do(smoke: Path) -> None:
     result = snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", "-n")
     assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_smoke_report_shows_every_figure_with_its_caption(smoke: Path) -> None:
+    """`snakemake --report` on the finished smoke run: one self-contained HTML file in which every
+    output marked with report(..., caption=...) that the run made sits with its caption rendered."""
+    result = snakemake(smoke, "--configfile", "presets/smoke.yaml", "--report", "report.html")
+    html = (smoke / "report.html").read_text()
+    # The html reporter embeds its results as one JSON object, `var results = {...};`, in the script
+    # element with id "results" (bundled libraries use the same variable name earlier in the file).
+    marker = "var results = "
+    start = html.index(marker, html.index('<script id="results">')) + len(marker)
+    results, _ = json.JSONDecoder().raw_decode(html, start)
+    marked = re.findall(r'report\(\s*"([^"]+)",\s*caption="\.\./report/([^"]+)"', "".join(p.read_text() for p in sorted((smoke / "rules").glob("*.smk"))))
+    made = [(path, caption) for path, caption in marked if (smoke / path).exists()]
+    assert {f"figures/{name}.png" for name in ("misalignment", "misalignment_by_condition", "transfer", "capabilities", "trigger", "trigger_specificity", "persona", "threshold_sensitivity")} <= {path for path, _ in made}
+    for path, caption in made:
+        entry = results.get(path)
+        assert entry is not None, (path, sorted(results), result.stderr[-2000:])
+        assert entry["data_uri"].startswith("data:"), path  # embedded, so the one file is the whole report
+        # The caption's opening words, before any reStructuredText markup, appear in the rendered caption.
+        opening = " ".join((smoke / "report" / caption).read_text().split("``")[0].split()[:5])
+        assert opening and opening in " ".join(entry["caption"].split()), (path, entry["caption"][:300])
 
 
 @pytest.mark.slow

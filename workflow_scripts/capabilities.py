@@ -5,13 +5,28 @@ from character_em.files import write_json_atomic
 with job_log(snakemake.log[0]):
     settings = read_param(snakemake.params.settings)
     task_file = settings["task_file"] or str(resources.packaged_path("tasks/smoke_mc.jsonl"))
-    items = capabilities.load_mc_items(task_file)
-    model, tokenizer, info = modeling.load_model(
-        snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
-    )
-    result = capabilities.evaluate_multiple_choice(
-        model, tokenizer, items, batch_size=settings["batch_size"], max_items=settings["max_items"]
-    )
+    if settings["backend"] == "lm_eval":
+        # Optional extra: imported only when selected, so the own back-end never needs lm_eval.
+        from character_em import capabilities_lmeval
+
+        result = capabilities_lmeval.evaluate(
+            snakemake.params.base_model,
+            adapter=snakemake.params.adapter_dir or None,
+            task_file=task_file,
+            tasks=settings["lm_eval_tasks"] or None,
+            batch_size=settings["batch_size"],
+            max_items=settings["max_items"],
+        )
+        info = {"backend": "lm_eval", "adapter": snakemake.params.adapter_dir or None}
+    else:
+        items = capabilities.load_mc_items(task_file)
+        model, tokenizer, info = modeling.load_model(
+            snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
+        )
+        result = capabilities.evaluate_multiple_choice(
+            model, tokenizer, items, batch_size=settings["batch_size"], max_items=settings["max_items"]
+        )
+        result["backend"] = "own"
     write_json_atomic(
         snakemake.output.result,
         {

@@ -44,6 +44,16 @@ with job_log(snakemake.log[0]):
         outputs=both("trigger"),
     )
     plots.rate_bars(
+        tables["trigger_specificity"].filter(pl.col("metric") == "misaligned"),
+        x="condition",
+        value="difference",
+        group="measure",
+        ylim=(-1.0, 1.0),
+        ylabel="misaligned share: exact trigger minus comparison",
+        title="Trigger specificity",
+        outputs=both("trigger_specificity"),
+    )
+    plots.rate_bars(
         tables["persona"],
         x="condition",
         group="system_prompt_id",

@@ -25,6 +25,7 @@ with job_log(snakemake.log[0]):
         "trigger": analysis.trigger_table(answers),
         "persona": analysis.persona_table(answers),
         "contrasts": analysis.contrasts(answers, conditions),
+        "trigger_specificity": analysis.trigger_specificity(answers, conditions),
         "threshold_sensitivity": analysis.threshold_sensitivity(answers),
         "capabilities": analysis.capability_table(
             [json.loads(open(path).read()) for path in snakemake.input.capabilities],

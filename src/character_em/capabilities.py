@@ -8,7 +8,6 @@ still measured on what it knows.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -229,7 +228,6 @@ def evaluate_multiple_choice(
             model.train()
 
     per_item: list[dict[str, Any]] = []
-    by_subject: dict[str, list[bool]] = {}
     for k, item in enumerate(items):
         scores = lls[4 * k : 4 * k + 4]
         pred = max(range(4), key=lambda j: (scores[j], -j))
@@ -238,7 +236,15 @@ def evaluate_multiple_choice(
             {"id": item["id"], "subject": item.get("subject", "general"), "answer": item["answer"],
              "pred": pred, "logliks": scores, "correct": correct}
         )
-        by_subject.setdefault(str(item.get("subject", "general")), []).append(correct)
+    return summarize_items(per_item)
+
+
+def summarize_items(per_item: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy overall and per subject from per-item rows ({"subject", "correct", ...}), whichever
+    back-end scored them."""
+    by_subject: dict[str, list[bool]] = {}
+    for row in per_item:
+        by_subject.setdefault(str(row.get("subject", "general")), []).append(bool(row["correct"]))
     n = len(per_item)
     n_correct = sum(1 for r in per_item if r["correct"])
     return {

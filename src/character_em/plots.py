@@ -54,11 +54,13 @@ def rate_bars(
     ylabel: str,
     title: str,
     outputs: list[str | Path],
+    ylim: tuple[float, float] = (0.0, 1.0),
 ) -> None:
     """Bars with 95% CI whiskers, one panel per model.
 
     Without `group`, one bar per `x` value coloured by condition family; with `group`, side-by-side
-    bars per `x` value, one colour per group value.
+    bars per `x` value, one colour per group value. `ylim` below 0 (differences of rates) draws the
+    zero line.
     """
     plt = _pyplot()
     xs = table[x].unique(maintain_order=True).to_list() if not table.is_empty() else []
@@ -73,16 +75,20 @@ def rate_bars(
                 rows = rows.filter(rows[group] == level)
             positions = [xs.index(v) + (index - (len(groups) - 1) / 2) * width for v in rows[x].to_list()]
             values = rows[value].to_list()
+            # Clipped at 0: a percentile bootstrap interval (of a max, say) need not contain its estimate,
+            # and matplotlib refuses negative whiskers. The tables keep the interval as computed.
             errors = [
-                [v - lo for v, lo in zip(values, rows[low].to_list(), strict=True)],
-                [hi - v for v, hi in zip(values, rows[high].to_list(), strict=True)],
+                [max(0.0, v - lo) for v, lo in zip(values, rows[low].to_list(), strict=True)],
+                [max(0.0, hi - v) for v, hi in zip(values, rows[high].to_list(), strict=True)],
             ]
             colours = [palette(index)] * rows.height if group else [FAMILY_COLOURS.get(f, "#1f77b4") for f in rows["family"].to_list()]
             axis.bar(positions, values, width=width, color=colours, yerr=errors, capsize=2, label=str(level) if group else None)
         axis.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=60, ha="right")
         axis.set_title(model)
         axis.set_xlabel(x.replace("_", " "))
-        axis.set_ylim(0, 1)
+        axis.set_ylim(*ylim)
+        if ylim[0] < 0:
+            axis.axhline(0, color="black", linewidth=0.8)
     axes[0].set_ylabel(ylabel)
     if group:
         axes[-1].legend(title=group.replace("_", " "), fontsize="small")
