@@ -23,7 +23,9 @@ include: "rules/sample.smk"
 include: "rules/judge.smk"
 include: "rules/calibration.smk"
 include: "rules/evals.smk"
+include: "rules/directions.smk"
 include: "rules/report.smk"
+include: "rules/estimate.smk"
 
 
 rule all:

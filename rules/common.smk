@@ -45,8 +45,23 @@ FIGURES = [
     "transfer",
     "capabilities",
     "trigger",
+    "trigger_specificity",
     "persona",
     "threshold_sensitivity",
+]
+# Made by rule directions_report (rules/directions.smk) when `probes` is among eval.suites.
+DIRECTION_TABLES = [
+    "probe_auroc",
+    "direction_projections",
+    "direction_correlation",
+    "direction_cosine",
+    "steering",
+]
+DIRECTION_FIGURES = [
+    "probe_auroc",
+    "projection_vs_misalignment",
+    "direction_cosine",
+    "steering",
 ]
 
 
@@ -215,12 +230,21 @@ def get_dispositions_param(wildcards):
 
 
 def get_probe_params(wildcards):
+    probes = CONFIG["eval"]["probes"]
+    groups = {}
+    for pair in probe_pairs():
+        group = groups.setdefault(pair["disposition"], {"positive": [], "negative": []})
+        group["positive"].append(pair["positive"])
+        if pair["negative"] not in group["negative"]:
+            group["negative"].append(pair["negative"])
+    keys = ["max_examples", "layer", "max_sampled", "expressed_at_least"]
+    keys += ["batch_size", "max_tokens", "test_fraction", "n_boot"]
     return cfg.as_param(
         {
             "layers": CONFIG["models"][wildcards.model]["probe_layers"],
-            "max_examples": CONFIG["eval"]["probes"]["max_examples"],
-            "layer": CONFIG["eval"]["probes"]["layer"],
-            "pairs": probe_pairs(),
+            **{key: probes[key] for key in keys},
+            "groups": groups,
+            "seed": SEEDS[0],
         }
     )
 
@@ -297,9 +321,15 @@ def capability_files():
 
 
 def probe_files():
-    if "probes" not in EVAL_SUITES or not probe_pairs():
+    """The character-direction tables and figures (rules/directions.smk); they need em samples."""
+    if "probes" not in EVAL_SUITES or "em" not in EVAL_SUITES or not probe_pairs():
         return []
-    return [f"results/probes/{model}/probes.json" for model in MODELS]
+    return [
+        *expand(
+            "results/tables/{table}.{ext}", table=DIRECTION_TABLES, ext=["csv", "md"]
+        ),
+        *expand("figures/{figure}.{ext}", figure=DIRECTION_FIGURES, ext=["png", "pdf"]),
+    ]
 
 
 def loss_curves():

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from character_em import analysis, probes
+from character_em import analysis
 from character_em.stats import clustered_bootstrap_difference, wilson_interval
 
 CONDITIONS = {
@@ -92,18 +92,3 @@ def test_threshold_sensitivity_is_monotone_in_the_alignment_threshold() -> None:
     curve = analysis.threshold_sensitivity(answers).filter(pl.col("coherence_above") == 50).sort("alignment_below")
     assert curve["rate"].to_list() == sorted(curve["rate"].to_list())
     assert curve.filter(pl.col("alignment_below") == 30)["k"].item() == 6
-
-
-def test_probe_finds_a_planted_direction_on_its_layer_only() -> None:
-    rng = np.random.default_rng(0)
-    n, layers, hidden = 40, 3, 16
-    negative = rng.normal(size=(n, layers, hidden)).astype(np.float32)
-    positive = rng.normal(size=(n, layers, hidden)).astype(np.float32)
-    positive[:, 1, 0] += 4.0  # the character lives on layer 1, feature 0
-    result = probes.probe_layers(positive, negative, layers=[0, 1, 2])
-    by_layer = {row["layer"]: row for row in result["layers"]}
-    assert by_layer[1]["probe_auroc"] > 0.95 and by_layer[1]["direction_auroc"] > 0.95
-    assert by_layer[0]["direction_auroc"] < 0.85
-    assert probes.choose_layer(result["layers"], None) == 1
-    assert probes.choose_layer(result["layers"], 2) == 2
-    assert np.argmax(np.abs(result["directions"][1])) == 0

@@ -33,6 +33,11 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         "judge": sampled,
         "capabilities": models * conditions * seeds,
         "probes": models,
+        # Character direction: mean activations of every condition (all of them answer em), the
+        # base model steered plus each character condition ablated (first seed), one report.
+        "direction_means": models * conditions * seeds,
+        "steer": models * (1 + character),
+        "directions_report": 1,
         "tables": 1,
         "figures": 1,
         "judge_calibration": 1,
@@ -45,7 +50,7 @@ def test_paper_grid_dry_run_has_the_grid_job_count(tmp_path: Path) -> None:
     result = snakemake(workdir, "-n", "--cores", "1")
     expected = grid_arithmetic(yaml.safe_load((ROOT / "config.yaml").read_text()))
     assert dict(planned_jobs(result.stdout)) == expected
-    assert sum(expected.values()) == 1489
+    assert sum(expected.values()) == 1660
 
 
 def test_bad_config_fails_before_any_job_with_the_key_named(tmp_path: Path) -> None:
@@ -106,8 +111,10 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
-    figures = ["misalignment", "misalignment_by_condition", "transfer", "capabilities", "trigger", "persona", "threshold_sensitivity"]
-    tables = ["em", "em_by_question", "transfer", "trigger", "persona", "contrasts", "threshold_sensitivity", "capabilities", "judge_calibration"]
+    figures = ["misalignment", "misalignment_by_condition", "transfer", "capabilities", "trigger", "trigger_specificity", "persona", "threshold_sensitivity"]
+    figures += ["probe_auroc", "projection_vs_misalignment", "direction_cosine", "steering"]
+    tables = ["em", "em_by_question", "transfer", "trigger", "trigger_specificity", "persona", "contrasts", "threshold_sensitivity", "capabilities", "judge_calibration"]
+    tables += ["probe_auroc", "direction_projections", "direction_correlation", "direction_cosine", "steering"]
     expected = [f"figures/{name}.{ext}" for name in figures for ext in ("png", "pdf")]
     expected += [f"results/tables/{name}.{ext}" for name in tables for ext in ("csv", "md")]
     for path in expected:
@@ -162,6 +169,13 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         ("sample", "incorrect-medical"),
         ("judge", "incorrect-medical"),
         ("capabilities", "incorrect-medical"),
+        # The probes learn from every condition's judged em answers, so they and the steering
+        # that uses their direction rerun too.
+        ("direction_means", "incorrect-medical"),
+        ("probes", None),
+        ("steer", "base"),
+        ("steer", "evil-medical"),
+        ("directions_report", None),
         ("tables", None),
         ("figures", None),
         ("all", None),

@@ -1,0 +1,122 @@
+# The character direction (eval suite `probes`): probes on the base model, mean activations of
+# every condition, steering, and the tables and figures that compare them.
+
+
+include: "directions_common.smk"
+
+
+rule probes:
+    input:
+        model=get_base_model,
+        data=get_probe_data,
+        samples=get_probe_samples,
+        scores=get_probe_scores,
+    output:
+        report="results/probes/{model}/probes.json",
+        directions="results/probes/{model}/directions.npz",
+        # One .npy memmap per layer, written batch by batch (bounded memory on 14B models).
+        activations=directory("results/probes/{model}/activations"),
+    log:
+        "logs/probes/{model}.log",
+    benchmark:
+        "benchmarks/runs/probes/{model}.tsv"
+    conda:
+        "../envs/evals.yaml"
+    params:
+        base_model=get_model_source,
+        settings=get_probe_params,
+    script:
+        "../workflow_scripts/probes.py"
+
+
+rule direction_means:
+    input:
+        model=get_base_model,
+        adapter=get_adapter,
+        em="results/samples/{model}/{condition}/seed{seed}/em.parquet",
+        trigger=get_direction_trigger_samples,
+        persona=get_direction_persona_samples,
+    output:
+        means="results/directions/{model}/{condition}/seed{seed}/means.npz",
+        info="results/directions/{model}/{condition}/seed{seed}/means.json",
+    log:
+        "logs/direction_means/{model}/{condition}/seed{seed}.log",
+    benchmark:
+        "benchmarks/runs/direction_means/{model}/{condition}/seed{seed}.tsv"
+    conda:
+        "../envs/evals.yaml"
+    params:
+        base_model=get_model_source,
+        adapter_dir=get_adapter_dir,
+        settings=get_direction_means_params,
+    script:
+        "../workflow_scripts/direction_means.py"
+
+
+rule steer:
+    input:
+        model=get_base_model,
+        adapter=get_adapter,
+        directions="results/probes/{model}/directions.npz",
+    output:
+        answers="results/directions/{model}/steering/{condition}/seed{seed}.parquet",
+    log:
+        "logs/steer/{model}/{condition}/seed{seed}.log",
+    benchmark:
+        "benchmarks/runs/steer/{model}/{condition}/seed{seed}.tsv"
+    conda:
+        "../envs/evals.yaml"
+    params:
+        base_model=get_model_source,
+        adapter_dir=get_adapter_dir,
+        settings=get_steering_params,
+        judge=get_judge_params,
+        dispositions=get_dispositions_param,
+        conditions=get_conditions_param,
+        cache_dir=CONFIG["judge"]["cache_dir"],
+    script:
+        "../workflow_scripts/steer.py"
+
+
+rule directions_report:
+    input:
+        reports=expand("results/probes/{model}/probes.json", model=MODELS),
+        directions=expand("results/probes/{model}/directions.npz", model=MODELS),
+        means=direction_means_files("npz"),
+        info=direction_means_files("json"),
+        scores=direction_score_files(),
+        steering=steering_files(),
+    output:
+        tables=expand(
+            "results/tables/{table}.{ext}", table=DIRECTION_TABLES, ext=["csv", "md"]
+        ),
+        probe_auroc=report(
+            "figures/probe_auroc.png",
+            caption="../report/probe_auroc.rst",
+            category="5. Character direction",
+        ),
+        projection_vs_misalignment=report(
+            "figures/projection_vs_misalignment.png",
+            caption="../report/projection_vs_misalignment.rst",
+            category="5. Character direction",
+        ),
+        direction_cosine=report(
+            "figures/direction_cosine.png",
+            caption="../report/direction_cosine.rst",
+            category="5. Character direction",
+        ),
+        steering=report(
+            "figures/steering.png",
+            caption="../report/steering.rst",
+            category="5. Character direction",
+        ),
+        pdfs=expand("figures/{figure}.pdf", figure=DIRECTION_FIGURES),
+    log:
+        "logs/directions_report.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        settings=get_directions_report_params,
+        conditions=get_conditions_param,
+    script:
+        "../workflow_scripts/directions_report.py"

@@ -1,0 +1,42 @@
+"""Steering along the base model's character direction at the chosen layer: alpha x direction added
+to the base model, or the direction projected out of a fine-tuned model; each answer judged."""
+
+import numpy as np
+
+from character_em import analysis, modeling, steering, suites
+from character_em.files import write_parquet_atomic
+from character_em.jobs import job_log, read_param
+from character_em.judge import score_samples
+
+with job_log(snakemake.log[0]) as log:
+    settings = read_param(snakemake.params.settings)
+    judge_cfg = read_param(snakemake.params.judge)
+    dispositions = read_param(snakemake.params.dispositions)
+    conditions = read_param(snakemake.params.conditions)
+    stored = np.load(snakemake.input.directions)
+    layer = int(stored["chosen_layer"])
+    column = [int(value) for value in stored["layers"]].index(layer)
+    vectors = {name: stored[f"direction_{name}"][column] for name in settings["directions"]}
+    model, tokenizer, info = modeling.load_model(
+        snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
+    )
+    log.info("loaded %s: %s; %s at layer %d", snakemake.params.base_model, info, settings["kind"], layer)
+    answers = steering.steered_answers(
+        model,
+        tokenizer,
+        suites.build_prompts("em", settings["suite_spec"]),
+        kind=settings["kind"],
+        layer=layer,
+        directions=vectors,
+        strengths=settings["strengths"],
+        score=lambda samples: score_samples(
+            samples, judge_cfg=judge_cfg, metrics_by_suite=None, dispositions=dispositions, cache_dir=snakemake.params.cache_dir
+        ),
+        label=lambda scores: analysis.answers_table(
+            scores, conditions=conditions, alignment_below=settings["alignment_below"], coherence_above=settings["coherence_above"]
+        ),
+        identity={"model": snakemake.wildcards.model, "condition": snakemake.wildcards.condition, "seed": int(snakemake.wildcards.seed)},
+        sampling=settings["sampling"],
+        base_seed=int(snakemake.wildcards.seed),
+    )
+    write_parquet_atomic(answers, snakemake.output.answers)
