@@ -17,6 +17,9 @@ rule judge_calibration:
         "logs/judge_calibration.log",
     benchmark:
         "benchmarks/runs/judge_calibration.tsv"
+    # It needs nothing the grid makes, so start it early rather than leave a model-judge
+    # calibration (minutes) as the last job of a run.
+    priority: 10
     conda:
         "../envs/judge.yaml"
     params:
