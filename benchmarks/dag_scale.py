@@ -94,7 +94,8 @@ def main() -> None:
         for extra in ("envs",):  # the rules name envs/*.yaml; copy_workflow may predate that
             if (ROOT / extra).exists() and not (workdir / extra).exists():
                 subprocess.run(["cp", "-r", str(ROOT / extra), str(workdir / extra)], check=True)
-        (workdir / "slurm").symlink_to("profiles/slurm")
+        if not (workdir / "slurm").exists():  # newer copy_workflow copies the link itself
+            (workdir / "slurm").symlink_to("profiles/slurm")
         config = grid_config(args.models, args.conditions, args.seeds)
         (workdir / "grid.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
