@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -232,3 +236,16 @@ if __name__ == "__main__":  # a standalone server for manual runs: prints its ba
             with open(sys.argv[1], "w") as fh:
                 fh.write(srv.base_url)
         time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 50.0)
+
+
+def kill_child_mid_run(server: ChatServer, code: str, *, after_completed: int = 8) -> None:
+    """Run `code` in a child Python process and SIGKILL it once the server has answered
+    `after_completed` requests: a job killed mid-way, for the resume tests."""
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(server.completed) < after_completed and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +27,7 @@ from character_em.judge import RubricJudge
 pytest.importorskip("openai")  # the optional `api` extra
 
 sys.path.insert(0, str(Path(__file__).parent))
-from openai_server import ChatServer, Reply, answer_of, prompt_of  # noqa: E402
+from openai_server import ChatServer, Reply, answer_of, kill_child_mid_run, prompt_of  # noqa: E402
 from workflow_helpers import copy_workflow, planned_jobs, snakemake  # noqa: E402
 
 KEY_ENV = "CEM_TEST_GENERATOR_KEY"
@@ -230,14 +227,7 @@ def test_killed_job_rerun_pays_nothing_twice(server: ChatServer, tmp_path: Path)
     cache = tmp_path / "cache"
     generator = gen_cfg(server, cache, max_concurrency=2)
     code = _KILL_CHILD.format(spec=json.dumps({"disposition": EVIL, "domain": MEDICAL, "generator": generator}))
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while len(server.completed) < 8 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+    kill_child_mid_run(server, code)
     entries = list(cache.rglob("*.json"))
     cached_users = {json.loads(p.read_text())["raw"].split("[[")[1].split("]]")[0] for p in entries}
     n_cached = len(entries)

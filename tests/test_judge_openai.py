@@ -7,12 +7,8 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +22,7 @@ pytest.importorskip("openai")  # the optional `api` extra
 from character_em.judge_openai import OpenAIJudge
 
 sys.path.insert(0, str(Path(__file__).parent))
-from openai_server import ChatServer, Reply, answer_of, prompt_of  # noqa: E402
+from openai_server import ChatServer, Reply, answer_of, kill_child_mid_run, prompt_of  # noqa: E402
 from test_judge import BENIGN, DISPOSITIONS, EVIL_3, INJECTIONS, _samples  # noqa: E402
 
 KEY_ENV = "CEM_TEST_JUDGE_KEY"
@@ -237,14 +233,7 @@ def test_killed_job_resumes_without_repeated_calls(server: ChatServer, tmp_path:
     cache_dir = tmp_path / "cache"
     judge_cfg = cfg(server, max_concurrency=2)
     code = _KILL_CHILD.format(tests=str(Path(__file__).parent), cfg=json.dumps(judge_cfg), cache=str(cache_dir))
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while len(server.completed) < 8 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
+    kill_child_mid_run(server, code)
     n_completed = len(server.completed)
     n_cached = len(list(cache_dir.rglob("*.json")))
     # Killed mid-way: some judged, some not. Replies in flight at the kill (at most max_concurrency)
