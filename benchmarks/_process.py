@@ -33,3 +33,16 @@ def start(gpu: bool, threads: int) -> tuple[Any, Any]:
     if not gpu:
         torch.set_num_threads(threads)
     return torch, transformers
+
+
+def package_versions(*names: str) -> dict[str, str | None]:
+    """Installed version of each package, None where it is not installed (recorded in results)."""
+    import importlib.metadata as md
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return versions

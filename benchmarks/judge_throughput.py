@@ -116,7 +116,6 @@ def same_verdict(a: Any, b: Any, tol: float) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import importlib.metadata as md
 
     torch, transformers = _process.start(args.gpu, args.threads)
     from character_em.judge_hf import HFJudge, candidate_strings
@@ -216,12 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     conts = judges["project"]._cont_cache if "project" in judges else {}
     cand_len = [len(c) for cs in conts.values() for c in cs]
     cfg = json.loads((model_dir / "config.json").read_text())
-    versions = {}
-    for pkg in ("torch", "transformers"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = _process.package_versions("torch", "transformers")
     result = {
         "benchmark": "judge_throughput",
         "device": dev_name,

@@ -283,7 +283,6 @@ def greedy_check(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import importlib.metadata as md
 
     torch, transformers = _process.start(args.gpu, args.threads)
     from character_em.modeling import load_model
@@ -405,12 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["ratio_vs_baseline_median"] = entry.get(f"ratio_{metric}_median")
         summary[name] = entry
 
-    versions = {}
-    for pkg in ("torch", "transformers", "peft"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = _process.package_versions("torch", "transformers", "peft")
     cfg = json.loads((model_dir / "config.json").read_text())
     result = {
         "benchmark": "sample_throughput",

@@ -293,7 +293,6 @@ def markdown_rows(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import importlib.metadata as md
 
     torch, transformers = _process.start(args.gpu, args.threads)
     from character_em.modeling import load_tokenizer
@@ -382,12 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["matches_baseline"] = check
         summary[name] = entry
 
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "flash-attn"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = _process.package_versions("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "flash-attn")
     result = {
         "benchmark": "train_throughput",
         "device": device,
