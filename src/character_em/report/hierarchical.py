@@ -1,0 +1,355 @@
+"""Rates and contrasts with intervals that respect training seeds and questions.
+
+An evaluation here is a grid: a few training runs (seeds) of each condition, each asked the same
+questions, each question answered several times. Answers to one question share its prompt, and
+answers of one run share its weights, so neither answers nor (seed, question) cells are independent.
+The interval of a rate must carry three sources of variation: which training runs happened, which
+questions were written, and which answers were sampled.
+
+Estimator. A cell's rate is the mean over its seeds of the mean over its questions of the
+per-question rate k/n. It estimates the population rate E_seed E_question P(flag): the chance that
+a fresh training run, asked a fresh question, gives a flagged answer. Each question and each seed
+weighs the same whatever number of its answers could be judged, so a question whose answers were
+often truncated or unscorable does not lose weight to one whose answers all scored. With every
+question answered the same number of times it equals the pooled rate over answers.
+
+Bootstrap. One replicate draws the seeds with replacement, then one set of questions with
+replacement, and applies that question set to every drawn seed; answers stay grouped under their
+question (a cell is never split). The questions are crossed with the seeds, not nested in them:
+question q is the same prompt for every run, so its difficulty is shared. Drawing questions afresh
+inside each seed would average that shared difficulty away and understate the question component
+(the coverage test in the tests shows it). Drawing one set per replicate is the crossed
+("pigeonhole") bootstrap; it is mildly conservative, counting the seed x question interaction once
+too often, which is the safe side.
+
+Pairing. A contrast is a weighted sum of cell rates. All cells are asked the same questions with the
+same sampling seeds, so every replicate uses one question draw for all of them. Seeds pair only
+where the cells are the same trained model (trigger on vs off, persona vs neutral prompt on one
+fine-tune): such cells share a `seed_group` and the same seed draw. Different conditions are
+different training runs; their seeds are drawn independently.
+
+Small numbers of seeds. A bootstrap over S seeds sees the seed variance times (S - 1) / S and a
+distribution with few distinct values, so with 3 seeds it undercovers whenever runs differ.
+`seed_correction=True` (the default) widens each replicate's deviation from the estimate along its
+seed part by sqrt(S / (S - 1)) per independent seed group, the usual bias correction of the plug-in
+variance; it does not repair the heavier t-shaped tail at S = 3. docs/statistics.md gives the
+coverage measured in tests/test_hierarchical_stats.py and the number of seeds needed for nominal
+coverage.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+__all__ = [
+    "Grid",
+    "grid_from_answers",
+    "point_rate",
+    "bootstrap_rate",
+    "bootstrap_contrast",
+    "holm",
+]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Flag counts of one cell: row i is training seed `seeds[i]`, column j is question `questions[j]`.
+
+    `k[i, j]` answers of `n[i, j]` usable ones carry the flag; n = 0 marks a (seed, question) with
+    no usable answer, which the estimator skips.
+    """
+
+    k: np.ndarray
+    n: np.ndarray
+    seeds: tuple[Hashable, ...]
+    questions: tuple[Hashable, ...]
+
+    def __post_init__(self) -> None:
+        if self.k.shape != self.n.shape or self.k.shape != (len(self.seeds), len(self.questions)):
+            raise ValueError(
+                f"grid counts of shape {self.k.shape} / {self.n.shape} do not match {len(self.seeds)} seeds x {len(self.questions)} questions"
+            )
+        if np.any(self.k > self.n) or np.any(self.k < 0):
+            raise ValueError("grid has a cell with more flagged answers than answers, or a negative count")
+
+    def reindex(self, seeds: Sequence[Hashable] | None = None, questions: Sequence[Hashable] | None = None) -> Grid:
+        """The same counts on other seed / question axes; labels absent here get n = 0."""
+        seeds = tuple(self.seeds if seeds is None else seeds)
+        questions = tuple(self.questions if questions is None else questions)
+        k = np.zeros((len(seeds), len(questions)))
+        n = np.zeros((len(seeds), len(questions)))
+        row = {s: i for i, s in enumerate(self.seeds)}
+        col = {q: j for j, q in enumerate(self.questions)}
+        rows = [(i, row[s]) for i, s in enumerate(seeds) if s in row]
+        cols = [(j, col[q]) for j, q in enumerate(questions) if q in col]
+        if rows and cols:
+            new_rows, old_rows = map(list, zip(*rows, strict=True))
+            new_cols, old_cols = map(list, zip(*cols, strict=True))
+            k[np.ix_(new_rows, new_cols)] = self.k[np.ix_(old_rows, old_cols)]
+            n[np.ix_(new_rows, new_cols)] = self.n[np.ix_(old_rows, old_cols)]
+        return Grid(k=k, n=n, seeds=seeds, questions=questions)
+
+    @property
+    def n_answers(self) -> int:
+        return int(self.n.sum())
+
+
+def grid_from_answers(
+    answers: pl.DataFrame,
+    flag: str,
+    *,
+    seed: str = "seed",
+    question: str = "question_id",
+    questions: Sequence[Hashable] | None = None,
+) -> Grid:
+    """Count a boolean column per (seed, question) of a table holding one cell's usable answers.
+
+    Null flags are left out. `question` may name a column whose values combine several keys (e.g. a
+    struct or a joined string) when the unit that repeats across cells is finer than a question id.
+    """
+    for column in (seed, question, flag):
+        if column not in answers.columns:
+            raise KeyError(f"answers have no column {column!r} (have {answers.columns})")
+    usable = answers.filter(pl.col(flag).is_not_null())
+    counts = usable.group_by(seed, question).agg(k=pl.col(flag).cast(pl.Int64).sum(), n=pl.len())
+    seed_labels = tuple(sorted(counts[seed].unique().to_list(), key=str))
+    question_labels = (
+        tuple(questions) if questions is not None else tuple(sorted(counts[question].unique().to_list(), key=str))
+    )
+    row = {s: i for i, s in enumerate(seed_labels)}
+    col = {q: j for j, q in enumerate(question_labels)}
+    k = np.zeros((len(seed_labels), len(question_labels)))
+    n = np.zeros((len(seed_labels), len(question_labels)))
+    for s, q, k_sq, n_sq in counts.select(seed, question, "k", "n").iter_rows():
+        if q in col:
+            k[row[s], col[q]] = k_sq
+            n[row[s], col[q]] = n_sq
+    return Grid(k=k, n=n, seeds=seed_labels, questions=question_labels)
+
+
+SMALL_SAMPLE = ("t", "plugin", "none")
+
+
+@functools.lru_cache(maxsize=4096)
+def student_t_quantile(probability: float, df: float) -> float:
+    """Quantile of Student's t with df degrees of freedom, 0.5 < probability < 1 (numpy only).
+
+    Integrates the density on a fine grid and inverts by interpolation; accurate to about 1e-6,
+    plenty for a multiplier of an interval.
+    """
+    if not 0.5 < probability < 1 or df <= 0:
+        raise ValueError(f"t quantile needs 0.5 < probability < 1 and df >= 1, got {probability}, {df}")
+    if df == 1.0:
+        return math.tan(math.pi * (probability - 0.5))
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    upper = 10.0
+    while True:
+        x = np.linspace(0.0, upper, 40_001)
+        density = np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df))
+        cdf = 0.5 + np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(x))])
+        if cdf[-1] >= probability:
+            return float(np.interp(probability, cdf, x))
+        upper *= 4
+
+
+def _small_sample_deviation(parts: list[tuple[int, np.ndarray]], level: float, method: str) -> np.ndarray:
+    """Sum the deviation parts of the replicates after the small-sample corrections.
+
+    Each part comes from resampling `units` independent units (questions; one group's seeds). A
+    bootstrap over n units sees the plug-in variance, (n - 1) / n of the unbiased one: "plugin"
+    scales each part by sqrt(n / (n - 1)). "t" also swaps the normal quantile the percentile
+    interval behaves like for Student's t, with Welch-Satterthwaite degrees of freedom pooled from
+    the parts' variances: 2 when the seeds of a 3-seed arm carry all the variance, many when 40
+    questions do. "none" is the raw percentile bootstrap.
+    """
+    if method not in SMALL_SAMPLE:
+        raise ValueError(f"small_sample must be one of {SMALL_SAMPLE}, got {method!r}")
+    if method == "none":
+        return np.sum([part for _, part in parts], axis=0)
+    scaled = [(units, part * math.sqrt(units / (units - 1)) if units > 1 else part) for units, part in parts]
+    total = np.sum([part for _, part in scaled], axis=0)
+    if method == "plugin":
+        return total
+    variances = [(units, float(np.nanvar(part))) for units, part in scaled if units > 1]
+    denominator = sum(v * v / (units - 1) for units, v in variances)
+    if denominator <= 0:
+        return total
+    df = sum(v for _, v in variances) ** 2 / denominator
+    probability = 1 - (1 - level) / 2
+    return total * (student_t_quantile(probability, df) / _normal_quantile(probability))
+
+
+@functools.lru_cache(maxsize=16)
+def _normal_quantile(probability: float) -> float:
+    # Bisection on erf: exact enough, no scipy needed for one number.
+    low, high = 0.0, 10.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < probability:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def _cell_rates(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    usable = grid.n > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(usable, grid.k / np.where(usable, grid.n, 1), 0.0)
+    return rate, usable.astype(float)
+
+
+def _estimate(
+    rate: np.ndarray, usable: np.ndarray, seed_weights: np.ndarray, question_weights: np.ndarray
+) -> np.ndarray:
+    """Mean over weighted seeds of the mean over weighted questions, for a stack of weightings.
+
+    seed_weights is (B, S) and question_weights (B, Q): how often each seed / question was drawn in
+    each of B replicates (all ones for the point estimate). A seed with no usable drawn question
+    drops out of its replicate; a replicate with no usable seed is NaN.
+    """
+    numerator = rate @ question_weights.T  # (S, B)
+    denominator = usable @ question_weights.T
+    seed_has_data = denominator > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        seed_means = np.where(seed_has_data, numerator / np.where(seed_has_data, denominator, 1), 0.0)
+        weights = seed_weights * seed_has_data.T  # (B, S)
+        total = weights.sum(axis=1)
+        return np.where(total > 0, (weights * seed_means.T).sum(axis=1) / np.where(total > 0, total, 1), np.nan)
+
+
+def point_rate(grid: Grid) -> float:
+    """The estimator: mean over seeds of the mean over questions of k / n (NaN with no usable answer)."""
+    rate, usable = _cell_rates(grid)
+    return float(_estimate(rate, usable, np.ones((1, len(grid.seeds))), np.ones((1, len(grid.questions))))[0])
+
+
+def _draw_counts(rng: np.random.Generator, size: int, n_boot: int) -> np.ndarray:
+    if size == 0:
+        return np.zeros((n_boot, 0))
+    return rng.multinomial(size, np.full(size, 1.0 / size), size=n_boot).astype(float)
+
+
+def bootstrap_contrast(
+    grids: Sequence[Grid],
+    weights: Sequence[float],
+    *,
+    seed_groups: Sequence[Hashable] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    small_sample: str = "t",
+) -> dict[str, float]:
+    """sum_i weights[i] * rate(grids[i]) with a crossed seed x question bootstrap.
+
+    All grids share one question draw per replicate (they are asked the same questions; a question
+    missing from a grid counts there as unanswered). Grids with the same `seed_groups` entry are
+    one trained model and share one seed draw, aligned by seed label; by default every grid is its
+    own group (independent training runs). Returns the estimate, a percentile interval, the
+    two-sided bootstrap p-value of "the contrast is 0", and the sizes behind it.
+
+    The p-value is 2 * min(P*(T* <= 0), P*(T* >= 0)) with the +1 correction on both counts, the
+    p-value that inverts the percentile interval: it is below 1 - level exactly when the interval
+    leaves out 0 (up to ties). For a single grid with weight 1 it tests "the rate is 0", which is
+    rarely a question anyone asks; use `bootstrap_rate` there.
+    """
+    if len(grids) != len(weights) or not grids:
+        raise ValueError(f"need one weight per grid, got {len(grids)} grids and {len(weights)} weights")
+    groups = list(range(len(grids))) if seed_groups is None else list(seed_groups)
+    if len(groups) != len(grids):
+        raise ValueError(f"need one seed group per grid, got {len(groups)} for {len(grids)} grids")
+    questions: list[Hashable] = []
+    seen: set[Hashable] = set()
+    for grid in grids:
+        for q in grid.questions:
+            if q not in seen:
+                seen.add(q)
+                questions.append(q)
+    group_seeds: dict[Hashable, list[Hashable]] = {}
+    for grid, group in zip(grids, groups, strict=True):
+        labels = group_seeds.setdefault(group, [])
+        labels.extend(s for s in grid.seeds if s not in labels)
+    aligned = [grid.reindex(group_seeds[group], questions) for grid, group in zip(grids, groups, strict=True)]
+
+    rng = np.random.default_rng(seed)
+    question_draw = _draw_counts(rng, len(questions), n_boot)
+    seed_draw = {group: _draw_counts(rng, len(labels), n_boot) for group, labels in group_seeds.items()}
+    ones_q = np.ones((1, len(questions)))
+
+    weights_array = np.asarray(weights, dtype=float)
+    estimate = 0.0
+    # A replicate's deviation from the estimate splits into the part the question draw makes and,
+    # per seed group, the part that group's seed draw adds; each is scaled by its own small-sample
+    # factor, since 3 seeds and 40 questions need very different corrections.
+    seed_parts: dict[Hashable, np.ndarray] = {group: np.zeros(n_boot) for group in group_seeds}
+    question_part = np.zeros(n_boot)
+    for grid, group, weight in zip(aligned, groups, weights_array, strict=True):
+        rate, usable = _cell_rates(grid)
+        ones_s = np.ones((1, len(grid.seeds)))
+        point = _estimate(rate, usable, ones_s, ones_q)[0]
+        full = _estimate(rate, usable, seed_draw[group], question_draw)
+        questions_only = _estimate(rate, usable, np.ones((n_boot, len(grid.seeds))), question_draw)
+        estimate += weight * point
+        question_part += weight * (questions_only - point)
+        seed_parts[group] += weight * (full - questions_only)
+    parts = [(len(questions), question_part)] + [(len(group_seeds[group]), part) for group, part in seed_parts.items()]
+    replicates = estimate + _small_sample_deviation(parts, level, small_sample)
+    finite = replicates[np.isfinite(replicates)]
+    tail = (1 - level) / 2
+    if not np.isfinite(estimate) or finite.size == 0:
+        low = high = p_value = math.nan
+    else:
+        low, high = (float(x) for x in np.quantile(finite, [tail, 1 - tail]))
+        below = (1 + np.count_nonzero(finite <= 0)) / (finite.size + 1)
+        above = (1 + np.count_nonzero(finite >= 0)) / (finite.size + 1)
+        p_value = float(min(1.0, 2 * min(below, above)))
+    return {
+        "estimate": float(estimate),
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p_value,
+        "n_seeds": sum(len(labels) for labels in group_seeds.values()),
+        "n_questions": len(questions),
+        "n_answers": sum(grid.n_answers for grid in grids),
+        "n_boot": int(n_boot),
+    }
+
+
+def bootstrap_rate(
+    grid: Grid, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95, small_sample: str = "t"
+) -> dict[str, float]:
+    """The rate of one cell with its crossed-bootstrap percentile interval (no p-value)."""
+    result = bootstrap_contrast([grid], [1.0], n_boot=n_boot, seed=seed, level=level, small_sample=small_sample)
+    return {
+        "rate": result["estimate"],
+        "ci_low": result["ci_low"],
+        "ci_high": result["ci_high"],
+        "n_seeds": result["n_seeds"],
+        "n_questions": result["n_questions"],
+        "n_answers": result["n_answers"],
+        "n_boot": result["n_boot"],
+    }
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment; NaN p-values stay NaN and do not count in the family size.
+
+    Controls the family-wise error rate under any dependence between the tests, which the claims
+    have (they share base models, questions and seeds).
+    """
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    present = np.flatnonzero(~np.isnan(p))
+    m = present.size
+    if m == 0:
+        return adjusted
+    order = present[np.argsort(p[present], kind="stable")]
+    stepped = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    adjusted[order] = np.minimum(1.0, stepped)
+    return adjusted
