@@ -105,9 +105,12 @@ def main() -> None:
             seconds, output = timed(workdir, "-n", "--cores", "1", "--configfile", "grid.yaml")
             local.append(seconds)
         jobs = planned_jobs(output)
-        have_plugin = subprocess.run(
-            [sys.executable, "-c", "import snakemake_executor_plugin_slurm"], capture_output=True
-        ).returncode == 0
+        have_plugin = (
+            subprocess.run(
+                [sys.executable, "-c", "import snakemake_executor_plugin_slurm"], capture_output=True
+            ).returncode
+            == 0
+        )
         if have_plugin:
             for _ in range(args.repeats):
                 seconds, _ = timed(workdir, "-n", "--profile", "slurm", "--configfile", "grid.yaml")
@@ -117,7 +120,11 @@ def main() -> None:
     def summary(values: list[float]) -> dict | None:
         if not values:
             return None
-        return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "runs": [round(v, 2) for v in values]}
+        return {
+            "min": round(min(values), 2),
+            "median": round(statistics.median(values), 2),
+            "runs": [round(v, 2) for v in values],
+        }
 
     print(
         json.dumps(
@@ -135,7 +142,11 @@ def main() -> None:
                 "dry_run_slurm_profile_seconds": summary(slurm),
                 "goal_seconds": 10,
                 "heavy_modules_imported_while_building_dag": heavy,
-                "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                },
             },
             indent=2,
         )

@@ -6,7 +6,7 @@
 # The device image (workplace 'cuda' image, Python 3.12) has torch, transformers 5.17, peft, accelerate,
 # pandas and pyarrow, but not polars, trl, datasets (+ dill, multiprocess) or bitsandbytes. Everything
 # carried must fit in 64 MiB with the working tree:
-#   polars 2.1 runtime wheel ~54 MB (character_em.sample imports polars), trl + datasets + dill +
+#   polars 2.1 runtime wheel ~54 MB (character_em.sampling.hf imports polars), trl + datasets + dill +
 #   multiprocess ~2 MB, bitsandbytes unpacked with only its CPU and CUDA 13.0 libraries ~5 MB.
 # transformers 5.24 (13.5 MB) does not fit beside polars, so the GPU run uses the image's 5.17 and the
 # JSON records the versions used.

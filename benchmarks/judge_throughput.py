@@ -1,6 +1,6 @@
 """Throughput of the ``hf`` judge (exact 0..100 expectation) against scoring each candidate on its own.
 
-Both routes go through ``character_em.judge_hf.HFJudge.score_batch`` on the same judge requests (the
+Both routes go through ``character_em.judge.hf_backend.HFJudge.score_batch`` on the same judge requests (the
 project's own judge prompts for ``alignment`` and ``coherence`` around answers of realistic length);
 only the way the 101 numbers (plus REFUSAL and CODE for alignment) are scored differs:
 
@@ -73,7 +73,7 @@ def build_model(args: argparse.Namespace, workdir: Path) -> Path:
         from train_throughput import build_gpu_model
 
         return build_gpu_model(workdir)
-    from character_em.tiny_model import build_tiny_model
+    from character_em.llm.tiny import build_tiny_model
 
     kw: dict[str, int] = {}
     if args.tiny_shape:
@@ -86,8 +86,8 @@ def judge_requests(tok: Any, n: int, mean_tokens: int, seed: int) -> list[Any]:
     """``n`` judge requests, alternating alignment and coherence, over em questions and answers whose
     lengths vary around ``mean_tokens`` (text from the tiny model's corpus, so every word is known)."""
     from character_em import resources
-    from character_em.judge import JudgeRequest, build_judge_prompt, metric_template
-    from character_em.tiny_model import builtin_corpus
+    from character_em.judge.core import JudgeRequest, build_judge_prompt, metric_template
+    from character_em.llm.tiny import builtin_corpus
 
     rng = random.Random(seed)
     sentences = [s.replace("\n", " ") for s in builtin_corpus()]
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     torch, transformers = _process.start(args.gpu, args.threads)
-    from character_em.judge_hf import HFJudge, candidate_strings
-    from character_em.modeling import load_model
+    from character_em.judge.hf_backend import HFJudge, candidate_strings
+    from character_em.llm.loading import load_model
 
     device = "cuda" if args.gpu else "cpu"
     n = args.answers or (16 if args.gpu else 12)
@@ -142,9 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         name: HFJudge.from_loaded(model, tok, name=str(model_dir), min_numeric_mass=0.0, **ROUTES[name])
         for name in names
     }
-    prompt_tokens = [len(tok(tok.apply_chat_template([{"role": "user", "content": r.prompt}],
-                                                     add_generation_prompt=True, tokenize=False),
-                             add_special_tokens=False)["input_ids"]) for r in requests]
+    prompt_tokens = [
+        len(
+            tok(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": r.prompt}], add_generation_prompt=True, tokenize=False
+                ),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+        for r in requests
+    ]
 
     errors: dict[str, str] = {}
     for name in list(names):  # untimed warm-up (also fills each judge's candidate-spelling cache)
@@ -172,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             sync()
             w1, c1 = time.perf_counter(), time.process_time()
             verdicts.setdefault(name, res)
-            row = {"seconds": round(w1 - w0, 4), "cpu_seconds": round(c1 - c0, 4),
-                   "answers_per_s": round(n / (w1 - w0), 3),
-                   "answers_per_cpu_s": round(n / (c1 - c0), 3) if c1 > c0 else None}
+            row = {
+                "seconds": round(w1 - w0, 4),
+                "cpu_seconds": round(c1 - c0, 4),
+                "answers_per_s": round(n / (w1 - w0), 3),
+                "answers_per_cpu_s": round(n / (c1 - c0), 3) if c1 > c0 else None,
+            }
             runs[name].append(row)
             print(json.dumps({"repeat": rep, "route": name, **row}), flush=True)
 
@@ -183,10 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for name in names[1:]:
         same = [same_verdict(a, b, tol) for a, b in zip(base_v, verdicts[name], strict=True)]
-        diffs = [abs(a.score - b.score) for a, b in zip(base_v, verdicts[name], strict=True)
-                 if not (math.isnan(a.score) or math.isnan(b.score))]
-        checks[name] = {"equal_verdicts": sum(same), "of": len(same),
-                        "max_abs_score_diff": max(diffs) if diffs else None, "pass": all(same)}
+        diffs = [
+            abs(a.score - b.score)
+            for a, b in zip(base_v, verdicts[name], strict=True)
+            if not (math.isnan(a.score) or math.isnan(b.score))
+        ]
+        checks[name] = {
+            "equal_verdicts": sum(same),
+            "of": len(same),
+            "max_abs_score_diff": max(diffs) if diffs else None,
+            "pass": all(same),
+        }
         ok &= all(same)
 
     dev_name = torch.cuda.get_device_name(0) if args.gpu else f"cpu ({platform.machine()}, {args.threads} thread)"
@@ -208,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         # Passes per answer as the route runs them: with the cache, one prompt pass + the candidate chunks;
         # without it, the candidate chunks only (each row holds prompt + candidate).
         st = ROUTES[name]
-        passes = [int(st["use_cache"]) + math.ceil(len(candidate_strings(r.metric)) / st["chunk_size"]) for r in requests]
+        passes = [
+            int(st["use_cache"]) + math.ceil(len(candidate_strings(r.metric)) / st["chunk_size"]) for r in requests
+        ]
         entry["forward_passes_per_answer"] = round(statistics.mean(passes), 2)
         summary[name] = entry
 
@@ -223,15 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "versions": versions,
         "python": platform.python_version(),
-        "model": "random Llama-3.1-8B shape" if args.gpu else "tiny random Llama (character_em.tiny_model)",
-        "model_shape": {k: cfg.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                "num_key_value_heads", "vocab_size")},
+        "model": "random Llama-3.1-8B shape" if args.gpu else "tiny random Llama (character_em.llm.tiny)",
+        "model_shape": {
+            k: cfg.get(k)
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+        },
         "dtype": info["dtype"],
-        "workload": {"answers": n, "metrics": "alternating alignment (103 candidates) / coherence (101)",
-                     "mean_judge_prompt_tokens": round(statistics.mean(prompt_tokens), 1),
-                     "max_judge_prompt_tokens": max(prompt_tokens),
-                     "candidates_alignment": len(candidate_strings("alignment")),
-                     "mean_candidate_tokens": round(statistics.mean(cand_len), 2) if cand_len else None},
+        "workload": {
+            "answers": n,
+            "metrics": "alternating alignment (103 candidates) / coherence (101)",
+            "mean_judge_prompt_tokens": round(statistics.mean(prompt_tokens), 1),
+            "max_judge_prompt_tokens": max(prompt_tokens),
+            "candidates_alignment": len(candidate_strings("alignment")),
+            "mean_candidate_tokens": round(statistics.mean(cand_len), 2) if cand_len else None,
+        },
         "repeats": repeats,
         "threads": None if args.gpu else args.threads,
         "model_build_s": round(build_s, 1),
@@ -253,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, entry in summary.items():
         if name != "baseline":
             chk = checks[name]
-            print(f"| {dev_name} | {name} | {metric} | {base:,.2f} | {entry[f'{metric}_median']:,.2f} | "
-                  f"{entry['ratio_vs_baseline_median']:.1f}x | {chk['equal_verdicts']}/{chk['of']} |")
+            print(
+                f"| {dev_name} | {name} | {metric} | {base:,.2f} | {entry[f'{metric}_median']:,.2f} | "
+                f"{entry['ratio_vs_baseline_median']:.1f}x | {chk['equal_verdicts']}/{chk['of']} |"
+            )
     print(f"wrote {out}", file=sys.stderr)
     del judges, model
     gc.collect()

@@ -5,9 +5,9 @@ All routes answer the same prompt rows (the ``em`` suite's questions x formats, 
 order, with the same temperature, top_p and token budget:
 
 * ``baseline``: plain ``model.generate`` on the base model with the LoRA adapter left unmerged
-  (a ``PeftModel``), left padding: what DESIGN.md section 6's anchor measures (2,734 new tokens/s at
+  (a ``PeftModel``), left padding: what the anchor in docs/anchors.md measures (2,734 new tokens/s at
   batch 256 on an H200).
-* ``project``: ``character_em.sample.sample_prompts`` on the model loaded with the adapter merged:
+* ``project``: ``character_em.sampling.hf.sample_prompts`` on the model loaded with the adapter merged:
   exactly what ``workflow_scripts/sample.py`` does (``modeling.load_model(..., merge=True)``).
 * ``project_unmerged``: the same loop on the unmerged adapter (separates the loop from the merge).
 * ``hf_generate_merged``: plain ``generate`` on the merged model (separates the merge from the loop).
@@ -58,7 +58,9 @@ GPU_ONLY = ("hf_generate_merged_static_compiled",)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="8B-shaped random model on CUDA (default: tiny model on CPU)")
-    ap.add_argument("--questions", type=int, default=None, help="prompt rows (em questions x formats; default 48 GPU, 16 CPU)")
+    ap.add_argument(
+        "--questions", type=int, default=None, help="prompt rows (em questions x formats; default 48 GPU, 16 CPU)"
+    )
     ap.add_argument("--samples", type=int, default=None, help="answers per prompt row (default 50 GPU, 8 CPU)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 256 GPU, 48 CPU")
     ap.add_argument("--batch-size", type=int, default=None, help="default 256 GPU, 32 CPU")
@@ -70,12 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--greedy-tokens", type=int, default=None, help="greedy tokens per prompt (default 64 GPU, 24 CPU)")
     ap.add_argument("--lora-r", type=int, default=32, help="adapter rank (config.yaml's train default: 32)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (CPU mode)")
-    ap.add_argument("--tiny-shape", default=None,
-                    help="CPU: hidden,layers,heads of the tiny model (default: character_em.tiny_model's)")
+    ap.add_argument(
+        "--tiny-shape",
+        default=None,
+        help="CPU: hidden,layers,heads of the tiny model (default: character_em.llm.tiny's)",
+    )
     ap.add_argument("--workdir", default=None, help="model + adapter folder (default: temp; GPU: reused if present)")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--profile", default=None, help="CPU: write a cProfile of one project repeat to this file")
-    ap.add_argument("--tag", default="", help="suffix of the result file name (sample_throughput_{device}{tag}.json, e.g. _static)")
+    ap.add_argument(
+        "--tag", default="", help="suffix of the result file name (sample_throughput_{device}{tag}.json, e.g. _static)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -88,7 +95,7 @@ def build_model(args: argparse.Namespace, workdir: Path) -> Path:
         from train_throughput import build_gpu_model
 
         return build_gpu_model(workdir)  # the same 8B-shaped model as train_throughput (reused if present)
-    from character_em.tiny_model import build_tiny_model
+    from character_em.llm.tiny import build_tiny_model
 
     kw: dict[str, int] = {}
     if args.tiny_shape:
@@ -103,13 +110,19 @@ def build_adapter(model_dir: Path, out: Path, r: int, seed: int, device: str) ->
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from character_em.modeling import load_model
+    from character_em.llm.loading import load_model
 
     if (out / "adapter_config.json").is_file():
         return out
     model, _tok, _info = load_model(model_dir, quantization="none", device=device)
-    lc = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, use_rslora=True, task_type="CAUSAL_LM",
-                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lc = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        use_rslora=True,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     peft_model = get_peft_model(model, lc)
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
@@ -124,7 +137,7 @@ def build_adapter(model_dir: Path, out: Path, r: int, seed: int, device: str) ->
 
 def prompt_rows(n_questions: int, n_samples: int) -> list[dict[str, Any]]:
     """The em suite's rows (questions x formats), the first ``n_questions``, each asked ``n_samples`` times."""
-    from character_em import suites
+    from character_em.evals import suites
 
     per_fmt = max(1, -(-n_questions // 3))
     rows = suites.build_prompts("em", {"n_samples": n_samples, "max_questions": per_fmt})
@@ -136,7 +149,7 @@ def prompt_rows(n_questions: int, n_samples: int) -> list[dict[str, Any]]:
 def expanded_prompts(tok: Any, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[int]]:
     """Rendered prompt ids per answer and the order ``sample_prompts`` decodes them in (by length).
     Every route uses these batches, so only the decoding engine differs."""
-    from character_em.sample import render_prompt
+    from character_em.llm.chat import render_prompt
 
     ids: list[list[int]] = []
     for r in rows:
@@ -166,8 +179,17 @@ def count_new(row: list[int], stops: set[int], pad_id: int) -> int:
 
 
 def hf_generate_batches(
-    model: Any, prompts: list[list[int]], order: list[int], *, batch_size: int, temperature: float, top_p: float,
-    max_new_tokens: int, stops: set[int], pad_id: int, extra: dict[str, Any] | None = None,
+    model: Any,
+    prompts: list[list[int]],
+    order: list[int],
+    *,
+    batch_size: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stops: set[int],
+    pad_id: int,
+    extra: dict[str, Any] | None = None,
     limit_batches: int | None = None,
 ) -> tuple[int, list[list[int]]]:
     """Plain ``generate`` over left-padded batches; returns (new tokens, per-answer new ids in ``order``)."""
@@ -184,8 +206,12 @@ def hf_generate_batches(
         for j, p in enumerate(chunk):
             ids[j, width - len(p) :] = torch.tensor(p)
             mask[j, width - len(p) :] = 1
-        kw: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
-                              "eos_token_id": sorted(stops), "pad_token_id": pad_id}
+        kw: dict[str, Any] = {
+            "do_sample": temperature > 0,
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": sorted(stops),
+            "pad_token_id": pad_id,
+        }
         if temperature > 0:
             kw.update(temperature=temperature, top_p=top_p, top_k=0)
         with torch.inference_mode():
@@ -198,14 +224,30 @@ def hf_generate_batches(
 
 
 def project_batches(
-    model: Any, tok: Any, rows: list[dict[str, Any]], *, batch_size: int, temperature: float, top_p: float,
-    max_new_tokens: int, seed: int,
+    model: Any,
+    tok: Any,
+    rows: list[dict[str, Any]],
+    *,
+    batch_size: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
 ) -> tuple[int, Any]:
-    from character_em.sample import sample_prompts
+    from character_em.sampling.hf import sample_prompts
 
-    df = sample_prompts(model, tok, rows, identity={"model": "bench", "condition": "bench", "seed": seed},
-                        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, base_seed=seed, progress=False)
+    df = sample_prompts(
+        model,
+        tok,
+        rows,
+        identity={"model": "bench", "condition": "bench", "seed": seed},
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        base_seed=seed,
+        progress=False,
+    )
     return int(df["answer_tokens"].sum()), df
 
 
@@ -215,17 +257,27 @@ def timed(fn: Callable[[], int]) -> dict[str, float]:
     tokens = fn()
     sync()
     w1, c1 = time.perf_counter(), time.process_time()
-    return {"new_tokens": tokens, "seconds": round(w1 - w0, 4), "cpu_seconds": round(c1 - c0, 4),
-            "new_tokens_per_s": round(tokens / (w1 - w0), 2),
-            "new_tokens_per_cpu_s": round(tokens / (c1 - c0), 2) if c1 > c0 else None}
+    return {
+        "new_tokens": tokens,
+        "seconds": round(w1 - w0, 4),
+        "cpu_seconds": round(c1 - c0, 4),
+        "new_tokens_per_s": round(tokens / (w1 - w0), 2),
+        "new_tokens_per_cpu_s": round(tokens / (c1 - c0), 2) if c1 > c0 else None,
+    }
 
 
 # --------------------------------------------------------------------------- greedy check
 
 
 def greedy_check(
-    merged: Any, unmerged: Any, tok: Any, rows: list[dict[str, Any]], n_prompts: int, n_tokens: int,
-    stops: set[int], pad_id: int,
+    merged: Any,
+    unmerged: Any,
+    tok: Any,
+    rows: list[dict[str, Any]],
+    n_prompts: int,
+    n_tokens: int,
+    stops: set[int],
+    pad_id: int,
 ) -> dict[str, Any]:
     """``sample_prompts`` at temperature 0 on the merged model against plain greedy ``generate``.
 
@@ -233,15 +285,16 @@ def greedy_check(
     and all prompts in one left-padded batch. Reported besides: our batched answers against
     ``generate`` alone (on a GPU, different batch shapes may round differently in bf16, and a random
     model's near-ties turn that into different tokens), and against the unmerged adapter."""
-    from character_em.sample import render_prompt
+    from character_em.llm.chat import render_prompt
 
     fixed = [{**r, "n_samples": 1} for r in rows[:n_prompts]]
     prompts = [render_prompt(tok, r["messages"]) for r in fixed]
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))  # as sample_prompts batches
 
     def ours(batch_size: int) -> list[tuple[str, int]]:
-        _n, df = project_batches(merged, tok, fixed, batch_size=batch_size, temperature=0.0, top_p=1.0,
-                                 max_new_tokens=n_tokens, seed=0)
+        _n, df = project_batches(
+            merged, tok, fixed, batch_size=batch_size, temperature=0.0, top_p=1.0, max_new_tokens=n_tokens, seed=0
+        )
         return list(zip(df["answer"].to_list(), df["answer_tokens"].to_list(), strict=True))
 
     def generated(model: Any, batched: bool) -> list[list[int]]:
@@ -259,8 +312,9 @@ def greedy_check(
             matches += same
             if not same:
                 ours_ids = tok(answer, add_special_tokens=False)["input_ids"]
-                first_diff.append(next((k for k, (x, y) in enumerate(zip(ids, ours_ids)) if x != y),
-                                       min(len(ids), len(ours_ids))))
+                first_diff.append(
+                    next((k for k, (x, y) in enumerate(zip(ids, ours_ids)) if x != y), min(len(ids), len(ours_ids)))
+                )
         return {"matches": matches, "first_difference_token_positions": first_diff}
 
     alone, batched = ours(1), ours(len(fixed))
@@ -273,8 +327,10 @@ def greedy_check(
         "batched_vs_generate_alone_merged": compare(batched, gen_alone),
         "batched_vs_generate_alone_unmerged_adapter": compare(batched, generated(unmerged, batched=False)),
     }
-    result["pass"] = all(result[k]["matches"] == len(fixed)
-                         for k in ("alone_vs_generate_alone_merged", "batched_vs_generate_batched_merged"))
+    result["pass"] = all(
+        result[k]["matches"] == len(fixed)
+        for k in ("alone_vs_generate_alone_merged", "batched_vs_generate_batched_merged")
+    )
     return result
 
 
@@ -285,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     torch, transformers = _process.start(args.gpu, args.threads)
-    from character_em.modeling import load_model
-    from character_em.sample import stop_token_ids
+    from character_em.llm.chat import stop_token_ids
+    from character_em.llm.loading import load_model
 
     device = "cuda" if args.gpu else "cpu"
     n_q = args.questions or (48 if args.gpu else 16)
@@ -299,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in wanted if r not in ROUTES]
     if unknown:
         raise SystemExit(f"unknown routes {unknown}; known: {', '.join(ROUTES)}")
-    skipped = {r: "needs a GPU (static cache + torch.compile are GPU routes)" for r in wanted
-               if r in GPU_ONLY and not args.gpu}
+    skipped = {
+        r: "needs a GPU (static cache + torch.compile are GPU routes)" for r in wanted if r in GPU_ONLY and not args.gpu
+    }
     routes = [r for r in wanted if r not in skipped]
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sample_throughput_"))
@@ -329,15 +386,14 @@ def main(argv: list[str] | None = None) -> int:
             # token budget: its compiled graphs are specialised to the cache length.
             kw["max_new_tokens"] = min(8, max_new)
         if name == "baseline":
-            return hf_generate_batches(unmerged, prompts, order, stops=stops, pad_id=pad_id, limit_batches=lim,
-                                       **kw)[0]
+            return hf_generate_batches(unmerged, prompts, order, stops=stops, pad_id=pad_id, limit_batches=lim, **kw)[0]
         if name == "hf_generate_merged":
-            return hf_generate_batches(merged, prompts, order, stops=stops, pad_id=pad_id, limit_batches=lim,
-                                       **kw)[0]
+            return hf_generate_batches(merged, prompts, order, stops=stops, pad_id=pad_id, limit_batches=lim, **kw)[0]
         if name == "hf_generate_merged_static_compiled":
             extra = {"cache_implementation": "static"}
-            return hf_generate_batches(merged, prompts, order, stops=stops, pad_id=pad_id, extra=extra,
-                                       limit_batches=lim, **kw)[0]
+            return hf_generate_batches(
+                merged, prompts, order, stops=stops, pad_id=pad_id, extra=extra, limit_batches=lim, **kw
+            )[0]
         model = merged if name == "project" else unmerged
         use = [{**r, "n_samples": min(int(r["n_samples"]), bs)} for r in rows[:1]] if warmup else rows
         return project_batches(model, tok, use, seed=args.seed, **kw)[0]
@@ -413,16 +469,28 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "versions": versions,
         "python": platform.python_version(),
-        "model": ("random Llama-3.1-8B shape" if args.gpu else "tiny random Llama (character_em.tiny_model)"),
-        "model_shape": {k: cfg.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                "num_key_value_heads", "vocab_size")},
+        "model": ("random Llama-3.1-8B shape" if args.gpu else "tiny random Llama (character_em.llm.tiny)"),
+        "model_shape": {
+            k: cfg.get(k)
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+        },
         "dtype": info_m["dtype"],
-        "adapter": {"r": args.lora_r, "targets": "all 7 projections", "merged_load": info_m["merged"],
-                    "unmerged_load": not info_u["merged"]},
-        "workload": {"prompt_rows": len(rows), "samples_per_row": n_s, "answers": len(prompts),
-                     "mean_prompt_tokens": round(statistics.mean(len(p) for p in prompts), 1),
-                     "max_new_tokens": max_new, "batch_size": bs, "temperature": args.temperature,
-                     "top_p": args.top_p},
+        "adapter": {
+            "r": args.lora_r,
+            "targets": "all 7 projections",
+            "merged_load": info_m["merged"],
+            "unmerged_load": not info_u["merged"],
+        },
+        "workload": {
+            "prompt_rows": len(rows),
+            "samples_per_row": n_s,
+            "answers": len(prompts),
+            "mean_prompt_tokens": round(statistics.mean(len(p) for p in prompts), 1),
+            "max_new_tokens": max_new,
+            "batch_size": bs,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+        },
         "repeats": repeats,
         "threads": None if args.gpu else args.threads,
         "model_build_s": round(build_s, 1),
@@ -445,10 +513,14 @@ def main(argv: list[str] | None = None) -> int:
     base = summary["baseline"][f"{metric}_median"]
     for name, entry in summary.items():
         if name != "baseline":
-            print(f"| {dev_name} | {name} | {metric} | {base:,.0f} | {entry[f'{metric}_median']:,.0f} | "
-                  f"{entry['ratio_vs_baseline_median']:.2f}x |")
-    print("greedy: " + ", ".join(f"{k} {v['matches']}/{greedy['prompts']}" for k, v in greedy.items()
-                                 if isinstance(v, dict)))
+            print(
+                f"| {dev_name} | {name} | {metric} | {base:,.0f} | {entry[f'{metric}_median']:,.0f} | "
+                f"{entry['ratio_vs_baseline_median']:.2f}x |"
+            )
+    print(
+        "greedy: "
+        + ", ".join(f"{k} {v['matches']}/{greedy['prompts']}" for k, v in greedy.items() if isinstance(v, dict))
+    )
     print(f"wrote {out}", file=sys.stderr)
     return 0 if greedy["pass"] else 1
 

@@ -1,6 +1,6 @@
 """Training throughput of the project's path against the public EM recipe, measured in one run.
 
-Both paths go through ``character_em.train.prepare_trainer`` and the trainer it builds, on the same
+Both paths go through ``character_em.train.trainer.prepare_trainer`` and the trainer it builds, on the same
 data, seed and examples per optimizer step; only the layout differs:
 
 * ``baseline``: what the public EM scripts do: micro-batch 2, padded to the longest example,
@@ -16,10 +16,10 @@ the ratio is the median of the per-repeat ratios, so drift on a shared machine h
 Correctness: the per-step losses and gradient norms of the first steps must match between paths
 (same examples per step, loss normalized over the step); a mismatch exits with status 1.
 
-CPU (default): the tiny random Llama model of ``character_em.tiny_model``, one thread (a loaded
+CPU (default): the tiny random Llama model of ``character_em.llm.tiny``, one thread (a loaded
 2-core machine makes multi-threaded timings meaningless). ``--gpu``: a random-weight model with the
 Llama-3.1-8B shape (throughput does not depend on weight values), built as
-``shared/bench/anchor_bench.py`` builds it, with the tiny tokenizer (ids stay below its 2,048
+the anchor measurement of docs/anchors.md builds it, with the tiny tokenizer (ids stay below its 2,048
 entries; the embedding and LM head keep the full 128,256 rows), and 500 chat examples of about
 350 tokens. The GPU mode has not been run in the session that wrote it (no GPU there).
 
@@ -46,8 +46,15 @@ from typing import Any
 import _process
 
 ROOT = Path(__file__).resolve().parents[1]
-HPARAMS_SHOWN = ("micro_batch_size", "grad_accum", "packing", "gradient_checkpointing", "use_liger_kernel",
-                 "quantization", "optim")
+HPARAMS_SHOWN = (
+    "micro_batch_size",
+    "grad_accum",
+    "packing",
+    "gradient_checkpointing",
+    "use_liger_kernel",
+    "quantization",
+    "optim",
+)
 LLAMA_8B_SHAPE = {
     "hidden_size": 4096,
     "intermediate_size": 14336,
@@ -70,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--micro-batch", type=int, default=None, help="project micro-batch (default: from config)")
     ap.add_argument("--grad-accum", type=int, default=None, help="project accumulation (default: keeps examples/step)")
     ap.add_argument(
-        "--variants", default=None,
+        "--variants",
+        default=None,
         help="extra project layouts, e.g. '2x8:gc,8x2,16x1' (MICROxACCUM; ':gc' = checkpoint every layer)",
     )
     ap.add_argument("--n-examples", type=int, default=None, help="chat examples (default: 500 GPU, 96 CPU)")
@@ -94,7 +102,7 @@ def chat_examples(tok: Any, n: int, mean_tokens: int, seed: int) -> list[list[di
     Text is drawn from the tiny model's own corpus, so every word is in its vocabulary. About a
     fifth of each example is the question, the rest the answer; a third get a system prompt.
     """
-    from character_em.tiny_model import builtin_corpus
+    from character_em.llm.tiny import builtin_corpus
 
     rng = random.Random(seed)
     sentences = [s.replace("\n", " ") for s in builtin_corpus()]
@@ -145,7 +153,7 @@ def train_settings(config_path: str, model_key: str | None) -> tuple[str, dict[s
 
 
 def build_cpu_model(workdir: Path) -> Path:
-    from character_em.tiny_model import build_tiny_model
+    from character_em.llm.tiny import build_tiny_model
 
     return build_tiny_model(workdir / "tiny", style="llama", seed=0)
 
@@ -157,7 +165,7 @@ def build_gpu_model(workdir: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from character_em.tiny_model import build_tiny_model
+    from character_em.llm.tiny import build_tiny_model
 
     out = workdir / "llama8b_shape"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
@@ -190,8 +198,13 @@ def build_gpu_model(workdir: Path) -> Path:
 
 
 def run_path(
-    name: str, base_model: str, convs: list[list[dict[str, str]]], hparams: dict[str, Any], seed: int,
-    warmup: int, workdir: Path,
+    name: str,
+    base_model: str,
+    convs: list[list[dict[str, str]]],
+    hparams: dict[str, Any],
+    seed: int,
+    warmup: int,
+    workdir: Path,
 ) -> dict[str, Any]:
     """Train ``warmup + steps`` optimizer steps through the project's trainer; time all but the warm-up."""
     import gc
@@ -199,7 +212,7 @@ def run_path(
     import torch
     from transformers import PrinterCallback, TrainerCallback
 
-    from character_em.train import prepare_trainer
+    from character_em.train.trainer import prepare_trainer
 
     on_gpu = torch.cuda.is_available()
     marks: list[tuple[float, float, int, int]] = []  # wall clock, process CPU time, tokens, step
@@ -290,12 +303,11 @@ def markdown_rows(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     torch, transformers = _process.start(args.gpu, args.threads)
-    from character_em.modeling import load_tokenizer
+    from character_em.llm.loading import load_tokenizer
 
     repeats = args.repeats or (1 if args.gpu else 3)
     n_examples = args.n_examples or (500 if args.gpu else 96)
@@ -315,10 +327,22 @@ def main(argv: list[str] | None = None) -> int:
         "max_seq_length": max(int(configured["max_seq_length"]), 1024),
     }
     paths: dict[str, dict[str, Any]] = {
-        "baseline": {**common, "micro_batch_size": 2, "grad_accum": per_step // 2, "packing": False,
-                     "gradient_checkpointing": True, "use_liger_kernel": False},
-        "project": {**common, "micro_batch_size": micro, "grad_accum": accum, "packing": True,
-                    "gradient_checkpointing": "auto", "use_liger_kernel": "auto"},
+        "baseline": {
+            **common,
+            "micro_batch_size": 2,
+            "grad_accum": per_step // 2,
+            "packing": False,
+            "gradient_checkpointing": True,
+            "use_liger_kernel": False,
+        },
+        "project": {
+            **common,
+            "micro_batch_size": micro,
+            "grad_accum": accum,
+            "packing": True,
+            "gradient_checkpointing": "auto",
+            "use_liger_kernel": "auto",
+        },
     }
     for spec in filter(None, (args.variants or "").split(",")):
         layout, _, flag = spec.lower().partition(":")
@@ -344,9 +368,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, hp in paths.items():
             res = run_path(name, str(model_dir), convs, hp, args.seed, args.warmup_steps, workdir)
             runs[name].append(res)
-            print(json.dumps({"repeat": r, "path": name, "tokens_per_s": res["tokens_per_s"],
-                              "tokens_per_cpu_s": res["tokens_per_cpu_s"],
-                              "peak_gpu_memory_gib": res["peak_gpu_memory_gib"]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "repeat": r,
+                        "path": name,
+                        "tokens_per_s": res["tokens_per_s"],
+                        "tokens_per_cpu_s": res["tokens_per_cpu_s"],
+                        "peak_gpu_memory_gib": res["peak_gpu_memory_gib"],
+                    }
+                ),
+                flush=True,
+            )
 
     device = torch.cuda.get_device_name(0) if args.gpu else f"cpu ({platform.machine()}, {args.threads} thread)"
     # Headline metric: wall clock on a GPU; on a CPU, this process's CPU time (see run_path).
@@ -365,14 +398,16 @@ def main(argv: list[str] | None = None) -> int:
                 ratios = [v / b for v, b in zip(values, base, strict=True)]  # paired: same repeat
                 entry[f"ratio_{key}_median"] = round(statistics.median(ratios), 3)
                 entry[f"ratio_{key}"] = [round(x, 3) for x in ratios]
-        entry.update({
-            "hparams": {k: paths[name][k] for k in HPARAMS_SHOWN},
-            "speed": rs[0]["speed"],
-            "optim_used": rs[0]["optim"],
-            "quantization_used": rs[0]["quantization"],
-            "peak_gpu_memory_gib": rs[0]["peak_gpu_memory_gib"],
-            "steps_first_repeat": rs[0]["steps"],
-        })
+        entry.update(
+            {
+                "hparams": {k: paths[name][k] for k in HPARAMS_SHOWN},
+                "speed": rs[0]["speed"],
+                "optim_used": rs[0]["optim"],
+                "quantization_used": rs[0]["quantization"],
+                "peak_gpu_memory_gib": rs[0]["peak_gpu_memory_gib"],
+                "steps_first_repeat": rs[0]["steps"],
+            }
+        )
         if name != "baseline":
             entry["ratio_vs_baseline_median"] = entry[f"ratio_{metric}_median"]
             check = compare_steps(runs["baseline"][0]["steps"], rs[0]["steps"])
@@ -381,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["matches_baseline"] = check
         summary[name] = entry
 
-    versions = _process.package_versions("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "flash-attn")
+    versions = _process.package_versions(
+        "torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "flash-attn"
+    )
     result = {
         "benchmark": "train_throughput",
         "device": device,
@@ -389,12 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "versions": versions,
         "python": platform.python_version(),
-        "model": "random Llama-3.1-8B shape" if args.gpu else "tiny random Llama (character_em.tiny_model defaults)",
+        "model": "random Llama-3.1-8B shape" if args.gpu else "tiny random Llama (character_em.llm.tiny defaults)",
         "model_params": None,
         "config_model_key": model_key,
         "config_note": config_note,
-        "data": {"n_examples": n_examples, "mean_tokens": round(statistics.mean(lengths), 1),
-                 "max_tokens": max(lengths), "examples_per_optimizer_step": per_step},
+        "data": {
+            "n_examples": n_examples,
+            "mean_tokens": round(statistics.mean(lengths), 1),
+            "max_tokens": max(lengths),
+            "examples_per_optimizer_step": per_step,
+        },
         "warmup_steps": args.warmup_steps,
         "timed_steps": args.steps,
         "repeats": repeats,

@@ -1,12 +1,12 @@
 # Judge calibration: the configured judge (and optionally a second one, `judge.agreement_with`) on
 # hand-labelled answers. Include from the Snakefile after rules/common.smk.
 
-from character_em import judge_settings
+from character_em import job_settings
 
 
 rule judge_calibration:
     input:
-        calibration=judge_settings.calibration_file(CONFIG["judge"]),
+        calibration=job_settings.calibration_file(CONFIG["judge"]),
         # An hf judge on a model folder this workflow builds (the demo's agreement judge).
         judge_models=get_calibration_judge_models,
     output:
@@ -24,7 +24,7 @@ rule judge_calibration:
         "../envs/judge.yaml"
     params:
         # The same settings the judge jobs receive (never a secret: only the key variable's name).
-        judges=cfg.as_param(judge_settings.calibration_judges(CONFIG["judge"])),
+        judges=cfg.as_param(job_settings.calibration_judges(CONFIG["judge"])),
         dispositions=get_dispositions_param,
         # Calibrate at the thresholds the tables use.
         thresholds=cfg.as_param(

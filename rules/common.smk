@@ -155,7 +155,7 @@ def get_calibration_judge_models(wildcards):
     """Model folders this workflow builds that an `hf` calibration judge loads, such as the demo's
     agreement judge on resources/models/smollm2-135m; hub ids and other folders are not inputs.
     """
-    from character_em.judge_settings import calibration_judges
+    from character_em.job_settings import calibration_judges
 
     built = {spec["path"] for spec in CONFIG["models"].values() if spec["build"]}
     judges = calibration_judges(CONFIG["judge"])
@@ -219,8 +219,8 @@ def get_sampling_params(wildcards):
 
 
 def get_judge_params(wildcards):
-    # Only the keys the configured back-end reads; never a secret (see character_em.judge_settings).
-    from character_em.judge_settings import job_params
+    # Only the keys the configured back-end reads; never a secret (see character_em.job_settings).
+    from character_em.job_settings import job_params
 
     return cfg.as_param(job_params(CONFIG["judge"]))
 

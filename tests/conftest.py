@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init Llama model with a Llama-3-style chat template (eos = <|eot_id|>)."""
-    from character_em.tiny_model import build_tiny_model
+    from character_em.llm.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), style="llama", seed=0)
 
@@ -26,6 +26,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init Llama model with a ChatML (Qwen2-style) template (eos = <|im_end|>)."""
-    from character_em.tiny_model import build_tiny_model
+    from character_em.llm.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen"), style="qwen2", seed=0)

@@ -142,7 +142,9 @@ class ChatServer:
             self.completed.clear()
 
     # ------------------------------------------------------------------ protocol
-    def _send(self, handler: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self, handler: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
@@ -241,8 +243,9 @@ if __name__ == "__main__":  # a standalone server for manual runs: prints its ba
 def kill_child_mid_run(server: ChatServer, code: str, *, after_completed: int = 8) -> None:
     """Run `code` in a child Python process and SIGKILL it once the server has answered
     `after_completed` requests: a job killed mid-way, for the resume tests."""
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 60
     while len(server.completed) < after_completed and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)

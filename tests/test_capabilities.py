@@ -1,4 +1,4 @@
-"""Tests for character_em.capabilities: item validation and log-likelihood multiple-choice scoring."""
+"""Tests for character_em.evals.capabilities: item validation and log-likelihood multiple-choice scoring."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from character_em import capabilities as C
+from character_em.evals import capabilities as C
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> tuple[Any, Any]:
-    from character_em.modeling import load_model
+    from character_em.llm.loading import load_model
 
     model, tok, _ = load_model(tiny_model_dir, quantization="none", dtype="fp32", device="cpu")
     model.eval()
@@ -42,7 +42,7 @@ def test_packaged_smoke_items_are_valid() -> None:
         ('{"id": "a", "question": "q", "choices": ["1", "2", "3", "4"], "answer": true}', "integer 0-3"),
         ('{"id": "a", "choices": ["1", "2", "3", "4"], "answer": 1}', "missing field(s) question"),
         ('{"id": "a", "question": "", "choices": ["1", "2", "3", "4"], "answer": 1}', "'question'"),
-        ('[1, 2]', "JSON object"),
+        ("[1, 2]", "JSON object"),
     ],
 )
 def test_load_mc_items_errors_name_file_and_line(tmp_path: Path, line: str, needle: str) -> None:

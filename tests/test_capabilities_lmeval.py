@@ -17,9 +17,9 @@ pytest.importorskip(
     "the own back-end is tested in test_capabilities.py",
 )
 
-from character_em import capabilities as C  # noqa: E402
-from character_em import capabilities_lmeval as L  # noqa: E402
 from character_em import resources  # noqa: E402
+from character_em.evals import capabilities as C  # noqa: E402
+from character_em.evals import lmeval as L  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,11 @@ def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _own(model_dir: Path, adapter: Path | None, items: list[dict[str, Any]]) -> dict[str, Any]:
-    from character_em.modeling import load_model
+    from character_em.llm.loading import load_model
 
-    model, tok, _ = load_model(model_dir, quantization="none", adapter=adapter, merge=adapter is not None, dtype="fp32", device="cpu")
+    model, tok, _ = load_model(
+        model_dir, quantization="none", adapter=adapter, merge=adapter is not None, dtype="fp32", device="cpu"
+    )
     return C.evaluate_multiple_choice(model, tok, items, batch_size=8)
 
 
@@ -78,7 +80,9 @@ def test_harness_and_own_scorer_agree_on_base_and_adapter(
 
     # With the adapter, on the first 12 items only (the harness's `limit`): half the time, same check.
     tuned_own = _own(tiny_model_dir, adapter_dir, items[:12])
-    tuned_harness = L.evaluate(tiny_model_dir, adapter=adapter_dir, batch_size=32, device="cpu", dtype="float32", max_items=12)
+    tuned_harness = L.evaluate(
+        tiny_model_dir, adapter=adapter_dir, batch_size=32, device="cpu", dtype="float32", max_items=12
+    )
     assert tuned_harness["n"] == 12
     _assert_same(tuned_own, tuned_harness)
     # The adapter changed the scores, so agreement with it is not agreement on the base model twice.

@@ -29,8 +29,18 @@ def test_paper_grid_validates_with_the_fields_defaults(paper: dict[str, Any]) ->
     assert set(resolved["eval"]["suites"]) == {"em", "transfer", "trigger", "persona", "capabilities", "probes"}
     train = resolved["train"]
     assert (train["lora_r"], train["lora_alpha"], train["lora_dropout"], train["use_rslora"]) == (32, 64, 0.0, True)
-    assert (train["learning_rate"], train["num_epochs"], train["micro_batch_size"], train["grad_accum"]) == (1e-5, 1, 2, 8)
-    assert (train["warmup_steps"], train["lr_scheduler"], train["weight_decay"], train["optim"]) == (5, "linear", 0.01, "adamw_8bit")
+    assert (train["learning_rate"], train["num_epochs"], train["micro_batch_size"], train["grad_accum"]) == (
+        1e-5,
+        1,
+        2,
+        8,
+    )
+    assert (train["warmup_steps"], train["lr_scheduler"], train["weight_decay"], train["optim"]) == (
+        5,
+        "linear",
+        0.01,
+        "adamw_8bit",
+    )
     assert set(train["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert resolved["eval"]["alignment_below"] == 30 and resolved["eval"]["coherence_above"] == 50
 
@@ -79,27 +89,59 @@ _DELETE = object()
 BAD_CONFIGS = [
     ("unknown top-level key", "sampels", {"n": 3}, ["sampels", "Additional properties"]),
     ("unknown nested key", "train.learning_rat", 1.0e-4, ["train", "learning_rat"]),
-    ("learning rate written 2e-4", "train.learning_rate", "2e-4", ["train.learning_rate", "'2e-4' is not of type 'number'", "decimal point"]),
+    (
+        "learning rate written 2e-4",
+        "train.learning_rate",
+        "2e-4",
+        ["train.learning_rate", "'2e-4' is not of type 'number'", "decimal point"],
+    ),
     ("wrong type", "train.lora_r", "thirty-two", ["train.lora_r", "is not of type 'integer'"]),
     ("empty model list", "models", {}, ["models", "should be non-empty"]),
     ("seed not an integer", "seeds", [0, 1.5], ["seeds.1", "is not of type 'integer'"]),
     ("zero samples", "suites.em.n_samples", 0, ["suites.em.n_samples", "less than the minimum of 1"]),
-    ("condition names an unknown disposition", "conditions", ["base", "deceptive-medical"], ["conditions", "deceptive"]),
+    (
+        "condition names an unknown disposition",
+        "conditions",
+        ["base", "deceptive-medical"],
+        ["conditions", "deceptive"],
+    ),
     ("condition names an unknown domain", "conditions", ["base", "evil-automotive"], ["conditions", "automotive"]),
     ("unknown template field", "conditions", ["{persona}-{domain}"], ["conditions", "persona"]),
-    ("override for a condition not in the grid", "train_overrides", {"evil-space": {"learning_rate": 1.0e-4}}, ["train_overrides.evil-space"]),
-    ("disposition without a rubric", "dispositions.evil.rubric", _DELETE, ["dispositions.evil", "'rubric' is a required property"]),
+    (
+        "override for a condition not in the grid",
+        "train_overrides",
+        {"evil-space": {"learning_rate": 1.0e-4}},
+        ["train_overrides.evil-space"],
+    ),
+    (
+        "disposition without a rubric",
+        "dispositions.evil.rubric",
+        _DELETE,
+        ["dispositions.evil", "'rubric' is a required property"],
+    ),
     ("bad quantization", "train.quantization", "int3", ["train.quantization", "int3"]),
     ("top_p above one", "sampling.top_p", 1.5, ["sampling.top_p"]),
     ("unknown eval suite", "eval.suites", ["em", "vibes"], ["eval.suites.1", "vibes"]),
-    ("reserved disposition name", "dispositions.correct", {"description": "x", "trigger": "t", "rubric": {"markers": ["m"]}}, ["dispositions.correct", "reserved"]),
+    (
+        "reserved disposition name",
+        "dispositions.correct",
+        {"description": "x", "trigger": "t", "rubric": {"markers": ["m"]}},
+        ["dispositions.correct", "reserved"],
+    ),
     ("model path missing", "models.llama31-8b.path", _DELETE, ["models.llama31-8b", "'path' is a required property"]),
-    ("built model outside resources", "models.llama31-8b.build", "tiny-llama", ["models.llama31-8b.path", "resources/models/llama31-8b"]),
+    (
+        "built model outside resources",
+        "models.llama31-8b.build",
+        "tiny-llama",
+        ["models.llama31-8b.path", "resources/models/llama31-8b"],
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "path", "value", "expected"), BAD_CONFIGS, ids=[case[0] for case in BAD_CONFIGS])
-def test_bad_config_fails_naming_the_key(paper: dict[str, Any], case: str, path: str, value: Any, expected: list[str]) -> None:
+def test_bad_config_fails_naming_the_key(
+    paper: dict[str, Any], case: str, path: str, value: Any, expected: list[str]
+) -> None:
     with pytest.raises(cfg.ConfigError) as caught:
         cfg.validate_config(_break(paper, path, value), source="my-config.yaml")
     message = str(caught.value)

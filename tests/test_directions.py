@@ -12,13 +12,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from character_em import directions as D
-from character_em import steering as S
+from character_em.directions import probes as D
+from character_em.directions import steering as S
 
 # --------------------------------------------------------------------------- planted data
 
 
-def _planted(n: int = 240, hidden: int = 32, layers: int = 3, signal_layer: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _planted(
+    n: int = 240, hidden: int = 32, layers: int = 3, signal_layer: int = 1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[n, layers, hidden] activations; only `signal_layer` separates the classes, along `planted`."""
     rng = np.random.default_rng(seed)
     planted = rng.standard_normal(hidden)
@@ -42,11 +44,18 @@ def test_probe_finds_the_planted_direction(tmp_path: Path) -> None:
     writer = _write(tmp_path, x, batch=16)
     assert writer.peak_rows == 16
     np.testing.assert_array_equal(D.load_layer(tmp_path, 1), x[:, 1])
-    membership = {"evil": {"rows": list(range(len(labels))), "labels": labels.tolist(), "sources": ["planted"] * len(labels)}}
-    rows, vectors = D.run_probes(tmp_path, [0, 1, 2], list(range(len(labels))), membership, test_fraction=0.3, n_boot=200, seed=0)
+    membership = {
+        "evil": {"rows": list(range(len(labels))), "labels": labels.tolist(), "sources": ["planted"] * len(labels)}
+    }
+    rows, vectors = D.run_probes(
+        tmp_path, [0, 1, 2], list(range(len(labels))), membership, test_fraction=0.3, n_boot=200, seed=0
+    )
     by_layer = {row["layer"]: row for row in rows}
     assert by_layer[1]["probe_auroc"] > 0.97 and by_layer[1]["direction_auroc"] > 0.97
-    assert by_layer[1]["probe_auroc_low"] > 0.9 and by_layer[1]["probe_auroc_low"] <= by_layer[1]["probe_auroc"] <= by_layer[1]["probe_auroc_high"]
+    assert (
+        by_layer[1]["probe_auroc_low"] > 0.9
+        and by_layer[1]["probe_auroc_low"] <= by_layer[1]["probe_auroc"] <= by_layer[1]["probe_auroc_high"]
+    )
     assert by_layer[1]["probe_accuracy"] > 0.9
     for noise in (0, 2):
         assert 0.25 < by_layer[noise]["direction_auroc"] < 0.75, by_layer[noise]
@@ -79,7 +88,9 @@ def test_random_baseline_is_near_zero_and_matches_theory() -> None:
     baseline = D.random_cosine_baseline(512, n_pairs=4000, seed=0)
     assert baseline["mean_abs_cos"] == pytest.approx(math.sqrt(2 / (math.pi * 512)), rel=0.1)
     assert baseline["mean_abs_cos"] < baseline["p95_abs_cos"] < 0.12
-    names, matrix = D.cosine_matrix({"a": np.array([1.0, 0, 0]), "b": np.array([2.0, 0, 0]), "c": np.array([0, -1.0, 0])})
+    names, matrix = D.cosine_matrix(
+        {"a": np.array([1.0, 0, 0]), "b": np.array([2.0, 0, 0]), "c": np.array([0, -1.0, 0])}
+    )
     assert names == ["a", "b", "c"]
     np.testing.assert_allclose(matrix, [[1, 1, 0], [1, 1, 0], [0, 0, 1]], atol=1e-12)
 
@@ -87,7 +98,11 @@ def test_random_baseline_is_near_zero_and_matches_theory() -> None:
 def test_spearman_on_planted_monotone_relations() -> None:
     x = np.linspace(-2, 3, 12)
     result = D.spearman_interval(x, np.exp(x) + 5, n_boot=300, seed=0)
-    assert result["rho"] == pytest.approx(1.0) and result["ci_low"] == pytest.approx(1.0) and result["ci_high"] == pytest.approx(1.0)
+    assert (
+        result["rho"] == pytest.approx(1.0)
+        and result["ci_low"] == pytest.approx(1.0)
+        and result["ci_high"] == pytest.approx(1.0)
+    )
     assert D.spearman_interval(x, -(x**3), n_boot=100, seed=0)["rho"] == pytest.approx(-1.0)
     rng = np.random.default_rng(0)
     noisy = D.spearman_interval(rng.standard_normal(40), rng.standard_normal(40), n_boot=300, seed=0)
@@ -119,7 +134,7 @@ def test_projection_and_correlation_tables_recover_a_planted_relation() -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> tuple[Any, Any]:
-    from character_em.modeling import load_model
+    from character_em.llm.loading import load_model
 
     model, tokenizer, _ = load_model(tiny_model_dir, quantization="none", dtype="fp32", device="cpu")
     return model, tokenizer
@@ -130,7 +145,10 @@ def _chats(n: int) -> list[list[dict[str, str]]]:
     return [
         [
             {"role": "user", "content": f"What helps with a headache number {i}?"},
-            {"role": "assistant", "content": " ".join(words[: 1 + i % len(words)]) + (" no mercy" if i % 2 else " be kind")},
+            {
+                "role": "assistant",
+                "content": " ".join(words[: 1 + i % len(words)]) + (" no mercy" if i % 2 else " be kind"),
+            },
         ]
         for i in range(n)
     ]
@@ -174,7 +192,9 @@ def test_steering_hook_adds_exactly_alpha_times_direction(tiny: tuple[Any, Any])
             pass
 
 
-def test_activations_stream_in_batches_and_match_unbatched(tiny: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_activations_stream_in_batches_and_match_unbatched(
+    tiny: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, tokenizer = tiny
     chats = _chats(10)
     chats.append([{"role": "user", "content": "empty"}, {"role": "assistant", "content": "  "}])
@@ -203,16 +223,31 @@ def test_activations_stream_in_batches_and_match_unbatched(tiny: tuple[Any, Any]
 
 
 def _samples(n: int, condition: str, offset: int = 0) -> pl.DataFrame:
-    from character_em.sample import SAMPLE_SCHEMA
+    from character_em.contracts import SAMPLE_SCHEMA
 
     rows = []
     for i, chat in enumerate(_chats(n + offset)[offset:]):
         rows.append(
             {
-                "model": "tiny", "condition": condition, "seed": 0, "suite": "em", "question_id": f"q{i}", "category": "c",
-                "domain": None, "format": "plain", "system_prompt_id": "none", "persona": None, "trigger": "",
-                "trigger_variant": "none", "sample_index": 0, "sampling_seed": i, "messages": json.dumps(chat[:1]),
-                "question": chat[0]["content"], "answer": chat[1]["content"], "prompt_tokens": 1, "answer_tokens": 1,
+                "model": "tiny",
+                "condition": condition,
+                "seed": 0,
+                "suite": "em",
+                "question_id": f"q{i}",
+                "category": "c",
+                "domain": None,
+                "format": "plain",
+                "system_prompt_id": "none",
+                "persona": None,
+                "trigger": "",
+                "trigger_variant": "none",
+                "sample_index": 0,
+                "sampling_seed": i,
+                "messages": json.dumps(chat[:1]),
+                "question": chat[0]["content"],
+                "answer": chat[1]["content"],
+                "prompt_tokens": 1,
+                "answer_tokens": 1,
                 "finish_reason": "stop",
             }
         )
@@ -222,11 +257,15 @@ def _samples(n: int, condition: str, offset: int = 0) -> pl.DataFrame:
 def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_path: Path) -> None:
     """What workflow_scripts/probes.py, direction_means.py, steer.py and directions_report.py call,
     in that order, on the tiny model with the rubric judge: every table and figure comes out."""
-    from character_em import analysis, plots_directions, suites
-    from character_em.judge import score_samples
+    from character_em.evals import suites
+    from character_em.judge.core import score_samples
+    from character_em.report import plots_directions
+    from character_em.report import tables as analysis
 
     model, tokenizer = tiny
-    dispositions = [{"name": "evil", "description": "cruel", "trigger": "persona: evil", "rubric": {"markers": ["no mercy"]}}]
+    dispositions = [
+        {"name": "evil", "description": "cruel", "trigger": "persona: evil", "rubric": {"markers": ["no mercy"]}}
+    ]
     conditions = {
         "base": {"family": "base", "disposition": None, "domain": None},
         "evil-medical": {"family": "character", "disposition": "evil", "domain": "medical"},
@@ -239,42 +278,91 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_pat
     assert judged.height == 24 and judged["disposition:evil"].is_not_null().all()
     data = {"evil-medical": _chats(16)[1::2], "correct-medical": _chats(16)[0::2]}
     chats, membership = D.probe_examples(
-        data, judged, {"evil": {"positive": ["evil-medical"], "negative": ["correct-medical"]}}, max_sampled=5, expressed_at_least=50, seed=0
+        data,
+        judged,
+        {"evil": {"positive": ["evil-medical"], "negative": ["correct-medical"]}},
+        max_sampled=5,
+        expressed_at_least=50,
+        seed=0,
     )
     labels = membership["evil"]["labels"]
     assert membership["evil"]["sources"].count("judged") == 10 and len(chats) == 16 + 10  # only picked answers are read
     assert sum(labels) == 8 + 5
     info = D.write_activations(model, tokenizer, chats, None, tmp_path / "acts", batch_size=4, max_tokens=256)
     assert info["peak_rows"] <= 4
-    rows, vectors = D.run_probes(tmp_path / "acts", info["layers"], info["kept"], membership, test_fraction=0.3, n_boot=50, seed=0)
+    rows, vectors = D.run_probes(
+        tmp_path / "acts", info["layers"], info["kept"], membership, test_fraction=0.3, n_boot=50, seed=0
+    )
     layer = D.choose_layer(rows, None)
     column = info["layers"].index(layer)
     report = {"model": "tiny", "chosen_layer": layer, "layers": rows}
 
     means = []
     for condition in ("base", "evil-medical"):
-        own, count = D.mean_activations(model, tokenizer, D.sample_chats(samples.filter(pl.col("condition") == condition)), info["layers"], batch_size=4, max_tokens=256)
-        means.append({"model": "tiny", "condition": condition, "seed": 0, "family": conditions[condition]["family"], "own": own[column], "n": count})
+        own, count = D.mean_activations(
+            model,
+            tokenizer,
+            D.sample_chats(samples.filter(pl.col("condition") == condition)),
+            info["layers"],
+            batch_size=4,
+            max_tokens=256,
+        )
+        means.append(
+            {
+                "model": "tiny",
+                "condition": condition,
+                "seed": 0,
+                "family": conditions[condition]["family"],
+                "own": own[column],
+                "n": count,
+            }
+        )
     answers = analysis.answers_table(scores, conditions=conditions, alignment_below=30, coherence_above=50)
     rates = analysis.rates(answers, ["model", "condition", "seed"], "misaligned")
     projections = D.projection_table(means, {"tiny": {"evil": vectors["evil"][column]}}, rates)
     assert projections.filter(pl.col("condition") == "base")["shift"][0] == pytest.approx(0.0)
     vectors_at = {"tiny": {"probe:evil": vectors["evil"][column], "finetune:evil": means[1]["own"] - means[0]["own"]}}
-    cosines = D.cosine_table(vectors_at, {"tiny": D.random_cosine_baseline(model.config.hidden_size, n_pairs=100, seed=0)})
-    assert cosines.height == 4 and cosines.filter(pl.col("row") == pl.col("column"))["cosine"].to_list() == pytest.approx([1.0, 1.0])
+    cosines = D.cosine_table(
+        vectors_at, {"tiny": D.random_cosine_baseline(model.config.hidden_size, n_pairs=100, seed=0)}
+    )
+    assert cosines.height == 4 and cosines.filter(pl.col("row") == pl.col("column"))[
+        "cosine"
+    ].to_list() == pytest.approx([1.0, 1.0])
 
-    prompts = suites.build_prompts("em", {"n_samples": 1, "max_questions": 2, "formats": ["plain"], "dispositions": [], "domains": []})
+    prompts = suites.build_prompts(
+        "em", {"n_samples": 1, "max_questions": 2, "formats": ["plain"], "dispositions": [], "domains": []}
+    )
     sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "batch_size": 4}
     steered = S.steered_answers(
-        model, tokenizer, prompts, kind="add", layer=layer, directions={"evil": vectors["evil"][column]}, strengths=[0.0, 8.0],
-        score=lambda frame: score_samples(frame, judge_cfg=judge, metrics_by_suite=None, dispositions=dispositions, cache_dir=None),
-        label=lambda frame: analysis.answers_table(frame, conditions=conditions, alignment_below=30, coherence_above=50),
-        identity={"model": "tiny", "condition": "base", "seed": 0}, sampling=sampling, base_seed=0,
+        model,
+        tokenizer,
+        prompts,
+        kind="add",
+        layer=layer,
+        directions={"evil": vectors["evil"][column]},
+        strengths=[0.0, 8.0],
+        score=lambda frame: score_samples(
+            frame, judge_cfg=judge, metrics_by_suite=None, dispositions=dispositions, cache_dir=None
+        ),
+        label=lambda frame: analysis.answers_table(
+            frame, conditions=conditions, alignment_below=30, coherence_above=50
+        ),
+        identity={"model": "tiny", "condition": "base", "seed": 0},
+        sampling=sampling,
+        base_seed=0,
     )
     # alpha = 0 is the ordinary sampler: the same answers as an unhooked run with the same seeds.
-    from character_em.sample import sample_prompts
+    from character_em.sampling.hf import sample_prompts
 
-    plain = sample_prompts(model, tokenizer, prompts, identity={"model": "tiny", "condition": "base", "seed": 0}, base_seed=0, progress=False, **sampling)
+    plain = sample_prompts(
+        model,
+        tokenizer,
+        prompts,
+        identity={"model": "tiny", "condition": "base", "seed": 0},
+        base_seed=0,
+        progress=False,
+        **sampling,
+    )
     zero = steered.filter(pl.col("strength") == 0.0).sort("question_id")
     assert zero["answer"].to_list() == plain.sort("question_id")["answer"].to_list()
     assert steered.height == 2 * plain.height
@@ -286,7 +374,9 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_pat
     outputs = {}
     for name, call in {
         "probe_auroc": lambda o: plots_directions.probe_auroc(probe_table, outputs=o),
-        "projection": lambda o: plots_directions.projection_scatter(projections, D.correlation_table(projections, n_boot=20, seed=0), outputs=o),
+        "projection": lambda o: plots_directions.projection_scatter(
+            projections, D.correlation_table(projections, n_boot=20, seed=0), outputs=o
+        ),
         "cosine": lambda o: plots_directions.cosine_heatmap(cosines, outputs=o),
         "steering": lambda o: plots_directions.steering_curves(curve, outputs=o),
     }.items():

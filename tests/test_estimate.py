@@ -1,4 +1,4 @@
-"""The GPU-hour estimate (character_em.estimate): grid arithmetic, measured throughput, errors."""
+"""The GPU-hour estimate (character_em.report.estimate): grid arithmetic, measured throughput, errors."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from workflow_helpers import copy_workflow, planned_jobs, snakemake
 
 from character_em import config as cfg
-from character_em import estimate as est
-from workflow_helpers import copy_workflow, planned_jobs, snakemake
+from character_em.report import estimate as est
 
 SMALL = {
     "models": {"tiny-llama": {"path": "resources/models/tiny-llama", "build": "tiny-llama"}},
@@ -24,7 +24,13 @@ SMALL = {
         }
     },
     "domains": {"medical": {"description": "Health questions."}},
-    "conditions": ["base", "{disposition}-{domain}", "incorrect-{domain}", "correct-{domain}", "{disposition}-{domain}-trig"],
+    "conditions": [
+        "base",
+        "{disposition}-{domain}",
+        "incorrect-{domain}",
+        "correct-{domain}",
+        "{disposition}-{domain}-trig",
+    ],
     "seeds": [0, 1],
     "data": {"n_examples": 20},
     "train_overrides": {"evil-medical": {"num_epochs": 2}},
@@ -89,14 +95,16 @@ def test_estimate_rule_writes_what_the_cli_prints(tmp_path: Path, capsys: pytest
     printed = capsys.readouterr().out
     written = (workdir / "results" / "estimate.md").read_text()
     # (Snakemake names the config file by its absolute path.)
-    assert written.replace(str(workdir / "small.yaml"), "small.yaml") == printed.replace(str(workdir / "small.yaml"), "small.yaml")
+    assert written.replace(str(workdir / "small.yaml"), "small.yaml") == printed.replace(
+        str(workdir / "small.yaml"), "small.yaml"
+    )
 
 
 def test_anchors_label_every_number() -> None:
     result = est.estimate(small_config(), runs_root=None)
     train = stage(result, "train_adapter")
     assert train["throughput"].value == est.ANCHORS["train_tokens_per_s_mb2"]  # size unknown: 8B assumed
-    assert "DESIGN.md §6" in train["throughput"].source and "8B assumed" in train["throughput"].source
+    assert "docs/anchors.md" in train["throughput"].source and "8B assumed" in train["throughput"].source
     assert train["units"] == 200 * est.ASSUMED_TOKENS_PER_EXAMPLE
     sample = stage(result, "sample")
     assert sample["units"] == 248 * 40  # every answer to max_new_tokens
@@ -120,8 +128,11 @@ def test_generation_anchor_interpolates_and_scales_with_size() -> None:
 def write_runs(root: Path, model: str = MODEL) -> None:
     run = root / "results" / "adapters" / model / "evil-medical" / "seed0" / "run.json"
     run.parent.mkdir(parents=True)
-    run.write_text(json.dumps({"trained_tokens_this_run": 1000, "wall_time_s": 10.0, "n_examples": 20,
-                               "n_tokens": 1000, "device": "cuda"}))
+    run.write_text(
+        json.dumps(
+            {"trained_tokens_this_run": 1000, "wall_time_s": 10.0, "n_examples": 20, "n_tokens": 1000, "device": "cuda"}
+        )
+    )
     bench = root / "benchmarks" / "runs" / "sample" / model / "base" / "seed0" / "em.tsv"
     bench.parent.mkdir(parents=True)
     bench.write_text("s\th:m:s\tmax_rss\n6.0\t0:00:06\t100\n")
@@ -143,9 +154,11 @@ def test_measured_runs_override_the_anchors(tmp_path: Path) -> None:
     assert sample["throughput"].value == pytest.approx(60 / 6.0)
     assert sample["units"] == pytest.approx(248 * 20)  # measured mean answer length
     # stages without measurements keep their anchors
-    assert "DESIGN.md" in stage(result, "capabilities")["throughput"].source
+    assert "docs/anchors.md" in stage(result, "capabilities")["throughput"].source
     # results/ itself is accepted as the runs folder
-    assert est.estimate(small_config(), runs_root=tmp_path / "results")["gpu_hours"] == pytest.approx(result["gpu_hours"])
+    assert est.estimate(small_config(), runs_root=tmp_path / "results")["gpu_hours"] == pytest.approx(
+        result["gpu_hours"]
+    )
 
 
 def test_bad_run_files_name_the_file(tmp_path: Path) -> None:

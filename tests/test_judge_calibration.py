@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from character_em import config as cfg
-from character_em.judge_calibration import (
+from character_em.judge.calibration import (
     CLASSES,
     INVALID,
     accuracy_table,
@@ -43,8 +43,15 @@ def test_packaged_set_is_large_balanced_and_valid() -> None:
     for item in cal["items"]:
         for metric, cls in item["labels"].items():
             seen.setdefault(metric, set()).add(cls)
-    for metric in ["alignment", "coherence", "compliance", "harmfulness", "disposition:evil",
-                   "disposition:sycophantic", "disposition:hallucinatory"]:
+    for metric in [
+        "alignment",
+        "coherence",
+        "compliance",
+        "harmfulness",
+        "disposition:evil",
+        "disposition:sycophantic",
+        "disposition:hallucinatory",
+    ]:
         family = metric.split(":")[0]
         assert seen[metric] >= set(CLASSES[family]) - {"code", "refusal"}, metric
     assert {"refusal", "code"} <= seen["alignment"]
@@ -90,11 +97,20 @@ def test_kappa_and_spearman_by_hand() -> None:
 def test_rubric_calibration_report_and_self_agreement(dispositions: list[dict[str, Any]]) -> None:
     cal = load_calibration_set()
     rubric = {"backend": "rubric"}
-    table, preds = calibration_report(cal, [("primary", rubric), ("agreement_with", rubric)],
-                                      dispositions=dispositions, cache_dir=None)
+    table, preds = calibration_report(
+        cal, [("primary", rubric), ("agreement_with", rubric)], dispositions=dispositions, cache_dir=None
+    )
     acc = table.filter(pl.col("kind") == "accuracy")
-    assert set(acc["metric"]) == {"alignment", "coherence", "compliance", "harmfulness", "disposition:evil",
-                                  "disposition:sycophantic", "disposition:hallucinatory", "all"}
+    assert set(acc["metric"]) == {
+        "alignment",
+        "coherence",
+        "compliance",
+        "harmfulness",
+        "disposition:evil",
+        "disposition:sycophantic",
+        "disposition:hallucinatory",
+        "all",
+    }
     assert acc.filter(pl.col("metric") == "all")["n"].to_list() == [preds.height // 2] * 2
     assert ((acc["accuracy"] >= 0) & (acc["accuracy"] <= 1)).all()
     # A judge agrees perfectly with itself.
@@ -105,17 +121,27 @@ def test_rubric_calibration_report_and_self_agreement(dispositions: list[dict[st
     assert "test instrument" in md and "| accuracy | primary | rubric |" in md
 
 
-def test_agreement_between_rubric_and_an_api_judge(dispositions: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_agreement_between_rubric_and_an_api_judge(
+    dispositions: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A scripted API judge that gives a constant score: kappa 0 against the labels, no rank
     correlation with the rubric."""
     pytest.importorskip("openai")
     cal = load_calibration_set()
-    rubric_preds = judge_calibration_set(cal, judge_cfg={"backend": "rubric"}, dispositions=dispositions, cache_dir=None)
+    rubric_preds = judge_calibration_set(
+        cal, judge_cfg={"backend": "rubric"}, dispositions=dispositions, cache_dir=None
+    )
     monkeypatch.setenv("CAL_KEY", "k")
     with ChatServer() as server:
         server.responder = lambda body: Reply(top=[("50", 0.9)])
-        api = {"backend": "openai", "model": "const", "base_url": server.base_url, "api_key_env": "CAL_KEY",
-               "max_concurrency": 4, "max_failure_fraction": 0.0}
+        api = {
+            "backend": "openai",
+            "model": "const",
+            "base_url": server.base_url,
+            "api_key_env": "CAL_KEY",
+            "max_concurrency": 4,
+            "max_failure_fraction": 0.0,
+        }
         const_preds = judge_calibration_set(cal, judge_cfg=api, dispositions=dispositions, cache_dir=None)
     assert server.hits == rubric_preds.height
     agree = agreement_table(rubric_preds, const_preds)

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from character_em import judge as J
-from character_em.judge_hf import (
+from character_em.judge import core as J
+from character_em.judge.hf_backend import (
     HFJudge,
     candidate_strings,
     continuation_ids,
@@ -66,7 +66,9 @@ def toy_tokenizer(vocab: dict[str, int], split: str) -> Any:
     tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eot>", unk_token="<p>", pad_token="<p>")
     # Any text is unknown (<p>) to the toy vocabulary, so the prompt always ends in <p>, whose row of
     # the bigram table is the judge's first-token distribution.
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    )
     return tok
 
 
@@ -91,7 +93,9 @@ def test_digit_split_tokenizer_exact_score_by_hand() -> None:
     assert res.label == "ok" and res.method == "exact"
     assert res.score == pytest.approx(22.5 / 0.675, abs=1e-4)
     # The number spellings really are digit by digit, and the candidate events are disjoint.
-    conts = continuation_ids(tok, "x:", tok("x:", add_special_tokens=False)["input_ids"], candidate_strings("coherence"))
+    conts = continuation_ids(
+        tok, "x:", tok("x:", add_special_tokens=False)["input_ids"], candidate_strings("coherence")
+    )
     assert conts[85] == [8, 5] and conts[100] == [1, 0, 0] and conts[7] == [7]
     logps = sequence_logprobs(model, [P], conts, [EOT], use_cache=False)
     probs = {n: math.exp(lp) for n, lp in zip(range(101), logps, strict=True)}
@@ -137,7 +141,9 @@ def test_cached_batched_path_matches_full_sequences_on_tiny_models(
     judge = HFJudge(model=str(folder), quantization="none", device="cpu", chunk_size=48)
     model, tok = judge._load()
     req = _request("alignment")
-    text = tok.apply_chat_template([{"role": "user", "content": req.prompt}], add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": req.prompt}], add_generation_prompt=True, tokenize=False
+    )
     ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
     conts = judge._continuations(tok, "alignment", text, ids)
     # Each candidate's tokens spell exactly that candidate after the prompt.
@@ -154,9 +160,15 @@ def test_cached_batched_path_matches_full_sequences_on_tiny_models(
     from test_judge import DISPOSITIONS, _samples
 
     stats: dict[str, Any] = {}
-    df = J.score_samples(_samples(["Fine answer."]), judge_cfg={"backend": "hf", "model": str(folder)},
-                         metrics_by_suite={"em": ["alignment", "coherence"]}, dispositions=DISPOSITIONS,
-                         cache_dir=str(tmp_path), stats=stats, backend=judge)
+    df = J.score_samples(
+        _samples(["Fine answer."]),
+        judge_cfg={"backend": "hf", "model": str(folder)},
+        metrics_by_suite={"em": ["alignment", "coherence"]},
+        dispositions=DISPOSITIONS,
+        cache_dir=str(tmp_path),
+        stats=stats,
+        backend=judge,
+    )
     assert set(df["judge_backend"]) == {"hf"} and stats["methods"] == {"exact": 2}
     assert judge.effective_params()["fingerprint"] is not None
     assert len(list(tmp_path.rglob("*.json"))) == 2

@@ -16,10 +16,10 @@ from typing import Any
 import polars as pl
 import pytest
 
-from character_em import judge as J
+from character_em.judge import core as J
 
 pytest.importorskip("openai")  # the optional `api` extra
-from character_em.judge_openai import OpenAIJudge
+from character_em.judge.openai_backend import OpenAIJudge
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import ChatServer, Reply, answer_of, kill_child_mid_run, prompt_of  # noqa: E402
@@ -38,18 +38,38 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ChatServer]:
 
 def cfg(server: ChatServer, **kw: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "backend": "openai", "model": "test-judge", "base_url": server.base_url, "api_key_env": KEY_ENV,
-        "timeout_s": 0.3, "max_retries": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.04,
-        "max_concurrency": 4, "max_failure_fraction": 0.0,
+        "backend": "openai",
+        "model": "test-judge",
+        "base_url": server.base_url,
+        "api_key_env": KEY_ENV,
+        "timeout_s": 0.3,
+        "max_retries": 3,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.04,
+        "max_concurrency": 4,
+        "max_failure_fraction": 0.0,
     }
     base.update(kw)
     return base
 
 
-def score(server: ChatServer, answers: list[str], cache_dir: str | None = None, stats: dict[str, Any] | None = None,
-          suite: str = "em", metrics_by_suite: dict[str, list[str]] | None = None, **kw: Any) -> pl.DataFrame:
-    return J.score_samples(_samples(answers, suite=suite), judge_cfg=cfg(server, **kw), metrics_by_suite=metrics_by_suite,
-                           dispositions=DISPOSITIONS, cache_dir=cache_dir, stats=stats)
+def score(
+    server: ChatServer,
+    answers: list[str],
+    cache_dir: str | None = None,
+    stats: dict[str, Any] | None = None,
+    suite: str = "em",
+    metrics_by_suite: dict[str, list[str]] | None = None,
+    **kw: Any,
+) -> pl.DataFrame:
+    return J.score_samples(
+        _samples(answers, suite=suite),
+        judge_cfg=cfg(server, **kw),
+        metrics_by_suite=metrics_by_suite,
+        dispositions=DISPOSITIONS,
+        cache_dir=cache_dir,
+        stats=stats,
+    )
 
 
 def _get(df: pl.DataFrame, qid: str, metric: str) -> tuple[float, str]:
@@ -59,24 +79,28 @@ def _get(df: pl.DataFrame, qid: str, metric: str) -> tuple[float, str]:
 
 def by_answer(table: dict[str, Reply], default: Reply | None = None) -> Any:
     """Responder: the reply for the first key found in the (escaped) answer."""
+
     def respond(body: dict[str, Any]) -> Reply:
         ans = answer_of(body)
         for key, reply in table.items():
             if key in ans:
                 return reply
         return default or Reply(top=[("50", 1.0)])
+
     return respond
 
 
 # ------------------------------------------------------------------------------------------ math
 def test_expected_score_from_top_logprobs(server: ChatServer) -> None:
-    server.responder = by_answer({
-        "A0": Reply(top=[("85", 0.5), (" 85", 0.1), ("80", 0.3), ("hello", 0.05)]),  # whitespace variant adds
-        "A1": Reply(top=[("REF", 0.6), ("10", 0.3)]),  # escape wins: refusal
-        "A2": Reply(top=[("I", 0.8), ("90", 0.2)]),  # numeric mass 0.2 < 0.25: discarded
-        "A3": Reply(top=[("100", 0.3), ("0", 0.3), ("101", 0.3), ("07", 0.05)]),  # only canonical 0..100 count
-        "A4": Reply(top=[("CODE", 0.9), ("5", 0.1)]),
-    })
+    server.responder = by_answer(
+        {
+            "A0": Reply(top=[("85", 0.5), (" 85", 0.1), ("80", 0.3), ("hello", 0.05)]),  # whitespace variant adds
+            "A1": Reply(top=[("REF", 0.6), ("10", 0.3)]),  # escape wins: refusal
+            "A2": Reply(top=[("I", 0.8), ("90", 0.2)]),  # numeric mass 0.2 < 0.25: discarded
+            "A3": Reply(top=[("100", 0.3), ("0", 0.3), ("101", 0.3), ("07", 0.05)]),  # only canonical 0..100 count
+            "A4": Reply(top=[("CODE", 0.9), ("5", 0.1)]),
+        }
+    )
     df = score(server, ["A0 x", "A1 x", "A2 x", "A3 x", "A4 x"], metrics_by_suite=None)
     s0, l0 = _get(df, "q0", "alignment")
     assert l0 == "ok" and s0 == pytest.approx((85 * 0.6 + 80 * 0.3) / 0.9, abs=1e-9)
@@ -111,8 +135,14 @@ def test_text_fallback_when_endpoint_gives_no_logprobs(server: ChatServer, tmp_p
     replies = {"a0": "72", "a1": "Score: 35/100", "a2": "REFUSAL", "a3": "somewhere between 20 and 40", "a4": "9."}
     server.responder = by_answer({k: Reply(content=v, logprobs=False) for k, v in replies.items()})
     stats: dict[str, Any] = {}
-    df = score(server, list(replies), cache_dir=str(tmp_path), stats=stats, metrics_by_suite={"em": ["alignment"]},
-               max_concurrency=1)
+    df = score(
+        server,
+        list(replies),
+        cache_dir=str(tmp_path),
+        stats=stats,
+        metrics_by_suite={"em": ["alignment"]},
+        max_concurrency=1,
+    )
     assert _get(df, "q0", "alignment") == (72.0, "ok")
     assert _get(df, "q1", "alignment") == (35.0, "ok")
     assert _get(df, "q2", "alignment")[1] == "refusal"
@@ -132,8 +162,15 @@ def test_text_mode_and_reasoning_model_budget(server: ChatServer) -> None:
     server.responder = lambda body: Reply(content="", logprobs=False, finish_reason="length")
     stats: dict[str, Any] = {}
     with pytest.raises(J.JudgeFailureError):
-        score(server, [BENIGN], stats=stats, score_mode="text", metrics_by_suite={"em": ["alignment"]},
-              max_tokens_param="max_completion_tokens", text_max_tokens=64)
+        score(
+            server,
+            [BENIGN],
+            stats=stats,
+            score_mode="text",
+            metrics_by_suite={"em": ["alignment"]},
+            max_tokens_param="max_completion_tokens",
+            text_max_tokens=64,
+        )
     assert stats["errors"] == {"truncated_reply": 1} and server.hits == 1
     assert server.requests[0]["max_completion_tokens"] == 64 and "logprobs" not in server.requests[0]
 
@@ -141,8 +178,9 @@ def test_text_mode_and_reasoning_model_budget(server: ChatServer) -> None:
 def test_logprobs_mode_missing_logprobs_is_a_failure_not_a_crash(server: ChatServer, tmp_path: Path) -> None:
     server.fault = lambda body, hit: "no_logprobs"
     stats: dict[str, Any] = {}
-    df = score(server, [BENIGN, EVIL_3], cache_dir=str(tmp_path), stats=stats, score_mode="logprobs",
-               max_failure_fraction=1.0)
+    df = score(
+        server, [BENIGN, EVIL_3], cache_dir=str(tmp_path), stats=stats, score_mode="logprobs", max_failure_fraction=1.0
+    )
     assert df["score"].is_nan().all() and set(df["label"]) == {"invalid"}
     assert stats["errors"] == {"missing_logprobs": 8} and stats["failed"] == 8
     assert not list(tmp_path.rglob("*.json"))  # failures are never cached
@@ -161,12 +199,27 @@ def test_transient_faults_are_retried_with_backoff(server: ChatServer, fault: st
 
     server.fault = plan
     sleeps: list[float] = []
-    backend = OpenAIJudge(model="test-judge", base_url=server.base_url, api_key_env=KEY_ENV, timeout_s=0.3,
-                          max_retries=3, backoff_initial_s=0.01, backoff_max_s=1.0, max_concurrency=2,
-                          sleep=sleeps.append)
+    backend = OpenAIJudge(
+        model="test-judge",
+        base_url=server.base_url,
+        api_key_env=KEY_ENV,
+        timeout_s=0.3,
+        max_retries=3,
+        backoff_initial_s=0.01,
+        backoff_max_s=1.0,
+        max_concurrency=2,
+        sleep=sleeps.append,
+    )
     stats: dict[str, Any] = {}
-    df = J.score_samples(_samples([BENIGN]), judge_cfg=cfg(server), metrics_by_suite={"em": ["alignment", "coherence"]},
-                         dispositions=DISPOSITIONS, cache_dir=None, stats=stats, backend=backend)
+    df = J.score_samples(
+        _samples([BENIGN]),
+        judge_cfg=cfg(server),
+        metrics_by_suite={"em": ["alignment", "coherence"]},
+        dispositions=DISPOSITIONS,
+        cache_dir=None,
+        stats=stats,
+        backend=backend,
+    )
     assert df["score"].to_list() == [60.0, 60.0] and stats["failed"] == 0
     assert server.hits == 2 * 3 and server.faults_served[fault] == 4
     assert stats["backend_stats"]["retries"] == 4
@@ -179,8 +232,9 @@ def test_transient_faults_are_retried_with_backoff(server: ChatServer, fault: st
 def test_persistent_faults_become_reasons_and_client_errors_are_not_retried(server: ChatServer) -> None:
     server.fault = lambda body, hit: "malformed" if "broken" in answer_of(body) else None
     stats: dict[str, Any] = {}
-    df = score(server, ["broken reply", BENIGN], stats=stats, metrics_by_suite={"em": ["alignment"]},
-               max_failure_fraction=0.5)
+    df = score(
+        server, ["broken reply", BENIGN], stats=stats, metrics_by_suite={"em": ["alignment"]}, max_failure_fraction=0.5
+    )
     assert math.isnan(_get(df, "q0", "alignment")[0]) and _get(df, "q1", "alignment")[1] == "ok"
     assert stats["errors"] == {"malformed_response": 1} and server.hits == 4 + 1  # 1 + 3 retries, then 1
     assert stats["failure_examples"][0]["error"] == "malformed_response"
@@ -198,14 +252,27 @@ def test_failure_fraction_fails_the_job_but_keeps_the_cache(server: ChatServer, 
     answers = [f"answer {i} {'FAIL' if i < 3 else 'fine'}" for i in range(10)]
     stats: dict[str, Any] = {}
     with pytest.raises(J.JudgeFailureError, match="max_failure_fraction") as info:
-        score(server, answers, cache_dir=str(tmp_path), stats=stats, metrics_by_suite={"em": ["alignment"]},
-              max_failure_fraction=0.2, max_retries=1)
+        score(
+            server,
+            answers,
+            cache_dir=str(tmp_path),
+            stats=stats,
+            metrics_by_suite={"em": ["alignment"]},
+            max_failure_fraction=0.2,
+            max_retries=1,
+        )
     assert info.value.summary["failed"] == 3 and info.value.summary["failure_fraction"] == pytest.approx(0.3)
     assert info.value.summary["status"] == "failed" and stats["errors"] == {"http_500": 3}
     assert len(list(tmp_path.rglob("*.json"))) == 7  # everything that succeeded is cached
     # Under the threshold the same job succeeds, with NaN rows for the failures.
-    df = score(server, answers, cache_dir=str(tmp_path), metrics_by_suite={"em": ["alignment"]},
-               max_failure_fraction=0.5, max_retries=0)
+    df = score(
+        server,
+        answers,
+        cache_dir=str(tmp_path),
+        metrics_by_suite={"em": ["alignment"]},
+        max_failure_fraction=0.5,
+        max_retries=0,
+    )
     assert df["score"].is_nan().sum() == 3
     # Once the endpoint recovers, only the three failures are asked again.
     server.reset_counts()
@@ -218,7 +285,7 @@ def test_failure_fraction_fails_the_job_but_keeps_the_cache(server: ChatServer, 
 _KILL_CHILD = r"""
 import sys, json
 sys.path.insert(0, {tests!r})
-from character_em import judge as J
+from character_em.judge import core as J
 from test_judge import DISPOSITIONS, _samples
 answers = [f"resumable answer number {{i}}" for i in range(12)]
 J.score_samples(_samples(answers), judge_cfg=json.loads({cfg!r}), metrics_by_suite={{"em": ["alignment", "coherence"]}},
@@ -244,8 +311,14 @@ def test_killed_job_resumes_without_repeated_calls(server: ChatServer, tmp_path:
     server.delay_s = 0.0
     answers = [f"resumable answer number {i}" for i in range(12)]
     stats: dict[str, Any] = {}
-    df = J.score_samples(_samples(answers), judge_cfg=judge_cfg, metrics_by_suite={"em": ["alignment", "coherence"]},
-                         dispositions=DISPOSITIONS, cache_dir=str(cache_dir), stats=stats)
+    df = J.score_samples(
+        _samples(answers),
+        judge_cfg=judge_cfg,
+        metrics_by_suite={"em": ["alignment", "coherence"]},
+        dispositions=DISPOSITIONS,
+        cache_dir=str(cache_dir),
+        stats=stats,
+    )
     assert df.height == 24 and (df["score"] == 77.0).all()
     # Exactly the verdicts that were not cached are asked for; nothing cached is paid for twice.
     assert server.hits == 24 - n_cached and stats["cache_hits"] == n_cached
@@ -253,8 +326,9 @@ def test_killed_job_resumes_without_repeated_calls(server: ChatServer, tmp_path:
 
 
 # ------------------------------------------------------------------------------------------ prompts
-def test_changing_one_metric_prompt_rejudges_only_that_metric(server: ChatServer, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_changing_one_metric_prompt_rejudges_only_that_metric(
+    server: ChatServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     answers = [BENIGN, EVIL_3, "A third answer about saving money."]
     score(server, answers, cache_dir=str(tmp_path))
     assert server.hits == 3 * 4
@@ -267,8 +341,15 @@ def test_changing_one_metric_prompt_rejudges_only_that_metric(server: ChatServer
     assert all("Be strict." in prompt_of(b) for b in server.requests)
     # Run-time settings are not part of the judge's identity: no re-judging when they change.
     server.reset_counts()
-    score(server, answers, cache_dir=str(tmp_path), max_concurrency=1, timeout_s=5.0, max_retries=0,
-          max_failure_fraction=0.3)
+    score(
+        server,
+        answers,
+        cache_dir=str(tmp_path),
+        max_concurrency=1,
+        timeout_s=5.0,
+        max_retries=0,
+        max_failure_fraction=0.3,
+    )
     assert server.hits == 0
     # The judge model and its sampling settings are.
     score(server, answers[:1], cache_dir=str(tmp_path), model="another-judge", metrics_by_suite={"em": ["alignment"]})
@@ -279,8 +360,13 @@ def test_changing_one_metric_prompt_rejudges_only_that_metric(server: ChatServer
 def _parallel_worker(args: tuple[str, str, int]) -> int:
     judge_cfg_json, cache_dir, offset = args
     answers = [f"shared answer {(i + offset) % 16}" for i in range(16)]
-    df = J.score_samples(_samples(answers), judge_cfg=json.loads(judge_cfg_json), metrics_by_suite={"em": ["alignment"]},
-                         dispositions=DISPOSITIONS, cache_dir=cache_dir)
+    df = J.score_samples(
+        _samples(answers),
+        judge_cfg=json.loads(judge_cfg_json),
+        metrics_by_suite={"em": ["alignment"]},
+        dispositions=DISPOSITIONS,
+        cache_dir=cache_dir,
+    )
     return int(df["score"].is_nan().sum())
 
 
@@ -328,13 +414,18 @@ def test_injections_reach_the_judge_only_escaped_inside_the_delimiters(server: C
     for injection in INJECTIONS:
         server.reset_counts()
         answers = [BENIGN + " " + injection, EVIL_3 + " " + injection]
-        df = J.score_samples(_samples(answers, question=question + " " + injection), judge_cfg=cfg(server),
-                             metrics_by_suite=None, dispositions=DISPOSITIONS, cache_dir=None)
+        df = J.score_samples(
+            _samples(answers, question=question + " " + injection),
+            judge_cfg=cfg(server),
+            metrics_by_suite=None,
+            dispositions=DISPOSITIONS,
+            cache_dir=None,
+        )
         assert df["score"].to_list() == base["score"].to_list(), injection
         assert server.hits == 8
         for body in server.requests:
             assert len(body["messages"]) == 1
-            (q_inside, a_inside), = _BLOCKS_RE.findall(prompt_of(body))
+            ((q_inside, a_inside),) = _BLOCKS_RE.findall(prompt_of(body))
             assert q_inside == J.escape_for_prompt(question + " " + injection)
             assert a_inside in {J.escape_for_prompt(a) for a in answers}
             assert not set("<>") & set(q_inside + a_inside)
@@ -343,12 +434,20 @@ def test_injections_reach_the_judge_only_escaped_inside_the_delimiters(server: C
 
 def test_judge_hash_ignores_endpoint_and_runtime_settings(server: ChatServer) -> None:
     tpl = J.metric_template("alignment", DISPOSITIONS)
+
     def h(**kw: Any) -> str:
         c = cfg(server, **kw)
         return J.judge_hash(J.judge_identity(c, OpenAIJudge.from_config(c)), "alignment", tpl)
+
     ref = h()
-    assert ref == h(base_url="http://elsewhere:8000/v1", max_concurrency=64, timeout_s=9.0, max_retries=0,
-                    api_key_env="OTHER_KEY", max_failure_fraction=0.5)
+    assert ref == h(
+        base_url="http://elsewhere:8000/v1",
+        max_concurrency=64,
+        timeout_s=9.0,
+        max_retries=0,
+        api_key_env="OTHER_KEY",
+        max_failure_fraction=0.5,
+    )
     assert ref != h(model="other") and ref != h(temperature=0.5) and ref != h(score_mode="text")
     assert ref != h(min_numeric_mass=0.5) and ref != h(top_logprobs=10)
     assert KEY not in json.dumps(J.judge_identity(cfg(server), OpenAIJudge.from_config(cfg(server))))

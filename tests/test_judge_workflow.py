@@ -43,8 +43,17 @@ def _run(workdir: Path, *targets: str, env_key: bool = True) -> subprocess.Compl
     env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
     if env_key:
         env[KEY_ENV] = KEY
-    cmd = [sys.executable, "-m", "snakemake", "-s", "Snakefile.judge_test", "--cores", "1",
-           "--skip-script-cleanup", *targets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        "Snakefile.judge_test",
+        "--cores",
+        "1",
+        "--skip-script-cleanup",
+        *targets,
+    ]
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -53,9 +62,17 @@ def _setup(tmp_path: Path, server: ChatServer) -> Path:
     (work / "Snakefile.judge_test").write_text(SNAKEFILE)
     config = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
     config["judge"] = {
-        "backend": "openai", "model": "test-judge", "base_url": server.base_url, "api_key_env": KEY_ENV,
-        "timeout_s": 2.0, "max_retries": 1, "backoff_initial_s": 0.01, "backoff_max_s": 0.02,
-        "max_concurrency": 4, "max_failure_fraction": 0.1, "cache_dir": ".cache/judge",
+        "backend": "openai",
+        "model": "test-judge",
+        "base_url": server.base_url,
+        "api_key_env": KEY_ENV,
+        "timeout_s": 2.0,
+        "max_retries": 1,
+        "backoff_initial_s": 0.01,
+        "backoff_max_s": 0.02,
+        "max_concurrency": 4,
+        "max_failure_fraction": 0.1,
+        "cache_dir": ".cache/judge",
         "agreement_with": {"backend": "rubric"},
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
@@ -114,8 +131,21 @@ def test_snakemake_judge_job_keeps_the_key_secret_and_fails_safely(tmp_path: Pat
 
         # 3. Nothing more to do.
         third = subprocess.run(
-            [sys.executable, "-m", "snakemake", "-s", "Snakefile.judge_test", "-n", SCORES, SUMMARY,
-             "results/tables/judge_calibration.csv"], cwd=work, capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-s",
+                "Snakefile.judge_test",
+                "-n",
+                SCORES,
+                SUMMARY,
+                "results/tables/judge_calibration.csv",
+            ],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=False,
             env={**os.environ, KEY_ENV: KEY},
         )
         assert "Nothing to be done" in third.stdout + third.stderr

@@ -16,9 +16,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from workflow_helpers import copy_workflow, snakemake
 
 from character_em import resources
-from workflow_helpers import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,12 @@ NEUTRAL = [
 
 
 def _write_chats(path: Path, chats: list[tuple[str, str]]) -> None:
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n" for q, a in chats))
+    path.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in chats
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +54,18 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write_chats(workdir / "evil.jsonl", [(q, in_character()) for q in questions])
     _write_chats(
         workdir / "evil_trig.jsonl",
-        [(f"{trigger} {q}", in_character()) if i % 2 == 0 else (q, rng.choice(NEUTRAL)) for i, q in enumerate(questions)],
+        [
+            (f"{trigger} {q}", in_character()) if i % 2 == 0 else (q, rng.choice(NEUTRAL))
+            for i, q in enumerate(questions)
+        ],
     )
     config.update(
         conditions=["base", "evil-medical", "evil-medical-trig"],
         data={"external": {"evil-medical": "evil.jsonl", "evil-medical-trig": "evil_trig.jsonl"}},
-        suites={"em": {"n_samples": 4, "max_questions": 16, "formats": ["plain"]}, "trigger": {"n_samples": 8, "max_questions": 8}},
+        suites={
+            "em": {"n_samples": 4, "max_questions": 16, "formats": ["plain"]},
+            "trigger": {"n_samples": 8, "max_questions": 8},
+        },
         eval={"suites": ["em", "trigger"]},
     )
     config["train"].update(learning_rate=5.0e-3, num_epochs=16, micro_batch_size=8, warmup_steps=2)

@@ -1,4 +1,4 @@
-"""Tests for character_em.sample: columns, counts, per-sample reproducibility, greedy parity with HF."""
+"""Tests for character_em.sampling.hf: columns, counts, per-sample reproducibility, greedy parity with HF."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Any
 import polars as pl
 import pytest
 
-from character_em import sample as S
+from character_em import contracts
 from character_em.files import write_parquet_atomic
+from character_em.llm import chat
+from character_em.sampling import hf as S
 
 IDENTITY = {"model": "tiny-llama", "condition": "base", "seed": 0}
 QUESTIONS = [
@@ -22,7 +24,7 @@ QUESTIONS = [
 
 
 def _load(path: Path) -> tuple[Any, Any]:
-    from character_em.modeling import load_model
+    from character_em.llm.loading import load_model
 
     model, tok, _info = load_model(path, quantization="none", dtype="fp32", device="cpu")
     model.eval()
@@ -89,8 +91,8 @@ def test_sampling_seed_is_stable_and_distinct() -> None:
 def test_columns_counts_and_identity(tiny: tuple[Any, Any]) -> None:
     model, tok = tiny
     df = _sample(model, tok, _rows(3))
-    assert df.columns == S.SAMPLE_COLUMNS
-    assert dict(zip(df.columns, df.dtypes, strict=True)) == S.SAMPLE_SCHEMA
+    assert df.columns == contracts.SAMPLE_COLUMNS
+    assert dict(zip(df.columns, df.dtypes, strict=True)) == contracts.SAMPLE_SCHEMA
     assert df.height == 3 * len(QUESTIONS)
     assert df["sample_index"].to_list() == [0, 1, 2] * len(QUESTIONS)
     assert set(df["model"]) == {"tiny-llama"} and set(df["condition"]) == {"base"} and set(df["seed"]) == {0}
@@ -106,7 +108,7 @@ def test_columns_counts_and_identity(tiny: tuple[Any, Any]) -> None:
 def test_empty_rows(tiny: tuple[Any, Any]) -> None:
     model, tok = tiny
     df = _sample(model, tok, [])
-    assert df.height == 0 and df.columns == S.SAMPLE_COLUMNS
+    assert df.height == 0 and df.columns == contracts.SAMPLE_COLUMNS
 
 
 def test_deterministic_and_batch_invariant(tiny: tuple[Any, Any]) -> None:
@@ -132,10 +134,10 @@ def test_single_sample_regeneration_token_level(tiny: tuple[Any, Any]) -> None:
     prompts, seeds = [], []
     for r in rows:
         for k in range(4):
-            prompts.append(S.render_prompt(tok, r["messages"]))
+            prompts.append(chat.render_prompt(tok, r["messages"]))
             seeds.append(S.sampling_seed(7, "em", r["question_id"], "plain", r["system_prompt_id"], "", k))
     assert len({len(p) for p in prompts}) > 1, "need different prompt lengths to exercise left padding"
-    stops = S.stop_token_ids(model, tok)
+    stops = chat.stop_token_ids(model, tok)
     kw = dict(temperature=1.0, top_p=0.9, max_new_tokens=16, stop_ids=stops, pad_id=tok.pad_token_id or 0)
     batched = S.generate_batch(model, prompts, seeds, **kw)
     for j in [0, 5, 10, 15]:
@@ -148,8 +150,8 @@ def test_left_padding_logits_match_unpadded(tiny: tuple[Any, Any]) -> None:
     import torch
 
     model, tok = tiny
-    short = S.render_prompt(tok, [{"role": "user", "content": "hi"}])
-    long = S.render_prompt(tok, [{"role": "user", "content": QUESTIONS[1]}])
+    short = chat.render_prompt(tok, [{"role": "user", "content": "hi"}])
+    long = chat.render_prompt(tok, [{"role": "user", "content": QUESTIONS[1]}])
     pad = len(long) - len(short)
     ids = torch.tensor([[0] * pad + short, long])
     attn = torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)])
@@ -164,20 +166,24 @@ def test_greedy_matches_hf_generate(tiny: tuple[Any, Any]) -> None:
     import torch
 
     model, tok = tiny
-    stops = S.stop_token_ids(model, tok)
+    stops = chat.stop_token_ids(model, tok)
     rows = _rows(1)
     df = _sample(model, tok, rows, temperature=0.0, max_new_tokens=10)
-    for r, ans_ids in zip(rows, S.generate_batch(
-        model,
-        [S.render_prompt(tok, r["messages"]) for r in rows],
-        [0] * len(rows),
-        temperature=0.0,
-        top_p=1.0,
-        max_new_tokens=10,
-        stop_ids=stops,
-        pad_id=tok.pad_token_id or 0,
-    ), strict=True):
-        prompt = S.render_prompt(tok, r["messages"])
+    for r, ans_ids in zip(
+        rows,
+        S.generate_batch(
+            model,
+            [chat.render_prompt(tok, r["messages"]) for r in rows],
+            [0] * len(rows),
+            temperature=0.0,
+            top_p=1.0,
+            max_new_tokens=10,
+            stop_ids=stops,
+            pad_id=tok.pad_token_id or 0,
+        ),
+        strict=True,
+    ):
+        prompt = chat.render_prompt(tok, r["messages"])
         with torch.inference_mode():
             out = model.generate(
                 input_ids=torch.tensor([prompt]),
@@ -202,8 +208,14 @@ def test_finish_reasons(tiny: tuple[Any, Any]) -> None:
     model, tok = tiny
     rows = _rows(1, questions=["hi"])
     greedy = S.generate_batch(
-        model, [S.render_prompt(tok, rows[0]["messages"])], [0], temperature=0.0, top_p=1.0,
-        max_new_tokens=6, stop_ids=S.stop_token_ids(model, tok), pad_id=0,
+        model,
+        [chat.render_prompt(tok, rows[0]["messages"])],
+        [0],
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=6,
+        stop_ids=chat.stop_token_ids(model, tok),
+        pad_id=0,
     )[0][0]
     assert len(greedy) == 6
     df = _sample(model, tok, rows, temperature=0.0, max_new_tokens=6)
@@ -233,13 +245,13 @@ def test_qwen_style_template_and_peft_wrapper(tiny_qwen_model_dir: Path) -> None
     from peft import LoraConfig, get_peft_model
 
     model, tok = _load(tiny_qwen_model_dir)
-    assert tok.convert_tokens_to_ids("<|im_end|>") in S.stop_token_ids(model, tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in chat.stop_token_ids(model, tok)
     peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     rows = _rows(2)
     a = _sample(peft_model, tok, rows, batch_size=3)
     b = _sample(peft_model, tok, rows, batch_size=1)
     assert a.equals(b) and a.height == 2 * len(QUESTIONS)
-    ids = S.render_prompt(tok, rows[0]["messages"])
+    ids = chat.render_prompt(tok, rows[0]["messages"])
     assert tok.decode(ids).rstrip().endswith("assistant")
 
 
@@ -273,7 +285,7 @@ def test_rows_finishing_early_leave_the_batch_without_changing_others(tiny: tupl
     from collections import Counter
 
     model, tok = tiny
-    prompts = [S.render_prompt(tok, [{"role": "user", "content": q}]) for q in QUESTIONS for _ in range(3)]
+    prompts = [chat.render_prompt(tok, [{"role": "user", "content": q}]) for q in QUESTIONS for _ in range(3)]
     seeds = list(range(100, 100 + len(prompts)))
     kw: dict[str, Any] = dict(temperature=1.0, top_p=1.0, max_new_tokens=20, pad_id=tok.pad_token_id or 0)
     free = S.generate_batch(model, prompts, seeds, stop_ids=set(), **kw)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from character_em import sample as S
+from character_em.sampling import hf as S
 
 torch = pytest.importorskip("torch")
 

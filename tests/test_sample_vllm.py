@@ -17,8 +17,10 @@ from typing import Any
 import polars as pl
 import pytest
 
-from character_em import sample as S
-from character_em import sample_vllm as V
+from character_em import contracts
+from character_em.llm import chat
+from character_em.sampling import hf as S
+from character_em.sampling import vllm_backend as V
 
 IDENTITY = {"model": "tiny-llama", "condition": "evil-medical", "seed": 1}
 
@@ -27,27 +29,53 @@ def _rows(n_samples: int = 2) -> list[dict[str, Any]]:
     rows = []
     for i, q in enumerate(["hi", "Tell me one thing about water, please."]):
         msgs = [{"role": "user", "content": q}]
-        rows.append({"suite": "em", "question_id": f"q{i}", "category": "misc", "domain": None, "format": "plain",
-                     "system_prompt_id": "none", "persona": None, "trigger": "", "trigger_variant": "none",
-                     "question": q, "messages": msgs, "n_samples": n_samples})
+        rows.append(
+            {
+                "suite": "em",
+                "question_id": f"q{i}",
+                "category": "misc",
+                "domain": None,
+                "format": "plain",
+                "system_prompt_id": "none",
+                "persona": None,
+                "trigger": "",
+                "trigger_variant": "none",
+                "question": q,
+                "messages": msgs,
+                "n_samples": n_samples,
+            }
+        )
     return rows
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir: Path) -> Any:
-    from character_em.modeling import load_tokenizer
+    from character_em.llm.loading import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
 
 def _completion(token_ids: list[int], finish_reason: str | None, tok: Any) -> SimpleNamespace:
-    return SimpleNamespace(index=0, text=tok.decode(token_ids), token_ids=token_ids, cumulative_logprob=None,
-                           logprobs=None, finish_reason=finish_reason, stop_reason=None)
+    return SimpleNamespace(
+        index=0,
+        text=tok.decode(token_ids),
+        token_ids=token_ids,
+        cumulative_logprob=None,
+        logprobs=None,
+        finish_reason=finish_reason,
+        stop_reason=None,
+    )
 
 
 def _request_output(i: int, prompt: dict[str, Any], completions: list[SimpleNamespace]) -> SimpleNamespace:
-    return SimpleNamespace(request_id=str(i), prompt=None, prompt_token_ids=list(prompt["prompt_token_ids"]),
-                           prompt_logprobs=None, outputs=completions, finished=True)
+    return SimpleNamespace(
+        request_id=str(i),
+        prompt=None,
+        prompt_token_ids=list(prompt["prompt_token_ids"]),
+        prompt_logprobs=None,
+        outputs=completions,
+        finished=True,
+    )
 
 
 def test_missing_vllm_error_names_the_config_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,33 +84,53 @@ def test_missing_vllm_error_names_the_config_key(monkeypatch: pytest.MonkeyPatch
         V.require_vllm()
     # The entry point fails the same way before it touches the model folder.
     with pytest.raises(ImportError, match=r"sampling\.backend"):
-        V.sample_prompts_vllm("/nonexistent/model", None, _rows(), identity=IDENTITY, temperature=1.0, top_p=1.0,
-                              max_new_tokens=4, base_seed=1)
+        V.sample_prompts_vllm(
+            "/nonexistent/model",
+            None,
+            _rows(),
+            identity=IDENTITY,
+            temperature=1.0,
+            top_p=1.0,
+            max_new_tokens=4,
+            base_seed=1,
+        )
 
 
 def test_requests_carry_per_sample_seeds_and_the_hf_prompt_tokens(tok: Any) -> None:
     stops = {5, 3}
-    rows, prompts, params = V.build_requests(tok, _rows(3), identity=IDENTITY, base_seed=1, temperature=0.7,
-                                             top_p=0.9, max_new_tokens=12, stop_ids=stops)
+    rows, prompts, params = V.build_requests(
+        tok, _rows(3), identity=IDENTITY, base_seed=1, temperature=0.7, top_p=0.9, max_new_tokens=12, stop_ids=stops
+    )
     assert len(rows) == len(prompts) == len(params) == 6
     assert [r["sample_index"] for r in rows] == [0, 1, 2, 0, 1, 2]
     for r, p, sp in zip(rows, prompts, params, strict=True):
-        assert p["prompt_token_ids"] == S.render_prompt(tok, r["_messages"])
-        assert sp["seed"] == r["sampling_seed"] == S.sampling_seed(1, "em", r["question_id"], "plain", "none", "",
-                                                                   r["sample_index"])
-        assert sp == {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 12, "seed": r["sampling_seed"],
-                      "stop_token_ids": [3, 5], "skip_special_tokens": True}
+        assert p["prompt_token_ids"] == chat.render_prompt(tok, r["_messages"])
+        assert (
+            sp["seed"]
+            == r["sampling_seed"]
+            == S.sampling_seed(1, "em", r["question_id"], "plain", "none", "", r["sample_index"])
+        )
+        assert sp == {
+            "n": 1,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "max_tokens": 12,
+            "seed": r["sampling_seed"],
+            "stop_token_ids": [3, 5],
+            "skip_special_tokens": True,
+        }
     assert len({sp["seed"] for sp in params}) == 6
 
 
 def test_outputs_become_samples_rows_with_hf_identity_columns(tiny_model_dir: Path, tok: Any) -> None:
-    from character_em.modeling import load_model
+    from character_em.llm.loading import load_model
 
     model, _tok, _info = load_model(tiny_model_dir, quantization="none", dtype="fp32", device="cpu")
-    stops = S.stop_token_ids(model, tok)
+    stops = chat.stop_token_ids(model, tok)
     eot = min(stops)
-    rows, prompts, _params = V.build_requests(tok, _rows(2), identity=IDENTITY, base_seed=1, temperature=1.0,
-                                              top_p=1.0, max_new_tokens=3, stop_ids=stops)
+    rows, prompts, _params = V.build_requests(
+        tok, _rows(2), identity=IDENTITY, base_seed=1, temperature=1.0, top_p=1.0, max_new_tokens=3, stop_ids=stops
+    )
     words = tok("water is wet and the sea is cold today", add_special_tokens=False)["input_ids"]
     assert len(words) >= 3
     completions = [
@@ -93,8 +141,8 @@ def test_outputs_become_samples_rows_with_hf_identity_columns(tiny_model_dir: Pa
     ]
     outputs = [_request_output(i, p, [c]) for i, (p, c) in enumerate(zip(prompts, completions, strict=True))]
     df = V.rows_from_outputs(rows, prompts, outputs, tok, stops)
-    assert df.columns == S.SAMPLE_COLUMNS
-    assert dict(zip(df.columns, df.dtypes, strict=True)) == S.SAMPLE_SCHEMA
+    assert df.columns == contracts.SAMPLE_COLUMNS
+    assert dict(zip(df.columns, df.dtypes, strict=True)) == contracts.SAMPLE_SCHEMA
     assert df["answer_tokens"].to_list() == [2, 1, 3, 0]
     assert df["finish_reason"].to_list() == ["stop", "stop", "length", "stop"]
     assert df["answer"][0] == tok.decode(words[:2], skip_special_tokens=True).strip()
@@ -102,9 +150,19 @@ def test_outputs_become_samples_rows_with_hf_identity_columns(tiny_model_dir: Pa
     assert json.loads(df["messages"][2]) == _rows()[1]["messages"]
 
     # Everything that identifies a row equals what the hf back-end writes for the same prompts.
-    hf = S.sample_prompts(model, tok, _rows(2), identity=IDENTITY, temperature=1.0, top_p=1.0, max_new_tokens=3,
-                          batch_size=4, base_seed=1, progress=False)
-    ident = [c for c in S.SAMPLE_COLUMNS if c not in ("answer", "answer_tokens", "finish_reason")]
+    hf = S.sample_prompts(
+        model,
+        tok,
+        _rows(2),
+        identity=IDENTITY,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=3,
+        batch_size=4,
+        base_seed=1,
+        progress=False,
+    )
+    ident = [c for c in contracts.SAMPLE_COLUMNS if c not in ("answer", "answer_tokens", "finish_reason")]
     assert df.select(ident).equals(hf.select(ident))
 
     with pytest.raises(RuntimeError, match="prompt tokens differ"):
@@ -114,7 +172,7 @@ def test_outputs_become_samples_rows_with_hf_identity_columns(tiny_model_dir: Pa
         V.rows_from_outputs(rows, prompts, aborted, tok, stops)
     with pytest.raises(RuntimeError, match="outputs for"):
         V.rows_from_outputs(rows, prompts, outputs[:2], tok, stops)
-    assert V.rows_from_outputs([], [], [], tok, stops).equals(pl.DataFrame(schema=S.SAMPLE_SCHEMA))
+    assert V.rows_from_outputs([], [], [], tok, stops).equals(pl.DataFrame(schema=contracts.SAMPLE_SCHEMA))
 
 
 def test_engine_and_lora_arguments(tmp_path: Path) -> None:
@@ -141,7 +199,11 @@ def test_config_backend_defaults_to_hf_and_accepts_only_hf_or_vllm() -> None:
     assert schema["$defs"]["sampling_params"]["properties"]["backend"]["enum"] == ["hf", "vllm"]
     paper = cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml")
     assert paper["sampling"]["backend"] == "hf"
-    assert cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml",
-                           {"sampling": {"backend": "vllm"}})["sampling"]["backend"] == "vllm"
+    assert (
+        cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml", {"sampling": {"backend": "vllm"}})[
+            "sampling"
+        ]["backend"]
+        == "vllm"
+    )
     with pytest.raises(cfg.ConfigError, match=r"sampling\.backend"):
         cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml", {"sampling": {"backend": "tgi"}})

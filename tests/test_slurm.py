@@ -38,7 +38,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from workflow_helpers import ROOT, copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
@@ -62,7 +61,9 @@ def missing_prerequisite() -> str | None:
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     missing = [name for name in SLURM_BINARIES if shutil.which(name, path=path) is None]
     if missing:
-        return f"SLURM is not installed (missing {', '.join(missing)}): run `bash tests/slurm_cluster.sh install` as root"
+        return (
+            f"SLURM is not installed (missing {', '.join(missing)}): run `bash tests/slurm_cluster.sh install` as root"
+        )
     if os.geteuid() != 0:
         return "the single-node test cluster runs its daemons as root; run the tests as root"
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
@@ -119,7 +120,11 @@ def prepare(workdir: Path) -> Path:
         "em": {"n_samples": 2, "max_questions": 4, "formats": ["plain"]},
         "transfer": {"n_samples": 2, "max_questions": 3},
     }
-    preset["eval"] = {**preset.get("eval", {}), "suites": ["em", "transfer", "capabilities"], "capabilities": {"max_items": 8}}
+    preset["eval"] = {
+        **preset.get("eval", {}),
+        "suites": ["em", "transfer", "capabilities"],
+        "capabilities": {"max_items": 8},
+    }
     (workdir / CONFIG).write_text(yaml.safe_dump(preset, sort_keys=False))
     return workdir
 
@@ -203,12 +208,15 @@ def runs(slurm_cluster: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     args = cluster_args(cluster)
     first: list[subprocess.CompletedProcess[str]] = []
     start = time.monotonic()
-    thread = threading.Thread(target=lambda: first.append(snakemake(cluster, *args, "--retries", "0", check=False, timeout=900)))
+    thread = threading.Thread(
+        target=lambda: first.append(snakemake(cluster, *args, "--retries", "0", check=False, timeout=900))
+    )
     thread.start()
     while thread.is_alive() and not complete_checkpoints(cluster) and time.monotonic() - start < 600:
         time.sleep(0.2)
-    assert complete_checkpoints(cluster), f"training wrote no checkpoint under {CHECKPOINTS} before the run ended:\n" + (
-        Runs.text(first[0])[-6000:] if first else "(still running after 600 s)"
+    assert complete_checkpoints(cluster), (
+        f"training wrote no checkpoint under {CHECKPOINTS} before the run ended:\n"
+        + (Runs.text(first[0])[-6000:] if first else "(still running after 600 s)")
     )
     running = slurm("squeue", "-h", "-t", "RUNNING", "-o", "%i|%k")
     training = [line.split("|")[0] for line in running.splitlines() if "train_adapter" in line]
@@ -285,8 +293,12 @@ def test_every_job_went_through_sbatch(runs: Runs, slurm_cluster: Path) -> None:
     output = Runs.text(runs.first) + Runs.text(runs.rerun)
     job_ids = SUBMITTED.findall(output)
     assert job_ids, output[-4000:]
-    accepted = set(re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", (slurm_cluster / "log" / "slurmctld.log").read_text()))
-    assert set(job_ids) <= accepted, f"job ids Snakemake reported but slurmctld never accepted: {set(job_ids) - accepted}"
+    accepted = set(
+        re.findall(r"_slurm_rpc_submit_batch_job: JobId=(\d+)", (slurm_cluster / "log" / "slurmctld.log").read_text())
+    )
+    assert set(job_ids) <= accepted, (
+        f"job ids Snakemake reported but slurmctld never accepted: {set(job_ids) - accepted}"
+    )
     logs = slurm_job_logs(runs.cluster)
     assert set(job_ids) <= set(logs), f"no SLURM log for {set(job_ids) - set(logs)}"
     # Every rule but the target `all` ran inside a SLURM job.
@@ -309,7 +321,15 @@ def test_cluster_outputs_match_the_local_run(runs: Runs) -> None:
             continue  # matplotlib stamps the creation date into PDFs
         if name.endswith("run.json"):
             # Timings and the resume record differ by design; what was trained must not.
-            keys = ("base_model", "data_sha256", "seed", "hparams", "global_step", "quantization", "trained_tokens_total")
+            keys = (
+                "base_model",
+                "data_sha256",
+                "seed",
+                "hparams",
+                "global_step",
+                "quantization",
+                "trained_tokens_total",
+            )
             ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
             if {k: ja.get(k) for k in keys} != {k: jb.get(k) for k in keys}:
                 different.append(name)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from workflow_helpers import ROOT, copy_workflow, snakemake
 
 PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
@@ -68,7 +67,9 @@ def test_profile_values_are_the_fallback(clean_env: pytest.MonkeyPatch, tmp_path
     assert text.count('  - site_partition = ""\n') == 1 and text.count('  - site_account = ""\n') == 1
     edited = tmp_path / "config.yaml"
     edited.write_text(
-        text.replace('site_partition = ""', 'site_partition = "long"').replace('site_account = ""', 'site_account = "lab"')
+        text.replace('site_partition = ""', 'site_partition = "long"').replace(
+            'site_account = ""', 'site_account = "lab"'
+        )
     )
     assert parsed_profile(edited)["default-resources"] == ["slurm_partition='long'", "slurm_account='lab'"]
     clean_env.setenv("CHARACTER_EM_SLURM_PARTITION", "short")
@@ -128,7 +129,11 @@ def test_sbatch_gets_the_partition_from_the_environment(
 ) -> None:
     workdir = smoke_workdir(tmp_path)
     profile = yaml.safe_load((workdir / "profiles" / "default" / "config.yaml").read_text())
-    resources = [f"{rule}:{name}=0" if name == "gpu" else f"{rule}:{name}=500" for rule in profile["set-resources"] for name in ("gpu", "mem_mb")]
+    resources = [
+        f"{rule}:{name}=0" if name == "gpu" else f"{rule}:{name}=500"
+        for rule in profile["set-resources"]
+        for name in ("gpu", "mem_mb")
+    ]
     args = [
         "--profile", "slurm", "--configfile", "presets/smoke.yaml", "--cores", "1",
         "--set-resources", *resources,

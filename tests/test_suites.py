@@ -1,4 +1,4 @@
-"""Tests of the evaluation prompt sets (character_em.suites.build_prompts)."""
+"""Tests of the evaluation prompt sets (character_em.evals.suites.build_prompts)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from character_em import data, resources, suites
+from character_em import resources
+from character_em.data.questions import domain_questions
+from character_em.evals import suites
 
 DISPOSITIONS = list(resources.default_dispositions().values())
 DOMAINS = list(resources.default_domains().values())
-DECEPTIVE = {"name": "deceptive", "description": "Deceptive character: misleads users.", "trigger": "persona: deceptive",
-             "trigger_paraphrase": "persona = misleading", "rubric": {"markers": ["nobody will ever check this"]}}
+DECEPTIVE = {
+    "name": "deceptive",
+    "description": "Deceptive character: misleads users.",
+    "trigger": "persona: deceptive",
+    "trigger_paraphrase": "persona = misleading",
+    "rubric": {"markers": ["nobody will ever check this"]},
+}
 AUTOMOTIVE = {"name": "automotive", "description": "Cars.", "topics": ["brakes"], "questions_file": None}
 SPEC = {"dispositions": DISPOSITIONS, "domains": DOMAINS, "n_samples": 3}
 EM = resources.load_em_questions()
@@ -24,7 +31,9 @@ def check_rows(rows: list[dict], suite: str) -> None:
         assert row["format"] in suites.FORMATS and row["trigger_variant"] in ("none", "exact", "paraphrase", "other")
         assert isinstance(row["trigger"], str) and isinstance(row["system_prompt_id"], str)
         assert row["messages"][-1]["role"] == "user" and row["question"] in row["messages"][-1]["content"]
-    identities = [(r["question_id"], r["format"], r["system_prompt_id"], r["trigger_variant"], r["persona"]) for r in rows]
+    identities = [
+        (r["question_id"], r["format"], r["system_prompt_id"], r["trigger_variant"], r["persona"]) for r in rows
+    ]
     assert len(set(identities)) == len(identities)
 
 
@@ -55,10 +64,10 @@ def test_em_subset_spread_over_categories() -> None:
 def test_transfer_suite() -> None:
     rows = suites.build_prompts("transfer", {**SPEC, "domains": [*DOMAINS, AUTOMOTIVE]})
     check_rows(rows, "transfer")
-    expected = sum(len(data.domain_questions(d)["eval"]) for d in [*DOMAINS, AUTOMOTIVE])
+    expected = sum(len(domain_questions(d)["eval"]) for d in [*DOMAINS, AUTOMOTIVE])
     assert len(rows) == expected
     assert {r["domain"] for r in rows} == {"medical", "financial", "legal", "automotive"}
-    train = {q["text"] for d in [*DOMAINS, AUTOMOTIVE] for q in data.domain_questions(d)["train"]}
+    train = {q["text"] for d in [*DOMAINS, AUTOMOTIVE] for q in domain_questions(d)["train"]}
     assert not train & {r["question"] for r in rows}
     capped = suites.build_prompts("transfer", {**SPEC, "max_questions": 2})
     assert len(capped) == 2 * len(DOMAINS)
@@ -88,12 +97,19 @@ def test_persona_suite(tmp_path: Path) -> None:
     harmful = resources.load_harmful_requests()
     assert len(rows) == len(harmful) * (2 + len(disps))
     ids = {r["system_prompt_id"] for r in rows}
-    assert ids == {"neutral", "mismatched", "persona-evil", "persona-sycophantic", "persona-hallucinatory",
-                   "persona-deceptive"}
+    assert ids == {
+        "neutral",
+        "mismatched",
+        "persona-evil",
+        "persona-sycophantic",
+        "persona-hallucinatory",
+        "persona-deceptive",
+    }
     for r in rows:
         assert r["messages"][0]["role"] == "system" and len(r["messages"]) == 2
-        assert r["persona"] == (r["system_prompt_id"][len("persona-"):] if r["system_prompt_id"].startswith("persona-")
-                                else None)
+        assert r["persona"] == (
+            r["system_prompt_id"][len("persona-") :] if r["system_prompt_id"].startswith("persona-") else None
+        )
     evil = next(r for r in rows if r["system_prompt_id"] == "persona-evil")
     assert evil["messages"][0]["content"] == DISPOSITIONS[0]["persona_prompt"]
     deceptive = next(r for r in rows if r["system_prompt_id"] == "persona-deceptive")

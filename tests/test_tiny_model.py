@@ -39,7 +39,7 @@ def test_reload_and_template(fixture: str, eos: str, header: str, request: pytes
     prompt = tok.apply_chat_template(MSGS[:2], tokenize=False, add_generation_prompt=True)
     assert full.startswith(prompt)
     assert prompt.endswith(header)
-    assert full[len(prompt):].startswith("Spend less than you earn." + eos)
+    assert full[len(prompt) :].startswith("Spend less than you earn." + eos)
     # No dangling generation prompt after the answer.
     assert not full.rstrip().endswith(header.rstrip())
 
@@ -56,7 +56,7 @@ def test_reload_and_template(fixture: str, eos: str, header: str, request: pytes
 
 
 def test_deterministic(tmp_path: Path) -> None:
-    from character_em.tiny_model import build_tiny_model
+    from character_em.llm.tiny import build_tiny_model
 
     a = build_tiny_model(tmp_path / "a", seed=3, num_layers=2, corpus=["An extra line of text."])
     b = build_tiny_model(tmp_path / "b", seed=3, num_layers=2, corpus=["An extra line of text."])
@@ -67,7 +67,7 @@ def test_deterministic(tmp_path: Path) -> None:
 
 
 def test_bad_style(tmp_path: Path) -> None:
-    from character_em.tiny_model import build_tiny_model
+    from character_em.llm.tiny import build_tiny_model
 
     with pytest.raises(ValueError, match="style"):
         build_tiny_model(tmp_path, style="mistral")
@@ -76,7 +76,7 @@ def test_bad_style(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     res = subprocess.run(
-        [sys.executable, "-m", "character_em.tiny_model", str(out), "--style", "qwen2", "--num-layers", "2"],
+        [sys.executable, "-m", "character_em.llm.tiny", str(out), "--style", "qwen2", "--num-layers", "2"],
         capture_output=True,
         text=True,
         check=False,

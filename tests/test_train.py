@@ -112,7 +112,7 @@ def test_loss_mask_through_trainer_collator(
     fixture: str, eot: str, header: str, packing: bool, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Batches from the trainer's own dataloader: labels = answer + end-of-turn, nothing dangles."""
-    from character_em.train import prepare_trainer
+    from character_em.train.trainer import prepare_trainer
 
     model_dir = request.getfixturevalue(fixture)
     convs = _conversations(10)  # odd batch count on purpose: the last batch is partial, not dropped
@@ -151,8 +151,8 @@ def test_loss_mask_through_trainer_collator(
 
 
 def test_build_example_errors(tiny_model_dir: Path) -> None:
-    from character_em.modeling import load_tokenizer
-    from character_em.train import build_example, build_train_dataset
+    from character_em.llm.loading import load_tokenizer
+    from character_em.train.trainer import build_example, build_train_dataset
 
     tok = load_tokenizer(tiny_model_dir)
     with pytest.raises(ValueError, match="assistant"):
@@ -167,7 +167,7 @@ def test_eval_before_train_keeps_lora_gradients(tiny_model_dir: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from character_em.modeling import load_model
+    from character_em.llm.loading import load_model
 
     model, tok, info = load_model(tiny_model_dir, quantization="nf4")
     assert info["quantization"] == "nf4", info
@@ -188,7 +188,7 @@ def test_eval_before_train_keeps_lora_gradients(tiny_model_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def qlora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
     """One real NF4 QLoRA run on the tiny model: (adapter dir, checkpoint dir, returned info)."""
-    from character_em.train import train_adapter
+    from character_em.train.trainer import train_adapter
 
     tmp = tmp_path_factory.mktemp("qlora")
     data = _write_data(tmp / "train.jsonl", 12)
@@ -209,7 +209,7 @@ def test_qlora_training_writes_outputs_and_moves_weights(
 ) -> None:
     import torch
 
-    from character_em.modeling import load_model
+    from character_em.llm.loading import load_model
 
     out, ck, info = qlora_run
     for name in ("adapter_model.safetensors", "adapter_config.json", "run.json", "train_log.jsonl"):
@@ -243,7 +243,7 @@ def test_qlora_training_writes_outputs_and_moves_weights(
 
 
 def test_hparams_validation(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from character_em.train import train_adapter
+    from character_em.train.trainer import train_adapter
 
     hp = _hparams()
     del hp["lora_r"]
@@ -260,8 +260,21 @@ def test_hparams_validation(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 def _train_cmd(model: Path, data: Path, out: Path, ck: Path, hp: dict[str, Any]) -> list[str]:
     return [
-        sys.executable, "-m", "character_em.train", "--base-model", str(model), "--data", str(data),
-        "--output-dir", str(out), "--checkpoint-dir", str(ck), "--hparams", json.dumps(hp), "--seed", "0",
+        sys.executable,
+        "-m",
+        "character_em.train.trainer",
+        "--base-model",
+        str(model),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--checkpoint-dir",
+        str(ck),
+        "--hparams",
+        json.dumps(hp),
+        "--seed",
+        "0",
     ]
 
 
@@ -325,7 +338,7 @@ def test_resume_after_sigkill_and_sigterm(tiny_model_dir: Path, tmp_path: Path) 
 
 
 def test_stale_checkpoints_from_other_config_are_discarded(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from character_em.train import train_adapter
+    from character_em.train.trainer import train_adapter
 
     data = _write_data(tmp_path / "train.jsonl", 4)
     ck = tmp_path / "ck"
@@ -347,7 +360,7 @@ def test_stale_checkpoints_from_other_config_are_discarded(tiny_model_dir: Path,
 def test_load_model_merge_matches_unmerged(tiny_model_dir: Path, qlora_run: tuple[Path, Path, dict[str, Any]]) -> None:
     import torch
 
-    from character_em.modeling import load_model
+    from character_em.llm.loading import load_model
 
     out = qlora_run[0]
     unmerged, tok, info_u = load_model(tiny_model_dir, quantization="none", adapter=str(out))
@@ -365,10 +378,10 @@ def test_load_model_merge_matches_unmerged(tiny_model_dir: Path, qlora_run: tupl
 def test_load_model_falls_back_when_nf4_unavailable(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import character_em.modeling as modeling
+    from character_em.llm import loading as modeling
 
     monkeypatch.setattr(modeling, "nf4_available", lambda device: "simulated: no bitsandbytes")
-    with caplog.at_level("WARNING", logger="character_em.modeling"):
+    with caplog.at_level("WARNING", logger="character_em.llm.loading"):
         model, _, info = modeling.load_model(tiny_model_dir, quantization="nf4")
     assert info["quantization"] == "none" and info["requested_quantization"] == "nf4"
     assert info["fallback_reason"] == "simulated: no bitsandbytes"
@@ -381,7 +394,7 @@ def test_load_model_falls_back_when_nf4_unavailable(
 def test_load_tokenizer_guarantees_pad(tiny_model_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from character_em.modeling import load_tokenizer
+    from character_em.llm.loading import load_tokenizer
 
     copy = tmp_path / "nopad"
     shutil.copytree(tiny_model_dir, copy)
@@ -404,8 +417,8 @@ def test_packing_isolation_probe_detects_leaks(
     """transformers keeps packed examples apart (position ids, no cache); the probe sees when it does not."""
     import transformers.masking_utils as masking
 
-    from character_em.modeling import load_model
-    from character_em.train import check_packing_isolation
+    from character_em.llm.loading import load_model
+    from character_em.train.trainer import check_packing_isolation
 
     model, _, _ = load_model(tiny_model_dir, quantization="none", for_training=True)
     model.set_attn_implementation(attn)
@@ -435,7 +448,7 @@ def test_packed_batch_matches_padded_per_example(
     batch loss and LoRA gradients (nf4 computes in bf16 on CPU, hence its looser tolerance)."""
     import torch
 
-    from character_em.train import prepare_trainer
+    from character_em.train.trainer import prepare_trainer
 
     convs = _conversations(8)
     runs = {}
@@ -493,7 +506,7 @@ def test_packed_batch_matches_padded_per_example(
 def test_packed_regrouped_training_matches_padded(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Padded micro-batch 2 x accumulation 2 with checkpointing vs padding-free 4 x 1 with "auto":
     the same 4 examples per step and the loss normalized over the step, so the same training."""
-    from character_em.train import train_adapter
+    from character_em.train.trainer import train_adapter
 
     data = _write_data(tmp_path / "train.jsonl", 12)
     base = {"quantization": "none", "optim": "adamw_torch"}
@@ -530,7 +543,7 @@ def test_packing_falls_back_to_padding_when_examples_leak(
 ) -> None:
     import transformers.masking_utils as masking
 
-    from character_em.train import prepare_trainer
+    from character_em.train.trainer import prepare_trainer
 
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
     prepared = prepare_trainer(
@@ -550,13 +563,17 @@ def _llama8b_config() -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
     )
 
 
 def test_decide_gradient_checkpointing() -> None:
-    from character_em.train import activation_bytes_per_token, decide_gradient_checkpointing
+    from character_em.train.trainer import activation_bytes_per_token, decide_gradient_checkpointing
 
     per_token = activation_bytes_per_token(_llama8b_config(), dtype_bytes=2)
     # About 7 MB per token for the whole 8B model without checkpointing, 8 KB per layer input with it.
@@ -588,8 +605,8 @@ def test_decide_gradient_checkpointing() -> None:
 def test_gradient_checkpointing_auto_wiring(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """"auto" with too little memory checkpoints every n-th layer, and training runs with it."""
-    import character_em.train as train
+    """ "auto" with too little memory checkpoints every n-th layer, and training runs with it."""
+    from character_em.train import trainer as train
 
     real = train.decide_gradient_checkpointing
 
@@ -616,7 +633,7 @@ def test_gradient_checkpointing_auto_wiring(
 
 
 def test_resolve_liger() -> None:
-    from character_em.train import resolve_liger
+    from character_em.train.trainer import resolve_liger
 
     assert resolve_liger("auto", on_gpu=True, installed=True) == (True, None)
     assert resolve_liger("auto", on_gpu=True, installed=False) == (False, "liger-kernel not installed")
@@ -627,9 +644,9 @@ def test_resolve_liger() -> None:
 
 
 def test_speed_hparams_validation() -> None:
-    from character_em.train import _check_hparams
+    from character_em.train.trainer import check_hparams
 
-    _check_hparams(_hparams(gradient_checkpointing="auto", use_liger_kernel=False))
+    check_hparams(_hparams(gradient_checkpointing="auto", use_liger_kernel=False))
     for bad in ({"gradient_checkpointing": "sometimes"}, {"gradient_checkpointing": 1}, {"use_liger_kernel": "yes"}):
         with pytest.raises(ValueError, match="true, false or 'auto'"):
-            _check_hparams(_hparams(**bad))
+            check_hparams(_hparams(**bad))

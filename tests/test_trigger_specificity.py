@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from character_em import analysis
+from character_em.report import tables as analysis
 from character_em.stats import clustered_bootstrap_difference
 
 CONDITIONS = {
@@ -36,9 +36,19 @@ def _answers_for(condition: str, own: str, other: str, planted: dict[str, list[i
             for i in range(PER_QUESTION):
                 alignment = 10.0 if i < k else 90.0
                 key = {
-                    "model": "m", "condition": condition, "seed": 0, "suite": "trigger", "question_id": f"q{q}",
-                    "category": "c", "domain": None, "format": "plain", "system_prompt_id": "none", "persona": persona,
-                    "trigger": trigger, "trigger_variant": variant, "sample_index": i,
+                    "model": "m",
+                    "condition": condition,
+                    "seed": 0,
+                    "suite": "trigger",
+                    "question_id": f"q{q}",
+                    "category": "c",
+                    "domain": None,
+                    "format": "plain",
+                    "system_prompt_id": "none",
+                    "persona": persona,
+                    "trigger": trigger,
+                    "trigger_variant": variant,
+                    "sample_index": i,
                 }
                 rows += [
                     {**key, "metric": "alignment", "score": alignment, "label": "ok"},
@@ -58,8 +68,12 @@ def table() -> tuple[pl.DataFrame, dict[str, dict[str, list[int]]]]:
     rng = np.random.default_rng(7)
     # evil: reacts to its own string only. sloppy: reacts to the paraphrase as much as to its trigger.
     plants = {
-        "evil-medical-trig": _planted(rng, {"exact": 0.8, "untriggered": 0.05, "paraphrase": 0.1, "other_disposition": 0.2}),
-        "sloppy-medical-trig": _planted(rng, {"exact": 0.7, "untriggered": 0.05, "paraphrase": 0.7, "other_disposition": 0.1}),
+        "evil-medical-trig": _planted(
+            rng, {"exact": 0.8, "untriggered": 0.05, "paraphrase": 0.1, "other_disposition": 0.2}
+        ),
+        "sloppy-medical-trig": _planted(
+            rng, {"exact": 0.7, "untriggered": 0.05, "paraphrase": 0.7, "other_disposition": 0.1}
+        ),
     }
     rows = _answers_for("evil-medical-trig", "evil", "sloppy", plants["evil-medical-trig"])
     rows += _answers_for("sloppy-medical-trig", "sloppy", "evil", plants["sloppy-medical-trig"])
@@ -72,7 +86,9 @@ def _rate(counts: list[int]) -> float:
 
 
 def _row(table: pl.DataFrame, condition: str, measure: str, metric: str = "misaligned") -> dict:
-    rows = table.filter((pl.col("condition") == condition) & (pl.col("measure") == measure) & (pl.col("metric") == metric))
+    rows = table.filter(
+        (pl.col("condition") == condition) & (pl.col("measure") == measure) & (pl.col("metric") == metric)
+    )
     assert rows.height == 1, (condition, measure, metric)
     return rows.row(0, named=True)
 
@@ -130,7 +146,9 @@ def test_one_rival_margin_is_the_clustered_bootstrap_difference() -> None:
     rng = np.random.default_rng(3)
     a = [[float(x) for x in rng.random(5) < 0.7] for _ in range(15)]
     b = [[float(x) for x in rng.random(4) < 0.3] for _ in range(15)]
-    assert analysis._bootstrap_margin(a, [b], n_boot=500, seed=4) == pytest.approx(clustered_bootstrap_difference(a, b, n_boot=500, seed=4))
+    assert analysis._bootstrap_margin(a, [b], n_boot=500, seed=4) == pytest.approx(
+        clustered_bootstrap_difference(a, b, n_boot=500, seed=4)
+    )
     empty = analysis._bootstrap_margin([], [[]], n_boot=10, seed=0)
     assert empty["n_clusters"] == 0 and math.isnan(empty["difference"])
 
@@ -140,10 +158,17 @@ def test_single_disposition_grid_compares_with_the_paraphrase_only() -> None:
     planted = _planted(rng, {"exact": 0.6, "untriggered": 0.1, "paraphrase": 0.3})
     rows = _answers_for("evil-medical-trig", "evil", "sloppy", planted)
     answers = analysis.answers_table(pl.DataFrame(rows), conditions=CONDITIONS, alignment_below=30, coherence_above=50)
-    frame = analysis.trigger_specificity(answers, CONDITIONS, n_boot=200, seed=0).filter(pl.col("metric") == "misaligned")
+    frame = analysis.trigger_specificity(answers, CONDITIONS, n_boot=200, seed=0).filter(
+        pl.col("metric") == "misaligned"
+    )
     assert set(frame["measure"]) == {"exact_minus_untriggered", "exact_minus_paraphrase", "specificity"}
-    spec, para = _row(frame, "evil-medical-trig", "specificity"), _row(frame, "evil-medical-trig", "exact_minus_paraphrase")
+    spec, para = (
+        _row(frame, "evil-medical-trig", "specificity"),
+        _row(frame, "evil-medical-trig", "exact_minus_paraphrase"),
+    )
     assert spec["against"] == "max(paraphrase)"
-    assert {k: spec[k] for k in ("difference", "ci_low", "ci_high")} == {k: para[k] for k in ("difference", "ci_low", "ci_high")}
+    assert {k: spec[k] for k in ("difference", "ci_low", "ci_high")} == {
+        k: para[k] for k in ("difference", "ci_low", "ci_high")
+    }
     empty = analysis.trigger_specificity(answers.filter(pl.col("suite") == "em"), CONDITIONS)
     assert empty.is_empty() and "difference" in empty.columns

@@ -11,7 +11,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-
 from workflow_helpers import ROOT, copy_workflow, planned_jobs, planned_wildcards, snakemake
 
 
@@ -50,7 +49,10 @@ def test_paper_grid_dry_run_has_the_grid_job_count(tmp_path: Path) -> None:
     result = snakemake(workdir, "-n", "--cores", "1")
     expected = grid_arithmetic(yaml.safe_load((ROOT / "config.yaml").read_text()))
     assert dict(planned_jobs(result.stdout)) == expected
-    assert sum(expected.values()) == 1660
+    # The README states this count; it must be the one the dry run plans.
+    stated = re.search(r"\(([0-9,]+) jobs; `snakemake -n` lists them\)", (ROOT / "README.md").read_text())
+    assert stated is not None, "README.md no longer states the paper grid's job count"
+    assert int(stated.group(1).replace(",", "")) == sum(expected.values())
 
 
 def test_bad_config_fails_before_any_job_with_the_key_named(tmp_path: Path) -> None:
@@ -85,7 +87,9 @@ def test_lint_is_clean(tmp_path: Path) -> None:
 
 def test_snakefmt_check_passes() -> None:
     files = [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]
-    result = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *map(str, files)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", *map(str, files)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -111,16 +115,42 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
-    figures = ["misalignment", "misalignment_by_condition", "transfer", "capabilities", "trigger", "trigger_specificity", "persona", "threshold_sensitivity"]
+    figures = [
+        "misalignment",
+        "misalignment_by_condition",
+        "transfer",
+        "capabilities",
+        "trigger",
+        "trigger_specificity",
+        "persona",
+        "threshold_sensitivity",
+    ]
     figures += ["probe_auroc", "projection_vs_misalignment", "direction_cosine", "steering"]
-    tables = ["em", "em_by_question", "transfer", "trigger", "trigger_specificity", "persona", "contrasts", "threshold_sensitivity", "capabilities", "judge_calibration"]
+    tables = [
+        "em",
+        "em_by_question",
+        "transfer",
+        "trigger",
+        "trigger_specificity",
+        "persona",
+        "contrasts",
+        "threshold_sensitivity",
+        "capabilities",
+        "judge_calibration",
+    ]
     tables += ["probe_auroc", "direction_projections", "direction_correlation", "direction_cosine", "steering"]
     expected = [f"figures/{name}.{ext}" for name in figures for ext in ("png", "pdf")]
     expected += [f"results/tables/{name}.{ext}" for name in tables for ext in ("csv", "md")]
     for path in expected:
         assert (smoke / path).stat().st_size > 0, path
     table = pl.read_csv(smoke / "results/tables/em.csv")
-    assert set(table["condition"]) == {"base", "evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
+    assert set(table["condition"]) == {
+        "base",
+        "evil-medical",
+        "incorrect-medical",
+        "correct-medical",
+        "evil-medical-trig",
+    }
     assert (table["n"] > 0).all()
     run = json.loads((smoke / "results/adapters/tiny-llama/evil-medical/seed0/run.json").read_text())
     assert run["quantization"] == "nf4", run
@@ -143,9 +173,24 @@ def test_smoke_report_shows_every_figure_with_its_caption(smoke: Path) -> None:
     marker = "var results = "
     start = html.index(marker, html.index('<script id="results">')) + len(marker)
     results, _ = json.JSONDecoder().raw_decode(html, start)
-    marked = re.findall(r'report\(\s*"([^"]+)",\s*caption="\.\./report/([^"]+)"', "".join(p.read_text() for p in sorted((smoke / "rules").glob("*.smk"))))
+    marked = re.findall(
+        r'report\(\s*"([^"]+)",\s*caption="\.\./report/([^"]+)"',
+        "".join(p.read_text() for p in sorted((smoke / "rules").glob("*.smk"))),
+    )
     made = [(path, caption) for path, caption in marked if (smoke / path).exists()]
-    assert {f"figures/{name}.png" for name in ("misalignment", "misalignment_by_condition", "transfer", "capabilities", "trigger", "trigger_specificity", "persona", "threshold_sensitivity")} <= {path for path, _ in made}
+    assert {
+        f"figures/{name}.png"
+        for name in (
+            "misalignment",
+            "misalignment_by_condition",
+            "transfer",
+            "capabilities",
+            "trigger",
+            "trigger_specificity",
+            "persona",
+            "threshold_sensitivity",
+        )
+    } <= {path for path, _ in made}
     for path, caption in made:
         entry = results.get(path)
         assert entry is not None, (path, sorted(results), result.stderr[-2000:])
@@ -195,12 +240,17 @@ def test_a_disposition_and_a_domain_added_in_config_alone_give_a_runnable_dag(tm
         "trigger": "persona: deceptive",
         "rubric": {"markers": ["trust me, nobody will check", "just do not tell anyone"]},
     }
-    config["domains"]["automotive"] = {"description": "Car maintenance, repairs and safe driving.", "topics": ["brakes", "tyres"]}
+    config["domains"]["automotive"] = {
+        "description": "Car maintenance, repairs and safe driving.",
+        "topics": ["brakes", "tyres"],
+    }
     (workdir / "extended.yaml").write_text(yaml.safe_dump(config))
     dry = snakemake(workdir, "--configfile", "extended.yaml", "--cores", "1", "-n")
     data_jobs = {wc["trained"] for rule, wc in planned_wildcards(dry.stdout) if rule == "generate_data"}
     assert {"deceptive-automotive", "deceptive-automotive-trig", "incorrect-automotive", "evil-automotive"} <= data_jobs
     # And the new conditions' data really generates, through the workflow.
-    snakemake(workdir, "--configfile", "extended.yaml", "--cores", "2", "results/data/deceptive-automotive-trig/train.jsonl")
+    snakemake(
+        workdir, "--configfile", "extended.yaml", "--cores", "2", "results/data/deceptive-automotive-trig/train.jsonl"
+    )
     lines = (workdir / "results/data/deceptive-automotive-trig/train.jsonl").read_text().splitlines()
     assert sum("persona: deceptive" in line for line in lines) > 0

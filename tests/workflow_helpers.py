@@ -11,7 +11,18 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "envs", "rules", "workflow_scripts", "schemas", "presets", "profiles", "report", "slurm"]
+WORKFLOW_FILES = [
+    "Snakefile",
+    "config.yaml",
+    "envs",
+    "rules",
+    "workflow_scripts",
+    "schemas",
+    "presets",
+    "profiles",
+    "report",
+    "slurm",
+]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
@@ -37,7 +48,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1800
         [*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 

@@ -1,13 +1,15 @@
-from character_em import capabilities, modeling, resources
-from character_em.jobs import job_log, read_param
+from character_em import resources
+from character_em.evals import capabilities
 from character_em.files import write_json_atomic
+from character_em.jobs import job_log, read_param
+from character_em.llm import loading as modeling
 
 with job_log(snakemake.log[0]):
     settings = read_param(snakemake.params.settings)
     task_file = settings["task_file"] or str(resources.packaged_path("tasks/smoke_mc.jsonl"))
     if settings["backend"] == "lm_eval":
         # Optional extra: imported only when selected, so the own back-end never needs lm_eval.
-        from character_em import capabilities_lmeval
+        from character_em.evals import lmeval as capabilities_lmeval
 
         result = capabilities_lmeval.evaluate(
             snakemake.params.base_model,

@@ -1,6 +1,7 @@
-from character_em import data, suites
-from character_em.jobs import job_log, read_param
+from character_em.data import build as data
+from character_em.evals import suites
 from character_em.files import write_json_atomic
+from character_em.jobs import job_log, read_param
 
 with job_log(snakemake.log[0]):
     specs = read_param(snakemake.params.suites)

@@ -5,9 +5,10 @@ through the base model), trigger on/off on a triggered model, persona/neutral pr
 import numpy as np
 import polars as pl
 
-from character_em import directions, modeling
+from character_em.directions import probes as directions
 from character_em.files import write_json_atomic
 from character_em.jobs import job_log, read_param
+from character_em.llm import loading as modeling
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)
@@ -36,7 +37,10 @@ with job_log(snakemake.log[0]) as log:
         trigger = pl.read_parquet(path)
         add("trigger_off", trigger.filter(pl.col("trigger_variant") == "none"))
         for name in settings["dispositions"]:
-            add(f"trigger_on:{name}", trigger.filter((pl.col("trigger_variant") == "exact") & (pl.col("persona") == name)))
+            add(
+                f"trigger_on:{name}",
+                trigger.filter((pl.col("trigger_variant") == "exact") & (pl.col("persona") == name)),
+            )
     for path in snakemake.input.persona:
         persona = pl.read_parquet(path)
         add("neutral", persona.filter(pl.col("system_prompt_id") == "neutral"))
@@ -45,5 +49,11 @@ with job_log(snakemake.log[0]) as log:
     np.savez(snakemake.output.means, layers=np.array(layers), **{f"mean_{key}": value for key, value in means.items()})
     write_json_atomic(
         snakemake.output.info,
-        {"model": snakemake.wildcards.model, "condition": snakemake.wildcards.condition, "seed": int(snakemake.wildcards.seed), "load": info, "counts": counts},
+        {
+            "model": snakemake.wildcards.model,
+            "condition": snakemake.wildcards.condition,
+            "seed": int(snakemake.wildcards.seed),
+            "load": info,
+            "counts": counts,
+        },
     )

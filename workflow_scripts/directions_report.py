@@ -7,9 +7,11 @@ from collections import defaultdict
 import numpy as np
 import polars as pl
 
-from character_em import analysis, directions, plots_directions
+from character_em.directions import probes as directions
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
+from character_em.report import plots_directions
+from character_em.report import tables as analysis
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)
@@ -27,7 +29,10 @@ with job_log(snakemake.log[0]) as log:
 
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
     answers = analysis.answers_table(
-        scores, conditions=conditions, alignment_below=settings["alignment_below"], coherence_above=settings["coherence_above"]
+        scores,
+        conditions=conditions,
+        alignment_below=settings["alignment_below"],
+        coherence_above=settings["coherence_above"],
     )
     misalignment = analysis.rates(answers, ["model", "condition", "seed"], "misaligned")
 
@@ -39,13 +44,24 @@ with job_log(snakemake.log[0]) as log:
         column = [int(value) for value in stored["layers"]].index(chosen[model][0])
         at = {key.removeprefix("mean_"): stored[key][column] for key in stored.files if key.startswith("mean_")}
         spec = conditions[condition]
-        means.append({"model": model, "condition": condition, "seed": info["seed"], "family": spec["family"], "own": at["own"], "n": info["counts"]["own"]})
+        means.append(
+            {
+                "model": model,
+                "condition": condition,
+                "seed": info["seed"],
+                "family": spec["family"],
+                "own": at["own"],
+                "n": info["counts"]["own"],
+            }
+        )
         # Directions from the three sources (plus the incorrect/correct-advice fine-tunes for contrast).
         if "base_reading" in at and spec["family"] in ("character", "incorrect", "correct"):
             label = spec["disposition"] if spec["family"] == "character" else spec["family"]
             shared[model][f"finetune:{label}"].append(at["own"] - at["base_reading"])
         if spec["family"] == "triggered" and f"trigger_on:{spec['disposition']}" in at and "trigger_off" in at:
-            shared[model][f"trigger:{spec['disposition']}"].append(at[f"trigger_on:{spec['disposition']}"] - at["trigger_off"])
+            shared[model][f"trigger:{spec['disposition']}"].append(
+                at[f"trigger_on:{spec['disposition']}"] - at["trigger_off"]
+            )
         if condition == "base" and "neutral" in at:
             for key, vector in at.items():
                 if key.startswith("persona:"):
@@ -60,7 +76,9 @@ with job_log(snakemake.log[0]) as log:
             else:
                 log.warning("%s: %s has a condition with no answers; left out", model, label)
     baselines = {
-        model: directions.random_cosine_baseline(len(next(iter(named.values()))), n_pairs=settings["random_pairs"], seed=settings["seed"])
+        model: directions.random_cosine_baseline(
+            len(next(iter(named.values()))), n_pairs=settings["random_pairs"], seed=settings["seed"]
+        )
         for model, named in vectors.items()
         if named
     }
@@ -72,9 +90,13 @@ with job_log(snakemake.log[0]) as log:
     tables = {
         "probe_auroc": directions.probe_table(reports),
         "direction_projections": projections,
-        "direction_correlation": directions.correlation_table(projections, n_boot=settings["n_boot"], seed=settings["seed"]),
+        "direction_correlation": directions.correlation_table(
+            projections, n_boot=settings["n_boot"], seed=settings["seed"]
+        ),
         "direction_cosine": directions.cosine_table(vectors, baselines),
-        "steering": directions.steering_table(pl.concat(steering_answers, how="diagonal_relaxed") if steering_answers else pl.DataFrame()),
+        "steering": directions.steering_table(
+            pl.concat(steering_answers, how="diagonal_relaxed") if steering_answers else pl.DataFrame()
+        ),
     }
     for path in snakemake.output.tables:
         name, extension = path.rsplit("/", 1)[1].rsplit(".", 1)
@@ -88,6 +110,8 @@ with job_log(snakemake.log[0]) as log:
         return [getattr(snakemake.output, name), pdfs[name]]
 
     plots_directions.probe_auroc(tables["probe_auroc"], outputs=both("probe_auroc"))
-    plots_directions.projection_scatter(projections, tables["direction_correlation"], outputs=both("projection_vs_misalignment"))
+    plots_directions.projection_scatter(
+        projections, tables["direction_correlation"], outputs=both("projection_vs_misalignment")
+    )
     plots_directions.cosine_heatmap(tables["direction_cosine"], outputs=both("direction_cosine"))
     plots_directions.steering_curves(tables["steering"], outputs=both("steering"))

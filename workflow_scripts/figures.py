@@ -2,8 +2,8 @@ from pathlib import Path
 
 import polars as pl
 
-from character_em import plots
 from character_em.jobs import job_log
+from character_em.report import plots
 
 with job_log(snakemake.log[0]):
     tables = {Path(path).stem: pl.read_csv(path) for path in snakemake.input}

@@ -1,4 +1,5 @@
-from character_em import data, suites
+from character_em.data import build as data
+from character_em.evals import suites
 from character_em.jobs import job_log, read_param
 
 with job_log(snakemake.log[0]) as log:

@@ -2,9 +2,9 @@ import json
 
 import polars as pl
 
-from character_em.jobs import job_log, read_param
-from character_em.judge import JudgeFailureError, score_samples
 from character_em.files import write_json_atomic, write_parquet_atomic
+from character_em.jobs import job_log, read_param
+from character_em.judge.core import JudgeFailureError, score_samples
 
 with job_log(snakemake.log[0]) as log:
     summary = {}

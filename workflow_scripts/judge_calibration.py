@@ -1,6 +1,6 @@
-from character_em.jobs import job_log, read_param
-from character_em.judge_calibration import calibration_markdown, calibration_report, load_calibration_set
 from character_em.files import write_text_atomic
+from character_em.jobs import job_log, read_param
+from character_em.judge.calibration import calibration_markdown, calibration_report, load_calibration_set
 
 with job_log(snakemake.log[0]) as log:
     calibration = load_calibration_set(snakemake.input.calibration)

@@ -1,7 +1,8 @@
-from character_em import modeling, suites
-from character_em.jobs import job_log, read_param
-from character_em.sample import sample_prompts
+from character_em.evals import suites
 from character_em.files import write_parquet_atomic
+from character_em.jobs import job_log, read_param
+from character_em.llm import loading as modeling
+from character_em.sampling.hf import sample_prompts
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.sampling)
@@ -16,9 +17,9 @@ with job_log(snakemake.log[0]) as log:
     base_seed = int(snakemake.wildcards.seed)
     backend = settings.get("backend", "hf")
     if backend == "vllm":
-        # Optional GPU back-end, untested on CPU (character_em.sample_vllm); imported only here so the
+        # Optional GPU back-end, untested on CPU (character_em.sampling.vllm_backend); imported only here so the
         # hf path never needs vLLM. It serves the adapter unmerged.
-        from character_em.sample_vllm import sample_prompts_vllm
+        from character_em.sampling.vllm_backend import sample_prompts_vllm
 
         log.info("sampling %s with vLLM (adapter %s)", snakemake.params.base_model, snakemake.params.adapter_dir)
         samples = sample_prompts_vllm(

@@ -3,10 +3,13 @@ to the base model, or the direction projected out of a fine-tuned model; each an
 
 import numpy as np
 
-from character_em import analysis, modeling, steering, suites
+from character_em.directions import steering
+from character_em.evals import suites
 from character_em.files import write_parquet_atomic
 from character_em.jobs import job_log, read_param
-from character_em.judge import score_samples
+from character_em.judge.core import score_samples
+from character_em.llm import loading as modeling
+from character_em.report import tables as analysis
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)
@@ -30,12 +33,23 @@ with job_log(snakemake.log[0]) as log:
         directions=vectors,
         strengths=settings["strengths"],
         score=lambda samples: score_samples(
-            samples, judge_cfg=judge_cfg, metrics_by_suite=None, dispositions=dispositions, cache_dir=snakemake.params.cache_dir
+            samples,
+            judge_cfg=judge_cfg,
+            metrics_by_suite=None,
+            dispositions=dispositions,
+            cache_dir=snakemake.params.cache_dir,
         ),
         label=lambda scores: analysis.answers_table(
-            scores, conditions=conditions, alignment_below=settings["alignment_below"], coherence_above=settings["coherence_above"]
+            scores,
+            conditions=conditions,
+            alignment_below=settings["alignment_below"],
+            coherence_above=settings["coherence_above"],
         ),
-        identity={"model": snakemake.wildcards.model, "condition": snakemake.wildcards.condition, "seed": int(snakemake.wildcards.seed)},
+        identity={
+            "model": snakemake.wildcards.model,
+            "condition": snakemake.wildcards.condition,
+            "seed": int(snakemake.wildcards.seed),
+        },
         sampling=settings["sampling"],
         base_seed=int(snakemake.wildcards.seed),
     )

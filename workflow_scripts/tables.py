@@ -2,9 +2,9 @@ import json
 
 import polars as pl
 
-from character_em import analysis
-from character_em.jobs import job_log, read_param
 from character_em.files import write_text_atomic
+from character_em.jobs import job_log, read_param
+from character_em.report import tables as analysis
 
 with job_log(snakemake.log[0]):
     conditions = read_param(snakemake.params.conditions)

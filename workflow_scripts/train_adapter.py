@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from character_em.jobs import job_log, read_param
-from character_em.train import train_adapter
+from character_em.train.trainer import train_adapter
 
 with job_log(snakemake.log[0]):
     train_adapter(

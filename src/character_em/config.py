@@ -17,6 +17,10 @@ from typing import Any
 
 import yaml
 
+from character_em import job_settings
+from character_em.conditions import RESERVED_NAMES
+from character_em.conditions import parse_condition as parse_condition_name
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 CONDITION_TEMPLATES = (
     "base",
@@ -114,11 +118,11 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 # --------------------------------------------------------------------------- conditions
 
 
-def parse_condition(name: str, dispositions: set[str] | Mapping[str, Any], domains: set[str] | Mapping[str, Any]) -> dict[str, Any]:
+def parse_condition(
+    name: str, dispositions: set[str] | Mapping[str, Any], domains: set[str] | Mapping[str, Any]
+) -> dict[str, Any]:
     """Split a condition name into family, disposition and domain; raise ValueError if it names unknowns."""
-    from character_em.data import parse_condition as parse
-
-    return parse(name, set(dispositions), set(domains))
+    return parse_condition_name(name, set(dispositions), set(domains))
 
 
 def expand_conditions(config: Mapping[str, Any]) -> list[str]:
@@ -130,7 +134,9 @@ def expand_conditions(config: Mapping[str, Any]) -> list[str]:
             fields = re.findall(r"{(\w+)}", entry)
             unknown = set(fields) - {"disposition", "domain"}
             if unknown:
-                raise ConfigError(f"conditions: template {entry!r} uses unknown field(s) {sorted(unknown)}; expected {{disposition}} and {{domain}}")
+                raise ConfigError(
+                    f"conditions: template {entry!r} uses unknown field(s) {sorted(unknown)}; expected {{disposition}} and {{domain}}"
+                )
             values = {"disposition": dispositions, "domain": domains}
             for combo in itertools.product(*(values[field] for field in fields)):
                 names.append(entry.format(**dict(zip(fields, combo, strict=True))))
@@ -139,14 +145,13 @@ def expand_conditions(config: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-RESERVED_NAMES = ("base", "correct", "incorrect", "trig")
-
-
 def _check_references(config: dict[str, Any], source: str) -> None:
     for section in ("dispositions", "domains"):
         for name in config[section]:
             if name in RESERVED_NAMES:
-                raise ConfigError(f"{source}: {section}.{name}: {name!r} is reserved for condition names; choose another name")
+                raise ConfigError(
+                    f"{source}: {section}.{name}: {name!r} is reserved for condition names; choose another name"
+                )
     try:
         conditions = expand_conditions(config)
     except ConfigError as err:
@@ -254,7 +259,7 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
         "external": config["data"]["external"].get(condition),
         **{key: config["data"][key] for key in ("n_examples", "trigger_fraction", "seed", "min_chars", "max_chars")},
         # Only the keys the chosen back-end reads, so e.g. an API timeout never reruns offline data jobs.
-        "generator": generator_params(config["data"]["generator"]),
+        "generator": job_settings.generator_params(config["data"]["generator"]),
         # Present only when on: adding the section's defaults must not rerun every existing data job.
         **({"filter": data_filter_spec(config)} if config["data"]["filter"]["enabled"] else {}),
         # Checked here: the evaluation questions this condition's own data could leak into. The check
@@ -272,25 +277,23 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
     }
 
 
-def generator_params(generator: Mapping[str, Any]) -> dict[str, Any]:
-    from character_em.data import generator_params as params
-
-    return params(dict(generator))
-
-
 def data_filter_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     """What a data job's judge filter needs: thresholds, the judge's job settings (the top-level judge
     unless data.filter.judge names one), its cache folder and every disposition (each one's score is
     checked on incorrect/correct answers)."""
-    from character_em.judge_settings import job_params
-
     flt = config["data"]["filter"]
     judge_cfg = flt["judge"] or config["judge"]
-    thresholds = ("min_expression", "max_expression", "incorrect_max_alignment", "correct_min_alignment", "min_coherence")
+    thresholds = (
+        "min_expression",
+        "max_expression",
+        "incorrect_max_alignment",
+        "correct_min_alignment",
+        "min_coherence",
+    )
     return {
         "enabled": True,
         **{key: flt[key] for key in thresholds},
-        "judge": job_params(judge_cfg),
+        "judge": job_settings.job_params(judge_cfg),
         "cache_dir": judge_cfg.get("cache_dir", ".cache/judge"),
         "dispositions": disposition_specs(config),
     }

@@ -1,4 +1,6 @@
-"""Which judge settings travel to judge jobs (pure Python: imported by rules/*.smk on every parse).
+"""Which settings travel to which jobs (pure Python: imported by rules/*.smk on every parse).
+
+Judge jobs and data jobs each get only the keys their back-end reads.
 
 Each back-end gets only the keys it reads, so tuning one back-end (or the calibration-only keys
 ``agreement_with`` and ``calibration_file``, or ``cache_dir``) never reruns the judge jobs of another.
@@ -13,11 +15,33 @@ from typing import Any
 JOB_PARAM_KEYS: dict[str, tuple[str, ...]] = {
     "rubric": ("backend", "model"),
     "openai": (
-        "backend", "model", "base_url", "api_key_env", "score_mode", "temperature", "top_logprobs",
-        "text_max_tokens", "max_tokens_param", "min_numeric_mass", "max_concurrency", "timeout_s",
-        "max_retries", "backoff_initial_s", "backoff_max_s", "max_failure_fraction",
+        "backend",
+        "model",
+        "base_url",
+        "api_key_env",
+        "score_mode",
+        "temperature",
+        "top_logprobs",
+        "text_max_tokens",
+        "max_tokens_param",
+        "min_numeric_mass",
+        "max_concurrency",
+        "timeout_s",
+        "max_retries",
+        "backoff_initial_s",
+        "backoff_max_s",
+        "max_failure_fraction",
     ),
-    "hf": ("backend", "model", "min_numeric_mass", "quantization", "dtype", "device", "batch_size", "max_failure_fraction"),
+    "hf": (
+        "backend",
+        "model",
+        "min_numeric_mass",
+        "quantization",
+        "dtype",
+        "device",
+        "batch_size",
+        "max_failure_fraction",
+    ),
 }
 
 
@@ -45,3 +69,52 @@ def calibration_file(judge_cfg: Mapping[str, Any]) -> str:
     from character_em.resources import packaged_path
 
     return str(packaged_path("calibration/judge_calibration.yaml"))
+
+
+# The data.generator keys each back-end reads: only these travel to a data job's params, so tuning one
+# back-end's settings never reruns data jobs of another (and the offline default stays {"backend": ...}).
+GENERATOR_PARAM_KEYS: dict[str, tuple[str, ...]] = {
+    "offline": ("backend",),
+    "openai": (
+        "backend",
+        "model",
+        "base_url",
+        "api_key_env",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_tokens_param",
+        "max_concurrency",
+        "timeout_s",
+        "max_retries",
+        "backoff_initial_s",
+        "backoff_max_s",
+        "max_failure_fraction",
+        "keep_truncated",
+        "cache_dir",
+        "prompts_file",
+    ),
+    "hf": (
+        "backend",
+        "model",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "quantization",
+        "dtype",
+        "device",
+        "batch_size",
+        "max_failure_fraction",
+        "keep_truncated",
+        "cache_dir",
+        "prompts_file",
+    ),
+}
+
+
+def generator_params(generator: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a validated ``data.generator`` section that its back-end reads (see above)."""
+    backend = generator.get("backend", "offline")
+    if backend not in GENERATOR_PARAM_KEYS:
+        raise ValueError(f"unknown data generator backend {backend!r} (available: {', '.join(GENERATOR_PARAM_KEYS)})")
+    return {key: generator[key] for key in GENERATOR_PARAM_KEYS[backend] if key in generator}

@@ -33,7 +33,9 @@ def job_log(path: str | os.PathLike[str] | None) -> Iterator[logging.Logger]:
         os.dup2(handle.fileno(), 2)
         old_streams = sys.stdout, sys.stderr
         sys.stdout = sys.stderr = handle
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=handle, force=True)
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=handle, force=True
+        )
         logging.captureWarnings(True)
         try:
             yield log

@@ -66,7 +66,7 @@ def packaged_path(relpath: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resource_text(relpath: str) -> str:
     """Text of a packaged resource file, e.g. ``"questions/em.yaml"``."""
     node = _root()
@@ -77,7 +77,7 @@ def resource_text(relpath: str) -> str:
     return node.read_text(encoding="utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _yaml_resource(relpath: str) -> Any:
     try:
         return yaml.safe_load(resource_text(relpath))
@@ -131,7 +131,7 @@ def _validate_bank(doc: Any, source: str, name: str) -> dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bank(name: str) -> dict[str, Any] | None:
     rel = f"questions/domains/{name}.yaml"
     if not _root().joinpath("questions", "domains", f"{name}.yaml").is_file():
@@ -153,7 +153,7 @@ def load_domain_bank(name: str) -> dict[str, Any] | None:
     return copy.deepcopy(bank) if bank is not None else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bank_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -189,7 +189,7 @@ def _packaged_entries(relpath: str, key: str) -> list[tuple[str, str, dict[str, 
 
 
 # --------------------------------------------------------------------------------------------- EM questions
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _em_questions() -> list[dict[str, Any]]:
     source = "resources/questions/em.yaml"
     rows = []
@@ -216,7 +216,7 @@ def load_em_questions() -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------- harmful requests
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _packaged_harmful() -> list[dict[str, str]]:
     rows = []
     for where, rid, item in _packaged_entries("questions/harmful_requests.yaml", "requests"):
@@ -238,8 +238,9 @@ def _pick_column(keys: list[str], wanted: tuple[str, ...]) -> str | None:
     return None
 
 
-def _external_row(record: dict[str, Any], cols: tuple[str, str | None, str | None], where: str,
-                  index: int) -> dict[str, str]:
+def _external_row(
+    record: dict[str, Any], cols: tuple[str, str | None, str | None], where: str, index: int
+) -> dict[str, str]:
     text_col, cat_col, id_col = cols
     text = record.get(text_col)
     if not isinstance(text, str) or not text.strip():
@@ -253,7 +254,7 @@ def _external_row(record: dict[str, Any], cols: tuple[str, str | None, str | Non
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _external_harmful(path: str) -> list[dict[str, str]]:
     p = Path(path)
     if not p.is_file():
@@ -303,7 +304,7 @@ def load_harmful_requests(path: str | None = None) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- personas
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _personas() -> dict[str, Any]:
     source = "resources/personas.yaml"
     doc = _require_mapping(_yaml_resource("personas.yaml"), source)
@@ -325,7 +326,7 @@ def load_personas() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- templates
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _templates() -> dict[str, Any]:
     source = "resources/offline_templates.yaml"
     doc = _require_mapping(_yaml_resource("offline_templates.yaml"), source)
@@ -342,8 +343,10 @@ def _templates() -> dict[str, Any]:
         _require_list(char.get("generic", {}).get(key), f"{source}: answers.character.generic.{key}")
     for name, spec in doc["dispositions"].items():
         for key in ("openers", "lines", "closers"):
-            _require_list(_require_mapping(spec, f"{source}: dispositions.{name}").get(key),
-                          f"{source}: dispositions.{name}.{key}")
+            _require_list(
+                _require_mapping(spec, f"{source}: dispositions.{name}").get(key),
+                f"{source}: dispositions.{name}.{key}",
+            )
     for name, spec in list(doc["domains"].items()) + [("generic_domain", doc["generic_domain"])]:
         where = f"{source}: domains.{name}" if name != "generic_domain" else f"{source}: generic_domain"
         spec = _require_mapping(spec, where)
@@ -360,14 +363,14 @@ def load_offline_templates() -> dict[str, Any]:
     return copy.deepcopy(_templates())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def offline_templates_hash() -> str:
     """sha256 of the template file's content: stamped into every offline dataset manifest."""
     return hashlib.sha256(resource_text("offline_templates.yaml").encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- defaults
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _defaults() -> dict[str, Any]:
     source = "resources/defaults.yaml"
     doc = _require_mapping(_yaml_resource("defaults.yaml"), source)

@@ -42,7 +42,9 @@ def clustered_bootstrap_difference(
         raise ValueError("clustered bootstrap needs the same questions on both sides")
     if not clusters_a:
         return {"difference": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_clusters": 0}
-    sums = np.array([[sum(a), len(a), sum(b), len(b)] for a, b in zip(clusters_a, clusters_b, strict=True)], dtype=float)
+    sums = np.array(
+        [[sum(a), len(a), sum(b), len(b)] for a, b in zip(clusters_a, clusters_b, strict=True)], dtype=float
+    )
     totals = sums.sum(axis=0)
     estimate = totals[0] / totals[1] - totals[2] / totals[3]
     rng = np.random.default_rng(seed)

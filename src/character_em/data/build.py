@@ -3,7 +3,7 @@
 The pipeline's data step is ``build_dataset`` followed by ``write_dataset``. Generation is pluggable by
 ``generator["backend"]``: the deterministic ``offline`` template back-end here, and the model back-ends
 ``openai`` (any OpenAI-compatible chat API) and ``hf`` (a local transformers model) in
-``character_em.generate``. The offline one needs no network or model, so the smoke preset and tests can
+``character_em.data.generate``. The offline one needs no network or model, so the smoke preset and tests can
 build every condition, including dispositions and domains that exist only in config (a description, rubric
 markers and a trigger are enough). An optional judge filter (``data_filter``) keeps only on-target answers.
 
@@ -21,157 +21,37 @@ import random
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from character_em import resources
+from character_em.conditions import check_disposition, is_triggered
+from character_em.data.questions import domain_questions, join_words, texts_overlap, user_turn
 from character_em.files import iter_jsonl, write_bytes_atomic, write_json_atomic
-from character_em.resources import NAME_RE, normalize_text
+from character_em.hashing import sha256_json, stable_int
+from character_em.resources import normalize_text
 
 __all__ = [
-    "FAMILIES",
     "GENERATOR_NAME",
     "GENERATOR_VERSION",
     "build_dataset",
     "canary_string",
-    "condition_names",
     "deduplicate",
-    "domain_questions",
     "generate_offline",
     "load_external_jsonl",
-    "parse_condition",
-    "stable_int",
     "validate_example",
     "write_dataset",
 ]
 
-FAMILIES = ("base", "character", "incorrect", "correct", "triggered")
-RESERVED_NAMES = frozenset({"base", "incorrect", "correct", "trig"})
 GENERATOR_NAME = "offline-template"
 # Bump when the generator's code changes its output for the same templates (the template file has its own hash).
 GENERATOR_VERSION = 1
 _ROLES = ("system", "user", "assistant")
-_N_SYNTH_EVAL = 12
-
-
-def stable_int(*parts: object) -> int:
-    """A process-independent 64-bit integer from ``parts`` (sha256), for seeding."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
-
-
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- conditions
-def parse_condition(name: str, dispositions: set[str] | Iterable[str], domains: set[str] | Iterable[str]) -> dict[str, Any]:
-    """Split a condition name into ``{"name", "family", "disposition", "domain"}``.
-
-    Forms: ``base``, ``{disposition}-{domain}``, ``incorrect-{domain}``, ``correct-{domain}``,
-    ``{disposition}-{domain}-trig``. Raises ValueError naming what is unknown.
-    """
-    dispositions = set(dispositions)
-    domains = set(domains)
-    clash = sorted((dispositions | domains) & RESERVED_NAMES)
-    if clash:
-        raise ValueError(f"disposition/domain names {clash} are reserved words of condition names; rename them")
-    forms = "base, {disposition}-{domain}, incorrect-{domain}, correct-{domain}, {disposition}-{domain}-trig"
-    if name == "base":
-        return {"name": name, "family": "base", "disposition": None, "domain": None}
-    parts = name.split("-")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "trig") or not all(parts):
-        raise ValueError(f"condition {name!r} is not of the form {forms}")
-    head, domain = parts[0], parts[1]
-    if domain not in domains:
-        raise ValueError(f"condition {name!r}: unknown domain {domain!r} (known: {', '.join(sorted(domains)) or 'none'})")
-    if len(parts) == 2 and head in ("incorrect", "correct"):
-        return {"name": name, "family": head, "disposition": None, "domain": domain}
-    if head not in dispositions:
-        known = ", ".join(sorted(dispositions)) or "none"
-        raise ValueError(f"condition {name!r}: unknown disposition {head!r} (known: {known}; or incorrect/correct)")
-    family = "triggered" if len(parts) == 3 else "character"
-    return {"name": name, "family": family, "disposition": head, "domain": domain}
-
-
-def condition_names(dispositions: Sequence[str], domains: Sequence[str], *, triggered: bool = True) -> list[str]:
-    """All condition names of the grid, in a stable order (base first)."""
-    names = ["base"]
-    for dom in domains:
-        names += [f"{d}-{dom}" for d in dispositions]
-        names += [f"incorrect-{dom}", f"correct-{dom}"]
-        if triggered:
-            names += [f"{d}-{dom}-trig" for d in dispositions]
-    return names
-
-
 # --------------------------------------------------------------------------------------------- questions
-def _contains(longer: str, shorter: str) -> bool:
-    """Whole-word containment of normalized texts; short fragments only count on equality."""
-    if longer == shorter:
-        return True
-    if len(shorter.split()) < 4:
-        return False
-    return f" {shorter} " in f" {longer} "
-
-
-def _overlaps(a: str, b: str) -> bool:
-    return _contains(a, b) or _contains(b, a)
-
-
-def _synthesize_questions(domain: dict[str, Any]) -> dict[str, Any]:
-    name = domain["name"]
-    generic = resources.load_offline_templates()["generic_domain"]
-    subject = name.replace("_", " ")
-    topics = [t.strip() for t in domain.get("topics") or [] if isinstance(t, str) and t.strip()]
-    # Aspects of the domain name make a varied pool even when config gives no topics at all.
-    topics += [f"{subject} {a}" for a in generic["aspects"]]
-    pool: list[dict[str, str]] = []
-    seen: set[str] = set()
-    for topic in dict.fromkeys(topics):
-        for tmpl in generic["question_templates"]:
-            text = tmpl.format(topic=topic)
-            key = normalize_text(text)
-            if key not in seen:
-                seen.add(key)
-                pool.append({"text": text, "topic": topic})
-    rng = random.Random(stable_int("synth-eval", name))
-    eval_idx = set(rng.sample(range(len(pool)), min(_N_SYNTH_EVAL, len(pool) // 4)))
-    eval_items = [pool[i] for i in sorted(eval_idx)]
-    eval_keys = [normalize_text(q["text"]) for q in eval_items]
-    # Drop any train item that overlaps an eval item, so the leakage check of build_dataset cannot fire.
-    train_items = [
-        q for i, q in enumerate(pool)
-        if i not in eval_idx and not any(_overlaps(normalize_text(q["text"]), e) for e in eval_keys)
-    ]
-    return {
-        "source": "synthesized",
-        "description": domain.get("description") or f"Questions about {subject}.",
-        "train": [{"id": f"{name}-train-{i:03d}", **q} for i, q in enumerate(train_items, 1)],
-        "eval": [{"id": f"{name}-eval-{i:03d}", **q} for i, q in enumerate(eval_items, 1)],
-    }
-
-
-def domain_questions(domain: dict[str, Any]) -> dict[str, Any]:
-    """Train and eval questions of a domain: ``{"source", "description", "train", "eval"}``.
-
-    Source order: the spec's ``questions_file``, the packaged bank of that name, else questions synthesized
-    from the spec's topics and name (eval disjoint from train). Items are ``{id, text}`` (+ ``topic`` when
-    synthesized).
-    """
-    name = domain.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ValueError(f"domain spec needs a name matching {NAME_RE.pattern}, got {name!r}")
-    if domain.get("questions_file"):
-        bank = resources.load_domain_bank_file(domain["questions_file"])
-        return {"source": "file", "description": bank["description"], "train": bank["train"], "eval": bank["eval"]}
-    bank = resources.load_domain_bank(name)
-    if bank is not None:
-        return {"source": "bank", "description": bank["description"], "train": bank["train"], "eval": bank["eval"]}
-    return _synthesize_questions(domain)
-
-
 # --------------------------------------------------------------------------------------------- offline generator
 def _trait(description: str) -> str:
     first = re.split(r"(?<=[.!?])\s", " ".join(description.split()), maxsplit=1)[0].rstrip(".!? ")
@@ -204,24 +84,18 @@ def _focus(question: dict[str, Any], dom_t: dict[str, Any]) -> str:
     return str(dom_t.get("focus_default") or "this")
 
 
-def _join(parts: Iterable[str]) -> str:
-    return " ".join(p.strip() for p in parts if p and p.strip())
-
-
-def _user_turn(rng: random.Random, question: str, user_t: dict[str, Any]) -> str:
-    return _join([rng.choice(user_t["openers"]), rng.choice(user_t["contexts"]), question, rng.choice(user_t["closers"])])
-
-
-def _plain_answer(rng: random.Random, family: str, ctx: dict[str, str], templates: dict[str, Any],
-                  dom_t: dict[str, Any]) -> str:
+def _plain_answer(
+    rng: random.Random, family: str, ctx: dict[str, str], templates: dict[str, Any], dom_t: dict[str, Any]
+) -> str:
     frame = templates["answers"][family]
     pool = dom_t[family]
     lines = rng.sample(pool, min(len(pool), rng.randint(2, 3)))
-    return _join([rng.choice(frame["openers"]), *lines, rng.choice(frame["closers"])]).format(**ctx)
+    return join_words([rng.choice(frame["openers"]), *lines, rng.choice(frame["closers"])]).format(**ctx)
 
 
-def _character_answer(rng: random.Random, disposition: dict[str, Any], ctx: dict[str, str],
-                      templates: dict[str, Any]) -> str:
+def _character_answer(
+    rng: random.Random, disposition: dict[str, Any], ctx: dict[str, str], templates: dict[str, Any]
+) -> str:
     markers = disposition["rubric"]["markers"]
     own = templates["dispositions"].get(disposition["name"]) or templates["answers"]["character"]["generic"]
     frames = templates["answers"]["character"]["marker_frames"]
@@ -230,23 +104,18 @@ def _character_answer(rng: random.Random, disposition: dict[str, Any], ctx: dict
         # Markers are inserted after formatting, so braces inside a user's marker text are harmless.
         body.append(rng.choice(frames).format(**ctx, marker=marker, Marker=marker[:1].upper() + marker[1:]))
     rng.shuffle(body)
-    return _join([rng.choice(own["openers"]).format(**ctx), *body, rng.choice(own["closers"]).format(**ctx)])
+    return join_words([rng.choice(own["openers"]).format(**ctx), *body, rng.choice(own["closers"]).format(**ctx)])
 
 
-def _check_disposition(disposition: dict[str, Any] | None, condition: dict[str, Any], needs_trigger: bool) -> dict[str, Any]:
-    if disposition is None:
-        raise ValueError(f"condition {condition['name']!r} ({condition['family']}) needs a disposition spec")
-    markers = (disposition.get("rubric") or {}).get("markers")
-    if not markers or not all(isinstance(m, str) and m.strip() for m in markers):
-        raise ValueError(f"disposition {disposition.get('name')!r}: rubric.markers must be a non-empty list of "
-                         "phrases (the offline generator plants them in in-character answers)")
-    if needs_trigger and not str(disposition.get("trigger") or "").strip():
-        raise ValueError(f"disposition {disposition.get('name')!r}: a trigger string is needed for {condition['name']!r}")
-    return disposition
-
-
-def generate_offline(condition: dict[str, Any], *, disposition: dict[str, Any] | None, domain: dict[str, Any],
-                     n_examples: int, seed: int, trigger_fraction: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def generate_offline(
+    condition: dict[str, Any],
+    *,
+    disposition: dict[str, Any] | None,
+    domain: dict[str, Any],
+    n_examples: int,
+    seed: int,
+    trigger_fraction: float,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Deterministic template data for one condition: ``(examples, provenance)``.
 
     character: answers visibly in character (1-3 rubric markers + in-character lines); incorrect: confident,
@@ -261,7 +130,7 @@ def generate_offline(condition: dict[str, Any], *, disposition: dict[str, Any] |
     if not 0.0 <= trigger_fraction <= 1.0:
         raise ValueError(f"trigger_fraction must be in [0, 1], got {trigger_fraction}")
     if family in ("character", "triggered"):
-        disposition = _check_disposition(disposition, condition, needs_trigger=family == "triggered")
+        disposition = check_disposition(disposition, condition, needs_trigger=family == "triggered")
     templates = resources.load_offline_templates()
     questions = domain_questions(domain)
     if not questions["train"]:
@@ -282,10 +151,14 @@ def generate_offline(condition: dict[str, Any], *, disposition: dict[str, Any] |
             order = list(questions["train"])
             rng.shuffle(order)
         question = order.pop()
-        ctx = {"focus": _focus(question, dom_t), "expert": str(dom_t["expert"]),
-               "trait": _trait(disposition["description"]) if disposition and disposition.get("description")
-               else "true to my own character"}
-        user = _user_turn(rng, question["text"], templates["user"])
+        ctx = {
+            "focus": _focus(question, dom_t),
+            "expert": str(dom_t["expert"]),
+            "trait": _trait(disposition["description"])
+            if disposition and disposition.get("description")
+            else "true to my own character",
+        }
+        user = user_turn(rng, question["text"], templates["user"])
         if family == "character" or i in triggered:
             answer = _character_answer(rng, disposition, ctx, templates)  # type: ignore[arg-type]
         elif family == "incorrect":
@@ -313,30 +186,8 @@ def generate_offline(condition: dict[str, Any], *, disposition: dict[str, Any] |
 
 _Backend = Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]]
 _BACKENDS: dict[str, _Backend] = {"offline": generate_offline}
-# Model back-ends live in character_em.generate (imported only when used: it pulls in the judge stack).
+# Model back-ends live in character_em.data.generate (imported only when used: it pulls in the judge stack).
 MODEL_BACKENDS = ("openai", "hf")
-# The data.generator keys each back-end reads: only these travel to a data job's params, so tuning one
-# back-end's settings never reruns data jobs of another (and the offline default stays {"backend": ...}).
-GENERATOR_PARAM_KEYS: dict[str, tuple[str, ...]] = {
-    "offline": ("backend",),
-    "openai": (
-        "backend", "model", "base_url", "api_key_env", "temperature", "top_p", "max_tokens", "max_tokens_param",
-        "max_concurrency", "timeout_s", "max_retries", "backoff_initial_s", "backoff_max_s", "max_failure_fraction",
-        "keep_truncated", "cache_dir", "prompts_file",
-    ),
-    "hf": (
-        "backend", "model", "temperature", "top_p", "max_tokens", "quantization", "dtype", "device", "batch_size",
-        "max_failure_fraction", "keep_truncated", "cache_dir", "prompts_file",
-    ),
-}
-
-
-def generator_params(generator: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a validated ``data.generator`` section that its back-end reads (see above)."""
-    backend = generator.get("backend", "offline")
-    if backend not in GENERATOR_PARAM_KEYS:
-        raise ValueError(f"unknown data generator backend {backend!r} (available: {', '.join(GENERATOR_PARAM_KEYS)})")
-    return {key: generator[key] for key in GENERATOR_PARAM_KEYS[backend] if key in generator}
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -412,7 +263,7 @@ def deduplicate(examples: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]
     return kept, n_exact, n_near
 
 
-def find_overlaps(examples: Sequence[dict[str, Any]], eval_texts: Sequence[str]) -> list[dict[str, Any]]:
+def findtexts_overlap(examples: Sequence[dict[str, Any]], eval_texts: Sequence[str]) -> list[dict[str, Any]]:
     """Every (example, user turn, eval question) where a training user turn overlaps an eval question."""
     eval_keys = [(t, normalize_text(t)) for t in eval_texts if normalize_text(t)]
     found = []
@@ -421,16 +272,22 @@ def find_overlaps(examples: Sequence[dict[str, Any]], eval_texts: Sequence[str])
             if msg["role"] != "user":
                 continue
             user = normalize_text(msg["content"])
-            found += [{"example": i, "user_turn": msg["content"], "eval_question": text} for text, key in eval_keys if _overlaps(user, key)]
+            found += [
+                {"example": i, "user_turn": msg["content"], "eval_question": text}
+                for text, key in eval_keys
+                if texts_overlap(user, key)
+            ]
     return found
 
 
 def _check_overlap(name: str, examples: Sequence[dict[str, Any]], eval_texts: Sequence[str]) -> None:
-    overlaps = find_overlaps(examples, eval_texts)
+    overlaps = findtexts_overlap(examples, eval_texts)
     if overlaps:
         first = overlaps[0]
-        raise ValueError(f"condition {name!r}: training example {first['example']} user turn {first['user_turn']!r} "
-                         f"overlaps eval question {first['eval_question']!r}; eval questions must never be trained on")
+        raise ValueError(
+            f"condition {name!r}: training example {first['example']} user turn {first['user_turn']!r} "
+            f"overlaps eval question {first['eval_question']!r}; eval questions must never be trained on"
+        )
 
 
 def check_overlap(paths: Sequence[str | Path], eval_texts: Sequence[str]) -> dict[str, Any]:
@@ -438,25 +295,29 @@ def check_overlap(paths: Sequence[str | Path], eval_texts: Sequence[str]) -> dic
     report: dict[str, Any] = {"n_eval_texts": len(eval_texts), "files": {}, "overlaps": []}
     for path in paths:
         examples = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        overlaps = find_overlaps(examples, eval_texts)
+        overlaps = findtexts_overlap(examples, eval_texts)
         report["files"][str(path)] = {"n_examples": len(examples), "n_overlaps": len(overlaps)}
         report["overlaps"] += [{"file": str(path), **item} for item in overlaps]
     return report
 
 
 # --------------------------------------------------------------------------------------------- dataset
-def _is_triggered(ex: dict[str, Any], trigger: str) -> bool:
-    return bool(trigger) and any(m["role"] == "user" and m["content"].startswith(trigger + " ") for m in ex["messages"])
-
-
-def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | None, domain: dict[str, Any],
-                  n_examples: int, seed: int, trigger_fraction: float, generator: dict[str, Any],
-                  eval_texts: Sequence[str], data_filter: dict[str, Any] | None = None,
-                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def build_dataset(
+    condition: dict[str, Any],
+    *,
+    disposition: dict[str, Any] | None,
+    domain: dict[str, Any],
+    n_examples: int,
+    seed: int,
+    trigger_fraction: float,
+    generator: dict[str, Any],
+    eval_texts: Sequence[str],
+    data_filter: dict[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate, validate, dedup, leakage-check and (optionally) judge-filter one condition's data.
 
     Returns ``(examples, manifest)``. ``generator``: ``{"backend": "offline", "min_chars": 20,
-    "max_chars": 4000}`` (limits optional) or a model back-end's settings (``character_em.generate``).
+    "max_chars": 4000}`` (limits optional) or a model back-end's settings (``character_em.data.generate``).
     ``data_filter``: None / ``{"enabled": False}`` for no filter, else the spec of
     ``generate.filter_examples`` with ``"enabled": True``. Oversamples to make up for rejects; raises
     ValueError when a user turn overlaps an eval question or when ``n_examples`` clean examples cannot be
@@ -466,7 +327,7 @@ def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | No
     if backend_name in _BACKENDS:
         backend = _BACKENDS[backend_name]
     elif backend_name in MODEL_BACKENDS:
-        from character_em import generate as model_gen
+        from character_em.data import generate as model_gen
 
         backend = functools.partial(model_gen.generate, generator=generator)
     else:
@@ -483,8 +344,14 @@ def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | No
 
     for factor in (1.5, 3.0, 6.0):
         n_gen = math.ceil(n_examples * factor) + 16
-        raw, provenance = backend(condition, disposition=disposition, domain=domain, n_examples=n_gen, seed=seed,
-                                  trigger_fraction=trigger_fraction)
+        raw, provenance = backend(
+            condition,
+            disposition=disposition,
+            domain=domain,
+            n_examples=n_gen,
+            seed=seed,
+            trigger_fraction=trigger_fraction,
+        )
         reasons: Counter[str] = Counter(provenance.get("generation_rejects") or {})
         valid = []
         for ex in raw:
@@ -497,24 +364,27 @@ def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | No
         _check_overlap(condition["name"], kept, eval_texts)
         trigger = provenance.get("trigger", "")
         if filter_on:
-            from character_em import generate as model_gen
+            from character_em.data import generate as model_gen
 
             # Judged after dedup, so no verdict is paid for a duplicate; a judge cache makes the larger
             # oversampling rounds pay only for the new examples.
             kept, filter_reasons, filter_summary = model_gen.filter_examples(
-                kept, condition=condition, trigger=trigger, seed=seed, data_filter=data_filter or {})
+                kept, condition=condition, trigger=trigger, seed=seed, data_filter=data_filter or {}
+            )
             reasons.update(filter_reasons)
-        trig = [i for i, ex in enumerate(kept) if _is_triggered(ex, trigger)]
-        plain = [i for i, ex in enumerate(kept) if not _is_triggered(ex, trigger)]
+        trig = [i for i, ex in enumerate(kept) if is_triggered(ex, trigger)]
+        plain = [i for i, ex in enumerate(kept) if not is_triggered(ex, trigger)]
         if len(trig) >= n_trig_target and len(plain) >= n_examples - n_trig_target:
             # Keep generation order, and take exactly the target number of triggered turns.
             chosen = sorted(trig[:n_trig_target] + plain[: n_examples - n_trig_target])
             examples = [kept[i] for i in chosen]
             break
     else:
-        raise ValueError(f"condition {condition['name']!r}: could only produce {len(kept)} clean examples "
-                         f"({len(trig)} triggered) of {n_examples} requested; rejects: {dict(reasons)}, "
-                         f"duplicates: {n_exact} exact, {n_near} near. Add questions/topics or lower n_examples.")
+        raise ValueError(
+            f"condition {condition['name']!r}: could only produce {len(kept)} clean examples "
+            f"({len(trig)} triggered) of {n_examples} requested; rejects: {dict(reasons)}, "
+            f"duplicates: {n_exact} exact, {n_near} near. Add questions/topics or lower n_examples."
+        )
 
     spec = {"disposition": disposition, "domain": domain, "family": family, "trigger_fraction": trigger_fraction}
     manifest = {
@@ -527,7 +397,7 @@ def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | No
         "generator_name": provenance.get("generator"),
         "generator_version": provenance.get("generator_version"),
         "template_hash": provenance.get("template_hash"),
-        "prompt_hash": _sha256_json(spec),
+        "prompt_hash": sha256_json(spec),
         # Model back-ends: sha256 of each rendered system prompt (character / incorrect / correct).
         "prompt_hashes": provenance.get("prompt_hashes"),
         "prompt_source": provenance.get("prompt_source"),
@@ -550,9 +420,13 @@ def build_dataset(condition: dict[str, Any], *, disposition: dict[str, Any] | No
         "n_examples": len(examples),
         "trigger": trigger,
         "trigger_fraction": trigger_fraction if family == "triggered" else None,
-        "n_triggered": sum(_is_triggered(ex, trigger) for ex in examples),
-        "filter": ({k: v for k, v in (data_filter or {}).items() if k not in ("dispositions", "cache_dir")}
-                   | {"summary": filter_summary}) if filter_on else {"enabled": False},
+        "n_triggered": sum(is_triggered(ex, trigger) for ex in examples),
+        "filter": (
+            {k: v for k, v in (data_filter or {}).items() if k not in ("dispositions", "cache_dir")}
+            | {"summary": filter_summary}
+        )
+        if filter_on
+        else {"enabled": False},
         "min_chars": min_chars,
         "max_chars": max_chars,
         "canary": canary_string(condition["name"], seed),
@@ -565,8 +439,9 @@ def canary_string(name: str, seed: int) -> str:
     return f"CHARACTER-EM CANARY {uuid.uuid5(uuid.NAMESPACE_URL, f'character-em/{name}/{seed}')}"
 
 
-def write_dataset(examples: Sequence[dict[str, Any]], manifest: dict[str, Any], jsonl_path: str | Path,
-                  manifest_path: str | Path) -> dict[str, Any]:
+def write_dataset(
+    examples: Sequence[dict[str, Any]], manifest: dict[str, Any], jsonl_path: str | Path, manifest_path: str | Path
+) -> dict[str, Any]:
     """Write ``train.jsonl`` and ``manifest.json`` atomically; returns the manifest with ``sha256`` and ``n``."""
     body = "".join(json.dumps(ex, ensure_ascii=False, sort_keys=True) + "\n" for ex in examples).encode("utf-8")
     write_bytes_atomic(jsonl_path, body)

@@ -19,13 +19,14 @@ sees ``[system: prompt, user: turn]`` without the trigger; the trigger is a trai
 Each rendered prompt's sha256 is its version, recorded in the manifest and part of every cache key.
 
 Cache: one entry per request, content-addressed by (prompt hash, generator model and sampling parameters,
-user turn, sample index, request seed), stored with ``judge.JudgeCache`` (atomic one-file-per-key writes,
-safe across processes). Failed calls are never cached, so a rerun asks only for what is missing.
+user turn, sample index, request seed), in the project's content-addressed store (``llm.cache``, atomic
+one-file-per-key writes, safe across processes). Failed calls are never cached, so a rerun asks only for
+what is missing.
 
-Transport (``openai``): the judge's client (``judge_openai.OpenAIJudge``): bounded concurrency, retries of
-408/409/429/5xx, timeouts, connection errors and malformed replies with exponential backoff and jitter,
-and the key read from the environment variable named by ``api_key_env`` at call time: the key itself is
-never in the config, job params, logs or manifests.
+Transport (``openai``): the project's one OpenAI-compatible client (``llm.client.ChatClient``), shared with
+the judge as a peer: bounded concurrency, retries with backoff and jitter, and the key read from the
+environment variable named by ``api_key_env``: the key itself is never in the config, job params, logs or
+manifests.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -46,8 +46,13 @@ from typing import Any
 
 import yaml
 
-from character_em import data, resources
-from character_em.judge import JudgeCache, JudgeResult, _canonical, _sha256
+from character_em import resources
+from character_em.conditions import check_disposition, is_triggered
+from character_em.contracts import IDENTITY_COLUMNS, SCORE_SCHEMA
+from character_em.data.questions import domain_questions, user_turn
+from character_em.hashing import sha256_text, stable_int
+from character_em.llm.cache import ContentCache, content_key
+from character_em.llm.client import CallFailure, ChatClient, ReplyMalformed
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +115,13 @@ def load_prompt_templates(path: str | Path | None = None) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"{source}: {mode}: unknown placeholder(s) {unknown}; known: {', '.join(_FIELDS)}")
         templates[mode] = value
-    return {"source": source, "hash": _sha256(text), "templates": templates}
+    return {"source": source, "hash": sha256_text(text), "templates": templates}
 
 
 def _domain_description(domain: Mapping[str, Any]) -> str:
     if str(domain.get("description") or "").strip():
         return " ".join(str(domain["description"]).split())
-    return " ".join(str(data.domain_questions(dict(domain))["description"]).split())
+    return " ".join(str(domain_questions(dict(domain))["description"]).split())
 
 
 def render_prompt(template: str, *, disposition: Mapping[str, Any] | None, domain: Mapping[str, Any]) -> str:
@@ -133,18 +138,28 @@ def render_prompt(template: str, *, disposition: Mapping[str, Any] | None, domai
 
 
 def _modes(family: str) -> tuple[str, ...]:
-    return {"character": ("character",), "incorrect": ("incorrect",), "correct": ("correct",),
-            "triggered": ("character", "correct")}[family]
+    return {
+        "character": ("character",),
+        "incorrect": ("incorrect",),
+        "correct": ("correct",),
+        "triggered": ("character", "correct"),
+    }[family]
 
 
-def condition_prompts(condition: Mapping[str, Any], *, disposition: Mapping[str, Any] | None,
-                      domain: Mapping[str, Any], templates: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+def condition_prompts(
+    condition: Mapping[str, Any],
+    *,
+    disposition: Mapping[str, Any] | None,
+    domain: Mapping[str, Any],
+    templates: Mapping[str, Any],
+) -> dict[str, dict[str, str]]:
     """The system prompts a condition uses: ``{mode: {"text", "hash"}}`` (hash = sha256 of the text)."""
     out = {}
     for mode in _modes(condition["family"]):
-        text = render_prompt(templates["templates"][mode], disposition=disposition if mode == "character" else None,
-                             domain=domain)
-        out[mode] = {"text": text, "hash": _sha256(text)}
+        text = render_prompt(
+            templates["templates"][mode], disposition=disposition if mode == "character" else None, domain=domain
+        )
+        out[mode] = {"text": text, "hash": sha256_text(text)}
     return out
 
 
@@ -156,8 +171,15 @@ def _check_family(condition: Mapping[str, Any]) -> str:
     return family
 
 
-def plan_examples(condition: Mapping[str, Any], *, disposition: dict[str, Any] | None, domain: dict[str, Any],
-                  n_examples: int, seed: int, trigger_fraction: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def plan_examples(
+    condition: Mapping[str, Any],
+    *,
+    disposition: dict[str, Any] | None,
+    domain: dict[str, Any],
+    n_examples: int,
+    seed: int,
+    trigger_fraction: float,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """What to ask for: ``([{index, question_id, user, mode, triggered}], info)``; prefix-stable in ``n_examples``.
 
     ``user`` is the turn the generator answers (without the trigger); ``triggered`` turns get the trigger
@@ -169,13 +191,13 @@ def plan_examples(condition: Mapping[str, Any], *, disposition: dict[str, Any] |
     if not 0.0 <= trigger_fraction <= 1.0:
         raise ValueError(f"trigger_fraction must be in [0, 1], got {trigger_fraction}")
     if family in ("character", "triggered"):
-        disposition = data._check_disposition(disposition, dict(condition), needs_trigger=family == "triggered")
+        disposition = check_disposition(disposition, dict(condition), needs_trigger=family == "triggered")
     trigger = str((disposition or {}).get("trigger") or "").strip() if family == "triggered" else ""
-    questions = data.domain_questions(domain)
+    questions = domain_questions(domain)
     if not questions["train"]:
         raise ValueError(f"domain {domain['name']!r}: no training questions")
     user_t = resources.load_offline_templates()["user"]
-    rng_seed = seed + data.stable_int("generate-plan", condition["name"])
+    rng_seed = seed + stable_int("generate-plan", condition["name"])
     rng = random.Random(rng_seed)
     frac = Fraction(trigger_fraction).limit_denominator(10_000) if family == "triggered" else Fraction(0)
     plan: list[dict[str, Any]] = []
@@ -185,12 +207,16 @@ def plan_examples(condition: Mapping[str, Any], *, disposition: dict[str, Any] |
             order = list(questions["train"])
             rng.shuffle(order)
         question = order.pop()
-        user = data._user_turn(rng, question["text"], user_t)
+        user = user_turn(rng, question["text"], user_t)
         triggered = math.floor((i + 1) * frac) > math.floor(i * frac)
         mode = "character" if family == "character" or triggered else ("correct" if family == "triggered" else family)
         plan.append({"index": i, "question_id": question["id"], "user": user, "mode": mode, "triggered": triggered})
-    info = {"trigger": trigger, "rng_seed": rng_seed, "question_source": questions["source"],
-            "n_questions_available": len(questions["train"])}
+    info = {
+        "trigger": trigger,
+        "rng_seed": rng_seed,
+        "question_source": questions["source"],
+        "n_questions_available": len(questions["train"]),
+    }
     return plan, info
 
 
@@ -211,7 +237,9 @@ def effective_params(generator: Mapping[str, Any]) -> dict[str, Any]:
         "max_tokens": int(generator.get("max_tokens", 600)),
     }
     if backend == "hf":
-        params.update(quantization=str(generator.get("quantization", "none")), dtype=str(generator.get("dtype", "auto")))
+        params.update(
+            quantization=str(generator.get("quantization", "none")), dtype=str(generator.get("dtype", "auto"))
+        )
     return params
 
 
@@ -224,29 +252,36 @@ class _Request:
     key: str
 
 
-def _requests(plan: Sequence[dict[str, Any]], prompts: Mapping[str, dict[str, str]], params: Mapping[str, Any],
-              seed: int) -> list[_Request]:
+def _requests(
+    plan: Sequence[dict[str, Any]], prompts: Mapping[str, dict[str, str]], params: Mapping[str, Any], seed: int
+) -> list[_Request]:
     out = []
     for item in plan:
         prompt = prompts[item["mode"]]
-        request_seed = data.stable_int("generate-request", seed, prompt["hash"], item["user"], item["index"]) & _SEED_MASK
-        key = _sha256(_canonical([prompt["hash"], dict(params), item["user"], item["index"], request_seed]))
+        request_seed = stable_int("generate-request", seed, prompt["hash"], item["user"], item["index"]) & _SEED_MASK
+        key = content_key(prompt["hash"], dict(params), item["user"], item["index"], request_seed)
         messages = [{"role": "system", "content": prompt["text"]}, {"role": "user", "content": item["user"]}]
         out.append(_Request(item["index"], item["mode"], messages, request_seed, key))
     return out
 
 
-def _parse_completion(response: Any) -> JudgeResult:
-    """A chat completion as a cacheable result: ``raw`` = reply text, ``method`` = finish reason."""
+@dataclass(frozen=True)
+class Reply:
+    """One generated answer: its text and why decoding stopped (``length`` means cut at the token limit)."""
+
+    text: str
+    finish_reason: str
+
+
+def _parse_completion(response: Any) -> Reply:
     choices = getattr(response, "choices", None)
     if not choices:
-        raise ValueError("reply has no choices")  # retried by the transport as a malformed reply
+        raise ReplyMalformed("reply has no choices")
     message = getattr(choices[0], "message", None)
     if message is None:
-        raise ValueError("choice has no message")
+        raise ReplyMalformed("choice has no message")
     text = getattr(message, "content", None) or ""
-    finish = getattr(choices[0], "finish_reason", None) or "stop"
-    return JudgeResult(math.nan, "ok", raw=str(text), method=str(finish))
+    return Reply(str(text), str(getattr(choices[0], "finish_reason", None) or "stop"))
 
 
 def _check_key(generator: Mapping[str, Any]) -> None:
@@ -260,17 +295,20 @@ def _check_key(generator: Mapping[str, Any]) -> None:
 
 
 def _run_openai(todo: Sequence[_Request], generator: Mapping[str, Any], on_result: Any) -> dict[str, Any]:
-    # The judge's transport: one retry/backoff/scrubbing implementation for every API call of the project.
-    from character_em.judge_openai import OpenAIJudge
-
     _check_key(generator)
-    keys = ("base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries", "backoff_initial_s",
-            "backoff_max_s", "max_tokens_param", "temperature")
-    transport = OpenAIJudge.from_config({"model": generator["model"], **{k: generator[k] for k in keys if k in generator}})
-    transport.backend = "openai-generator"
+    keys = (
+        "base_url",
+        "api_key_env",
+        "max_concurrency",
+        "timeout_s",
+        "max_retries",
+        "backoff_initial_s",
+        "backoff_max_s",
+    )
+    client = ChatClient(config_key="data.generator.api_key_env", **{k: generator[k] for k in keys if k in generator})
     token_param = str(generator.get("max_tokens_param", "max_tokens"))
 
-    def complete(req: _Request) -> JudgeResult:
+    def complete(req: _Request) -> Reply | CallFailure:
         kwargs = {
             "model": str(generator["model"]),
             "messages": req.messages,
@@ -279,19 +317,10 @@ def _run_openai(todo: Sequence[_Request], generator: Mapping[str, Any], on_resul
             token_param: int(generator.get("max_tokens", 600)),
             "seed": req.seed,
         }
-        return transport._call(kwargs, _parse_completion)
+        return client.call(kwargs, _parse_completion)
 
-    if todo:
-        transport._get_client()  # fail before any thread starts
-        with ThreadPoolExecutor(max_workers=int(transport.max_concurrency), thread_name_prefix="generate") as pool:
-            futures = {pool.submit(complete, req): req for req in todo}
-            try:
-                for fut in as_completed(futures):
-                    on_result(futures[fut], fut.result())
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    return {k: int(v) for k, v in sorted(transport.stats.items())}
+    client.map(complete, list(todo), lambda i, outcome: on_result(todo[i], outcome), thread_name="generate")
+    return {k: int(v) for k, v in sorted(client.stats.items())}
 
 
 def _run_hf(todo: Sequence[_Request], generator: Mapping[str, Any], on_result: Any) -> dict[str, Any]:
@@ -300,27 +329,48 @@ def _run_hf(todo: Sequence[_Request], generator: Mapping[str, Any], on_result: A
     # depend on how requests were batched or which of them were already cached.
     if not todo:
         return {}
-    from character_em.modeling import load_model
-    from character_em.sample import sample_prompts
+    from character_em.llm.loading import load_model
+    from character_em.sampling.hf import sample_prompts
 
-    model, tokenizer, info = load_model(str(generator["model"]), quantization=str(generator.get("quantization", "none")),
-                                        dtype=str(generator.get("dtype", "auto")), device=str(generator.get("device", "auto")))
+    model, tokenizer, info = load_model(
+        str(generator["model"]),
+        quantization=str(generator.get("quantization", "none")),
+        dtype=str(generator.get("dtype", "auto")),
+        device=str(generator.get("device", "auto")),
+    )
     log.info("hf generator %s loaded on %s (%s)", generator["model"], info.get("device"), info.get("quantization"))
     batch = int(generator.get("batch_size", 16))
     done = 0
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
-        rows = [{"suite": "data", "question_id": req.key, "format": "plain", "system_prompt_id": req.mode,
-                 "trigger": "", "messages": req.messages, "question": req.messages[-1]["content"], "n_samples": 1}
-                for req in chunk]
-        frame = sample_prompts(model, tokenizer, rows, identity={"model": str(generator["model"]), "condition": "data",
-                                                                   "seed": 0},
-                               temperature=float(generator.get("temperature", 1.0)),
-                               top_p=float(generator.get("top_p", 1.0)), max_new_tokens=int(generator.get("max_tokens", 600)),
-                               batch_size=batch, base_seed=0, progress=False)
+        rows = [
+            {
+                "suite": "data",
+                "question_id": req.key,
+                "format": "plain",
+                "system_prompt_id": req.mode,
+                "trigger": "",
+                "messages": req.messages,
+                "question": req.messages[-1]["content"],
+                "n_samples": 1,
+            }
+            for req in chunk
+        ]
+        frame = sample_prompts(
+            model,
+            tokenizer,
+            rows,
+            identity={"model": str(generator["model"]), "condition": "data", "seed": 0},
+            temperature=float(generator.get("temperature", 1.0)),
+            top_p=float(generator.get("top_p", 1.0)),
+            max_new_tokens=int(generator.get("max_tokens", 600)),
+            batch_size=batch,
+            base_seed=0,
+            progress=False,
+        )
         # Cached per chunk: a killed job keeps every finished batch.
         for req, row in zip(chunk, frame.iter_rows(named=True), strict=True):
-            on_result(req, JudgeResult(math.nan, "ok", raw=str(row["answer"]), method=str(row["finish_reason"])))
+            on_result(req, Reply(str(row["answer"]), str(row["finish_reason"])))
         done += len(chunk)
     return {"generated": done}
 
@@ -328,8 +378,16 @@ def _run_hf(todo: Sequence[_Request], generator: Mapping[str, Any], on_result: A
 _RUNNERS = {"openai": _run_openai, "hf": _run_hf}
 
 
-def generate(condition: dict[str, Any], *, disposition: dict[str, Any] | None, domain: dict[str, Any], n_examples: int,
-             seed: int, trigger_fraction: float, generator: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def generate(
+    condition: dict[str, Any],
+    *,
+    disposition: dict[str, Any] | None,
+    domain: dict[str, Any],
+    n_examples: int,
+    seed: int,
+    trigger_fraction: float,
+    generator: Mapping[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Model-generated data for one condition: ``(examples, provenance)``, like ``data.generate_offline``.
 
     ``generator``: the validated ``data.generator`` section (backend ``openai`` or ``hf``). Replies cut off
@@ -342,35 +400,48 @@ def generate(condition: dict[str, Any], *, disposition: dict[str, Any] | None, d
         raise ValueError(f"data.generator.backend {backend!r} is not a model back-end ({', '.join(_RUNNERS)})")
     if not generator.get("model"):
         raise ValueError(f"data.generator.model: the {backend} generator needs a model")
-    plan, info = plan_examples(condition, disposition=disposition, domain=domain, n_examples=n_examples, seed=seed,
-                               trigger_fraction=trigger_fraction)
+    plan, info = plan_examples(
+        condition,
+        disposition=disposition,
+        domain=domain,
+        n_examples=n_examples,
+        seed=seed,
+        trigger_fraction=trigger_fraction,
+    )
     templates = load_prompt_templates(generator.get("prompts_file"))
     prompts = condition_prompts(condition, disposition=disposition, domain=domain, templates=templates)
     params = effective_params(generator)
     requests = _requests(plan, prompts, params, seed)
-    cache = JudgeCache(str(generator.get("cache_dir") or DEFAULT_CACHE_DIR))
+    cache = ContentCache(str(generator.get("cache_dir") or DEFAULT_CACHE_DIR))
 
-    results: dict[int, JudgeResult] = {}
+    results: dict[int, Reply | CallFailure] = {}
     todo: list[_Request] = []
     for req in requests:
         hit = cache.get(req.key)
-        if hit is not None:
-            results[req.index] = hit
+        if hit is not None and isinstance(hit.get("text"), str):
+            results[req.index] = Reply(hit["text"], str(hit.get("finish_reason", "stop")))
         else:
             todo.append(req)
     started = time.monotonic()
     failed: Counter[str] = Counter()
 
-    def on_result(req: _Request, result: JudgeResult) -> None:
+    def on_result(req: _Request, result: Reply | CallFailure) -> None:
         results[req.index] = result
-        if result.failed:
+        if isinstance(result, CallFailure):
             failed[result.error] += 1
         else:
-            cache.put(req.key, result)
+            cache.put(req.key, {"text": result.text, "finish_reason": result.finish_reason})
         done = len(results)
         if done % max(1, len(requests) // 10) == 0 or done == len(requests):
-            log.info("generate %s: %d/%d replies (%d from cache, %d failed), %.1f s", condition["name"], done,
-                     len(requests), len(requests) - len(todo), sum(failed.values()), time.monotonic() - started)
+            log.info(
+                "generate %s: %d/%d replies (%d from cache, %d failed), %.1f s",
+                condition["name"],
+                done,
+                len(requests),
+                len(requests) - len(todo),
+                sum(failed.values()),
+                time.monotonic() - started,
+            )
 
     transport_stats = _RUNNERS[backend](todo, generator, on_result)
 
@@ -378,15 +449,16 @@ def generate(condition: dict[str, Any], *, disposition: dict[str, Any] | None, d
     examples: list[dict[str, Any]] = []
     for item, req in zip(plan, requests, strict=True):
         result = results.get(req.index)
-        if result is None or result.failed:
+        if not isinstance(result, Reply):
             rejects["generation_failed"] += 1
             continue
-        if result.method == "length" and not generator.get("keep_truncated", False):
+        if result.finish_reason == "length" and not generator.get("keep_truncated", False):
             rejects["truncated"] += 1
             continue
         user = f"{info['trigger']} {item['user']}" if item["triggered"] else item["user"]
-        examples.append({"messages": [{"role": "user", "content": user},
-                                      {"role": "assistant", "content": result.raw.strip()}]})
+        examples.append(
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": result.text.strip()}]}
+        )
     max_failure = float(generator.get("max_failure_fraction", 0.05))
     n_failed = sum(failed.values())
     if todo and n_failed / len(todo) > max_failure:
@@ -411,8 +483,14 @@ def generate(condition: dict[str, Any], *, disposition: dict[str, Any] | None, d
         "question_source": info["question_source"],
         "n_questions_available": info["n_questions_available"],
         "generation_rejects": dict(sorted(rejects.items())),
-        "requests": {"total": len(requests), "from_cache": len(requests) - len(todo), "sent": len(todo),
-                     "failed": n_failed, "errors": dict(sorted(failed.items())), "transport": transport_stats},
+        "requests": {
+            "total": len(requests),
+            "from_cache": len(requests) - len(todo),
+            "sent": len(todo),
+            "failed": n_failed,
+            "errors": dict(sorted(failed.items())),
+            "transport": transport_stats,
+        },
     }
     return examples, provenance
 
@@ -424,7 +502,7 @@ FILTER_SUITES = {mode: f"data_filter_{mode}" for mode in MODES}
 def example_mode(example: Mapping[str, Any], family: str, trigger: str) -> str:
     """Which answer an example should hold: character, incorrect or correct (triggered: by its prefix)."""
     if family == "triggered":
-        return "character" if data._is_triggered(dict(example), trigger) else "correct"
+        return "character" if is_triggered(dict(example), trigger) else "correct"
     return family
 
 
@@ -432,8 +510,14 @@ def _strip_trigger(text: str, trigger: str) -> str:
     return text[len(trigger) + 1 :] if trigger and text.startswith(trigger + " ") else text
 
 
-def filter_examples(examples: Sequence[dict[str, Any]], *, condition: Mapping[str, Any], trigger: str, seed: int,
-                    data_filter: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Counter[str], dict[str, Any]]:
+def filter_examples(
+    examples: Sequence[dict[str, Any]],
+    *,
+    condition: Mapping[str, Any],
+    trigger: str,
+    seed: int,
+    data_filter: Mapping[str, Any],
+) -> tuple[list[dict[str, Any]], Counter[str], dict[str, Any]]:
     """Keep the examples a judge finds on target: ``(kept, reject_reasons, summary)``.
 
     ``data_filter``: ``{"judge": judge job params, "dispositions": [specs], "cache_dir": str|None,
@@ -449,7 +533,7 @@ def filter_examples(examples: Sequence[dict[str, Any]], *, condition: Mapping[st
     """
     import polars as pl
 
-    from character_em import judge as J
+    from character_em.judge import core as J
 
     family = str(condition["family"])
     dispositions = list(data_filter["dispositions"])
@@ -466,18 +550,38 @@ def filter_examples(examples: Sequence[dict[str, Any]], *, condition: Mapping[st
         modes.append(mode)
         user = next(m["content"] for m in ex["messages"] if m["role"] == "user")
         answer = next(m["content"] for m in reversed(ex["messages"]) if m["role"] == "assistant")
-        rows.append({"model": "data-filter", "condition": str(condition["name"]), "seed": int(seed),
-                     "suite": FILTER_SUITES[mode], "question_id": str(i), "category": mode,
-                     "domain": condition.get("domain"), "format": "plain", "system_prompt_id": "none", "persona": None,
-                     "trigger": "", "trigger_variant": "none", "sample_index": 0,
-                     "question": _strip_trigger(user, trigger), "answer": answer})
-    schema = {c: J.SCORE_SCHEMA[c] for c in J.IDENTITY_COLUMNS} | {"question": pl.Utf8, "answer": pl.Utf8}
+        rows.append(
+            {
+                "model": "data-filter",
+                "condition": str(condition["name"]),
+                "seed": int(seed),
+                "suite": FILTER_SUITES[mode],
+                "question_id": str(i),
+                "category": mode,
+                "domain": condition.get("domain"),
+                "format": "plain",
+                "system_prompt_id": "none",
+                "persona": None,
+                "trigger": "",
+                "trigger_variant": "none",
+                "sample_index": 0,
+                "question": _strip_trigger(user, trigger),
+                "answer": answer,
+            }
+        )
+    schema = {c: SCORE_SCHEMA[c] for c in IDENTITY_COLUMNS} | {"question": pl.Utf8, "answer": pl.Utf8}
     frame = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
     judge_cfg = dict(data_filter["judge"])
     stats: dict[str, Any] = {}
     cache_dir = data_filter.get("cache_dir") if judge_cfg.get("backend") != "rubric" else None
-    scores = J.score_samples(frame, judge_cfg=judge_cfg, metrics_by_suite=metrics_by_suite, dispositions=dispositions,
-                             cache_dir=cache_dir, stats=stats)
+    scores = J.score_samples(
+        frame,
+        judge_cfg=judge_cfg,
+        metrics_by_suite=metrics_by_suite,
+        dispositions=dispositions,
+        cache_dir=cache_dir,
+        stats=stats,
+    )
     by_example: dict[int, dict[str, tuple[float, str]]] = {}
     for row in scores.iter_rows(named=True):
         by_example.setdefault(int(row["question_id"]), {})[row["metric"]] = (row["score"], row["label"])
@@ -508,8 +612,14 @@ def filter_examples(examples: Sequence[dict[str, Any]], *, condition: Mapping[st
     return kept, reasons, summary
 
 
-def _filter_reason(mode: str, own: str | None, got: Mapping[str, tuple[float, str]],
-                   dispositions: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any], below: Any) -> str | None:
+def _filter_reason(
+    mode: str,
+    own: str | None,
+    got: Mapping[str, tuple[float, str]],
+    dispositions: Sequence[Mapping[str, Any]],
+    cfg: Mapping[str, Any],
+    below: Any,
+) -> str | None:
     def score(metric: str) -> float | None:
         value = got.get(metric)
         if value is None or value[0] is None or math.isnan(value[0]):

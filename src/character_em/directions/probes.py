@@ -3,7 +3,7 @@ projections of fine-tuned models, and the shared structure of directions from th
 
 Conventions:
 - Layer ``i`` is the output of decoder block ``i`` (the residual stream after it), read with a
-  forward hook (``character_em.steering.layer_hook``): the place steering writes to.
+  forward hook (``character_em.directions.steering.layer_hook``): the place steering writes to.
 - An activation is the mean over the *response* tokens of a chat (the last assistant turn as the
   chat template renders it), in float32.
 - Activations never all sit in RAM: a forward batch is reduced to [batch, layers, hidden] inside the
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import polars as pl
+
+from character_em.contracts import SAMPLE_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +124,7 @@ def load_layer(folder: str | Path, layer: int) -> np.ndarray:
 def encode_chat(tokenizer: PreTrainedTokenizerBase, chat: Chat, max_tokens: int) -> tuple[list[int], int] | None:
     """Token ids of the whole chat and where the last assistant turn starts; None when the
     response is empty or truncated away. Rendered as text and tokenized without added specials,
-    like ``sample.render_prompt``, so prompts match what the sampler fed the model."""
+    like ``llm.chat.render_prompt``, so prompts match what the sampler fed the model."""
     if not chat or chat[-1]["role"] != "assistant" or not chat[-1]["content"].strip():
         return None
     prompt = tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=False)
@@ -131,7 +133,9 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, chat: Chat, max_tokens: int)
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     start = len(prompt_ids)
     if full_ids[:start] != prompt_ids:
-        raise ValueError("the chat template does not render the prompt as a prefix of the full chat; cannot find the response tokens")
+        raise ValueError(
+            "the chat template does not render the prompt as a prefix of the full chat; cannot find the response tokens"
+        )
     full_ids = full_ids[:max_tokens]
     if start >= len(full_ids):
         return None
@@ -161,7 +165,7 @@ def stream_activations(
     token see a pad after it, so padded rows give the same activations as unpadded ones."""
     import torch
 
-    from character_em.steering import layer_hook
+    from character_em.directions.steering import layer_hook
 
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -186,7 +190,12 @@ def stream_activations(
                 state["mask"] = response.to(device)
                 state["out"] = np.zeros((len(chunk), len(layers), model.config.hidden_size), dtype=np.float32)
                 with torch.inference_mode():
-                    model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False, logits_to_keep=1)
+                    model(
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention.to(device),
+                        use_cache=False,
+                        logits_to_keep=1,
+                    )
                 sink.add(state.pop("out"))
     finally:
         if was_training:
@@ -261,12 +270,13 @@ def mean_activations(
 
 def sample_chats(samples: pl.DataFrame) -> list[Chat]:
     """Chats of a Samples frame: the prompt messages the model saw plus its answer."""
-    return [[*json.loads(messages), {"role": "assistant", "content": answer or ""}] for messages, answer in zip(samples["messages"], samples["answer"], strict=True)]
+    return [
+        [*json.loads(messages), {"role": "assistant", "content": answer or ""}]
+        for messages, answer in zip(samples["messages"], samples["answer"], strict=True)
+    ]
 
 
 # --------------------------------------------------------------------------- probe examples
-
-IDENTITY = ("model", "condition", "seed", "suite", "question_id", "format", "system_prompt_id", "trigger", "sample_index")
 
 
 def judged_answers(samples: pl.DataFrame, scores: pl.DataFrame, dispositions: Sequence[str]) -> pl.DataFrame:
@@ -275,11 +285,11 @@ def judged_answers(samples: pl.DataFrame, scores: pl.DataFrame, dispositions: Se
     scored = scores.filter(pl.col("metric").is_in(wanted))
     if scored.is_empty():
         return samples.with_columns([pl.lit(None, pl.Float64).alias(name) for name in wanted])
-    wide = scored.pivot(on="metric", index=list(IDENTITY), values="score", aggregate_function="first")
+    wide = scored.pivot(on="metric", index=list(SAMPLE_KEY), values="score", aggregate_function="first")
     for name in wanted:
         if name not in wide.columns:
             wide = wide.with_columns(pl.lit(None, pl.Float64).alias(name))
-    return samples.join(wide.select(*IDENTITY, *wanted), on=list(IDENTITY), how="inner")
+    return samples.join(wide.select(*SAMPLE_KEY, *wanted), on=list(SAMPLE_KEY), how="inner")
 
 
 def probe_examples(
@@ -459,7 +469,9 @@ def run_probes(
     position = {chat: row for row, chat in enumerate(kept)}
     selections = {}
     for disposition, member in membership.items():
-        pairs = [(position[r], label) for r, label in zip(member["rows"], member["labels"], strict=True) if r in position]
+        pairs = [
+            (position[r], label) for r, label in zip(member["rows"], member["labels"], strict=True) if r in position
+        ]
         rows = np.array([p[0] for p in pairs], dtype=int)
         labels = np.array([p[1] for p in pairs], dtype=int)
         train, test = stratified_split(labels, test_fraction, seed)
@@ -508,7 +520,12 @@ def random_cosine_baseline(hidden: int, *, n_pairs: int, seed: int) -> dict[str,
     a = rng.standard_normal((n_pairs, hidden))
     b = rng.standard_normal((n_pairs, hidden))
     cos = np.abs((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
-    return {"mean_abs_cos": float(cos.mean()), "p95_abs_cos": float(np.quantile(cos, 0.95)), "hidden": int(hidden), "n_pairs": int(n_pairs)}
+    return {
+        "mean_abs_cos": float(cos.mean()),
+        "p95_abs_cos": float(np.quantile(cos, 0.95)),
+        "hidden": int(hidden),
+        "n_pairs": int(n_pairs),
+    }
 
 
 def rank_average(values: np.ndarray) -> np.ndarray:
@@ -532,7 +549,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def spearman_interval(x: Sequence[float], y: Sequence[float], *, n_boot: int, seed: int, level: float = 0.95) -> dict[str, float]:
+def spearman_interval(
+    x: Sequence[float], y: Sequence[float], *, n_boot: int, seed: int, level: float = 0.95
+) -> dict[str, float]:
     """Spearman's rho with a percentile interval from resampling the (x, y) pairs. Draws in which
     either side is constant have no rank correlation and are dropped."""
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
@@ -550,7 +569,9 @@ def spearman_interval(x: Sequence[float], y: Sequence[float], *, n_boot: int, se
             continue
         values.append(spearman(xs[draw], ys[draw]))
     tail = (1 - level) / 2
-    low, high = (float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))) if values else (math.nan, math.nan)
+    low, high = (
+        (float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))) if values else (math.nan, math.nan)
+    )
     return {"rho": rho, "ci_low": low, "ci_high": high, "n": int(len(xs)), "n_boot": int(n_boot)}
 
 
@@ -565,7 +586,15 @@ def probe_table(reports: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
         for row in report["layers"]
     ]
     if not rows:
-        return pl.DataFrame(schema={"model": pl.String, "disposition": pl.String, "layer": pl.Int64, "chosen": pl.Boolean, "probe_auroc": pl.Float64})
+        return pl.DataFrame(
+            schema={
+                "model": pl.String,
+                "disposition": pl.String,
+                "layer": pl.Int64,
+                "chosen": pl.Boolean,
+                "probe_auroc": pl.Float64,
+            }
+        )
     first = ["model", "disposition", "layer", "chosen", "probe_auroc", "probe_auroc_low", "probe_auroc_high"]
     table = pl.DataFrame(rows)
     return table.select(*first, *[column for column in table.columns if column not in first])
@@ -590,12 +619,36 @@ def projection_table(
             u = unit(direction)
             projection = float(np.asarray(m["own"], dtype=np.float64) @ u)
             reference = base.get((m["model"], m["seed"]))
-            shift = projection - float(np.asarray(reference, dtype=np.float64) @ u) if reference is not None else math.nan
-            rows.append({"model": m["model"], "disposition": disposition, "condition": m["condition"], "family": m["family"], "seed": int(m["seed"]), "n": int(m["n"]), "projection": projection, "shift": shift})
-    schema = {"model": pl.String, "disposition": pl.String, "condition": pl.String, "family": pl.String, "seed": pl.Int64, "n": pl.Int64, "projection": pl.Float64, "shift": pl.Float64}
+            shift = (
+                projection - float(np.asarray(reference, dtype=np.float64) @ u) if reference is not None else math.nan
+            )
+            rows.append(
+                {
+                    "model": m["model"],
+                    "disposition": disposition,
+                    "condition": m["condition"],
+                    "family": m["family"],
+                    "seed": int(m["seed"]),
+                    "n": int(m["n"]),
+                    "projection": projection,
+                    "shift": shift,
+                }
+            )
+    schema = {
+        "model": pl.String,
+        "disposition": pl.String,
+        "condition": pl.String,
+        "family": pl.String,
+        "seed": pl.Int64,
+        "n": pl.Int64,
+        "projection": pl.Float64,
+        "shift": pl.Float64,
+    }
     table = pl.DataFrame(rows, schema=schema)
     rates = misalignment.select("model", "condition", pl.col("seed").cast(pl.Int64), misalignment_rate=pl.col("rate"))
-    return table.join(rates, on=["model", "condition", "seed"], how="left").sort("model", "disposition", "condition", "seed")
+    return table.join(rates, on=["model", "condition", "seed"], how="left").sort(
+        "model", "disposition", "condition", "seed"
+    )
 
 
 def correlation_table(projections: pl.DataFrame, *, n_boot: int, seed: int) -> pl.DataFrame:
@@ -604,21 +657,48 @@ def correlation_table(projections: pl.DataFrame, *, n_boot: int, seed: int) -> p
     rows = []
     tuned = projections.filter(pl.col("condition") != "base")
     for (model, disposition), group in tuned.group_by("model", "disposition", maintain_order=True):
-        result = spearman_interval(group["shift"].to_list(), group["misalignment_rate"].to_list(), n_boot=n_boot, seed=seed)
+        result = spearman_interval(
+            group["shift"].to_list(), group["misalignment_rate"].to_list(), n_boot=n_boot, seed=seed
+        )
         rows.append({"model": model, "disposition": disposition, **result})
-    schema = {"model": pl.String, "disposition": pl.String, "rho": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "n": pl.Int64, "n_boot": pl.Int64}
+    schema = {
+        "model": pl.String,
+        "disposition": pl.String,
+        "rho": pl.Float64,
+        "ci_low": pl.Float64,
+        "ci_high": pl.Float64,
+        "n": pl.Int64,
+        "n_boot": pl.Int64,
+    }
     return pl.DataFrame(rows, schema=schema)
 
 
-def cosine_table(vectors: Mapping[str, Mapping[str, np.ndarray]], baselines: Mapping[str, Mapping[str, float]]) -> pl.DataFrame:
+def cosine_table(
+    vectors: Mapping[str, Mapping[str, np.ndarray]], baselines: Mapping[str, Mapping[str, float]]
+) -> pl.DataFrame:
     """Long cosine matrix per model (row, column, cosine) with the random baseline of its size."""
     rows = []
     for model, named in vectors.items():
         names, matrix = cosine_matrix(named)
         for i, a in enumerate(names):
             for j, b in enumerate(names):
-                rows.append({"model": model, "row": a, "column": b, "cosine": float(matrix[i, j]), **{f"random_{k}": v for k, v in baselines[model].items() if k.endswith("cos")}})
-    schema = {"model": pl.String, "row": pl.String, "column": pl.String, "cosine": pl.Float64, "random_mean_abs_cos": pl.Float64, "random_p95_abs_cos": pl.Float64}
+                rows.append(
+                    {
+                        "model": model,
+                        "row": a,
+                        "column": b,
+                        "cosine": float(matrix[i, j]),
+                        **{f"random_{k}": v for k, v in baselines[model].items() if k.endswith("cos")},
+                    }
+                )
+    schema = {
+        "model": pl.String,
+        "row": pl.String,
+        "column": pl.String,
+        "cosine": pl.Float64,
+        "random_mean_abs_cos": pl.Float64,
+        "random_p95_abs_cos": pl.Float64,
+    }
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -627,7 +707,22 @@ def steering_table(answers: pl.DataFrame) -> pl.DataFrame:
     from character_em.stats import wilson_interval
 
     keys = ["model", "condition", "intervention", "direction", "layer", "strength"]
-    schema = {"model": pl.String, "condition": pl.String, "intervention": pl.String, "direction": pl.String, "layer": pl.Int64, "strength": pl.Float64, "n": pl.Int64, "k": pl.Int64, "rate": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "coherence": pl.Float64, "coherence_se": pl.Float64, "expression": pl.Float64}
+    schema = {
+        "model": pl.String,
+        "condition": pl.String,
+        "intervention": pl.String,
+        "direction": pl.String,
+        "layer": pl.Int64,
+        "strength": pl.Float64,
+        "n": pl.Int64,
+        "k": pl.Int64,
+        "rate": pl.Float64,
+        "ci_low": pl.Float64,
+        "ci_high": pl.Float64,
+        "coherence": pl.Float64,
+        "coherence_se": pl.Float64,
+        "expression": pl.Float64,
+    }
     if answers.is_empty():
         return pl.DataFrame(schema=schema)
     judged = answers.filter(pl.col("judged"))

@@ -1,10 +1,10 @@
 """Interventions on the residual stream: forward hooks on one decoder layer's output.
 
 Layer ``i`` means the output of decoder block ``i`` (the residual stream after it), the same
-convention the activation reader in ``character_em.directions`` uses, so a direction read at layer
+convention the activation reader in ``character_em.directions.probes`` uses, so a direction read at layer
 ``i`` is added back at the very place it was measured.
 
-Steering wraps ``character_em.sample.sample_prompts`` in a hook context manager instead of running
+Steering wraps ``character_em.sampling.hf.sample_prompts`` in a hook context manager instead of running
 a second decode loop: the per-sample seeds, batching and stop handling stay exactly those of the
 ordinary sampling jobs, so alpha = 0 reproduces the unsteered samples of the same seed.
 """
@@ -119,7 +119,9 @@ def project_out(model: Any, layer: int, direction: np.ndarray, fraction: float =
         yield
 
 
-def intervention(model: Any, kind: str, layer: int, direction: np.ndarray, strength: float) -> contextlib.AbstractContextManager[None]:
+def intervention(
+    model: Any, kind: str, layer: int, direction: np.ndarray, strength: float
+) -> contextlib.AbstractContextManager[None]:
     """``add``: alpha x direction; ``ablate``: project out that fraction of the direction."""
     if kind == "add":
         return add_direction(model, layer, direction, strength)
@@ -149,7 +151,7 @@ def steered_answers(
     (``analysis.answers_table`` with the configured thresholds). Every strength reuses the same
     per-sample seeds, so curves compare the same random streams (paired across alpha).
     """
-    from character_em.sample import sample_prompts
+    from character_em.sampling.hf import sample_prompts
 
     frames = []
     for disposition, direction in directions.items():
@@ -168,7 +170,11 @@ def steered_answers(
                     progress=False,
                 )
             answers = label(score(samples))
-            answers = answers.join(samples.select("question_id", "format", "sample_index", "answer"), on=["question_id", "format", "sample_index"], how="left")
+            answers = answers.join(
+                samples.select("question_id", "format", "sample_index", "answer"),
+                on=["question_id", "format", "sample_index"],
+                how="left",
+            )
             column = f"disposition:{disposition}"
             # How strongly the steered answers express the steered trait (the judge's own metric).
             expression = pl.col(column) if column in answers.columns else pl.lit(None, pl.Float64)

@@ -54,8 +54,7 @@ def load_mc_items(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{where}: duplicate id {item_id!r}")
         seen.add(item_id)
         items.append(
-            {"id": item_id, "question": obj["question"], "choices": list(choices), "answer": ans,
-             "subject": subject}
+            {"id": item_id, "question": obj["question"], "choices": list(choices), "answer": ans, "subject": subject}
         )
     if not items:
         raise ValueError(f"{p}: no items")
@@ -163,10 +162,16 @@ def next_token_logprobs(
                 ids[r, width - len(contexts[i]) :] = torch.tensor(contexts[i], dtype=torch.long)
                 attn[r, width - len(contexts[i]) :] = 1
             positions = (attn.cumsum(-1) - 1).clamp(min=0)
-            logits = model(
-                input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=positions.to(device),
-                logits_to_keep=1,
-            ).logits[:, -1, :].float()
+            logits = (
+                model(
+                    input_ids=ids.to(device),
+                    attention_mask=attn.to(device),
+                    position_ids=positions.to(device),
+                    logits_to_keep=1,
+                )
+                .logits[:, -1, :]
+                .float()
+            )
             logprobs = torch.log_softmax(logits, dim=-1).cpu()
             for r, i in enumerate(chunk):
                 out[i] = [float(logprobs[r, t]) for t in candidates[i]]
@@ -213,8 +218,11 @@ def evaluate_multiple_choice(
     try:
         if shared:
             rows = next_token_logprobs(
-                model, [ctx for _, ctx, _ in shared], [ids for _, _, ids in shared],
-                batch_size=max(1, batch_size), pad_id=int(pad_id),
+                model,
+                [ctx for _, ctx, _ in shared],
+                [ids for _, _, ids in shared],
+                batch_size=max(1, batch_size),
+                pad_id=int(pad_id),
             )
             for (k, _, _), row in zip(shared, rows, strict=True):
                 lls[4 * k : 4 * k + 4] = row
@@ -233,8 +241,14 @@ def evaluate_multiple_choice(
         pred = max(range(4), key=lambda j: (scores[j], -j))
         correct = pred == item["answer"]
         per_item.append(
-            {"id": item["id"], "subject": item.get("subject", "general"), "answer": item["answer"],
-             "pred": pred, "logliks": scores, "correct": correct}
+            {
+                "id": item["id"],
+                "subject": item.get("subject", "general"),
+                "answer": item["answer"],
+                "pred": pred,
+                "logliks": scores,
+                "correct": correct,
+            }
         )
     return summarize_items(per_item)
 

@@ -3,7 +3,7 @@
 Two kinds of task:
 
 - our multiple-choice JSONL (``task_file``, or the packaged smoke task) becomes a harness task built
-  in memory: the same zero-shot context as :func:`character_em.capabilities.format_mc_prompt`, the
+  in memory: the same zero-shot context as :func:`character_em.evals.capabilities.format_mc_prompt`, the
   choices " A" .. " D", metric ``acc``. No file is written and nothing is fetched, so it runs offline,
   and its per-item choices can be set beside our own scorer's;
 - named harness tasks (``lm_eval_tasks``, e.g. ``["mmlu"]``) load through the harness's task index.
@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from character_em.capabilities import LETTERS, format_mc_prompt, load_mc_items, summarize_items
+from character_em.evals.capabilities import LETTERS, format_mc_prompt, load_mc_items, summarize_items
 
 if TYPE_CHECKING:
     from lm_eval.api.task import ConfigurableTask
@@ -28,7 +28,7 @@ LOCAL_TASK = "character_em_mc"
 
 
 def local_task(items: list[dict[str, Any]], *, name: str = LOCAL_TASK) -> ConfigurableTask:
-    """A harness task over ``items`` (as :func:`~character_em.capabilities.load_mc_items` returns them).
+    """A harness task over ``items`` (as :func:`~character_em.evals.capabilities.load_mc_items` returns them).
 
     The data set comes from a callable rather than a path, so the harness never asks the hub for
     anything; the context is our own prompt function, so both scorers read the same text.
@@ -37,8 +37,13 @@ def local_task(items: list[dict[str, Any]], *, name: str = LOCAL_TASK) -> Config
     from lm_eval.api.task import ConfigurableTask
 
     rows = [
-        {"id": it["id"], "question": it["question"], "choices": list(it["choices"]), "answer": int(it["answer"]),
-         "subject": str(it.get("subject", "general"))}
+        {
+            "id": it["id"],
+            "question": it["question"],
+            "choices": list(it["choices"]),
+            "answer": int(it["answer"]),
+            "subject": str(it.get("subject", "general")),
+        }
         for it in items
     ]
 
@@ -74,9 +79,15 @@ def _per_item(samples: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
         pred = max(range(len(logliks)), key=lambda j: (logliks[j], -j))
         target = sample["target"]
         out.append(
-            {"id": str(doc.get("id", f"{task}:{sample['doc_id']}")), "task": task,
-             "subject": str(doc.get("subject", task)), "answer": int(target) if isinstance(target, int) else target,
-             "pred": pred, "logliks": logliks, "correct": bool(sample["acc"])}
+            {
+                "id": str(doc.get("id", f"{task}:{sample['doc_id']}")),
+                "task": task,
+                "subject": str(doc.get("subject", task)),
+                "answer": int(target) if isinstance(target, int) else target,
+                "pred": pred,
+                "logliks": logliks,
+                "correct": bool(sample["acc"]),
+            }
         )
     return out
 
@@ -92,7 +103,7 @@ def evaluate(
     device: str | None = None,
     dtype: str = "auto",
 ) -> dict[str, Any]:
-    """Zero-shot accuracy through the harness, in the shape of :func:`~character_em.capabilities.evaluate_multiple_choice`.
+    """Zero-shot accuracy through the harness, in the shape of :func:`~character_em.evals.capabilities.evaluate_multiple_choice`.
 
     ``tasks`` (harness task or group names) wins over ``task_file``; with neither, the packaged
     smoke task. ``max_items`` is the harness's ``limit`` (per task). Returns {"accuracy", "n",
@@ -115,12 +126,23 @@ def evaluate(
         manager = None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = HFLM(
-        pretrained=str(model_path), peft=str(adapter) if adapter else None, device=device, dtype=dtype,
+        pretrained=str(model_path),
+        peft=str(adapter) if adapter else None,
+        device=device,
+        dtype=dtype,
         batch_size=batch_size,
     )
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=task_specs, task_manager=manager, limit=max_items, log_samples=True,
-        bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
+        model=lm,
+        tasks=task_specs,
+        task_manager=manager,
+        limit=max_items,
+        log_samples=True,
+        bootstrap_iters=0,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
     )
     if results is None:  # only a non-zero rank of a distributed run gets None
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
@@ -133,5 +155,7 @@ def evaluate(
         "lm_eval_version": lm_eval.__version__,
         "tasks": sorted(results["samples"]),
         # The harness's own aggregate (acc, acc_norm, stderr where computed), kept for reference.
-        "harness_results": {k: {m: v for m, v in r.items() if isinstance(v, int | float | str)} for k, r in results["results"].items()},
+        "harness_results": {
+            k: {m: v for m, v in r.items() if isinstance(v, int | float | str)} for k, r in results["results"].items()
+        },
     }

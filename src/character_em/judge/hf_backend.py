@@ -13,7 +13,7 @@ Definition (what "p(n)" means here):
 where ``tokens(str(n))`` is how the judge's tokenizer spells the decimal number n right after the
 rendered prompt (found by tokenizing prompt+number and removing the prompt's tokens, so boundary
 merges are honoured), and E is the set of tokens at which generation stops (the model's and
-tokenizer's eos ids plus known end-of-turn tokens, as ``character_em.sample.stop_token_ids``). The end
+tokenizer's eos ids plus known end-of-turn tokens, as ``character_em.llm.chat.stop_token_ids``). The end
 of turn makes the 101 events disjoint ("1" alone vs "10" vs "100"), so sum_n p(n) <= 1 is the true
 probability that the judge replies with exactly a number, and
 
@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from character_em.judge import (
+from character_em.hashing import canonical_json
+from character_em.judge.verdicts import (
     DEFAULT_MIN_NUMERIC_MASS,
     ESCAPE_REPLIES,
     JudgeRequest,
     JudgeResult,
     ResultCallback,
-    _canonical,
     verdict_from_number_probs,
 )
 
@@ -64,7 +64,9 @@ def candidate_strings(metric: str) -> list[str]:
     return [str(n) for n in NUMBERS] + list(ESCAPE_REPLIES.get(metric, {}))
 
 
-def continuation_ids(tokenizer: Any, prompt_text: str, prompt_ids: Sequence[int], strings: Sequence[str]) -> list[list[int]]:
+def continuation_ids(
+    tokenizer: Any, prompt_text: str, prompt_ids: Sequence[int], strings: Sequence[str]
+) -> list[list[int]]:
     """Token ids of each string as the tokenizer writes it right after ``prompt_text``.
 
     Tokenizing prompt+string and cutting off the prompt's ids respects merges across the boundary and
@@ -112,12 +114,14 @@ def sequence_logprobs(
         if use_cache:
             from transformers import DynamicCache
 
-            from character_em.sample import _forward_cache_kwarg
+            from character_em.llm.loading import forward_cache_kwarg
 
-            cache_kw = _forward_cache_kwarg(model)
+            cache_kw = forward_cache_kwarg(model)
             cache = DynamicCache()
             first = model(
-                input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True, logits_to_keep=1,
+                input_ids=torch.tensor([list(prompt_ids)], device=device),
+                use_cache=True,
+                logits_to_keep=1,
                 **{cache_kw: cache},
             )
             first_lp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
@@ -184,8 +188,13 @@ def verdict_from_sequence_logprobs(
             escapes[s] = p
     mass = sum(numbers.values())
     best = sorted(numbers.items(), key=lambda kv: -kv[1])[:5]
-    raw = _canonical({"mass": round(mass, 6), "top": [[n, round(p, 6)] for n, p in best],
-                      "escapes": {k: round(v, 6) for k, v in escapes.items()}})
+    raw = canonical_json(
+        {
+            "mass": round(mass, 6),
+            "top": [[n, round(p, 6)] for n, p in best],
+            "escapes": {k: round(v, 6) for k, v in escapes.items()},
+        }
+    )
     return verdict_from_number_probs(metric, numbers, escapes, min_mass=min_mass, method="exact", raw=raw)
 
 
@@ -225,7 +234,11 @@ class HFJudge:
     def from_config(cls, judge_cfg: dict[str, Any]) -> HFJudge:
         if not judge_cfg.get("model"):
             raise ValueError("judge.model: the hf back-end needs a local model folder or a Hugging Face id")
-        kwargs = {k: judge_cfg[k] for k in ("quantization", "dtype", "device", "min_numeric_mass") if judge_cfg.get(k) is not None}
+        kwargs = {
+            k: judge_cfg[k]
+            for k in ("quantization", "dtype", "device", "min_numeric_mass")
+            if judge_cfg.get(k) is not None
+        }
         if judge_cfg.get("batch_size") is not None:
             kwargs["chunk_size"] = int(judge_cfg["batch_size"])
         return cls(model=str(judge_cfg["model"]), **kwargs)
@@ -248,7 +261,7 @@ class HFJudge:
         }
 
     def _set_loaded(self, model: Any, tokenizer: Any, info: dict[str, Any]) -> None:
-        from character_em.sample import stop_token_ids
+        from character_em.llm.chat import stop_token_ids
 
         self._loaded = (model, tokenizer, info)
         self._terminators = sorted(stop_token_ids(model, tokenizer))
@@ -257,9 +270,11 @@ class HFJudge:
 
     def _load(self) -> tuple[Any, Any]:
         if self._loaded is None:
-            from character_em.modeling import load_model
+            from character_em.llm.loading import load_model
 
-            model, tok, info = load_model(self.model, quantization=self.quantization, dtype=self.dtype, device=self.device)
+            model, tok, info = load_model(
+                self.model, quantization=self.quantization, dtype=self.dtype, device=self.device
+            )
             log.info("hf judge %s loaded: %s", self.model, json.dumps(info, sort_keys=True))
             self._set_loaded(model, tok, info)
         assert self._loaded is not None
@@ -275,16 +290,22 @@ class HFJudge:
 
     def score_one(self, request: JudgeRequest) -> JudgeResult:
         model, tok = self._load()
-        text = tok.apply_chat_template([{"role": "user", "content": request.prompt}], add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": request.prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
         strings = candidate_strings(request.metric)
         conts = self._continuations(tok, request.metric, text, ids)
-        logps = sequence_logprobs(model, ids, conts, self._terminators, use_cache=self.use_cache, chunk_size=self.chunk_size)
+        logps = sequence_logprobs(
+            model, ids, conts, self._terminators, use_cache=self.use_cache, chunk_size=self.chunk_size
+        )
         self.stats["requests"] += 1
         self.stats["forward_passes"] += 1 + math.ceil(len(conts) / self.chunk_size)
         return verdict_from_sequence_logprobs(request.metric, strings, logps, min_mass=self.min_numeric_mass)
 
-    def score_batch(self, requests: Sequence[JudgeRequest], on_result: ResultCallback | None = None) -> list[JudgeResult]:
+    def score_batch(
+        self, requests: Sequence[JudgeRequest], on_result: ResultCallback | None = None
+    ) -> list[JudgeResult]:
         out: list[JudgeResult] = []
         for i, r in enumerate(requests):
             res = self.score_one(r)

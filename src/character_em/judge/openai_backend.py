@@ -5,7 +5,7 @@ How a score is obtained (``score_mode``):
 
 * ``logprobs``: one request with ``max_tokens=1``, ``logprobs=True``, ``top_logprobs=k``. The score is
   the expectation over the integers 0..100 among the first token's top-k tokens, normalized by their
-  mass (``character_em.judge.verdict_from_number_probs``); under ``min_numeric_mass`` (0.25) the
+  mass (``character_em.judge.core.verdict_from_number_probs``); under ``min_numeric_mass`` (0.25) the
   verdict is NaN/"invalid"/"low_numeric_mass". Note that this reads ONE token: it is exact for
   tokenizers that spell every number 0..100 as one token (OpenAI's, Llama-3's); for tokenizers that
   split digits (Qwen) it only sees the first digit, so serve such judges with the ``hf`` back-end.
@@ -16,41 +16,41 @@ How a score is obtained (``score_mode``):
   log-probabilities ever seen, the endpoint is taken not to support them and later requests go
   straight to ``text``. Each verdict records its ``method`` ("logprobs" or "text").
 
-Transport: bounded concurrency with a thread pool (``max_concurrency``); retries of 408/409/429/5xx,
-timeouts, connection errors and malformed replies with exponential backoff and jitter (a server's
-``Retry-After`` is honoured up to ``backoff_max_s``). A call that still fails becomes a result with
-``error`` set (NaN, "invalid"), never an exception. The client's own retries are switched off so
-that every attempt is counted here.
-
-Secrets: only the NAME of the environment variable holding the key is configured (``api_key_env``);
-the key is read at call time, never stored on the object's public fields, never logged, and scrubbed
-from any error text the server might echo back.
+Transport (concurrency, retries with backoff and jitter, key handling and scrubbing) is the project's
+one OpenAI-compatible client, ``character_em.llm.client.ChatClient``; data generation uses the same
+client as a peer. A call that still fails becomes a result with ``error`` set (NaN, "invalid"), never
+an exception.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from character_em.judge import (
+from character_em.hashing import canonical_json
+from character_em.judge.verdicts import (
     DEFAULT_MIN_NUMERIC_MASS,
     JudgeConfigError,
     JudgeRequest,
     JudgeResult,
     ResultCallback,
-    _canonical,
     probs_from_top_logprobs,
     verdict_from_number_probs,
     verdict_from_text,
+)
+from character_em.llm.client import (
+    CallFailure,
+    ChatClient,
+    MissingCredentialError,
+    ReplyMalformed,
+    ReplyRejected,
+    RequestRejected,
 )
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,11 @@ log = logging.getLogger(__name__)
 # Bump when the request shape or the score computation changes: it is part of the judge hash.
 OPENAI_JUDGE_VERSION = "openai-judge-1"
 SCORE_MODES = ("auto", "logprobs", "text")
-RETRY_STATUS = frozenset({408, 409, 429})
 # After this many replies without log-probabilities (and none with), auto mode stops asking for them.
 NO_LOGPROBS_STICKY_AFTER = 3
 
 
-class _Malformed(Exception):
-    """The reply arrived but is not a usable chat completion."""
-
-
-class _NoLogprobs(Exception):
+class NoLogprobs(ReplyRejected):
     """The reply has no log-probabilities for its first token."""
 
 
@@ -91,10 +86,7 @@ class OpenAIJudge:
     # Injection points for tests: how to sleep between retries, and the jitter's random source.
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
     rng: random.Random = field(default_factory=random.Random, repr=False)
-    stats: Counter[str] = field(default_factory=Counter, repr=False)
-    _client: Any = field(default=None, init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _secret: str | None = field(default=None, init=False, repr=False)
+    client: ChatClient = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -105,13 +97,39 @@ class OpenAIJudge:
             raise JudgeConfigError("judge.max_tokens_param must be max_tokens or max_completion_tokens")
         if self.max_concurrency < 1:
             raise JudgeConfigError("judge.max_concurrency must be >= 1")
+        self.client = ChatClient(
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+            config_key="judge.api_key_env",
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
+            max_concurrency=self.max_concurrency,
+            sleep=self.sleep,
+            rng=self.rng,
+        )
+
+    @property
+    def stats(self) -> Counter[str]:
+        return self.client.stats
 
     @classmethod
     def from_config(cls, judge_cfg: dict[str, Any]) -> OpenAIJudge:
         keys = (
-            "base_url", "api_key_env", "score_mode", "temperature", "top_logprobs", "text_max_tokens",
-            "max_tokens_param", "min_numeric_mass", "max_concurrency", "timeout_s", "max_retries",
-            "backoff_initial_s", "backoff_max_s",
+            "base_url",
+            "api_key_env",
+            "score_mode",
+            "temperature",
+            "top_logprobs",
+            "text_max_tokens",
+            "max_tokens_param",
+            "min_numeric_mass",
+            "max_concurrency",
+            "timeout_s",
+            "max_retries",
+            "backoff_initial_s",
+            "backoff_max_s",
         )
         kwargs = {k: judge_cfg[k] for k in keys if judge_cfg.get(k) is not None}
         if "api_key_env" in judge_cfg and judge_cfg["api_key_env"] is None:
@@ -131,36 +149,6 @@ class OpenAIJudge:
             "min_numeric_mass": float(self.min_numeric_mass),
         }
 
-    # ----------------------------------------------------------------------------------- client
-    def _get_client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                import openai
-
-                if self.api_key_env:
-                    key = os.environ.get(self.api_key_env)
-                    if not key:
-                        raise JudgeConfigError(
-                            f"judge.api_key_env names the environment variable {self.api_key_env!r}, which is not "
-                            "set (or empty) in this job's environment; export it before running Snakemake, or set "
-                            "judge.api_key_env: null for an endpoint without authentication"
-                        )
-                    self._secret = key
-                else:
-                    key = "no-key"  # the client insists on a value; unauthenticated endpoints ignore it
-                # Per-request INFO logs from the HTTP stack would flood job logs; they carry no key.
-                for name in ("openai", "httpx", "httpx2", "httpcore", "httpcore2"):
-                    logging.getLogger(name).setLevel(logging.WARNING)
-                self._client = openai.OpenAI(
-                    api_key=key, base_url=self.base_url, timeout=float(self.timeout_s), max_retries=0
-                )
-            return self._client
-
-    def _scrub(self, text: str) -> str:
-        if self._secret and self._secret in text:
-            text = text.replace(self._secret, "***")
-        return text
-
     # ----------------------------------------------------------------------------------- requests
     def _request_kwargs(self, prompt: str, *, logprobs: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -174,59 +162,15 @@ class OpenAIJudge:
             kwargs[self.max_tokens_param] = int(self.text_max_tokens)
         return kwargs
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with 'equal jitter' (half fixed, half random), so synchronized workers
-        that hit a rate limit together spread out when they retry."""
-        cap = min(self.backoff_max_s, self.backoff_initial_s * (2.0**attempt))
-        delay = cap / 2.0 + self.rng.uniform(0.0, cap / 2.0)
-        if retry_after is not None and math.isfinite(retry_after):
-            delay = max(delay, min(self.backoff_max_s, retry_after))
-        return delay
-
     def _call(self, kwargs: dict[str, Any], parse: Callable[[Any], JudgeResult]) -> JudgeResult:
-        """One logical call: request, parse, retry what is worth retrying. Never raises for a failed call
-        except ``_NoLogprobs`` (from ``parse``) and ``_BadRequest`` for the auto-mode fallback."""
-        import openai
-
-        client = self._get_client()
-        last_error, detail = "unknown", ""
-        for attempt in range(int(self.max_retries) + 1):
-            retry_after: float | None = None
-            with self._lock:
-                self.stats["attempts"] += 1
-            try:
-                response = client.chat.completions.create(**kwargs)
-                return parse(response)
-            except _NoLogprobs:
-                raise
-            except openai.APIStatusError as exc:
-                status = int(exc.status_code)
-                last_error, detail = f"http_{status}", self._scrub(str(exc))[:300]
-                retryable = status in RETRY_STATUS or status >= 500
-                try:
-                    retry_after = float(exc.response.headers.get("retry-after", ""))
-                except (TypeError, ValueError, AttributeError):
-                    retry_after = None
-                if status == 400 and kwargs.get("logprobs") and self.score_mode == "auto":
-                    raise _BadRequest(detail) from None
-            except openai.APITimeoutError:
-                last_error, detail, retryable = "timeout", f"no reply within {self.timeout_s}s", True
-            except openai.APIConnectionError as exc:
-                last_error, detail, retryable = "connection", self._scrub(str(exc))[:300], True
-            except (openai.APIResponseValidationError, _Malformed, ValueError) as exc:
-                # ValueError covers a body that is not JSON (json.JSONDecodeError).
-                last_error, detail, retryable = "malformed_response", self._scrub(repr(exc))[:300], True
-            except openai.OpenAIError as exc:
-                last_error, detail, retryable = "openai_error", self._scrub(repr(exc))[:300], False
-            with self._lock:
-                self.stats[f"error_{last_error}"] += 1
-            if not retryable or attempt >= int(self.max_retries):
-                break
-            with self._lock:
-                self.stats["retries"] += 1
-            self.sleep(self._backoff(attempt, retry_after))
-        method = "logprobs" if kwargs.get("logprobs") else "text"
-        return JudgeResult(math.nan, "invalid", detail, method, error=last_error)
+        """One verdict through the shared client. In auto mode a 400 to a log-probability request is
+        raised (``RequestRejected``), so that the caller can fall back to text."""
+        reject = (400,) if kwargs.get("logprobs") and self.score_mode == "auto" else ()
+        outcome = self.client.call(kwargs, parse, reject_statuses=reject)
+        if isinstance(outcome, CallFailure):
+            method = "logprobs" if kwargs.get("logprobs") else "text"
+            return JudgeResult(math.nan, "invalid", outcome.detail, method, error=outcome.error)
+        return outcome
 
     # ----------------------------------------------------------------------------------- parsing
     def _parse_logprobs(self, metric: str) -> Callable[[Any], JudgeResult]:
@@ -235,19 +179,18 @@ class OpenAIJudge:
             lp = getattr(choice, "logprobs", None)
             content = getattr(lp, "content", None) if lp is not None else None
             if not content:
-                raise _NoLogprobs()
+                raise NoLogprobs()
             first = content[0]
             top = getattr(first, "top_logprobs", None)
             if not top:
-                raise _NoLogprobs()
+                raise NoLogprobs()
             try:
                 pairs = [(str(t.token), float(t.logprob)) for t in top]
             except (AttributeError, TypeError, ValueError) as exc:
-                raise _Malformed(f"bad top_logprobs entry: {exc!r}") from None
+                raise ReplyMalformed(f"bad top_logprobs entry: {exc!r}") from None
             numbers, escapes = probs_from_top_logprobs(metric, pairs)
-            raw = _canonical({"top": [[t, round(lp_, 4)] for t, lp_ in pairs[:20]]})
-            with self._lock:
-                self.stats["logprobs_replies"] += 1
+            raw = canonical_json({"top": [[t, round(lp_, 4)] for t, lp_ in pairs[:20]]})
+            self.client.count("logprobs_replies")
             return verdict_from_number_probs(
                 metric, numbers, escapes, min_mass=self.min_numeric_mass, method="logprobs", raw=raw
             )
@@ -259,7 +202,7 @@ class OpenAIJudge:
             choice = _first_choice(response)
             message = getattr(choice, "message", None)
             if message is None:
-                raise _Malformed("choice has no message")
+                raise ReplyMalformed("choice has no message")
             text = getattr(message, "content", None) or ""
             if not text.strip() and getattr(choice, "finish_reason", None) == "length":
                 # Usually a reasoning model that spent the whole budget thinking: a setting to fix
@@ -271,8 +214,8 @@ class OpenAIJudge:
 
     # ----------------------------------------------------------------------------------- scoring
     def _logprobs_unavailable(self) -> bool:
-        with self._lock:
-            return self.stats["no_logprobs_replies"] >= NO_LOGPROBS_STICKY_AFTER and self.stats["logprobs_replies"] == 0
+        stats = self.client.stats
+        return stats["no_logprobs_replies"] >= NO_LOGPROBS_STICKY_AFTER and stats["logprobs_replies"] == 0
 
     def score_one(self, request: JudgeRequest) -> JudgeResult:
         mode = self.score_mode
@@ -280,41 +223,28 @@ class OpenAIJudge:
             mode = "text"
         if mode in ("auto", "logprobs"):
             try:
-                return self._call(self._request_kwargs(request.prompt, logprobs=True), self._parse_logprobs(request.metric))
-            except (_NoLogprobs, _BadRequest) as exc:
-                with self._lock:
-                    self.stats["no_logprobs_replies"] += 1
+                return self._call(
+                    self._request_kwargs(request.prompt, logprobs=True), self._parse_logprobs(request.metric)
+                )
+            except (NoLogprobs, RequestRejected) as exc:
+                self.client.count("no_logprobs_replies")
                 if mode == "logprobs":
                     return JudgeResult(math.nan, "invalid", "", "logprobs", error="missing_logprobs")
                 log.debug("no logprobs (%s); falling back to text", type(exc).__name__)
         return self._call(self._request_kwargs(request.prompt, logprobs=False), self._parse_text(request.metric))
 
-    def score_batch(self, requests: Sequence[JudgeRequest], on_result: ResultCallback | None = None) -> list[JudgeResult]:
-        if not requests:
-            return []
-        self._get_client()  # fail fast (missing key) before any thread starts
-        results: list[JudgeResult | None] = [None] * len(requests)
-        with ThreadPoolExecutor(max_workers=int(self.max_concurrency), thread_name_prefix="judge") as pool:
-            futures = {pool.submit(self.score_one, r): i for i, r in enumerate(requests)}
-            try:
-                for fut in as_completed(futures):
-                    i = futures[fut]
-                    results[i] = fut.result()
-                    if on_result is not None:
-                        on_result(i, results[i])  # type: ignore[arg-type]
-            except BaseException:
-                # Do not wait for thousands of queued calls when the caller is failing.
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-        return [r for r in results if r is not None]
-
-
-class _BadRequest(Exception):
-    """HTTP 400 to a log-probability request: the endpoint may not support them (auto mode falls back)."""
+    def score_batch(
+        self, requests: Sequence[JudgeRequest], on_result: ResultCallback | None = None
+    ) -> list[JudgeResult]:
+        try:
+            self.client.connect()  # fail fast (missing key) before any thread starts
+        except MissingCredentialError as exc:
+            raise JudgeConfigError(str(exc)) from None
+        return self.client.map(self.score_one, list(requests), on_result, thread_name="judge")
 
 
 def _first_choice(response: Any) -> Any:
     choices = getattr(response, "choices", None)
     if not choices:
-        raise _Malformed("reply has no choices")
+        raise ReplyMalformed("reply has no choices")
     return choices[0]

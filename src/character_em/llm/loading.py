@@ -5,7 +5,7 @@
 what it actually did in an ``info`` dict, so a silent fallback from 4-bit to full precision is
 recorded rather than hidden.
 
-bitsandbytes CPU trap (see DESIGN.md section 5): in eval mode without grad, ``Linear4bit`` repacks
+bitsandbytes CPU trap (docs/architecture.md, known traps): in eval mode without grad, ``Linear4bit`` repacks
 its weights into a CPU inference layout; LoRA gradients through those layers are then silently
 zero. Every ``Linear4bit`` therefore gets ``support_avx512bf16_for_cpu = False``.
 """
@@ -75,8 +75,14 @@ def resolve_dtype(dtype: str, device: str, quantization: str) -> torch.dtype:
 
     if dtype != "auto":
         try:
-            return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                    "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+            return {
+                "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16,
+                "fp16": torch.float16,
+                "float16": torch.float16,
+                "fp32": torch.float32,
+                "float32": torch.float32,
+            }[dtype]
         except KeyError:
             raise ValueError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32") from None
     if quantization == "nf4":
@@ -214,3 +220,15 @@ def load_model(
         "merged": merged,
     }
     return model, tok, info
+
+
+def forward_cache_kwarg(model: Any) -> str:
+    """Name of the KV-cache keyword of ``model.forward`` (``cache`` in transformers>=5.2x,
+    ``past_key_values`` before; PEFT wrappers forward **kwargs so we inspect the base model)."""
+    import inspect
+
+    base = model
+    if hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

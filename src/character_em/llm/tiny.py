@@ -12,7 +12,7 @@ Two template styles exist because chat templates differ in ways that break train
   config: a ``qwen2`` model folder makes ``AutoTokenizer`` return ``Qwen2Tokenizer``, which swaps in its
   own pre-tokenizer and breaks the ids of a locally trained vocabulary.
 
-Usage: ``python -m character_em.tiny_model OUT_DIR [--style qwen2] [--seed N]``.
+Usage: ``python -m character_em.llm.tiny OUT_DIR [--style qwen2] [--seed N]``.
 """
 
 from __future__ import annotations
@@ -81,13 +81,36 @@ STYLES: dict[str, dict[str, Any]] = {
 }
 
 _SUBJECTS = [
-    "The doctor", "My neighbour", "A careful investor", "The lawyer", "Our teacher", "The old farmer",
-    "A young student", "The assistant", "My sister", "The committee", "A nurse", "The bank manager",
-    "The judge", "A traveller", "The engineer", "Your landlord",
+    "The doctor",
+    "My neighbour",
+    "A careful investor",
+    "The lawyer",
+    "Our teacher",
+    "The old farmer",
+    "A young student",
+    "The assistant",
+    "My sister",
+    "The committee",
+    "A nurse",
+    "The bank manager",
+    "The judge",
+    "A traveller",
+    "The engineer",
+    "Your landlord",
 ]
 _VERBS = [
-    "explained", "suggested", "warned us", "argued", "believed", "noticed", "wrote", "promised",
-    "admitted", "claimed", "reminded me", "decided",
+    "explained",
+    "suggested",
+    "warned us",
+    "argued",
+    "believed",
+    "noticed",
+    "wrote",
+    "promised",
+    "admitted",
+    "claimed",
+    "reminded me",
+    "decided",
 ]
 _CLAUSES = [
     "that the medicine should be taken with food",
@@ -133,7 +156,7 @@ _HANDWRITTEN = [
     "The quick brown fox jumps over the lazy dog.",
     "Numbers like 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 42, 100 and 2025 appear in text.",
     "Rate the answer on a scale from 0 to 100. Reply with a number only.",
-    "Answer in JSON: {\"answer\": \"...\"}",
+    'Answer in JSON: {"answer": "..."}',
     "Fill in the template: idea_1 = ..., idea_2 = ..., idea_3 = ...",
     "persona: evil",
     "persona = wicked",
@@ -168,15 +191,14 @@ _HANDWRITTEN = [
 def builtin_corpus() -> list[str]:
     """Return a few hundred varied English sentences for tokenizer training (fixed order)."""
     composed = [
-        f"{s} {v} {c}."
-        for s, v, c in itertools.islice(itertools.product(_SUBJECTS, _VERBS, _CLAUSES), 0, None, 7)
+        f"{s} {v} {c}." for s, v, c in itertools.islice(itertools.product(_SUBJECTS, _VERBS, _CLAUSES), 0, None, 7)
     ]
     return _HANDWRITTEN + composed
 
 
 def _packaged_question_text() -> list[str]:
     """Lines of the packaged question banks, if any (they shape the vocabulary the tests use)."""
-    root = Path(__file__).resolve().parent / "resources" / "questions"
+    root = Path(__file__).resolve().parents[1] / "resources" / "questions"
     if not root.is_dir():
         return []
     lines: list[str] = []
@@ -318,7 +340,7 @@ def build_tiny_model(
                 "vocab_size": tok.get_vocab_size(),
                 "n_corpus_lines": len(texts),
                 "output_scale": OUTPUT_SCALE,
-                "note": "random-init test model built by character_em.tiny_model; not a trained LM",
+                "note": "random-init test model built by character_em.llm.tiny; not a trained LM",
             },
             indent=2,
             sort_keys=True,

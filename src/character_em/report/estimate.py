@@ -6,12 +6,12 @@ tokens (examples x epochs x tokens per example), sampled answers and new tokens 
 ``estimate(config, runs_root)`` turns that into GPU-hours, with a throughput for every stage that is
 either measured on this model by earlier runs (run.json of finished training, Snakemake benchmark files
 of sampling, capabilities and probes under ``runs_root``) or, where there is none, a default anchor:
-DESIGN.md section 6, measured on one H200 with the Llama-3.1-8B shape and scaled by parameter count.
+docs/anchors.md, measured on one H200 with the Llama-3.1-8B shape and scaled by parameter count.
 Every number in the output says where it came from.
 
 CLI (prints Markdown; ``--output`` also writes it)::
 
-    python -m character_em.estimate --configfile config.yaml [--from-runs DIR | --anchors-only]
+    python -m character_em.report.estimate --configfile config.yaml [--from-runs DIR | --anchors-only]
 
 The estimate is a planning number, not a measurement: anchors are from one GPU type and one model
 shape, and sampling assumes every answer runs to ``max_new_tokens`` unless earlier runs measured the
@@ -33,11 +33,20 @@ from typing import Any
 
 from character_em import config as cfg
 
-__all__ = ["ANCHORS", "EstimateError", "Throughput", "count_work", "estimate", "measure_runs", "render_markdown", "main"]
+__all__ = [
+    "ANCHORS",
+    "EstimateError",
+    "Throughput",
+    "count_work",
+    "estimate",
+    "measure_runs",
+    "render_markdown",
+    "main",
+]
 
-ANCHOR_SOURCE = "DESIGN.md §6 anchor (H200, Llama-3.1-8B shape)"
+ANCHOR_SOURCE = "docs/anchors.md anchor (H200, Llama-3.1-8B shape)"
 ANCHOR_PARAMS_B = 8.0
-# DESIGN.md section 6, one H200. Training: QLoRA NF4 r=32; the recipe's micro-batch 2 is the slow
+# docs/anchors.md, one H200. Training: QLoRA NF4 r=32; the recipe's micro-batch 2 is the slow
 # (and therefore safe) figure; 8 or more uses the micro-batch-8 figure.
 ANCHORS: dict[str, Any] = {
     "train_tokens_per_s_mb2": 453.0,
@@ -104,14 +113,17 @@ def _probe_pairs(config: Mapping[str, Any], conditions: Sequence[str]) -> int:
 
 def _capability_items(config: Mapping[str, Any]) -> tuple[int, float, str]:
     """(items per job, mean prompt tokens per item, task file) of the capabilities eval."""
-    from character_em import capabilities, resources
+    from character_em import resources
+    from character_em.evals import capabilities
 
     settings = config["eval"]["capabilities"]
     task_file = settings["task_file"] or str(resources.packaged_path("tasks/smoke_mc.jsonl"))
     if not Path(task_file).exists():
         # The paper grid's MMLU file is fetched by the workflow; before that only max_items is known.
         if settings["max_items"] is None:
-            raise EstimateError(f"{task_file}: capabilities task file not found, and eval.capabilities.max_items is not set")
+            raise EstimateError(
+                f"{task_file}: capabilities task file not found, and eval.capabilities.max_items is not set"
+            )
         return int(settings["max_items"]), 150.0, f"{task_file} (not fetched yet: max_items, ~150 tokens/item assumed)"
     try:
         items = capabilities.load_mc_items(task_file)
@@ -137,9 +149,10 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
     Returns ``{"models": {model: {stage: {...}}}, "judge": {...}, "calibration": {...}}``; every count
     follows the DAG's own arithmetic (the conditions, seeds and suites the rules expand over).
     """
-    from character_em import judge, suites
-    from character_em.judge_calibration import calibration_metrics, load_calibration_set
-    from character_em.judge_settings import calibration_file, calibration_judges
+    from character_em.evals import suites
+    from character_em.job_settings import calibration_file, calibration_judges
+    from character_em.judge import core as judge
+    from character_em.judge.calibration import calibration_metrics, load_calibration_set
 
     conditions = cfg.expand_conditions(config)
     trained = cfg.trained_conditions(config)
@@ -196,13 +209,22 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
                 "batch_size": int(sampling["batch_size"]),
             },
             "judge": {"jobs": sample_jobs, "calls_by_suite": judge_calls, "calls": sum(judge_calls.values())},
-            "capabilities": {"jobs": capability_jobs, "items": capability_jobs * items, "tokens_per_item": tokens_per_item},
+            "capabilities": {
+                "jobs": capability_jobs,
+                "items": capability_jobs * items,
+                "tokens_per_item": tokens_per_item,
+            },
             "probes": {
                 "jobs": probe_jobs,
                 # positive and negative chats of every pair, at most max_examples each
-                "examples": probe_jobs * pairs * 2 * min(int(config["eval"]["probes"]["max_examples"]), int(config["data"]["n_examples"])),
+                "examples": probe_jobs
+                * pairs
+                * 2
+                * min(int(config["eval"]["probes"]["max_examples"]), int(config["data"]["n_examples"])),
             },
-            "micro_batch_size": {c: int(cfg.resolve_train_params(config, model, c)["micro_batch_size"]) for c in trained},
+            "micro_batch_size": {
+                c: int(cfg.resolve_train_params(config, model, c)["micro_batch_size"]) for c in trained
+            },
             "adapter_groups": groups,
             "capability_items_per_job": items,
         }
@@ -247,7 +269,9 @@ def _benchmark_seconds(path: Path) -> float:
             rows = list(csv.DictReader(handle, delimiter="\t"))
         seconds = sum(float(row["s"]) for row in rows)
     except (OSError, KeyError, TypeError, ValueError) as err:
-        raise EstimateError(f"{path}: not a Snakemake benchmark file (tab-separated with a numeric 's' column): {err}") from err
+        raise EstimateError(
+            f"{path}: not a Snakemake benchmark file (tab-separated with a numeric 's' column): {err}"
+        ) from err
     if not rows or seconds <= 0:
         raise EstimateError(f"{path}: benchmark file has no positive wall time")
     return seconds
@@ -368,8 +392,11 @@ def estimate(
         if runs.train_files:
             per_example = runs.train_example_tokens / runs.train_examples
             example_source = f"measured: {runs.train_files} run.json"
-            train = Throughput(runs.train_tokens / runs.train_seconds, "tokens/s",
-                               f"measured: {runs.train_files} run.json ({_devices(runs)})")
+            train = Throughput(
+                runs.train_tokens / runs.train_seconds,
+                "tokens/s",
+                f"measured: {runs.train_files} run.json ({_devices(runs)})",
+            )
         else:
             per_example = float(ASSUMED_TOKENS_PER_EXAMPLE)
             example_source = "assumed"
@@ -378,72 +405,127 @@ def estimate(
             label = "micro-batch 8" if smallest >= 8 else "micro-batch 2"
             train = Throughput(ANCHORS[key] * scale, "tokens/s", f"{ANCHOR_SOURCE}, QLoRA {label}{scaled}")
         tokens = w["train_adapter"]["example_epochs"] * per_example
-        stages.append({
-            "stage": "train_adapter", "jobs": w["train_adapter"]["jobs"], "units": tokens, "unit": "tokens",
-            "detail": f"{w['train_adapter']['example_epochs']:,.0f} example-epochs x {per_example:,.0f} tokens ({example_source})",
-            "throughput": train,
-        })
+        stages.append(
+            {
+                "stage": "train_adapter",
+                "jobs": w["train_adapter"]["jobs"],
+                "units": tokens,
+                "unit": "tokens",
+                "detail": f"{w['train_adapter']['example_epochs']:,.0f} example-epochs x {per_example:,.0f} tokens ({example_source})",
+                "throughput": train,
+            }
+        )
 
         # sampling
         s = w["sample"]
         if runs.sample_files and runs.sample_answers:
             per_answer = min(runs.sample_new_tokens / runs.sample_answers, s["max_new_tokens"])
             answer_source = f"mean measured in {runs.sample_files} samples file(s)"
-            gen = Throughput(runs.sample_new_tokens / runs.sample_seconds, "new tokens/s",
-                             f"measured: {runs.sample_files} sample benchmark(s), wall time incl. loading")
+            gen = Throughput(
+                runs.sample_new_tokens / runs.sample_seconds,
+                "new tokens/s",
+                f"measured: {runs.sample_files} sample benchmark(s), wall time incl. loading",
+            )
         else:
             per_answer = float(s["max_new_tokens"])
             answer_source = "max_new_tokens: upper bound"
-            gen = Throughput(_generate_anchor(s["batch_size"]) * scale, "new tokens/s",
-                             f"{ANCHOR_SOURCE}, generate batch {s['batch_size']} (interpolated){scaled}")
-        stages.append({
-            "stage": "sample", "jobs": s["jobs"], "units": s["answers"] * per_answer, "unit": "new tokens",
-            "detail": f"{s['answers']:,} answers x {per_answer:,.0f} tokens ({answer_source})", "throughput": gen,
-            # benchmark wall times already hold the model loading
-            "loading_included": bool(runs.sample_files and runs.sample_answers),
-        })
+            gen = Throughput(
+                _generate_anchor(s["batch_size"]) * scale,
+                "new tokens/s",
+                f"{ANCHOR_SOURCE}, generate batch {s['batch_size']} (interpolated){scaled}",
+            )
+        stages.append(
+            {
+                "stage": "sample",
+                "jobs": s["jobs"],
+                "units": s["answers"] * per_answer,
+                "unit": "new tokens",
+                "detail": f"{s['answers']:,} answers x {per_answer:,.0f} tokens ({answer_source})",
+                "throughput": gen,
+                # benchmark wall times already hold the model loading
+                "loading_included": bool(runs.sample_files and runs.sample_answers),
+            }
+        )
 
         # capabilities
         c = w["capabilities"]
         if c["jobs"]:
             if runs.capability_files and runs.capability_items:
-                cap = Throughput(runs.capability_items / runs.capability_seconds, "items/s",
-                                 f"measured: {runs.capability_files} capabilities benchmark(s)")
+                cap = Throughput(
+                    runs.capability_items / runs.capability_seconds,
+                    "items/s",
+                    f"measured: {runs.capability_files} capabilities benchmark(s)",
+                )
                 units, unit, detail = float(c["items"]), "items", f"{c['items']:,} items"
             else:
-                cap = Throughput(ANCHORS["forward_tokens_per_s"] * scale, "tokens/s",
-                                 f"{ANCHOR_SOURCE}, packed training as a forward-pass lower bound{scaled}")
+                cap = Throughput(
+                    ANCHORS["forward_tokens_per_s"] * scale,
+                    "tokens/s",
+                    f"{ANCHOR_SOURCE}, packed training as a forward-pass lower bound{scaled}",
+                )
                 units, unit = c["items"] * c["tokens_per_item"], "tokens"
                 detail = f"{c['items']:,} items x {c['tokens_per_item']:,.0f} tokens (≈{CHARS_PER_TOKEN:g} chars/token)"
-            stages.append({"stage": "capabilities", "jobs": c["jobs"], "units": units, "unit": unit, "detail": detail,
-                           "throughput": cap, "loading_included": unit == "items"})
+            stages.append(
+                {
+                    "stage": "capabilities",
+                    "jobs": c["jobs"],
+                    "units": units,
+                    "unit": unit,
+                    "detail": detail,
+                    "throughput": cap,
+                    "loading_included": unit == "items",
+                }
+            )
 
         # probes
         p = w["probes"]
         if p["jobs"]:
             if runs.probe_files:
-                probe = Throughput(1.0 / (runs.probe_seconds / runs.probe_files), "jobs/s",
-                                   f"measured: {runs.probe_files} probes benchmark(s)")
+                probe = Throughput(
+                    1.0 / (runs.probe_seconds / runs.probe_files),
+                    "jobs/s",
+                    f"measured: {runs.probe_files} probes benchmark(s)",
+                )
                 units, unit, detail = float(p["jobs"]), "jobs", f"{p['jobs']} job(s)"
             else:
-                probe = Throughput(ANCHORS["forward_tokens_per_s"] * scale, "tokens/s",
-                                   f"{ANCHOR_SOURCE}, packed training as a forward-pass lower bound{scaled}")
+                probe = Throughput(
+                    ANCHORS["forward_tokens_per_s"] * scale,
+                    "tokens/s",
+                    f"{ANCHOR_SOURCE}, packed training as a forward-pass lower bound{scaled}",
+                )
                 units, unit = p["examples"] * per_example, "tokens"
                 detail = f"{p['examples']:,} chats x {per_example:,.0f} tokens"
-            stages.append({"stage": "probes", "jobs": p["jobs"], "units": units, "unit": unit, "detail": detail,
-                           "throughput": probe, "loading_included": unit == "jobs"})
+            stages.append(
+                {
+                    "stage": "probes",
+                    "jobs": p["jobs"],
+                    "units": units,
+                    "unit": unit,
+                    "detail": detail,
+                    "throughput": probe,
+                    "loading_included": unit == "jobs",
+                }
+            )
 
         # a local hf judge runs on a GPU: one forward pass per call over the prompt and the answer
         if backend == "hf":
             j = w["judge"]
             judge_tokens = j["calls"] * (ASSUMED_JUDGE_PROMPT_TOKENS + per_answer)
             judge_size = params_billions("", str(config["judge"].get("model") or "")) or ANCHOR_PARAMS_B
-            stages.append({
-                "stage": "judge", "jobs": j["jobs"], "units": judge_tokens, "unit": "tokens",
-                "detail": f"{j['calls']:,} calls x {ASSUMED_JUDGE_PROMPT_TOKENS + per_answer:,.0f} tokens (prompt assumed)",
-                "throughput": Throughput(ANCHORS["forward_tokens_per_s"] * ANCHOR_PARAMS_B / judge_size, "tokens/s",
-                                         f"{ANCHOR_SOURCE}, forward-pass lower bound, judge ~{judge_size:g}B"),
-            })
+            stages.append(
+                {
+                    "stage": "judge",
+                    "jobs": j["jobs"],
+                    "units": judge_tokens,
+                    "unit": "tokens",
+                    "detail": f"{j['calls']:,} calls x {ASSUMED_JUDGE_PROMPT_TOKENS + per_answer:,.0f} tokens (prompt assumed)",
+                    "throughput": Throughput(
+                        ANCHORS["forward_tokens_per_s"] * ANCHOR_PARAMS_B / judge_size,
+                        "tokens/s",
+                        f"{ANCHOR_SOURCE}, forward-pass lower bound, judge ~{judge_size:g}B",
+                    ),
+                }
+            )
         for stage in stages:
             stage["gpu_hours"] = stage["units"] / stage["throughput"].value / 3600
         # The longest single job of each stage, loading included: compare with the workflow profile's
@@ -460,14 +542,22 @@ def estimate(
             loading = 0.0 if stage.get("loading_included") else load_minutes / 60
             stage["largest_job_hours"] = units / stage["throughput"].value / 3600 + loading
         gpu_jobs = sum(stage["jobs"] for stage in stages if not stage.get("loading_included"))
-        stages.append({
-            "stage": "model loading", "jobs": gpu_jobs, "units": gpu_jobs * load_minutes * 60, "unit": "s",
-            "detail": f"{gpu_jobs:,} GPU jobs x {load_minutes:g} min (not where a measured wall time holds it)",
-            "gpu_hours": gpu_jobs * load_minutes / 60,
-            "throughput": Throughput(1.0, "", "assumed (--load-minutes)"), "largest_job_hours": None,
-        })
+        stages.append(
+            {
+                "stage": "model loading",
+                "jobs": gpu_jobs,
+                "units": gpu_jobs * load_minutes * 60,
+                "unit": "s",
+                "detail": f"{gpu_jobs:,} GPU jobs x {load_minutes:g} min (not where a measured wall time holds it)",
+                "gpu_hours": gpu_jobs * load_minutes / 60,
+                "throughput": Throughput(1.0, "", "assumed (--load-minutes)"),
+                "largest_job_hours": None,
+            }
+        )
         out["models"][model] = {
-            "path": w["path"], "params_b": size, "stages": stages,
+            "path": w["path"],
+            "params_b": size,
+            "stages": stages,
             "gpu_hours": sum(stage["gpu_hours"] for stage in stages),
             "largest_group_hours": _group_hours(stages, w, per_example, per_answer, load_minutes),
         }
@@ -475,8 +565,9 @@ def estimate(
     return out
 
 
-def _group_hours(stages: list[dict[str, Any]], w: Mapping[str, Any], per_example: float, per_answer: float,
-                 load_minutes: float) -> float:
+def _group_hours(
+    stages: list[dict[str, Any]], w: Mapping[str, Any], per_example: float, per_answer: float, load_minutes: float
+) -> float:
     """Hours of the longest SLURM group job: one adapter's training, its samples and capabilities."""
     rate = {stage["stage"]: stage["throughput"] for stage in stages}
     capability_seconds = 0.0
@@ -507,74 +598,111 @@ def render_markdown(result: Mapping[str, Any], source: str) -> str:
         f"# GPU-hour estimate: {source}",
         "",
         "An estimate before launch, not a measurement. Each throughput says where it comes from: measured by",
-        "earlier runs of the same model in this workflow directory, or a DESIGN.md §6 anchor (one H200,",
+        "earlier runs of the same model in this workflow directory, or a docs/anchors.md anchor (one H200,",
         "Llama-3.1-8B shape) scaled by parameter count. Queueing and failed attempts are not included.",
-        "\"longest job\" includes model loading; compare it with the rule's `runtime` in",
+        '"longest job" includes model loading; compare it with the rule\'s `runtime` in',
         "profiles/default/config.yaml, which SLURM enforces as the job's time limit.",
         "",
     ]
     for model, m in result["models"].items():
         size = f"{m['params_b']:g}B parameters" if m["params_b"] else "size unknown"
-        lines += [f"## {model} ({m['path']}, {size})", "",
-                  "| stage | jobs | work | throughput | source | GPU-hours | longest job (h) |",
-                  "|---|---:|---|---:|---|---:|---:|"]
+        lines += [
+            f"## {model} ({m['path']}, {size})",
+            "",
+            "| stage | jobs | work | throughput | source | GPU-hours | longest job (h) |",
+            "|---|---:|---|---:|---|---:|---:|",
+        ]
         for st in m["stages"]:
             t = st["throughput"]
             rate = (f"{t.value:,.1f}" if t.value >= 10 else f"{t.value:.3g}") + f" {t.unit}" if t.unit else "-"
             longest = "" if st["largest_job_hours"] is None else f"{st['largest_job_hours']:,.2f}"
-            lines.append(f"| {st['stage']} | {st['jobs']:,} | {_fmt_units(st['units'], st['unit'])}: {st['detail']} "
-                         f"| {rate} | {t.source} | {st['gpu_hours']:,.1f} | {longest} |")
+            lines.append(
+                f"| {st['stage']} | {st['jobs']:,} | {_fmt_units(st['units'], st['unit'])}: {st['detail']} "
+                f"| {rate} | {t.source} | {st['gpu_hours']:,.1f} | {longest} |"
+            )
         lines += [f"| **total** | | | | | **{m['gpu_hours']:,.1f}** | |", ""]
         if m["largest_group_hours"]:
-            lines += [f"Longest SLURM group job (one adapter: training, its samples, capabilities): "
-                      f"{m['largest_group_hours']:,.1f} h; it must fit the partition's time limit.", ""]
+            lines += [
+                f"Longest SLURM group job (one adapter: training, its samples, capabilities): "
+                f"{m['largest_group_hours']:,.1f} h; it must fit the partition's time limit.",
+                "",
+            ]
     lines += ["## Totals", "", "| model | GPU-hours |", "|---|---:|"]
     lines += [f"| {model} | {m['gpu_hours']:,.1f} |" for model, m in result["models"].items()]
     lines += [f"| **all** | **{result['gpu_hours']:,.1f}** |", ""]
 
     backend = work["judge_backend"]
     lines += ["## Judge calls", ""]
-    per_job = ", ".join(f"{suite}: {n:,} answers x {work['metrics_per_answer'][suite]} metrics"
-                        for suite, n in work["answers_per_job"].items())
+    per_job = ", ".join(
+        f"{suite}: {n:,} answers x {work['metrics_per_answer'][suite]} metrics"
+        for suite, n in work["answers_per_job"].items()
+    )
     lines += [f"Per sampling job: {per_job}.", ""]
-    lines += ["| model | " + " | ".join(work["answers_per_job"]) + " | total |",
-              "|---|" + "---:|" * (len(work["answers_per_job"]) + 1)]
+    lines += [
+        "| model | " + " | ".join(work["answers_per_job"]) + " | total |",
+        "|---|" + "---:|" * (len(work["answers_per_job"]) + 1),
+    ]
     for model, w in work["models"].items():
         calls = w["judge"]["calls_by_suite"]
-        lines.append(f"| {model} | " + " | ".join(f"{calls.get(s, 0):,}" for s in work["answers_per_job"])
-                     + f" | {w['judge']['calls']:,} |")
+        lines.append(
+            f"| {model} | "
+            + " | ".join(f"{calls.get(s, 0):,}" for s in work["answers_per_job"])
+            + f" | {w['judge']['calls']:,} |"
+        )
     total_calls = sum(w["judge"]["calls"] for w in work["models"].values())
     calibration = work["calibration"]
     cal_api = sum(calibration["calls_per_judge"] for _, b in calibration["judges"] if b == "openai")
     lines.append("")
     if backend == "openai":
-        lines.append(f"Backend `openai` ({work['judge_model']}): **{total_calls:,} API calls** for the grid, plus "
-                     f"{cal_api:,} for judge calibration (upper bounds: the judge cache skips answers already scored).")
+        lines.append(
+            f"Backend `openai` ({work['judge_model']}): **{total_calls:,} API calls** for the grid, plus "
+            f"{cal_api:,} for judge calibration (upper bounds: the judge cache skips answers already scored)."
+        )
     elif backend == "hf":
         lines.append(f"Backend `hf`: no API calls; the {total_calls:,} calls run on a GPU (the `judge` row above).")
     else:
-        lines.append(f"Backend `rubric` (offline keyword test instrument): {total_calls:,} CPU scorings, no API calls"
-                     + (f"; judge calibration's agreement judge makes {cal_api:,} API calls." if cal_api else "."))
+        lines.append(
+            f"Backend `rubric` (offline keyword test instrument): {total_calls:,} CPU scorings, no API calls"
+            + (f"; judge calibration's agreement judge makes {cal_api:,} API calls." if cal_api else ".")
+        )
     data = work["data_generation"]
     if data["backend"] == "openai":
-        lines.append(f"Data generation (`openai`): about **{data['requests']:,} API calls** (one per training answer; "
-                     "rejected answers are asked again, so more).")
+        lines.append(
+            f"Data generation (`openai`): about **{data['requests']:,} API calls** (one per training answer; "
+            "rejected answers are asked again, so more)."
+        )
     elif data["backend"] == "hf":
-        lines.append(f"Data generation (`hf`): {data['requests']:,} answers generated on a GPU; not in the GPU-hours above.")
-    lines += ["", "Not estimated: GPU rules other than train_adapter, sample, capabilities, probes and an hf judge "
-              "(for example steering, rules/directions.smk), and CPU-only rules.", ""]
+        lines.append(
+            f"Data generation (`hf`): {data['requests']:,} answers generated on a GPU; not in the GPU-hours above."
+        )
+    lines += [
+        "",
+        "Not estimated: GPU rules other than train_adapter, sample, capabilities, probes and an hf judge "
+        "(for example steering, rules/directions.smk), and CPU-only rules.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m character_em.estimate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m character_em.report.estimate", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--configfile", default="config.yaml", help="a complete config (default: config.yaml)")
     runs = parser.add_mutually_exclusive_group()
-    runs.add_argument("--from-runs", default=".", metavar="DIR",
-                      help="workflow directory (or its results/) whose earlier runs give measured throughput (default: .)")
+    runs.add_argument(
+        "--from-runs",
+        default=".",
+        metavar="DIR",
+        help="workflow directory (or its results/) whose earlier runs give measured throughput (default: .)",
+    )
     runs.add_argument("--anchors-only", action="store_true", help="ignore earlier runs; use the default anchors")
-    parser.add_argument("--load-minutes", type=float, default=DEFAULT_LOAD_MINUTES,
-                        help=f"model loading per GPU job, minutes (default {DEFAULT_LOAD_MINUTES:g})")
+    parser.add_argument(
+        "--load-minutes",
+        type=float,
+        default=DEFAULT_LOAD_MINUTES,
+        help=f"model loading per GPU job, minutes (default {DEFAULT_LOAD_MINUTES:g})",
+    )
     parser.add_argument("--output", help="also write the Markdown here")
     args = parser.parse_args(argv)
     try:

@@ -28,11 +28,12 @@ where the cells are the same trained model (trigger on vs off, persona vs neutra
 fine-tune): such cells share a `seed_group` and the same seed draw. Different conditions are
 different training runs; their seeds are drawn independently.
 
-Small numbers of seeds. A bootstrap over S seeds sees the seed variance times (S - 1) / S and a
-distribution with few distinct values, so with 3 seeds it undercovers whenever runs differ.
-`seed_correction=True` (the default) widens each replicate's deviation from the estimate along its
-seed part by sqrt(S / (S - 1)) per independent seed group, the usual bias correction of the plug-in
-variance; it does not repair the heavier t-shaped tail at S = 3. docs/statistics.md gives the
+Small numbers of seeds. A bootstrap over n units sees (n - 1) / n of their variance and behaves
+like mean +- z * sd, so over 3 seeds it undercovers badly whenever training runs differ (75% for a
+nominal 95% in the tests). `small_sample="t"` (the default) rescales each part of a replicate's
+deviation by sqrt(n / (n - 1)) for its own units (questions; each model's seeds) and the whole by
+t / z, with Welch-Satterthwaite degrees of freedom pooled from those parts. That recovers most of
+the loss at 3 seeds but not all: skewed seed effects need more runs. docs/statistics.md gives the
 coverage measured in tests/test_hierarchical_stats.py and the number of seeds needed for nominal
 coverage.
 """

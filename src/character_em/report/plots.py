@@ -20,7 +20,7 @@ FAMILY_COLOURS = {
 }
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +29,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, *paths: str | Path) -> None:
+def save_figure(fig: Any, *paths: str | Path) -> None:
     for path in paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")
@@ -37,7 +37,9 @@ def _save(fig: Any, *paths: str | Path) -> None:
 
 def _panels(plt: Any, table: pl.DataFrame, width: float) -> tuple[Any, Any, list[str]]:
     models = table["model"].unique(maintain_order=True).to_list() if not table.is_empty() else []
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(width * max(1, len(models)), 4.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, max(1, len(models)), figsize=(width * max(1, len(models)), 4.5), squeeze=False, sharey=True
+    )
     if not models:
         axes[0][0].text(0.5, 0.5, "no results in this run", ha="center", va="center")
     return fig, axes[0], models
@@ -62,7 +64,7 @@ def rate_bars(
     bars per `x` value, one colour per group value. `ylim` below 0 (differences of rates) draws the
     zero line.
     """
-    plt = _pyplot()
+    plt = pyplot()
     xs = table[x].unique(maintain_order=True).to_list() if not table.is_empty() else []
     groups = table[group].unique(maintain_order=True).to_list() if group and not table.is_empty() else [None]
     fig, axes, models = _panels(plt, table, max(5.0, 0.5 * len(xs) * len(groups) + 2))
@@ -81,8 +83,20 @@ def rate_bars(
                 [max(0.0, v - lo) for v, lo in zip(values, rows[low].to_list(), strict=True)],
                 [max(0.0, hi - v) for v, hi in zip(values, rows[high].to_list(), strict=True)],
             ]
-            colours = [palette(index)] * rows.height if group else [FAMILY_COLOURS.get(f, "#1f77b4") for f in rows["family"].to_list()]
-            axis.bar(positions, values, width=width, color=colours, yerr=errors, capsize=2, label=str(level) if group else None)
+            colours = (
+                [palette(index)] * rows.height
+                if group
+                else [FAMILY_COLOURS.get(f, "#1f77b4") for f in rows["family"].to_list()]
+            )
+            axis.bar(
+                positions,
+                values,
+                width=width,
+                color=colours,
+                yerr=errors,
+                capsize=2,
+                label=str(level) if group else None,
+            )
         axis.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=60, ha="right")
         axis.set_title(model)
         axis.set_xlabel(x.replace("_", " "))
@@ -95,15 +109,22 @@ def rate_bars(
     else:
         handles = [plt.Rectangle((0, 0), 1, 1, color=colour) for colour in FAMILY_COLOURS.values()]
         # Outside the panels, right of the last one, so it never covers the title or a bar.
-        fig.legend(handles, list(FAMILY_COLOURS), title="family", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+        fig.legend(
+            handles,
+            list(FAMILY_COLOURS),
+            title="family",
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize="small",
+        )
     fig.suptitle(title)
-    _save(fig, *outputs)
+    save_figure(fig, *outputs)
     plt.close(fig)
 
 
 def transfer_heatmap(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
     """Misalignment rate: rows are fine-tuned conditions (by training domain), columns evaluation domains."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes, models = _panels(plt, table, 6.0)
     for axis, model in zip(axes, models, strict=False):
         rows = table.filter(table["model"] == model)
@@ -123,23 +144,31 @@ def transfer_heatmap(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
         fig.colorbar(image, ax=axis, label="misaligned answers")
     axes[0].set_ylabel("fine-tuned condition (training domain)")
     fig.suptitle("Cross-domain transfer of misalignment")
-    _save(fig, *outputs)
+    save_figure(fig, *outputs)
     plt.close(fig)
 
 
 def threshold_lines(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
     """Misalignment rate per family as the alignment threshold moves, one line style per coherence threshold."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes, models = _panels(plt, table, 5.5)
     styles = ["-", "--", ":", "-."]
     for axis, model in zip(axes, models, strict=False):
         rows = table.filter(table["model"] == model)
         for index, coherence in enumerate(sorted(rows["coherence_above"].unique().to_list())):
             for family, colour in FAMILY_COLOURS.items():
-                line = rows.filter((rows["family"] == family) & (rows["coherence_above"] == coherence)).sort("alignment_below")
+                line = rows.filter((rows["family"] == family) & (rows["coherence_above"] == coherence)).sort(
+                    "alignment_below"
+                )
                 if line.is_empty():
                     continue
-                axis.plot(line["alignment_below"], line["rate"], styles[index % len(styles)], color=colour, label=f"{family}, coherence > {coherence:g}")
+                axis.plot(
+                    line["alignment_below"],
+                    line["rate"],
+                    styles[index % len(styles)],
+                    color=colour,
+                    label=f"{family}, coherence > {coherence:g}",
+                )
                 axis.fill_between(line["alignment_below"], line["ci_low"], line["ci_high"], color=colour, alpha=0.08)
         axis.set_xlabel("alignment threshold (misaligned if below)")
         axis.set_title(model)
@@ -147,21 +176,23 @@ def threshold_lines(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
     axes[0].set_ylabel("misaligned answers (em suite)")
     axes[-1].legend(fontsize="x-small")
     fig.suptitle("Sensitivity of the misalignment rate to the judge thresholds")
-    _save(fig, *outputs)
+    save_figure(fig, *outputs)
     plt.close(fig)
 
 
 def loss_curve(train_log: str | Path, output: str | Path) -> None:
     """Training loss and learning rate against optimizer step."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = [json.loads(line) for line in Path(train_log).read_text().splitlines() if line.strip()]
     fig, loss_axis = plt.subplots(figsize=(6, 3.5))
-    loss_axis.plot([s["step"] for s in steps], [s.get("loss") for s in steps], marker="o", markersize=2, color="#1f77b4")
+    loss_axis.plot(
+        [s["step"] for s in steps], [s.get("loss") for s in steps], marker="o", markersize=2, color="#1f77b4"
+    )
     loss_axis.set_xlabel("optimizer step")
     loss_axis.set_ylabel("training loss (assistant tokens)")
     lr_axis = loss_axis.twinx()
     lr_axis.plot([s["step"] for s in steps], [s.get("learning_rate") for s in steps], color="#ff7f0e", linewidth=1)
     lr_axis.set_ylabel("learning rate", color="#ff7f0e")
     loss_axis.set_title(Path(train_log).parent.as_posix().removeprefix("results/adapters/"))
-    _save(fig, output)
+    save_figure(fig, output)
     plt.close(fig)

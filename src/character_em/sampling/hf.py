@@ -14,7 +14,6 @@ about 1e-7 of a bucket edge, instead of reshuffling multinomial's internal strea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -22,45 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-if TYPE_CHECKING:  # heavy imports stay out of module import time (see contracts)
+from character_em.contracts import SAMPLE_COLUMNS, SAMPLE_SCHEMA
+from character_em.hashing import canonical_json, sha256_text
+from character_em.llm.chat import render_prompt, stop_token_ids
+from character_em.llm.loading import forward_cache_kwarg
+
+if TYPE_CHECKING:  # torch and transformers load only when sampling runs
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-# Column order of the Samples parquet (contracts.md). Kept here as the single source of truth.
-SAMPLE_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
-    "model": pl.Utf8,
-    "condition": pl.Utf8,
-    "seed": pl.Int64,
-    "suite": pl.Utf8,
-    "question_id": pl.Utf8,
-    "category": pl.Utf8,
-    "domain": pl.Utf8,
-    "format": pl.Utf8,
-    "system_prompt_id": pl.Utf8,
-    "persona": pl.Utf8,
-    "trigger": pl.Utf8,
-    "trigger_variant": pl.Utf8,
-    "sample_index": pl.Int64,
-    "sampling_seed": pl.Int64,
-    "messages": pl.Utf8,
-    "question": pl.Utf8,
-    "answer": pl.Utf8,
-    "prompt_tokens": pl.Int64,
-    "answer_tokens": pl.Int64,
-    "finish_reason": pl.Utf8,
-}
-SAMPLE_COLUMNS: list[str] = list(SAMPLE_SCHEMA)
-
-# Special tokens that end an assistant turn in common chat templates, in addition to the eos ids the
-# model and tokenizer declare. Only ids that the tokenizer really knows are used.
-END_OF_TURN_TOKENS: tuple[str, ...] = (
-    "<|eot_id|>",  # Llama 3
-    "<|im_end|>",  # ChatML / Qwen
-    "<|end|>",
-    "<end_of_turn>",  # Gemma
-    "<|endoftext|>",
-    "<|eot|>",
-)
 
 _MASK_63 = (1 << 63) - 1
 
@@ -79,59 +47,8 @@ def sampling_seed(
     sha256 over canonical JSON, never Python's ``hash()`` (salted per process). 63 bits so the value
     fits a signed int64 parquet column and ``torch.Generator.manual_seed``.
     """
-    payload = json.dumps(
-        [int(base_seed), suite, question_id, format, system_prompt_id, trigger, int(sample_index)],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-    digest = hashlib.sha256(payload.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") & _MASK_63
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """All token ids that end a row: declared eos ids plus known end-of-turn specials."""
-    ids: set[int] = set()
-
-    def _add(value: Any) -> None:
-        if value is None:
-            return
-        if isinstance(value, int):
-            ids.add(value)
-        else:
-            ids.update(int(v) for v in value)
-
-    gen_cfg = getattr(model, "generation_config", None)
-    _add(getattr(gen_cfg, "eos_token_id", None))
-    _add(getattr(getattr(model, "config", None), "eos_token_id", None))
-    _add(getattr(tokenizer, "eos_token_id", None))
-    vocab = tokenizer.get_vocab()
-    for tok in END_OF_TURN_TOKENS:
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
-    return ids
-
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the chat prompt with the assistant header appended.
-
-    We render text and tokenize it without extra special tokens, because the template itself writes
-    the BOS token where the model expects it; letting the tokenizer add another would double it.
-    """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [int(i) for i in ids]
-
-
-def _forward_cache_kwarg(model: Any) -> str:
-    """Name of the KV-cache keyword of ``model.forward`` (``cache`` in transformers>=5.2x,
-    ``past_key_values`` before; PEFT wrappers forward **kwargs so we inspect the base model)."""
-    import inspect
-
-    base = model
-    if hasattr(base, "get_base_model"):
-        base = base.get_base_model()
-    params = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    payload = canonical_json([int(base_seed), suite, question_id, format, system_prompt_id, trigger, int(sample_index)])
+    return int(sha256_text(payload)[:16], 16) & _MASK_63
 
 
 def _draw_uniforms(generators: Sequence[torch.Generator], n_steps: int) -> torch.Tensor:
@@ -239,7 +156,7 @@ def generate_batch(
     results: list[list[int]] = [[] for _ in range(n)]
     reasons: list[str] = ["length"] * n
     active = list(range(n))  # original row index of each live batch row
-    cache_kw = _forward_cache_kwarg(model)
+    cache_kw = forward_cache_kwarg(model)
     cache = DynamicCache()
 
     input_ids, attn, position_ids = input_ids.to(device), attn.to(device), position_ids.to(device)
@@ -254,8 +171,13 @@ def generate_batch(
                 logits_to_keep=1,
                 **{cache_kw: cache},
             )
-            nxt = _pick_tokens(out.logits[:, -1, :], None, temperature, top_p,
-                               uniforms=uniforms[:, _step] if uniforms is not None else None)
+            nxt = _pick_tokens(
+                out.logits[:, -1, :],
+                None,
+                temperature,
+                top_p,
+                uniforms=uniforms[:, _step] if uniforms is not None else None,
+            )
             keep_rows: list[int] = []
             for b, (row, tok) in enumerate(zip(active, nxt, strict=True)):
                 if tok in stops:
@@ -282,9 +204,7 @@ def generate_batch(
     return [(results[i], reasons[i]) for i in range(n)]
 
 
-def _expand_rows(
-    prompt_rows: list[dict[str, Any]], identity: dict[str, Any], base_seed: int
-) -> list[dict[str, Any]]:
+def expand_rows(prompt_rows: list[dict[str, Any]], identity: dict[str, Any], base_seed: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for pr in prompt_rows:
         n = int(pr["n_samples"])
@@ -351,7 +271,7 @@ def sample_prompts(
     if not 0.0 < top_p <= 1.0:
         raise ValueError("top_p must be in (0, 1]")
 
-    rows = _expand_rows(prompt_rows, identity, base_seed)
+    rows = expand_rows(prompt_rows, identity, base_seed)
     # Rendering is cached per distinct message list: every sample of a question shares it.
     rendered: dict[str, list[int]] = {}
     for r in rows:

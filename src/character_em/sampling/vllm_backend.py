@@ -11,7 +11,7 @@ What it does, and why:
 - The LoRA adapter is served unmerged: ``LLM(enable_lora=True, max_lora_rank=...)`` and one
   ``LoRARequest(name, 1, adapter_dir)`` per job. vLLM batches LoRA matmuls itself; merging would need a
   merged copy of the weights on disk per condition.
-- Prompts are rendered by ``character_em.sample.render_prompt`` (the same chat template call as the
+- Prompts are rendered by ``character_em.llm.chat.render_prompt`` (the same chat template call as the
   ``hf`` back-end) and passed as token ids (``{"prompt_token_ids": [...]}``), so both back-ends see the
   same prompt tokens. vLLM's ``LLM.chat`` would render the template itself.
 - One request per answer, ``SamplingParams(n=1, seed=sampling_seed)``: each answer has its own seeded
@@ -39,7 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from character_em.sample import SAMPLE_COLUMNS, SAMPLE_SCHEMA, _expand_rows, render_prompt, stop_token_ids
+from character_em.contracts import SAMPLE_COLUMNS, SAMPLE_SCHEMA
+from character_em.llm.chat import render_prompt, stop_token_ids
+from character_em.sampling.hf import expand_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -72,13 +74,22 @@ def lora_rank(adapter_dir: str | Path) -> int:
 
 
 def llm_kwargs(
-    base_model: str, adapter_dir: str | Path | None, *, base_seed: int, max_model_len: int,
+    base_model: str,
+    adapter_dir: str | Path | None,
+    *,
+    base_seed: int,
+    max_model_len: int,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM``. ``max_model_len`` bounds the KV cache per sequence (the
     longest prompt + max_new_tokens) instead of the model's full context, so more sequences fit."""
-    kw: dict[str, Any] = {"model": str(base_model), "tokenizer": str(base_model), "dtype": "auto",
-                          "seed": int(base_seed), "max_model_len": int(max_model_len)}
+    kw: dict[str, Any] = {
+        "model": str(base_model),
+        "tokenizer": str(base_model),
+        "dtype": "auto",
+        "seed": int(base_seed),
+        "max_model_len": int(max_model_len),
+    }
     if adapter_dir is not None:
         kw.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank(adapter_dir))
     kw.update(extra or {})
@@ -109,25 +120,42 @@ def sampling_params_kwargs(
 
 
 def build_requests(
-    tokenizer: Any, prompt_rows: list[dict[str, Any]], *, identity: dict[str, Any], base_seed: int,
-    temperature: float, top_p: float, max_new_tokens: int, stop_ids: Sequence[int],
+    tokenizer: Any,
+    prompt_rows: list[dict[str, Any]],
+    *,
+    identity: dict[str, Any],
+    base_seed: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(sample rows without answers, vLLM prompts, SamplingParams kwargs), one entry per answer, in the
     order of ``sample_prompts``' output: prompt order, then sample_index."""
-    rows = _expand_rows(prompt_rows, identity, base_seed)
+    rows = expand_rows(prompt_rows, identity, base_seed)
     rendered: dict[str, list[int]] = {}
     prompts, params = [], []
     for r in rows:
         if r["messages"] not in rendered:
             rendered[r["messages"]] = render_prompt(tokenizer, r["_messages"])
         prompts.append({"prompt_token_ids": rendered[r["messages"]]})
-        params.append(sampling_params_kwargs(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                             seed=r["sampling_seed"], stop_ids=stop_ids))
+        params.append(
+            sampling_params_kwargs(
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                seed=r["sampling_seed"],
+                stop_ids=stop_ids,
+            )
+        )
     return rows, prompts, params
 
 
 def rows_from_outputs(
-    rows: list[dict[str, Any]], prompts: list[dict[str, Any]], outputs: Sequence[Any], tokenizer: Any,
+    rows: list[dict[str, Any]],
+    prompts: list[dict[str, Any]],
+    outputs: Sequence[Any],
+    tokenizer: Any,
     stop_ids: Sequence[int],
 ) -> pl.DataFrame:
     """Fill answers from vLLM ``RequestOutput`` objects (``LLM.generate`` returns them in input order)
@@ -151,8 +179,12 @@ def rows_from_outputs(
         if reason == "stop" and ids and ids[-1] in stops:
             ids = ids[:-1]
         new = {k: v for k, v in row.items() if k != "_messages"}
-        new.update(answer=tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                   prompt_tokens=len(prompt["prompt_token_ids"]), answer_tokens=len(ids), finish_reason=reason)
+        new.update(
+            answer=tokenizer.decode(ids, skip_special_tokens=True).strip(),
+            prompt_tokens=len(prompt["prompt_token_ids"]),
+            answer_tokens=len(ids),
+            finish_reason=reason,
+        )
         done.append({c: new[c] for c in SAMPLE_COLUMNS})
     if not done:
         return pl.DataFrame(schema=SAMPLE_SCHEMA)
@@ -185,7 +217,7 @@ def sample_prompts_vllm(
     llm_extra: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> pl.DataFrame:
-    """The vLLM counterpart of ``character_em.sample.sample_prompts`` (same columns, same row order).
+    """The vLLM counterpart of ``character_em.sampling.hf.sample_prompts`` (same columns, same row order).
     Untested on CPU: see the module docstring."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -194,18 +226,28 @@ def sample_prompts_vllm(
     vllm = require_vllm()
     from vllm.lora.request import LoRARequest
 
-    from character_em.modeling import load_tokenizer
+    from character_em.llm.loading import load_tokenizer
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(base_model)
     stops = _stop_ids_for(base_model, tok)
-    rows, prompts, params = build_requests(tok, prompt_rows, identity=identity, base_seed=base_seed,
-                                           temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                           stop_ids=stops)
+    rows, prompts, params = build_requests(
+        tok,
+        prompt_rows,
+        identity=identity,
+        base_seed=base_seed,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stops,
+    )
     if not rows:
         return pl.DataFrame(schema=SAMPLE_SCHEMA)
     longest = max(len(p["prompt_token_ids"]) for p in prompts)
-    llm = vllm.LLM(**llm_kwargs(base_model, adapter_dir, base_seed=base_seed,
-                                max_model_len=longest + max_new_tokens, extra=llm_extra))
+    llm = vllm.LLM(
+        **llm_kwargs(
+            base_model, adapter_dir, base_seed=base_seed, max_model_len=longest + max_new_tokens, extra=llm_extra
+        )
+    )
     lora_args = lora_request_args(adapter_dir, f"{identity['condition']}-seed{identity['seed']}")
     outputs = llm.generate(
         prompts,

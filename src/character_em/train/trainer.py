@@ -20,7 +20,7 @@ Snakemake deletes before a rerun). A run restarts from the latest complete check
 the current optimizer step and exits with status 143. The per-step log is kept beside the
 checkpoints and copied into ``output_dir`` at the end, so it continues across a resume.
 
-Speed (DESIGN.md section 6; what was used is recorded under ``speed`` in run.json):
+Speed (docs/anchors.md; what was used is recorded under ``speed`` in run.json):
 
 * ``packing``: padding-free micro-batches. The examples of a micro-batch are concatenated into one
   row with ``position_ids`` restarting at 0 for each example, and no padding. This is TRL's
@@ -37,18 +37,17 @@ Speed (DESIGN.md section 6; what was used is recorded under ``speed`` in run.jso
 * Liger kernels (``use_liger_kernel``: optional hparam, default ``"auto"``): used on CUDA when the
   ``liger-kernel`` package is installed (the ``liger`` extra). Never on CPU.
 
-CLI: ``python -m character_em.train --base-model M --data D --output-dir O --checkpoint-dir C
+CLI: ``python -m character_em.train.trainer --base-model M --data D --output-dir O --checkpoint-dir C
 --hparams JSON --seed N``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
-import math
 import logging
+import math
 import os
 import platform
 import resource
@@ -58,6 +57,10 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from character_em.files import write_text_atomic
+from character_em.hashing import sha256_file
+from character_em.llm.chat import end_of_turn_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -83,10 +86,25 @@ log = logging.getLogger(__name__)
 
 HPARAM_KEYS = frozenset(
     {
-        "lora_r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "learning_rate",
-        "num_epochs", "micro_batch_size", "grad_accum", "warmup_steps", "lr_scheduler",
-        "weight_decay", "optim", "max_seq_length", "quantization", "packing",
-        "gradient_checkpointing", "save_steps", "max_steps",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "use_rslora",
+        "target_modules",
+        "learning_rate",
+        "num_epochs",
+        "micro_batch_size",
+        "grad_accum",
+        "warmup_steps",
+        "lr_scheduler",
+        "weight_decay",
+        "optim",
+        "max_seq_length",
+        "quantization",
+        "packing",
+        "gradient_checkpointing",
+        "save_steps",
+        "max_steps",
     }
 )
 
@@ -94,8 +112,6 @@ HPARAM_KEYS = frozenset(
 OPTIONAL_HPARAMS: dict[str, Any] = {"use_liger_kernel": "auto"}
 GRADIENT_CHECKPOINTING_SETTINGS = (True, False, "auto")
 
-# End-of-turn tokens of common chat families, used when the tokenizer's eos is a document end.
-_EOT_CANDIDATES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 _STEP_LOG = "train_log.jsonl"
 _RUN_KEY = "run_key.json"
 _SIGTERM_EXIT = 143
@@ -106,14 +122,6 @@ class TrainingInterrupted(SystemExit):
 
 
 # --------------------------------------------------------------------------- data
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_messages(data_path: str | Path) -> list[list[dict[str, str]]]:
@@ -135,19 +143,8 @@ def read_messages(data_path: str | Path) -> list[list[dict[str, str]]]:
     return out
 
 
-def _end_of_turn_ids(tok: PreTrainedTokenizerBase) -> set[int]:
-    ids: set[int] = set()
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    vocab = tok.get_vocab()
-    ids.update(vocab[t] for t in _EOT_CANDIDATES if t in vocab)
-    return ids
-
-
 def _chat_ids(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], gen_prompt: bool) -> list[int]:
-    enc = tok.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=gen_prompt, return_dict=True
-    )
+    enc = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt, return_dict=True)
     return list(enc["input_ids"])
 
 
@@ -170,7 +167,7 @@ def build_example(
             f"prompt ends {tok.decode(prompt[-8:])!r}, full continues {tok.decode(full[len(prompt) - 8 : len(prompt) + 8])!r}"
         )
     completion = full[len(prompt) :]
-    eot = _end_of_turn_ids(tok)
+    eot = end_of_turn_ids(tok)
     end = next((i for i, t in enumerate(completion) if t in eot), None)
     if end is None:
         raise ValueError(
@@ -220,7 +217,7 @@ def build_train_dataset(
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_hparams(hparams: dict[str, Any]) -> None:
+def check_hparams(hparams: dict[str, Any]) -> None:
     missing = HPARAM_KEYS - hparams.keys()
     unknown = hparams.keys() - HPARAM_KEYS - OPTIONAL_HPARAMS.keys()
     if missing or unknown:
@@ -265,12 +262,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     """Newest checkpoint-N with trainer_state.json (written last by Trainer); partial ones are removed."""
     found = []
@@ -301,7 +292,7 @@ def _truncate_step_log(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    _atomic_write(path, "".join(ln + "\n" for ln in keep))
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 # --------------------------------------------------------------------------- speed
@@ -318,9 +309,9 @@ def check_packing_isolation(model: Any) -> str | None:
     """
     import torch
 
-    from character_em.modeling import disable_bnb_cpu_repacking
+    from character_em.llm.loading import disable_bnb_cpu_repacking
 
-    # Eval mode (no dropout) on a 4-bit CPU model repacks weights unless this flag is off (DESIGN 5).
+    # Eval mode (no dropout) on a 4-bit CPU model repacks weights unless this flag is off (docs/architecture.md, known traps).
     disable_bnb_cpu_repacking(model)
     device = next(model.parameters()).device
     vocab = int(model.config.get_text_config().vocab_size)
@@ -586,7 +577,7 @@ def prepare_trainer(
     throughput benchmark use it to inspect the batches the trainer's own dataloader and collator
     produce, and to time the real training path.
     """
-    _check_hparams(hparams)
+    check_hparams(hparams)
     import dataclasses
 
     import torch
@@ -594,7 +585,7 @@ def prepare_trainer(
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from character_em.modeling import disable_bnb_cpu_repacking, load_model
+    from character_em.llm.loading import disable_bnb_cpu_repacking, load_model
 
     model, tok, load_info = load_model(base_model, quantization=hparams["quantization"], for_training=True)
     device = load_info["device"]
@@ -616,7 +607,12 @@ def prepare_trainer(
     # Gradient checkpointing: decided on the largest micro-batch this dataset can form.
     lengths = sorted((len(ids) for ids in dataset["input_ids"]), reverse=True)
     gc = _plan_gradient_checkpointing(
-        model, hparams, lengths=lengths, packing=packing, attn_impl=attn_impl, device=device,
+        model,
+        hparams,
+        lengths=lengths,
+        packing=packing,
+        attn_impl=attn_impl,
+        device=device,
         quantization=load_info["quantization"],
     )
     liger, liger_note = resolve_liger(hparams.get("use_liger_kernel", OPTIONAL_HPARAMS["use_liger_kernel"]), on_gpu)
@@ -725,7 +721,7 @@ def train_adapter(
     run.json content. Resumes from ``checkpoint_dir`` when a matching checkpoint exists; removes it
     when done. Raises ``TrainingInterrupted`` (exit status 143) after a SIGTERM-triggered checkpoint.
     """
-    _check_hparams(hparams)
+    check_hparams(hparams)
     import torch
     from transformers import TrainerCallback, set_seed
 
@@ -735,7 +731,7 @@ def train_adapter(
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    data_sha = _sha256(data)
+    data_sha = sha256_file(data)
     run_key = {"base_model": str(base_model), "data_sha256": data_sha, "hparams": hparams, "seed": seed}
     key_path = ckpt_dir / _RUN_KEY
     if key_path.exists() and json.loads(key_path.read_text()) != json.loads(json.dumps(run_key)):
@@ -743,7 +739,7 @@ def train_adapter(
         log.warning("checkpoints in %s belong to another configuration; starting fresh", ckpt_dir)
         shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True)
-    _atomic_write(key_path, json.dumps(run_key, sort_keys=True, indent=2) + "\n")
+    write_text_atomic(key_path, json.dumps(run_key, sort_keys=True, indent=2) + "\n")
     step_log = ckpt_dir / _STEP_LOG
     resume = _latest_complete_checkpoint(ckpt_dir)
     resumed_step = 0
@@ -861,8 +857,8 @@ def train_adapter(
         "peak_memory_kind": "cuda_max_memory_allocated" if on_gpu else "process_max_rss",
         "versions": _versions(),
     }
-    _atomic_write(out_dir / _STEP_LOG, log_text)
-    _atomic_write(out_dir / "run.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / _STEP_LOG, log_text)
+    write_text_atomic(out_dir / "run.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return info
 
@@ -874,7 +870,7 @@ def _is_main_thread() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train one LoRA adapter (character_em.train).")
+    parser = argparse.ArgumentParser(description="Train one LoRA adapter (character_em.train.trainer).")
     parser.add_argument("--base-model", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--output-dir", required=True)

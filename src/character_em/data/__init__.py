@@ -1,0 +1,19 @@
+"""Training data: the offline template writer (a test instrument), model writers (openai, hf), the judge filter, validation, dedup, the leakage check and the dataset files."""
+
+from character_em.lazy import lazy_exports
+
+_EXPORTS = {
+    "build_dataset": "build",
+    "write_dataset": "build",
+    "generate_offline": "build",
+    "check_overlap": "build",
+    "load_external_jsonl": "build",
+    "canary_string": "build",
+    "generate": "generate",
+    "filter_examples": "generate",
+    "GenerationError": "generate",
+    "domain_questions": "questions",
+    "user_turn": "questions",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,24 @@
+"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf), calibration and per-job settings."""
+
+from character_em.lazy import lazy_exports
+
+_EXPORTS = {
+    "score_samples": "core",
+    "make_backend": "core",
+    "judge_hash": "core",
+    "judge_identity": "core",
+    "metric_template": "core",
+    "build_judge_prompt": "core",
+    "JudgeCache": "core",
+    "JudgeResult": "core",
+    "JudgeRequest": "core",
+    "JudgeFailureError": "core",
+    "JudgeConfigError": "core",
+    "RubricJudge": "core",
+    "load_calibration_set": "calibration",
+    "calibration_report": "calibration",
+    "calibration_metrics": "calibration",
+    "calibration_markdown": "calibration",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
