@@ -12,16 +12,13 @@ from character_em.report.hierarchical import (
     Grid,
     bootstrap_contrast,
     bootstrap_rate,
+    bootstrap_statistic,
     grid_from_answers,
     holm,
     point_rate,
     student_t_quantile,
 )
-
-try:
-    from character_em.report.stats import wilson_interval
-except ImportError:  # before the package restructure
-    from character_em.stats import wilson_interval
+from character_em.stats import wilson_interval
 
 
 def _grid(k: list[list[float]], n: list[list[float]], seeds: tuple = (), questions: tuple = ()) -> Grid:
@@ -102,6 +99,21 @@ def test_a_contrast_of_a_grid_with_itself_is_exactly_zero_when_paired() -> None:
     result = bootstrap_contrast([grid, grid], [1, -1], seed_groups=[0, 0], n_boot=300)
     assert result["estimate"] == result["ci_low"] == result["ci_high"] == 0
     assert result["p_value"] == 1.0
+
+
+def test_a_nonlinear_statistic_agrees_with_the_linear_one_where_they_coincide() -> None:
+    rng = np.random.default_rng(8)
+    n = np.full((4, 15), 10.0)
+    target, near, far = (_grid(rng.binomial(10, p, size=(4, 15)).tolist(), n.tolist()) for p in (0.6, 0.3, 0.05))
+    # Exact minus the larger near miss: with one near miss far below, the max is always `near`.
+    margin = bootstrap_statistic(
+        [target, near, far], lambda r: r[0] - np.maximum(r[1], r[2]), seed_groups=["m"] * 3, n_boot=800
+    )
+    linear = bootstrap_contrast([target, near], [1, -1], seed_groups=["m"] * 2, n_boot=800)
+    assert margin["estimate"] == pytest.approx(point_rate(target) - point_rate(near))
+    assert margin["ci_low"] == pytest.approx(linear["ci_low"], abs=0.02) and margin["ci_high"] == pytest.approx(
+        linear["ci_high"], abs=0.02
+    )
 
 
 def test_questions_missing_on_one_side_align_by_label() -> None:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +54,7 @@ __all__ = [
     "point_rate",
     "bootstrap_rate",
     "bootstrap_contrast",
+    "bootstrap_statistic",
     "holm",
 ]
 
@@ -237,9 +238,9 @@ def _draw_counts(rng: np.random.Generator, size: int, n_boot: int) -> np.ndarray
     return rng.multinomial(size, np.full(size, 1.0 / size), size=n_boot).astype(float)
 
 
-def bootstrap_contrast(
+def bootstrap_statistic(
     grids: Sequence[Grid],
-    weights: Sequence[float],
+    combine: Callable[[np.ndarray], np.ndarray],
     *,
     seed_groups: Sequence[Hashable] | None = None,
     n_boot: int = 2000,
@@ -247,21 +248,22 @@ def bootstrap_contrast(
     level: float = 0.95,
     small_sample: str = "t",
 ) -> dict[str, float]:
-    """sum_i weights[i] * rate(grids[i]) with a crossed seed x question bootstrap.
+    """A statistic of several cell rates with a crossed seed x question bootstrap.
 
+    `combine` maps an array whose first axis is the grids' rates (shape (len(grids), ...)) to the
+    statistic, elementwise over the other axes; e.g. rate 0 minus the larger of rates 1 and 2.
     All grids share one question draw per replicate (they are asked the same questions; a question
     missing from a grid counts there as unanswered). Grids with the same `seed_groups` entry are
     one trained model and share one seed draw, aligned by seed label; by default every grid is its
     own group (independent training runs). Returns the estimate, a percentile interval, the
-    two-sided bootstrap p-value of "the contrast is 0", and the sizes behind it.
+    two-sided bootstrap p-value of "the statistic is 0", and the sizes behind it.
 
     The p-value is 2 * min(P*(T* <= 0), P*(T* >= 0)) with the +1 correction on both counts, the
     p-value that inverts the percentile interval: it is below 1 - level exactly when the interval
-    leaves out 0 (up to ties). For a single grid with weight 1 it tests "the rate is 0", which is
-    rarely a question anyone asks; use `bootstrap_rate` there.
+    leaves out 0 (up to ties).
     """
-    if len(grids) != len(weights) or not grids:
-        raise ValueError(f"need one weight per grid, got {len(grids)} grids and {len(weights)} weights")
+    if not grids:
+        raise ValueError("a bootstrap statistic needs at least one grid")
     groups = list(range(len(grids))) if seed_groups is None else list(seed_groups)
     if len(groups) != len(grids):
         raise ValueError(f"need one seed group per grid, got {len(groups)} for {len(grids)} grids")
@@ -282,25 +284,30 @@ def bootstrap_contrast(
     question_draw = _draw_counts(rng, len(questions), n_boot)
     seed_draw = {group: _draw_counts(rng, len(labels), n_boot) for group, labels in group_seeds.items()}
     ones_q = np.ones((1, len(questions)))
-
-    weights_array = np.asarray(weights, dtype=float)
-    estimate = 0.0
-    # A replicate's deviation from the estimate splits into the part the question draw makes and,
-    # per seed group, the part that group's seed draw adds; each is scaled by its own small-sample
-    # factor, since 3 seeds and 40 questions need very different corrections.
-    seed_parts: dict[Hashable, np.ndarray] = {group: np.zeros(n_boot) for group in group_seeds}
-    question_part = np.zeros(n_boot)
-    for grid, group, weight in zip(aligned, groups, weights_array, strict=True):
+    point = np.zeros(len(grids))
+    full = np.zeros((len(grids), n_boot))
+    questions_only = np.zeros((len(grids), n_boot))
+    for i, (grid, group) in enumerate(zip(aligned, groups, strict=True)):
         rate, usable = _cell_rates(grid)
-        ones_s = np.ones((1, len(grid.seeds)))
-        point = _estimate(rate, usable, ones_s, ones_q)[0]
-        full = _estimate(rate, usable, seed_draw[group], question_draw)
-        questions_only = _estimate(rate, usable, np.ones((n_boot, len(grid.seeds))), question_draw)
-        estimate += weight * point
-        question_part += weight * (questions_only - point)
-        seed_parts[group] += weight * (full - questions_only)
-    parts = [(len(questions), question_part)] + [(len(group_seeds[group]), part) for group, part in seed_parts.items()]
-    replicates = estimate + _small_sample_deviation(parts, level, small_sample)
+        point[i] = _estimate(rate, usable, np.ones((1, len(grid.seeds))), ones_q)[0]
+        full[i] = _estimate(rate, usable, seed_draw[group], question_draw)
+        questions_only[i] = _estimate(rate, usable, np.ones((n_boot, len(grid.seeds))), question_draw)
+    estimate = float(np.asarray(combine(point[:, None]))[0])
+    # A replicate's deviation from the estimate splits into the part the question draw makes and,
+    # per seed group, the part that group's seed draw adds on top; each is scaled by its own
+    # small-sample factor, since 3 seeds and 40 questions need very different corrections. For a
+    # linear statistic the parts add up to the raw deviation exactly.
+    question_part = combine(questions_only) - estimate
+    parts = [(len(questions), question_part)]
+    for group, labels in group_seeds.items():
+        mixed = questions_only.copy()
+        rows = [i for i, g in enumerate(groups) if g == group]
+        mixed[rows] = full[rows]
+        parts.append((len(labels), combine(mixed) - combine(questions_only)))
+    if small_sample == "none":
+        replicates = combine(full)
+    else:
+        replicates = estimate + _small_sample_deviation(parts, level, small_sample)
     finite = replicates[np.isfinite(replicates)]
     tail = (1 - level) / 2
     if not np.isfinite(estimate) or finite.size == 0:
@@ -311,7 +318,7 @@ def bootstrap_contrast(
         above = (1 + np.count_nonzero(finite >= 0)) / (finite.size + 1)
         p_value = float(min(1.0, 2 * min(below, above)))
     return {
-        "estimate": float(estimate),
+        "estimate": estimate,
         "ci_low": low,
         "ci_high": high,
         "p_value": p_value,
@@ -320,6 +327,34 @@ def bootstrap_contrast(
         "n_answers": sum(grid.n_answers for grid in grids),
         "n_boot": int(n_boot),
     }
+
+
+def bootstrap_contrast(
+    grids: Sequence[Grid],
+    weights: Sequence[float],
+    *,
+    seed_groups: Sequence[Hashable] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    small_sample: str = "t",
+) -> dict[str, float]:
+    """sum_i weights[i] * rate(grids[i]): a difference, a difference in differences, a pooled contrast.
+
+    See `bootstrap_statistic` for the draws, the interval and the p-value.
+    """
+    if len(grids) != len(weights) or not grids:
+        raise ValueError(f"need one weight per grid, got {len(grids)} grids and {len(weights)} weights")
+    weights_array = np.asarray(weights, dtype=float)
+    return bootstrap_statistic(
+        grids,
+        lambda rates: np.tensordot(weights_array, rates, axes=1),
+        seed_groups=seed_groups,
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+        small_sample=small_sample,
+    )
 
 
 def bootstrap_rate(
