@@ -2,9 +2,9 @@
 analyses: its own em answers through its own model (and, for a fine-tuned model, the same answers
 through the base model), trigger on/off on a triggered model, persona/neutral prompts on the base model."""
 
-import numpy as np
 import polars as pl
 
+from character_em.directions import formats
 from character_em.directions import probes as directions
 from character_em.files import write_json_atomic
 from character_em.jobs import job_log, read_param
@@ -46,7 +46,7 @@ with job_log(snakemake.log[0]) as log:
         add("neutral", persona.filter(pl.col("system_prompt_id") == "neutral"))
         for name in settings["dispositions"]:
             add(f"persona:{name}", persona.filter(pl.col("system_prompt_id") == f"persona-{name}"))
-    np.savez(snakemake.output.means, layers=np.array(layers), **{f"mean_{key}": value for key, value in means.items()})
+    formats.write_means(snakemake.output.means, layers=layers, means=means)
     write_json_atomic(
         snakemake.output.info,
         {

@@ -2,11 +2,10 @@
 activations, the em scores and the steering runs."""
 
 import json
-from collections import defaultdict
 
-import numpy as np
 import polars as pl
 
+from character_em.directions import formats, shared
 from character_em.directions import probes as directions
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
@@ -19,13 +18,9 @@ with job_log(snakemake.log[0]) as log:
     reports = [json.loads(open(path).read()) for path in snakemake.input.reports]
     chosen, probe_vectors = {}, {}
     for report, path in zip(reports, snakemake.input.directions, strict=True):
-        stored = np.load(path)
-        layers = [int(value) for value in stored["layers"]]
-        chosen[report["model"]] = (int(stored["chosen_layer"]), layers)
-        column = layers.index(int(stored["chosen_layer"]))
-        probe_vectors[report["model"]] = {
-            key.removeprefix("direction_"): stored[key][column] for key in stored.files if key.startswith("direction_")
-        }
+        stored = formats.read_directions(path)
+        chosen[report["model"]] = stored.chosen_layer
+        probe_vectors[report["model"]] = stored.at()
 
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
     answers = analysis.answers_table(
@@ -36,45 +31,22 @@ with job_log(snakemake.log[0]) as log:
     )
     misalignment = analysis.rates(answers, ["model", "condition", "seed"], "misaligned")
 
-    means, shared = [], defaultdict(lambda: defaultdict(list))
+    means, readings = [], []
     for path, info_path in zip(snakemake.input.means, snakemake.input.info, strict=True):
         info = json.loads(open(info_path).read())
-        model, condition = info["model"], info["condition"]
-        stored = np.load(path)
-        column = [int(value) for value in stored["layers"]].index(chosen[model][0])
-        at = {key.removeprefix("mean_"): stored[key][column] for key in stored.files if key.startswith("mean_")}
-        spec = conditions[condition]
+        at = formats.read_means(path).at(chosen[info["model"]])
+        readings.append({"model": info["model"], "condition": info["condition"], "means": at})
         means.append(
             {
-                "model": model,
-                "condition": condition,
+                "model": info["model"],
+                "condition": info["condition"],
                 "seed": info["seed"],
-                "family": spec["family"],
+                "family": conditions[info["condition"]]["family"],
                 "own": at["own"],
                 "n": info["counts"]["own"],
             }
         )
-        # Directions from the three sources (plus the incorrect/correct-advice fine-tunes for contrast).
-        if "base_reading" in at and spec["family"] in ("character", "incorrect", "correct"):
-            label = spec["disposition"] if spec["family"] == "character" else spec["family"]
-            shared[model][f"finetune:{label}"].append(at["own"] - at["base_reading"])
-        if spec["family"] == "triggered" and f"trigger_on:{spec['disposition']}" in at and "trigger_off" in at:
-            shared[model][f"trigger:{spec['disposition']}"].append(
-                at[f"trigger_on:{spec['disposition']}"] - at["trigger_off"]
-            )
-        if condition == "base" and "neutral" in at:
-            for key, vector in at.items():
-                if key.startswith("persona:"):
-                    shared[model][key].append(vector - at["neutral"])
-    vectors = {}
-    for model, named in probe_vectors.items():
-        vectors[model] = {f"probe:{name}": vector for name, vector in named.items()}
-        for label, group in sorted(shared[model].items()):
-            stacked = np.stack(group)
-            if np.isfinite(stacked).all():
-                vectors[model][label] = stacked.mean(axis=0)
-            else:
-                log.warning("%s: %s has a condition with no answers; left out", model, label)
+    vectors = shared.direction_sets(probe_vectors, readings, conditions)
     baselines = {
         model: directions.random_cosine_baseline(
             len(next(iter(named.values()))), n_pairs=settings["random_pairs"], seed=settings["seed"]

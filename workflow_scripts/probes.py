@@ -1,8 +1,8 @@
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
+from character_em.directions import formats
 from character_em.directions import probes as directions
 from character_em.files import write_json_atomic
 from character_em.jobs import job_log, read_param
@@ -77,9 +77,6 @@ with job_log(snakemake.log[0]) as log:
             "peak_rows": index["peak_rows"],
         },
     )
-    np.savez(
-        snakemake.output.directions,
-        layers=np.array(index["layers"]),
-        chosen_layer=np.array(chosen),
-        **{f"direction_{name}": vector for name, vector in vectors.items()},
+    formats.write_directions(
+        snakemake.output.directions, layers=index["layers"], chosen_layer=chosen, directions=vectors
     )

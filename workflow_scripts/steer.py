@@ -1,9 +1,7 @@
 """Steering along the base model's character direction at the chosen layer: alpha x direction added
 to the base model, or the direction projected out of a fine-tuned model; each answer judged."""
 
-import numpy as np
-
-from character_em.directions import steering
+from character_em.directions import formats, steering
 from character_em.evals import suites
 from character_em.files import write_parquet_atomic
 from character_em.jobs import job_log, read_param
@@ -16,10 +14,9 @@ with job_log(snakemake.log[0]) as log:
     judge_cfg = read_param(snakemake.params.judge)
     dispositions = read_param(snakemake.params.dispositions)
     conditions = read_param(snakemake.params.conditions)
-    stored = np.load(snakemake.input.directions)
-    layer = int(stored["chosen_layer"])
-    column = [int(value) for value in stored["layers"]].index(layer)
-    vectors = {name: stored[f"direction_{name}"][column] for name in settings["directions"]}
+    stored = formats.read_directions(snakemake.input.directions)
+    layer = stored.chosen_layer
+    vectors = {name: stored.at(layer)[name] for name in settings["directions"]}
     model, tokenizer, info = modeling.load_model(
         snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
     )

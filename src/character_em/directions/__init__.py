@@ -18,6 +18,15 @@ _EXPORTS = {
     "probe_table": "probes",
     "judged_answers": "probes",
     "layer_hook": "steering",
+    "ProbeDirections": "formats",
+    "LayerMeans": "formats",
+    "read_directions": "formats",
+    "write_directions": "formats",
+    "read_means": "formats",
+    "write_means": "formats",
+    "direction_sets": "shared",
+    "source_differences": "shared",
+    "average_differences": "shared",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
