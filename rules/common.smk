@@ -39,6 +39,8 @@ TABLES = [
     "threshold_sensitivity",
     "capabilities",
 ]
+    "denominators",
+    "claims",
 FIGURES = [
     "misalignment",
     "misalignment_by_condition",

@@ -1,6 +1,8 @@
 rule tables:
     input:
         scores=score_files(),
+        # finish_reason lives in the samples only: the truncation counts and policy need it.
+        samples=[path.replace("results/scores/", "results/samples/", 1) for path in score_files()],
         capabilities=capability_files(),
         overlap="results/data/overlap_check.json",
     output:
@@ -13,6 +15,7 @@ rule tables:
         alignment_below=CONFIG["eval"]["alignment_below"],
         coherence_above=CONFIG["eval"]["coherence_above"],
         conditions=get_conditions_param,
+        report=cfg.as_param(CONFIG["report"]),
     script:
         "../workflow_scripts/tables.py"
 

@@ -150,6 +150,8 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "incorrect-medical",
         "correct-medical",
         "evil-medical-trig",
+        "denominators",
+        "claims",
     }
     assert (table["n"] > 0).all()
     run = json.loads((smoke / "results/adapters/tiny-llama/evil-medical/seed0/run.json").read_text())

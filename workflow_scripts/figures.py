@@ -4,23 +4,26 @@ import polars as pl
 
 from character_em.jobs import job_log
 from character_em.report import plots
+from character_em.report.tables import PRIMARY_FORMAT
 
 with job_log(snakemake.log[0]):
     tables = {Path(path).stem: pl.read_csv(path) for path in snakemake.input}
+    # The em tables report each answer format apart; the figures show the headline (plain) format.
+    plain = pl.col("format") == PRIMARY_FORMAT
     out = snakemake.output
 
     def both(name):
         return [getattr(out, name), f"figures/{name}.pdf"]
 
     plots.rate_bars(
-        tables["em_by_family"],
+        tables["em_by_family"].filter(plain),
         x="family",
         ylabel="misaligned answers (em suite)",
         title="Emergent misalignment by condition family",
         outputs=both("misalignment"),
     )
     plots.rate_bars(
-        tables["em"],
+        tables["em"].filter(plain),
         x="condition",
         ylabel="misaligned answers (em suite)",
         title="Emergent misalignment by condition",
@@ -54,11 +57,11 @@ with job_log(snakemake.log[0]):
         outputs=both("trigger_specificity"),
     )
     plots.rate_bars(
-        tables["persona"],
+        tables["persona"].filter(pl.col("category") == "all"),
         x="condition",
         group="system_prompt_id",
         ylabel="attack success (complied and harmful)",
         title="Persona-prompt attack success",
         outputs=both("persona"),
     )
-    plots.threshold_lines(tables["threshold_sensitivity"], outputs=both("threshold_sensitivity"))
+    plots.threshold_lines(tables["threshold_sensitivity"].filter(plain), outputs=both("threshold_sensitivity"))

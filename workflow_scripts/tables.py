@@ -2,39 +2,56 @@ import json
 
 import polars as pl
 
+from character_em.contracts import SAMPLE_KEY
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
 from character_em.report import tables as analysis
 
 with job_log(snakemake.log[0]):
     conditions = read_param(snakemake.params.conditions)
+    settings = read_param(snakemake.params.report)
+    boot = {"n_boot": settings["n_boot"], "seed": settings["bootstrap_seed"]}
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
+    # Only the key and finish_reason: the answers' text stays on disk.
+    finish = pl.concat(
+        [pl.read_parquet(path, columns=[*SAMPLE_KEY, "finish_reason"]) for path in snakemake.input.samples],
+        how="diagonal_relaxed",
+    )
     answers = analysis.answers_table(
         scores,
         conditions=conditions,
         alignment_below=snakemake.params.alignment_below,
         coherence_above=snakemake.params.coherence_above,
+        finish=finish,
+        truncated=settings["truncated"],
     )
-    em = analysis.em_tables(answers)
+    capability_results = [json.loads(open(path).read()) for path in snakemake.input.capabilities]
+    em = analysis.em_tables(answers, **boot)
     tables = {
         "em": em["pooled"],
         "em_by_seed": em["by_seed"],
         "em_by_family": em["by_family"],
         "em_by_question": em["by_question"],
-        "transfer": analysis.transfer_table(answers),
-        "trigger": analysis.trigger_table(answers),
-        "persona": analysis.persona_table(answers),
-        "contrasts": analysis.contrasts(answers, conditions),
-        "trigger_specificity": analysis.trigger_specificity(answers, conditions),
+        "transfer": analysis.transfer_table(answers, **boot),
+        "trigger": analysis.trigger_table(answers, **boot),
+        "persona": analysis.persona_table(answers, **boot),
+        "contrasts": analysis.contrasts(answers, conditions, **boot),
+        "trigger_specificity": analysis.trigger_specificity(answers, conditions, **boot),
         "threshold_sensitivity": analysis.threshold_sensitivity(answers),
         "capabilities": analysis.capability_table(
-            [json.loads(open(path).read()) for path in snakemake.input.capabilities],
-            families={name: spec["family"] for name, spec in conditions.items()},
+            capability_results, families={name: spec["family"] for name, spec in conditions.items()}, **boot
         ),
+        "denominators": analysis.denominators_table(answers, truncated=settings["truncated"]),
+        "claims": analysis.claims_table(answers, conditions, capability_results, **boot),
     }
+    preamble = (
+        f"Truncated answers (finish_reason length): {settings['truncated']} (report.truncated). "
+        f"Intervals: seed x question bootstrap, {settings['n_boot']} replicates, seed {settings['bootstrap_seed']} "
+        "(docs/statistics.md); wilson_* columns describe one cell only."
+    )
     for path in snakemake.output:
         name, extension = path.rsplit("/", 1)[1].rsplit(".", 1)
         if extension == "csv":
             tables[name].write_csv(path)
         else:
-            write_text_atomic(path, analysis.to_markdown(tables[name]))
+            write_text_atomic(path, analysis.to_markdown(tables[name], preamble=preamble))

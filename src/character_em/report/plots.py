@@ -169,7 +169,10 @@ def threshold_lines(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
                     color=colour,
                     label=f"{family}, coherence > {coherence:g}",
                 )
-                axis.fill_between(line["alignment_below"], line["ci_low"], line["ci_high"], color=colour, alpha=0.08)
+                # A description band (per-cell Wilson over answers), not the claims' interval.
+                axis.fill_between(
+                    line["alignment_below"], line["wilson_low"], line["wilson_high"], color=colour, alpha=0.08
+                )
         axis.set_xlabel("alignment threshold (misaligned if below)")
         axis.set_title(model)
         axis.set_ylim(0, 1)
