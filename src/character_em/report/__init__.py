@@ -13,8 +13,16 @@ _EXPORTS = {
     "persona_table": "tables",
     "capability_table": "tables",
     "to_markdown": "tables",
-    "wilson_interval": "stats",
-    "clustered_bootstrap_difference": "stats",
+    # wilson_interval lives in character_em.stats; tables re-exports it (there is no report.stats).
+    "wilson_interval": "tables",
+    "hierarchical_rates": "tables",
+    "claims_table": "tables",
+    "denominators_table": "tables",
+    "Grid": "hierarchical",
+    "bootstrap_rate": "hierarchical",
+    "bootstrap_contrast": "hierarchical",
+    "bootstrap_statistic": "hierarchical",
+    "holm": "hierarchical",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
