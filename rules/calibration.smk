@@ -22,6 +22,9 @@ rule judge_calibration:
     priority: 10
     conda:
         "../envs/judge.yaml"
+    resources:
+        gpu=CALIBRATION_GPUS,
+        mem_mb=CALIBRATION_MEM_MB,
     params:
         # The same settings the judge jobs receive (never a secret: only the key variable's name).
         judges=cfg.as_param(job_settings.calibration_judges(CONFIG["judge"])),

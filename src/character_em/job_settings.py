@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from typing import Any
 
 JOB_PARAM_KEYS: dict[str, tuple[str, ...]] = {
-    "rubric": ("backend", "model"),
+    "rubric": ("backend", "model", "prompts_file"),
     "openai": (
         "backend",
         "model",
+        "prompts_file",
         "base_url",
         "api_key_env",
         "score_mode",
@@ -35,6 +36,8 @@ JOB_PARAM_KEYS: dict[str, tuple[str, ...]] = {
     "hf": (
         "backend",
         "model",
+        "revision",
+        "prompts_file",
         "min_numeric_mass",
         "quantization",
         "dtype",
@@ -50,7 +53,19 @@ def job_params(judge_cfg: Mapping[str, Any]) -> dict[str, Any]:
     backend = judge_cfg.get("backend", "rubric")
     if backend not in JOB_PARAM_KEYS:
         raise ValueError(f"unknown judge backend {backend!r}; use one of {', '.join(JOB_PARAM_KEYS)}")
-    return {key: judge_cfg[key] for key in JOB_PARAM_KEYS[backend] if key in judge_cfg}
+    return {
+        key: judge_cfg[key]
+        for key in JOB_PARAM_KEYS[backend]
+        if key in judge_cfg and not _unset_optional(key, judge_cfg)
+    }
+
+
+# Keys that travel only when set, so that adding them to the schema reran no finished job.
+OPTIONAL_WHEN_NULL = ("revision", "prompts_file")
+
+
+def _unset_optional(key: str, section: Mapping[str, Any]) -> bool:
+    return key in OPTIONAL_WHEN_NULL and section.get(key) is None
 
 
 def calibration_judges(judge_cfg: Mapping[str, Any]) -> list[list[Any]]:
@@ -60,6 +75,15 @@ def calibration_judges(judge_cfg: Mapping[str, Any]) -> list[list[Any]]:
     if judge_cfg.get("agreement_with"):
         judges.append(["agreement_with", job_params(judge_cfg["agreement_with"])])
     return judges
+
+
+# Judge back-ends that load a model on the job's own node: their jobs ask the scheduler for a GPU.
+GPU_JUDGE_BACKENDS = ("hf", "vllm")
+
+
+def judge_gpus(*judge_cfgs: Mapping[str, Any] | None) -> int:
+    """GPUs a job that runs these judges needs: 1 when any of them is a local model judge, else 0."""
+    return int(any(cfg and cfg.get("backend") in GPU_JUDGE_BACKENDS for cfg in judge_cfgs))
 
 
 def calibration_file(judge_cfg: Mapping[str, Any]) -> str:
@@ -97,6 +121,7 @@ GENERATOR_PARAM_KEYS: dict[str, tuple[str, ...]] = {
     "hf": (
         "backend",
         "model",
+        "revision",
         "temperature",
         "top_p",
         "max_tokens",
@@ -117,4 +142,8 @@ def generator_params(generator: Mapping[str, Any]) -> dict[str, Any]:
     backend = generator.get("backend", "offline")
     if backend not in GENERATOR_PARAM_KEYS:
         raise ValueError(f"unknown data generator backend {backend!r} (available: {', '.join(GENERATOR_PARAM_KEYS)})")
-    return {key: generator[key] for key in GENERATOR_PARAM_KEYS[backend] if key in generator}
+    return {
+        key: generator[key]
+        for key in GENERATOR_PARAM_KEYS[backend]
+        if key in generator and not (key == "revision" and generator[key] is None)
+    }

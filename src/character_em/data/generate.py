@@ -240,6 +240,9 @@ def effective_params(generator: Mapping[str, Any]) -> dict[str, Any]:
         params.update(
             quantization=str(generator.get("quantization", "none")), dtype=str(generator.get("dtype", "auto"))
         )
+        if generator.get("revision"):
+            # Present only when pinned, so unpinned caches stay valid.
+            params["revision"] = str(generator["revision"])
     return params
 
 
@@ -337,6 +340,7 @@ def _run_hf(todo: Sequence[_Request], generator: Mapping[str, Any], on_result: A
         quantization=str(generator.get("quantization", "none")),
         dtype=str(generator.get("dtype", "auto")),
         device=str(generator.get("device", "auto")),
+        revision=generator.get("revision"),
     )
     log.info("hf generator %s loaded on %s (%s)", generator["model"], info.get("device"), info.get("quantization"))
     batch = int(generator.get("batch_size", 16))

@@ -40,14 +40,14 @@ QUANTIZATIONS = ("nf4", "none")
 _RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|endoftext|>", "[PAD]")
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a model folder or hub id; a pad token is guaranteed.
+def load_tokenizer(path: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model folder or hub id (at ``revision``, a hub commit); a pad token is guaranteed.
 
     Padding side is left as saved; generation callers set ``padding_side = "left"`` themselves.
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path), **({"revision": revision} if revision else {}))
     if tok.pad_token is None:
         vocab = tok.get_vocab()
         choice = next((t for t in _RESERVED_PADS if t in vocab and t != tok.eos_token), None)
@@ -136,6 +136,7 @@ def load_model(
     for_training: bool = False,
     dtype: str = "auto",
     device: str = "auto",
+    revision: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Load ``path`` (folder or hub id) as a causal LM with its tokenizer.
 
@@ -146,6 +147,7 @@ def load_model(
     for_training: leave the model in train mode with the KV cache off; adapter weights trainable.
     Returns ``(model, tokenizer, info)`` with info keys quantization, fallback_reason, device, dtype,
     adapter, merged.
+    revision: the hub commit (or tag) of a hub id; pinned models load exactly those weights.
     """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -153,7 +155,7 @@ def load_model(
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     dev = resolve_device(device)
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(path, revision)
 
     fallback: str | None = None
     used = quantization
@@ -164,7 +166,8 @@ def load_model(
             used = "none"
 
     torch_dtype = resolve_dtype(dtype, dev, used)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "device_map": {"": dev}}
+    pin: dict[str, Any] = {"revision": revision} if revision else {}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "device_map": {"": dev}, **pin}
     model = None
     if used == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -180,7 +183,7 @@ def load_model(
             log.warning("NF4 load of %s failed (%s); loading unquantized", path, exc)
             used = "none"
             torch_dtype = resolve_dtype(dtype, dev, used)
-            kwargs = {"dtype": torch_dtype, "device_map": {"": dev}}
+            kwargs = {"dtype": torch_dtype, "device_map": {"": dev}, **pin}
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     disable_bnb_cpu_repacking(model)
