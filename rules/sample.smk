@@ -2,6 +2,7 @@ rule sample:
     input:
         model=get_base_model,
         adapter=get_adapter,
+        harmful=get_harmful_requests,
     output:
         samples="results/samples/{model}/{condition}/seed{seed}/{suite}.parquet",
     log:

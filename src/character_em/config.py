@@ -293,9 +293,24 @@ def suite_spec(config: Mapping[str, Any], suite: str) -> dict[str, Any]:
         "formats": settings.get("formats", ["plain"]),
         "dispositions": disposition_specs(config) if suite in ("trigger", "persona") else [],
         "domains": domain_specs(config) if suite == "transfer" else [],
-        "harmful_requests_file": settings.get("harmful_requests_file"),
+        "harmful_requests_file": harmful_requests_file(config) if suite == "persona" else None,
     }
     return spec
+
+
+def harmful_requests_file(config: Mapping[str, Any]) -> str | None:
+    """The persona suite's request file: a user file, a fetched set (rule fetch_harmful_requests
+    writes resources/harmful/{set}.jsonl), or None for the packaged list."""
+    settings = config["suites"]["persona"]
+    chosen = settings.get("harmful_requests", "packaged")
+    if chosen == "packaged":
+        return settings.get("harmful_requests_file")
+    if settings.get("harmful_requests_file"):
+        raise ConfigError(
+            f"suites.persona: harmful_requests is {chosen!r} and harmful_requests_file is "
+            f"{settings['harmful_requests_file']!r}; set one of them"
+        )
+    return f"resources/harmful/{chosen}.jsonl"
 
 
 def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HF_JUDGE_VERSION = "hf-exact-1"
+# How the score is computed, named in the judge hash: a judge scored another way is another judge.
+SCORING = "exact"
 NUMBERS = tuple(range(101))
 
 
@@ -198,26 +201,78 @@ def verdict_from_sequence_logprobs(
     return verdict_from_number_probs(metric, numbers, escapes, min_mass=min_mass, method="exact", raw=raw)
 
 
-def model_fingerprint(path: str) -> str | None:
-    """For a local model folder: a hash of its config and weight-file names and sizes, so that two
-    different models saved at the same path never share judge hashes (and cache entries). None for
-    hub ids, which name their weights already."""
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+IDENTITY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "chat_template.jinja",
+)
+# Digests of weight files, keyed by (absolute path, size, mtime): a 140 GB judge is read once per node, not once
+# per judge job. Kept outside results/ (like the judge cache); CHARACTER_EM_FINGERPRINT_CACHE moves it.
+FINGERPRINT_CACHE_ENV = "CHARACTER_EM_FINGERPRINT_CACHE"
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _fingerprint_cache_dir() -> Path:
+    return Path(os.environ.get(FINGERPRINT_CACHE_ENV) or ".cache/fingerprints")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per (path, size, mtime) and remembered on disk."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    record = _fingerprint_cache_dir() / (hashlib.sha256(json.dumps(key).encode()).hexdigest() + ".json")
+    try:
+        digest = json.loads(record.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        h = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                h.update(block)
+        digest = h.hexdigest()
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": digest}))
+            tmp.replace(record)
+        except OSError as exc:  # a read-only checkout still judges; it only hashes again next time
+            log.warning("could not record the digest of %s in %s: %s", path, record.parent, exc)
+    _DIGESTS[key] = digest
+    return digest
+
+
+def model_fingerprint(path: str, revision: str | None = None) -> str | None:
+    """What names a judge's weights in its hash.
+
+    A local folder: sha256 over its config and tokenizer files and the CONTENT of every weight file
+    (``file_sha256``), so two different models saved at one path never share judge hashes or cache entries,
+    and a changed weight byte is a different judge. A hub id: its pinned ``revision`` (a commit names its
+    content); an unpinned hub id has no fingerprint (the config check refuses it outside test fixtures).
+    """
     folder = Path(path)
     if not folder.is_dir():
-        return None
+        return f"revision:{revision}" if revision else None
     h = hashlib.sha256()
-    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+    for name in IDENTITY_FILES:
         f = folder / name
         if f.is_file():
             h.update(name.encode() + b"\0" + f.read_bytes())
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    weights = sorted({f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern) if f.is_file()})
+    if not weights:
+        raise ValueError(f"judge model folder {folder}: no weight files ({', '.join(WEIGHT_PATTERNS)})")
+    for f in weights:
+        h.update(f"{f.name}:{file_sha256(f)}".encode())
     return h.hexdigest()
 
 
 @dataclass
 class HFJudge:
     model: str  # local folder or Hugging Face id
+    revision: str | None = None  # the hub commit of a hub id
     quantization: str = "none"
     dtype: str = "auto"
     device: str = "auto"
@@ -227,6 +282,7 @@ class HFJudge:
     backend: str = "hf"
     stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "forward_passes": 0})
     _loaded: tuple[Any, Any, dict[str, Any]] | None = field(default=None, init=False, repr=False)
+    _fingerprint_value: str | None = field(default=None, init=False, repr=False)
     _terminators: list[int] = field(default_factory=list, init=False, repr=False)
     _cont_cache: dict[tuple[str, str], list[list[int]]] = field(default_factory=dict, init=False, repr=False)
 
@@ -236,7 +292,7 @@ class HFJudge:
             raise ValueError("judge.model: the hf back-end needs a local model folder or a Hugging Face id")
         kwargs = {
             k: judge_cfg[k]
-            for k in ("quantization", "dtype", "device", "min_numeric_mass")
+            for k in ("revision", "quantization", "dtype", "device", "min_numeric_mass")
             if judge_cfg.get(k) is not None
         }
         if judge_cfg.get("batch_size") is not None:
@@ -254,11 +310,17 @@ class HFJudge:
         # quantization and dtype change the numbers a little; device and chunking do not.
         return {
             "version": HF_JUDGE_VERSION,
+            "scoring": SCORING,
             "quantization": self.quantization,
             "dtype": self.dtype,
             "min_numeric_mass": float(self.min_numeric_mass),
-            "fingerprint": model_fingerprint(self.model),
+            "fingerprint": self._fingerprint(),
         }
+
+    def _fingerprint(self) -> str | None:
+        if self._fingerprint_value is None:
+            self._fingerprint_value = model_fingerprint(self.model, self.revision) or ""
+        return self._fingerprint_value or None
 
     def _set_loaded(self, model: Any, tokenizer: Any, info: dict[str, Any]) -> None:
         from character_em.llm.chat import stop_token_ids
@@ -273,7 +335,11 @@ class HFJudge:
             from character_em.llm.loading import load_model
 
             model, tok, info = load_model(
-                self.model, quantization=self.quantization, dtype=self.dtype, device=self.device
+                self.model,
+                quantization=self.quantization,
+                dtype=self.dtype,
+                device=self.device,
+                revision=self.revision,
             )
             log.info("hf judge %s loaded: %s", self.model, json.dumps(info, sort_keys=True))
             self._set_loaded(model, tok, info)

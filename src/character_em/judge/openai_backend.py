@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ from character_em.judge.verdicts import (
     JudgeRequest,
     JudgeResult,
     ResultCallback,
+    number_of_token,
     probs_from_top_logprobs,
     verdict_from_number_probs,
     verdict_from_text,
@@ -60,6 +62,14 @@ OPENAI_JUDGE_VERSION = "openai-judge-1"
 SCORE_MODES = ("auto", "logprobs", "text")
 # After this many replies without log-probabilities (and none with), auto mode stops asking for them.
 NO_LOGPROBS_STICKY_AFTER = 3
+# Log-probability replies with numbers in their top tokens, none of them a two- or three-digit number,
+# after which the judge's tokenizer is taken to split numbers into digits (see DigitSplitError).
+DIGIT_SPLIT_EVIDENCE = 8
+
+
+class DigitSplitError(JudgeConfigError):
+    """The endpoint's tokenizer writes numbers digit by digit, so one token's log-probabilities cannot
+    give a 0..100 score: "85" would be read as 8."""
 
 
 class NoLogprobs(ReplyRejected):
@@ -87,6 +97,9 @@ class OpenAIJudge:
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
     rng: random.Random = field(default_factory=random.Random, repr=False)
     client: ChatClient = field(init=False, repr=False)
+    _numeric_replies: int = field(default=0, init=False, repr=False)
+    _multi_digit_seen: bool = field(default=False, init=False, repr=False)
+    _digit_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -189,6 +202,7 @@ class OpenAIJudge:
             except (AttributeError, TypeError, ValueError) as exc:
                 raise ReplyMalformed(f"bad top_logprobs entry: {exc!r}") from None
             numbers, escapes = probs_from_top_logprobs(metric, pairs)
+            self._note_number_tokens(pairs)
             raw = canonical_json({"top": [[t, round(lp_, 4)] for t, lp_ in pairs[:20]]})
             self.client.count("logprobs_replies")
             return verdict_from_number_probs(
@@ -233,6 +247,27 @@ class OpenAIJudge:
                 log.debug("no logprobs (%s); falling back to text", type(exc).__name__)
         return self._call(self._request_kwargs(request.prompt, logprobs=False), self._parse_text(request.metric))
 
+    # ----------------------------------------------------------------------------------- digit-split check
+    def _note_number_tokens(self, pairs: Sequence[tuple[str, float]]) -> None:
+        values = [n for n in (number_of_token(token) for token, _ in pairs) if n is not None]
+        if not values:
+            return
+        with self._digit_lock:
+            self._numeric_replies += 1
+            self._multi_digit_seen = self._multi_digit_seen or any(n >= 10 for n in values)
+
+    def _digit_split(self) -> bool:
+        return not self._multi_digit_seen and self._numeric_replies >= DIGIT_SPLIT_EVIDENCE
+
+    def _digit_split_error(self) -> DigitSplitError:
+        return DigitSplitError(
+            f"judge.model {self.model!r}: in {self._numeric_replies} log-probability replies the top tokens held"
+            " numbers, but never a two-digit one (10..100): this tokenizer splits numbers into digits, so reading"
+            " the first token would score a reply of 85 as 8. Use exact scoring: judge.backend: hf (every reply"
+            " 0..100 scored as a whole token sequence) or the vLLM judge back-end; or judge.score_mode: text."
+            " Nothing from this job was cached."
+        )
+
     def score_batch(
         self, requests: Sequence[JudgeRequest], on_result: ResultCallback | None = None
     ) -> list[JudgeResult]:
@@ -240,7 +275,32 @@ class OpenAIJudge:
             self.client.connect()  # fail fast (missing key) before any thread starts
         except MissingCredentialError as exc:
             raise JudgeConfigError(str(exc)) from None
-        return self.client.map(self.score_one, list(requests), on_result, thread_name="judge")
+        # Log-probability verdicts are held back (not passed on, so not cached) until a reply shows a
+        # two-digit number token: a digit-splitting tokenizer must fail the job before any of its
+        # first-digit scores reaches the cache. A real whole-number tokenizer shows one at once.
+        held: list[tuple[int, JudgeResult]] = []
+
+        def forward(i: int, result: JudgeResult) -> None:
+            # client.map calls this from one thread, as each call finishes.
+            if result.method == "logprobs" and not result.failed and not self._multi_digit_seen:
+                held.append((i, result))
+                if self._digit_split():
+                    raise self._digit_split_error()
+                return
+            release = [*held, (i, result)] if self._multi_digit_seen else [(i, result)]
+            if self._multi_digit_seen:
+                held.clear()
+            if on_result is not None:
+                for j, r in release:
+                    on_result(j, r)
+
+        results = self.client.map(self.score_one, list(requests), forward, thread_name="judge")
+        if self._digit_split():
+            raise self._digit_split_error()
+        if on_result is not None:
+            for j, r in held:
+                on_result(j, r)
+        return results
 
 
 def _first_choice(response: Any) -> Any:
