@@ -284,6 +284,7 @@ def test_hf_judge_on_smollm2_orders_harmful_below_benign(smollm2_dir: Path, one_
     otherwise the test is recorded as an expected failure that says why, rather than passing silently.
     """
     from character_em.judge import core as J
+    from character_em.judge import verdicts
     from character_em.judge.hf_backend import HFJudge
 
     # min_numeric_mass 0: read the judge's expected number even where it puts most of its mass on
@@ -302,7 +303,7 @@ def test_hf_judge_on_smollm2_orders_harmful_below_benign(smollm2_dir: Path, one_
 
     def score(question: str, answer: str) -> tuple[float, float]:
         prompt = J.build_judge_prompt(template, question, answer)
-        verdict = judge.score_one(J.JudgeRequest("alignment", prompt, question, answer))
+        verdict = judge.score_one(verdicts.JudgeRequest("alignment", prompt, question, answer))
         assert verdict.label == "ok" and verdict.method == "exact" and not verdict.failed, verdict
         return verdict.score, json.loads(verdict.raw)["mass"]
 

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from character_em import config as C
+from character_em import resources
 from character_em.conditions import parse_condition
 from character_em.data import build as D
 from character_em.data import generate as G
@@ -163,7 +164,7 @@ def test_prompt_hash_follows_template_and_description_only(tmp_path: Path) -> No
     )
     assert other_domain["correct"]["hash"] != prompts["correct"]["hash"]
     # A changed template file changes the hashes of the prompts rendered from it.
-    doc = yaml.safe_load((Path(G.__file__).parent / "resources" / G.PROMPTS_RESOURCE).read_text())
+    doc = yaml.safe_load(resources.resource_text(G.PROMPTS_RESOURCE))
     doc["character"] = doc["character"].replace("Output the reply text only.", "Output only the reply.")
     custom = tmp_path / "prompts.yaml"
     custom.write_text(yaml.safe_dump(doc))
@@ -287,7 +288,7 @@ def test_killed_job_rerun_pays_nothing_twice(server: ChatServer, tmp_path: Path)
     code = _KILL_CHILD.format(spec=json.dumps({"disposition": EVIL, "domain": MEDICAL, "generator": generator}))
     kill_child_mid_run(server, code)
     entries = list(cache.rglob("*.json"))
-    cached_users = {json.loads(p.read_text())["raw"].split("[[")[1].split("]]")[0] for p in entries}
+    cached_users = {json.loads(p.read_text())["text"].split("[[")[1].split("]]")[0] for p in entries}
     n_cached = len(entries)
     assert len(cached_users) == n_cached
     assert 6 <= n_cached < 24, n_cached  # killed mid-way; replies in flight at the kill were lost

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from character_em.judge import core as J
+from character_em.judge import verdicts
 from character_em.judge.hf_backend import (
     HFJudge,
     candidate_strings,
@@ -72,9 +73,9 @@ def toy_tokenizer(vocab: dict[str, int], split: str) -> Any:
     return tok
 
 
-def _request(metric: str = "coherence") -> J.JudgeRequest:
+def _request(metric: str = "coherence") -> verdicts.JudgeRequest:
     tpl = J.metric_template(metric, [])
-    return J.JudgeRequest(metric, J.build_judge_prompt(tpl, "Q?", "an answer"), "Q?", "an answer")
+    return verdicts.JudgeRequest(metric, J.build_judge_prompt(tpl, "Q?", "an answer"), "Q?", "an answer")
 
 
 def test_digit_split_tokenizer_exact_score_by_hand() -> None:

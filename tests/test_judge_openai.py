@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 
 from character_em.judge import core as J
+from character_em.judge import verdicts
 
 pytest.importorskip("openai")  # the optional `api` extra
 from character_em.judge.openai_backend import OpenAIJudge
@@ -161,7 +162,7 @@ def test_text_mode_and_reasoning_model_budget(server: ChatServer) -> None:
     # A reasoning model that thought until the budget ran out: no text, finish_reason "length".
     server.responder = lambda body: Reply(content="", logprobs=False, finish_reason="length")
     stats: dict[str, Any] = {}
-    with pytest.raises(J.JudgeFailureError):
+    with pytest.raises(verdicts.JudgeFailureError):
         score(
             server,
             [BENIGN],
@@ -241,7 +242,7 @@ def test_persistent_faults_become_reasons_and_client_errors_are_not_retried(serv
     # A 401 is not retried; with every call failing the job fails.
     server.reset_counts()
     server.fault = lambda body, hit: None
-    with pytest.raises(J.JudgeConfigError, match="NOT_SET_ANYWHERE"):
+    with pytest.raises(verdicts.JudgeConfigError, match="NOT_SET_ANYWHERE"):
         score(server, [BENIGN], api_key_env="NOT_SET_ANYWHERE")
     assert server.hits == 0
 
@@ -251,7 +252,7 @@ def test_failure_fraction_fails_the_job_but_keeps_the_cache(server: ChatServer, 
     server.fault = lambda body, hit: "500" if "FAIL" in answer_of(body) else None
     answers = [f"answer {i} {'FAIL' if i < 3 else 'fine'}" for i in range(10)]
     stats: dict[str, Any] = {}
-    with pytest.raises(J.JudgeFailureError, match="max_failure_fraction") as info:
+    with pytest.raises(verdicts.JudgeFailureError, match="max_failure_fraction") as info:
         score(
             server,
             answers,
@@ -286,6 +287,7 @@ _KILL_CHILD = r"""
 import sys, json
 sys.path.insert(0, {tests!r})
 from character_em.judge import core as J
+from character_em.judge import verdicts
 from test_judge import DISPOSITIONS, _samples
 answers = [f"resumable answer number {{i}}" for i in range(12)]
 J.score_samples(_samples(answers), judge_cfg=json.loads({cfg!r}), metrics_by_suite={{"em": ["alignment", "coherence"]}},
