@@ -228,7 +228,10 @@ def get_suite_spec(wildcards):
 def get_harmful_requests(wildcards):
     """A fetched harmful-request set the persona suite reads (rule fetch_harmful_requests); none for
     the packaged list or a user file."""
-    if wildcards.suite != "persona" or CONFIG["suites"]["persona"]["harmful_requests"] == "packaged":
+    if (
+        wildcards.suite != "persona"
+        or CONFIG["suites"]["persona"]["harmful_requests"] == "packaged"
+    ):
         return []
     return [cfg.harmful_requests_file(CONFIG)]
 

@@ -2,7 +2,10 @@ rule tables:
     input:
         scores=score_files(),
         # finish_reason lives in the samples only: the truncation counts and policy need it.
-        samples=[path.replace("results/scores/", "results/samples/", 1) for path in score_files()],
+        samples=[
+            path.replace("results/scores/", "results/samples/", 1)
+            for path in score_files()
+        ],
         capabilities=capability_files(),
         overlap="results/data/overlap_check.json",
     output:

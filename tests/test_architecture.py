@@ -145,3 +145,12 @@ def test_every_train_key_of_the_schema_reaches_the_trainer() -> None:
     train_keys = set(_schema()["train"]["properties"])
     known = set(trainer.HPARAM_KEYS) | set(trainer.OPTIONAL_HPARAMS)
     assert train_keys == known, f"schema only: {train_keys - known}; trainer only: {known - train_keys}"
+
+
+@pytest.mark.parametrize("package", ["llm", "data", "train", "sampling", "judge", "evals", "directions", "report"])
+def test_every_public_name_of_a_subpackage_resolves(package: str) -> None:
+    import importlib
+
+    module = importlib.import_module(f"character_em.{package}")
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert missing == []
