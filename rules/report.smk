@@ -10,6 +10,8 @@ rule tables:
         overlap="results/data/overlap_check.json",
     output:
         expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]),
+        # Which judge made the tables (report.stamps.judge_stamp): printed under every figure.
+        stamp="results/tables/judge_stamp.json",
     log:
         "logs/tables.log",
     conda:
@@ -26,6 +28,7 @@ rule tables:
 rule figures:
     input:
         expand("results/tables/{table}.csv", table=TABLES),
+        stamp="results/tables/judge_stamp.json",
     output:
         misalignment=report(
             "figures/misalignment.png",

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import polars as pl
@@ -7,7 +8,8 @@ from character_em.report import plots
 from character_em.report.tables import PRIMARY_FORMAT
 
 with job_log(snakemake.log[0]):
-    tables = {Path(path).stem: pl.read_csv(path) for path in snakemake.input}
+    tables = {Path(path).stem: pl.read_csv(path) for path in snakemake.input if path.endswith(".csv")}
+    plots.stamp_figures(json.loads(Path(snakemake.input.stamp).read_text())["text"])
     # The em tables report each answer format apart; the figures show the headline (plain) format.
     plain = pl.col("format") == PRIMARY_FORMAT
     out = snakemake.output

@@ -3,15 +3,18 @@ import json
 import polars as pl
 
 from character_em.contracts import SAMPLE_KEY
-from character_em.files import write_text_atomic
+from character_em.files import write_json_atomic, write_text_atomic
 from character_em.jobs import job_log, read_param
 from character_em.report import tables as analysis
+from character_em.report.stamps import judge_stamp
 
 with job_log(snakemake.log[0]):
     conditions = read_param(snakemake.params.conditions)
     settings = read_param(snakemake.params.report)
     boot = {"n_boot": settings["n_boot"], "seed": settings["bootstrap_seed"]}
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
+    # Which judge made these numbers; refuses scores of two judges for one metric before any table exists.
+    stamp = judge_stamp(scores)
     # Only the key and finish_reason: the answers' text stays on disk.
     finish = pl.concat(
         [pl.read_parquet(path, columns=[*SAMPLE_KEY, "finish_reason"]) for path in snakemake.input.samples],
@@ -44,13 +47,17 @@ with job_log(snakemake.log[0]):
         "denominators": analysis.denominators_table(answers, truncated=settings["truncated"]),
         "claims": analysis.claims_table(answers, conditions, capability_results, **boot),
     }
-    preamble = (
+    preamble = stamp["text"] + ".\n\n"
+    preamble += (
         f"Truncated answers (finish_reason length): {settings['truncated']} (report.truncated). "
         f"Intervals: seed x question bootstrap, {settings['n_boot']} replicates, seed {settings['bootstrap_seed']} "
         "(docs/statistics.md); wilson_* columns describe one cell only."
     )
+    write_json_atomic(snakemake.output.stamp, stamp)
     for path in snakemake.output:
         name, extension = path.rsplit("/", 1)[1].rsplit(".", 1)
+        if path == snakemake.output.stamp:
+            continue
         if extension == "csv":
             tables[name].write_csv(path)
         else:

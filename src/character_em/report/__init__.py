@@ -13,6 +13,8 @@ _EXPORTS = {
     "persona_table": "tables",
     "capability_table": "tables",
     "to_markdown": "tables",
+    "judge_stamp": "stamps",
+    "MixedJudgeError": "stamps",
     # wilson_interval lives in character_em.stats; tables re-exports it (there is no report.stats).
     "wilson_interval": "tables",
     "hierarchical_rates": "tables",

@@ -29,7 +29,18 @@ def pyplot() -> Any:
     return plt
 
 
+# The judge stamp (report.stamps.judge_stamp) printed under every figure; set by the figures job.
+FIGURE_STAMP: list[str] = []
+
+
+def stamp_figures(text: str) -> None:
+    """Print ``text`` (which judge made the numbers) under every figure saved from now on."""
+    FIGURE_STAMP[:] = [text]
+
+
 def save_figure(fig: Any, *paths: str | Path) -> None:
+    for text in FIGURE_STAMP:
+        fig.text(0.0, -0.02, text, fontsize=6, ha="left", va="top", transform=fig.transFigure)
     for path in paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")

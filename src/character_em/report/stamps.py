@@ -1,0 +1,62 @@
+"""Which judge made a table: the stamp every table header and figure carries, and the refusal to build a
+table from the verdicts of two judges.
+
+A judge is its hash (``judge.core.judge_hash``: back-end, model, weights, scoring method, prompt). One
+metric scored by two hashes, say half the grid judged before a prompt change and half after, or a rubric
+smoke run mixed into a real one, would average two instruments into one number; the tables refuse it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from character_em.hashing import canonical_json, sha256_text
+
+TEST_INSTRUMENTS = ("rubric",)
+
+
+class MixedJudgeError(ValueError):
+    """One metric's scores come from more than one judge hash."""
+
+
+def judge_stamp(scores: pl.DataFrame) -> dict[str, Any]:
+    """The judge behind a Scores frame (``contracts.SCORE_SCHEMA``).
+
+    Returns ``{"backend", "model", "hash", "hashes", "test_instrument", "text"}``: ``hashes`` maps each
+    metric to its judge hash, ``hash`` is one id over all of them (its first 12 hex digits are printed),
+    ``text`` is the line for table headers and figures. Raises ``MixedJudgeError`` naming the metric and
+    both hashes (with their back-ends and models) when a metric was scored by two judges, and
+    ``ValueError`` for an empty frame.
+    """
+    if scores.height == 0:
+        raise ValueError("judge_stamp: no scores, so no judge to name")
+    judges = scores.select("metric", "judge_hash", "judge_backend", "judge_model").unique().sort("metric", "judge_hash")
+    hashes: dict[str, str] = {}
+    for metric, group in judges.group_by("metric", maintain_order=True):
+        name = metric[0] if isinstance(metric, tuple) else metric
+        if group.height > 1:
+            first, second = group.row(0, named=True), group.row(1, named=True)
+            raise MixedJudgeError(
+                f"metric {name!r} was scored by {group.height} judges: {first['judge_hash']}"
+                f" ({first['judge_backend']} {first['judge_model']}) and {second['judge_hash']}"
+                f" ({second['judge_backend']} {second['judge_model']}). A table averages one judge's verdicts;"
+                " rerun the judge jobs with one judge (snakemake --forcerun judge) or remove the stale scores."
+            )
+        hashes[str(name)] = str(group["judge_hash"][0])
+    backends = sorted(set(judges["judge_backend"].to_list()))
+    models = sorted(set(judges["judge_model"].to_list()))
+    combined = sha256_text(canonical_json(hashes))
+    test_instrument = any(b in TEST_INSTRUMENTS for b in backends)
+    text = f"Judge: {', '.join(backends)} · {', '.join(models)} · judge hash {combined[:12]}"
+    if test_instrument:
+        text += " (TEST INSTRUMENT: keyword counts, not a judgement; never report these numbers)"
+    return {
+        "backend": ", ".join(backends),
+        "model": ", ".join(models),
+        "hash": combined,
+        "hashes": hashes,
+        "test_instrument": test_instrument,
+        "text": text,
+    }
