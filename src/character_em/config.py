@@ -366,3 +366,28 @@ def data_filter_spec(config: Mapping[str, Any]) -> dict[str, Any]:
 def as_param(value: Any) -> str:
     """A canonical string for Snakemake params: a changed value reruns the job, reordered YAML does not."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def probe_pairs(config: Mapping[str, Any], conditions: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
+    """The probes' training pairs: each character condition whose correct-advice control is in the grid.
+
+    ``negatives`` is the correct-advice control and, where the grid has it, the incorrect advice of the
+    same domain: bad advice without the character is exactly what a character probe must not fire on.
+    The rules (which data a probe job reads) and the estimate (how much it costs) both count these.
+    """
+    pairs = []
+    for name in conditions:
+        info = condition_info(config, name)
+        control = f"correct-{info['domain']}"
+        if info["family"] == "character" and control in conditions:
+            incorrect = f"incorrect-{info['domain']}"
+            pairs.append(
+                {
+                    "disposition": info["disposition"],
+                    "domain": info["domain"],
+                    "positive": name,
+                    "negative": control,
+                    "negatives": [control] + ([incorrect] if incorrect in conditions else []),
+                }
+            )
+    return pairs

@@ -102,13 +102,7 @@ class ModelRuns:
 
 
 def _probe_pairs(config: Mapping[str, Any], conditions: Sequence[str]) -> int:
-    """Character conditions whose correct-advice control is in the grid (as rules/common.smk pairs them)."""
-    pairs = 0
-    for name in conditions:
-        info = cfg.condition_info(config, name)
-        if info["family"] == "character" and f"correct-{info['domain']}" in conditions:
-            pairs += 1
-    return pairs
+    return len(cfg.probe_pairs(config, list(conditions)))
 
 
 def _capability_items(config: Mapping[str, Any]) -> tuple[int, float, str]:
