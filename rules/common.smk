@@ -58,12 +58,14 @@ DIRECTION_TABLES = [
     "direction_projections",
     "direction_correlation",
     "direction_cosine",
+    "direction_transfer",
     "steering",
 ]
 DIRECTION_FIGURES = [
     "probe_auroc",
     "projection_vs_misalignment",
     "direction_cosine",
+    "direction_transfer",
     "steering",
 ]
 
@@ -257,40 +259,36 @@ def get_probe_params(wildcards):
     for pair in probe_pairs():
         group = groups.setdefault(pair["disposition"], {"positive": [], "negative": []})
         group["positive"].append(pair["positive"])
-        if pair["negative"] not in group["negative"]:
-            group["negative"].append(pair["negative"])
+        for negative in probe_negatives(pair):
+            if negative not in group["negative"]:
+                group["negative"].append(negative)
     keys = ["max_examples", "layer", "max_sampled", "expressed_at_least"]
-    keys += ["batch_size", "max_tokens", "test_fraction", "n_boot"]
+    keys += ["batch_size", "max_tokens", "val_fraction", "test_fraction", "n_boot"]
+    keys += ["n_null"]
     return cfg.as_param(
         {
             "layers": CONFIG["models"][wildcards.model]["probe_layers"],
             **{key: probes[key] for key in keys},
             "groups": groups,
+            # Question banks, so template siblings share a split group (directions/protocol.py).
+            "domains": {d: CONFIG["domains"][d] for d in sorted(CONFIG["domains"])},
             "seed": SEEDS[0],
         }
     )
 
 
+def probe_negatives(pair):
+    return pair["negatives"]
+
+
 def probe_pairs():
-    """(disposition, domain) pairs whose character data and correct-advice control are both in the grid."""
-    pairs = []
-    for name in CONDITIONS:
-        info = cfg.condition_info(CONFIG, name)
-        if info["family"] == "character" and f"correct-{info['domain']}" in CONDITIONS:
-            pairs.append(
-                {
-                    "disposition": info["disposition"],
-                    "domain": info["domain"],
-                    "positive": name,
-                    "negative": f"correct-{info['domain']}",
-                }
-            )
-    return pairs
+    return cfg.probe_pairs(CONFIG, CONDITIONS)
 
 
 def get_probe_data(wildcards):
     names = sorted(
-        {pair[key] for pair in probe_pairs() for key in ("positive", "negative")}
+        {pair["positive"] for pair in probe_pairs()}
+        | {name for pair in probe_pairs() for name in probe_negatives(pair)}
     )
     return [f"results/data/{name}/train.jsonl" for name in names]
 

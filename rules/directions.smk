@@ -34,6 +34,10 @@ rule direction_means:
         model=get_base_model,
         adapter=get_adapter,
         em="results/samples/{model}/{condition}/seed{seed}/em.parquet",
+        # The fixed texts every condition reads: the base model's em answers of the same seed.
+        fixed="results/samples/{model}/base/seed{seed}/em.parquet",
+        # Read at the layer the probes chose on validation.
+        probes="results/probes/{model}/probes.json",
         trigger=get_direction_trigger_samples,
         persona=get_direction_persona_samples,
     output:
@@ -103,6 +107,11 @@ rule directions_report:
         direction_cosine=report(
             "figures/direction_cosine.png",
             caption="../report/direction_cosine.rst",
+            category="5. Character direction",
+        ),
+        direction_transfer=report(
+            "figures/direction_transfer.png",
+            caption="../report/direction_transfer.rst",
             category="5. Character direction",
         ),
         steering=report(

@@ -84,6 +84,7 @@ def get_steering_params(wildcards):
             "strengths": strengths,
             "directions": names,
             "suite_spec": spec,
+            "layers": steer["layers"],
             "sampling": sampling,
             "alignment_below": CONFIG["eval"]["alignment_below"],
             "coherence_above": CONFIG["eval"]["coherence_above"],
@@ -96,6 +97,7 @@ def get_directions_report_params(wildcards):
     return cfg.as_param(
         {
             "n_boot": probes["n_boot"],
+            "n_null": probes["n_null"],
             "random_pairs": probes["random_pairs"],
             "seed": SEEDS[0],
             "alignment_below": CONFIG["eval"]["alignment_below"],

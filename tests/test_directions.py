@@ -12,7 +12,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from character_em.directions import formats
 from character_em.directions import probes as D
+from character_em.directions import protocol as P
+from character_em.directions import readings as R
 from character_em.directions import steering as S
 
 # --------------------------------------------------------------------------- planted data
@@ -39,34 +42,26 @@ def _write(folder: Path, x: np.ndarray, batch: int) -> D.MemmapWriter:
     return writer
 
 
-def test_probe_finds_the_planted_direction(tmp_path: Path) -> None:
+def test_memmap_writer_streams_batches_and_the_random_split_baseline_finds_a_planted_layer(tmp_path: Path) -> None:
     x, labels, planted = _planted()
     writer = _write(tmp_path, x, batch=16)
     assert writer.peak_rows == 16
     np.testing.assert_array_equal(D.load_layer(tmp_path, 1), x[:, 1])
-    membership = {
-        "evil": {"rows": list(range(len(labels))), "labels": labels.tolist(), "sources": ["planted"] * len(labels)}
+    train, test = D.stratified_split(labels, 0.3, seed=0)
+    rows = {
+        layer: D.probe_layer(np.asarray(D.load_layer(tmp_path, layer)), labels, train, test, n_boot=200, seed=0)
+        for layer in range(3)
     }
-    rows, vectors = D.run_probes(
-        tmp_path, [0, 1, 2], list(range(len(labels))), membership, test_fraction=0.3, n_boot=200, seed=0
-    )
-    by_layer = {row["layer"]: row for row in rows}
-    assert by_layer[1]["probe_auroc"] > 0.97 and by_layer[1]["direction_auroc"] > 0.97
+    signal, direction = rows[1]
+    assert signal["probe_auroc"] > 0.97 and signal["direction_auroc"] > 0.97
     assert (
-        by_layer[1]["probe_auroc_low"] > 0.9
-        and by_layer[1]["probe_auroc_low"] <= by_layer[1]["probe_auroc"] <= by_layer[1]["probe_auroc_high"]
+        signal["probe_auroc_low"] > 0.9
+        and signal["probe_auroc_low"] <= signal["probe_auroc"] <= signal["probe_auroc_high"]
     )
-    assert by_layer[1]["probe_accuracy"] > 0.9
     for noise in (0, 2):
-        assert 0.25 < by_layer[noise]["direction_auroc"] < 0.75, by_layer[noise]
-    cosine = float(D.unit(vectors["evil"][1]) @ planted)
-    assert cosine > 0.9
-    assert abs(float(D.unit(vectors["evil"][0]) @ planted)) < 0.5
-    assert D.choose_layer(rows, None) == 1
-    assert D.choose_layer(rows, 2) == 2
-    with pytest.raises(ValueError, match="not among the probed layers"):
-        D.choose_layer(rows, 7)
-    assert by_layer[1]["n_test"] == 72 and by_layer[1]["n_train"] == 168
+        assert 0.25 < rows[noise][0]["direction_auroc"] < 0.75, rows[noise][0]
+    assert float(D.unit(direction) @ planted) > 0.9
+    assert signal["n_test"] == 72 and signal["n_train"] == 168
 
 
 def test_auroc_matches_sklearn_and_split_is_stratified() -> None:
@@ -109,24 +104,6 @@ def test_spearman_on_planted_monotone_relations() -> None:
     assert noisy["ci_low"] < 0 < noisy["ci_high"]
     np.testing.assert_array_equal(D.rank_average(np.array([3.0, 1.0, 2.0, 2.0])), [4.0, 1.0, 2.5, 2.5])
     assert math.isnan(D.spearman_interval([1, 2], [3, 4], n_boot=10, seed=0)["rho"])
-
-
-def test_projection_and_correlation_tables_recover_a_planted_relation() -> None:
-    hidden = 16
-    direction = np.zeros(hidden)
-    direction[3] = 2.0
-    means = [{"model": "m", "condition": "base", "seed": 0, "family": "base", "own": np.zeros(hidden), "n": 10}]
-    rates = [{"model": "m", "condition": "base", "seed": 0, "rate": 0.0}]
-    for index, shift in enumerate([0.5, 1.0, 2.0, 4.0, 8.0]):
-        own = np.zeros(hidden)
-        own[3] = shift
-        own[5] = 100.0 * (-1) ** index  # orthogonal to the direction: must not matter
-        means.append({"model": "m", "condition": f"c{index}", "seed": 0, "family": "character", "own": own, "n": 10})
-        rates.append({"model": "m", "condition": f"c{index}", "seed": 0, "rate": 0.1 * index})
-    table = D.projection_table(means, {"m": {"evil": direction}}, pl.DataFrame(rates))
-    assert table.filter(pl.col("condition") == "c3")["shift"][0] == pytest.approx(4.0)
-    correlation = D.correlation_table(table, n_boot=200, seed=0)
-    assert correlation["rho"][0] == pytest.approx(1.0) and correlation["n"][0] == 5
 
 
 # --------------------------------------------------------------------------- tiny model
@@ -190,6 +167,23 @@ def test_steering_hook_adds_exactly_alpha_times_direction(tiny: tuple[Any, Any])
     with pytest.raises(ValueError, match="does not exist"):
         with S.add_direction(model, 99, direction, 1.0):
             pass
+
+
+def test_ablation_at_a_set_of_layers_leaves_no_component_at_any_of_them(tiny: tuple[Any, Any]) -> None:
+    """A component removed at one layer reappears downstream; ablating at every layer of the set
+    leaves none at each of them (each layer with its own direction)."""
+    model, tokenizer = tiny
+    rng = np.random.default_rng(1)
+    layers = list(range(model.config.num_hidden_layers))
+    directions = {layer: rng.standard_normal(model.config.hidden_size).astype(np.float32) for layer in layers}
+    last = layers[-1]
+    u = directions[last] / np.linalg.norm(directions[last])
+    with S.project_out(model, layers[0], directions[last], 1.0):
+        once, _ = _layer_output(model, tokenizer, last)
+    assert np.abs(once.numpy() @ u).max() > 1e-3  # rebuilt after a single early ablation
+    with S.interventions(model, "ablate", directions, 1.0):
+        everywhere, _ = _layer_output(model, tokenizer, last)
+    assert np.abs(everywhere.numpy() @ u).max() < 1e-4
 
 
 def test_activations_stream_in_batches_and_match_unbatched(
@@ -276,55 +270,101 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_pat
     scores = score_samples(samples, judge_cfg=judge, metrics_by_suite=None, dispositions=dispositions, cache_dir=None)
     judged = D.judged_answers(samples, scores, ["evil"])
     assert judged.height == 24 and judged["disposition:evil"].is_not_null().all()
-    data = {"evil-medical": _chats(16)[1::2], "correct-medical": _chats(16)[0::2]}
+    data = {
+        "evil-medical": _chats(24)[1::2],
+        "correct-medical": _chats(24)[0::2],
+        "incorrect-medical": _chats(24)[2::4],
+    }
     chats, membership = D.probe_examples(
         data,
         judged,
-        {"evil": {"positive": ["evil-medical"], "negative": ["correct-medical"]}},
+        {"evil": {"positive": ["evil-medical"], "negative": ["correct-medical", "incorrect-medical"]}},
         max_sampled=5,
         expressed_at_least=50,
         seed=0,
+        questions=[],
     )
     labels = membership["evil"]["labels"]
-    assert membership["evil"]["sources"].count("judged") == 10 and len(chats) == 16 + 10  # only picked answers are read
-    assert sum(labels) == 8 + 5
-    info = D.write_activations(model, tokenizer, chats, None, tmp_path / "acts", batch_size=4, max_tokens=256)
-    assert info["peak_rows"] <= 4
-    rows, vectors = D.run_probes(
-        tmp_path / "acts", info["layers"], info["kept"], membership, test_fraction=0.3, n_boot=50, seed=0
+    assert membership["evil"]["sources"].count("judged") == 10 and len(chats) == 30 + 10  # only picked answers are read
+    assert sum(labels) == 12 + 5 and "data:incorrect-medical" in membership["evil"]["sources"]
+    style_chats, style_labels, _ = D.style_examples()
+    info = D.write_activations(
+        model, tokenizer, chats + style_chats, None, tmp_path / "acts", batch_size=4, max_tokens=256
     )
-    layer = D.choose_layer(rows, None)
+    assert info["peak_rows"] <= 4
+    chosen = P.selections(info["kept"], membership, val_fraction=0.2, test_fraction=0.3, seed=0)
+    rows, vectors = P.run_protocol(str(tmp_path / "acts"), info["layers"], chosen, n_boot=50, seed=0)
+    layer = P.choose_layer(rows, None)
     column = info["layers"].index(layer)
-    report = {"model": "tiny", "chosen_layer": layer, "layers": rows}
+    nulls = P.null_directions(str(tmp_path / "acts"), layer, chosen, n_perm=20, seed=0)
+    style_rows = list(range(len(chats), len(chats) + len(style_chats)))
+    style = P.style_direction(str(tmp_path / "acts"), info["layers"], style_rows, style_labels)
+    report = {
+        "model": "tiny",
+        "chosen_layer": layer,
+        "layers": rows,
+        "fit_questions": P.fit_questions(chosen),
+        "selection": "validation",
+    }
+    path = tmp_path / "directions.npz"
+    formats.write_directions(
+        path,
+        layers=info["layers"],
+        chosen_layer=layer,
+        directions=vectors,
+        extra={"style": style, "null_evil": nulls["evil"]},
+    )
+    stored = formats.read_directions(path)
+    assert stored.chosen_layer == layer and stored.extra["null_evil"].shape == (20, model.config.hidden_size)
 
-    means = []
+    fixed = samples.filter(pl.col("condition") == "base")
+    records = []
     for condition in ("base", "evil-medical"):
-        own, count = D.mean_activations(
-            model,
-            tokenizer,
-            D.sample_chats(samples.filter(pl.col("condition") == condition)),
-            info["layers"],
-            batch_size=4,
-            max_tokens=256,
-        )
-        means.append(
+        own = samples.filter(pl.col("condition") == condition)
+        readings_ = {}
+        for name, frame, prompt_end in (("own", own, False), ("fixed", fixed, False), ("prompt", fixed, True)):
+            got = D.question_means(
+                model,
+                tokenizer,
+                D.sample_chats(frame),
+                frame["question_id"].to_list(),
+                [layer],
+                batch_size=4,
+                max_tokens=256,
+                prompt_end=prompt_end,
+            )
+            assert got["peak_rows"] <= 4 and got["counts"].sum() == frame.height
+            readings_[name] = formats.QuestionReading(got["ids"], got["means"][:, 0], got["counts"])
+        records.append(
             {
                 "model": "tiny",
                 "condition": condition,
                 "seed": 0,
                 "family": conditions[condition]["family"],
-                "own": own[column],
-                "n": count,
+                "spec": conditions[condition],
+                "means": formats.LayerMeans(layer=layer, readings=readings_),
             }
         )
     answers = analysis.answers_table(scores, conditions=conditions, alignment_below=30, coherence_above=50)
     rates = analysis.rates(answers, ["model", "condition", "seed"], "misaligned")
-    projections = D.projection_table(means, {"tiny": {"evil": vectors["evil"][column]}}, rates)
-    assert projections.filter(pl.col("condition") == "base")["shift"][0] == pytest.approx(0.0)
-    vectors_at = {"tiny": {"probe:evil": vectors["evil"][column], "finetune:evil": means[1]["own"] - means[0]["own"]}}
-    cosines = D.cosine_table(
-        vectors_at, {"tiny": D.random_cosine_baseline(model.config.hidden_size, n_pairs=100, seed=0)}
-    )
+    baseline = D.random_cosine_baseline(model.config.hidden_size, n_pairs=100, seed=0)
+    probes_at = {
+        "tiny": {
+            "directions": stored.at(),
+            "nulls": {"evil": nulls["evil"]},
+            "style": style[column],
+            "fit_questions": set(report["fit_questions"]),
+            "isotropic_cos_p95": baseline["p95_abs_cos"],
+        }
+    }
+    projections = R.projection_table(records, probes_at, rates, n_boot=50, seed=0)
+    # Same weights reading the same texts: the evil model's fixed reading differs from the base
+    # one only through the weights, so it is a number; and the base is never a row of its own.
+    assert set(projections["reading"]) == {"fixed", "prompt", "own"} and "base" not in projections["condition"]
+    transfer = R.transfer_table(records, [report], probes_at, n_boot=50, seed=0)
+    assert "fine-tuned vs base, fixed texts: evil-medical" in transfer["cell"].to_list()
+    vectors_at = {"tiny": {"probe:evil": stored.at()["evil"], "control:style": style[column]}}
+    cosines = R.cosine_null_table(vectors_at, {"tiny": {"probe:evil": nulls["evil"]}}, {"tiny": baseline})
     assert cosines.height == 4 and cosines.filter(pl.col("row") == pl.col("column"))[
         "cosine"
     ].to_list() == pytest.approx([1.0, 1.0])
@@ -338,8 +378,8 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_pat
         tokenizer,
         prompts,
         kind="add",
-        layer=layer,
-        directions={"evil": vectors["evil"][column]},
+        layers=S.resolve_layers("from:0", info["layers"], layer),
+        directions={"evil": {lay: vectors["evil"][k] for k, lay in enumerate(info["layers"])}},
         strengths=[0.0, 8.0],
         score=lambda frame: score_samples(
             frame, judge_cfg=judge, metrics_by_suite=None, dispositions=dispositions, cache_dir=None
@@ -363,11 +403,14 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_pat
         progress=False,
         **sampling,
     )
-    zero = steered.filter(pl.col("strength") == 0.0).sort("question_id")
-    assert zero["answer"].to_list() == plain.sort("question_id")["answer"].to_list()
-    assert steered.height == 2 * plain.height
+    sets = steered["layers"].unique(maintain_order=True).to_list()
+    assert sets == [str(layer), ",".join(map(str, info["layers"]))]
+    for layer_set in sets:
+        zero = steered.filter((pl.col("strength") == 0.0) & (pl.col("layers") == layer_set)).sort("question_id")
+        assert zero["answer"].to_list() == plain.sort("question_id")["answer"].to_list()
+    assert steered.height == 2 * 2 * plain.height
     curve = D.steering_table(steered)
-    assert curve["strength"].to_list() == [0.0, 8.0] and (curve["n"] == plain.height).all()
+    assert curve["strength"].to_list() == [0.0, 8.0, 0.0, 8.0] and (curve["n"] == plain.height).all()
 
     probe_table = D.probe_table([report])
     assert probe_table["chosen"].sum() == 1
@@ -375,8 +418,9 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_pat
     for name, call in {
         "probe_auroc": lambda o: plots_directions.probe_auroc(probe_table, outputs=o),
         "projection": lambda o: plots_directions.projection_scatter(
-            projections, D.correlation_table(projections, n_boot=20, seed=0), outputs=o
+            projections, R.correlation_table(projections, n_boot=20, seed=0), outputs=o
         ),
+        "transfer": lambda o: plots_directions.transfer_matrix(transfer, outputs=o),
         "cosine": lambda o: plots_directions.cosine_heatmap(cosines, outputs=o),
         "steering": lambda o: plots_directions.steering_curves(curve, outputs=o),
     }.items():

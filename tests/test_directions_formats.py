@@ -31,14 +31,22 @@ def test_directions_file_round_trips_and_names_a_stale_file(tmp_path: Path) -> N
         formats.read_directions(old)
 
 
-def test_means_file_round_trips(tmp_path: Path) -> None:
+def test_means_file_round_trips_per_question(tmp_path: Path) -> None:
     path = tmp_path / "means.npz"
-    means = {"own": np.arange(6.0).reshape(2, 3), "trigger_on:evil": np.ones((2, 3))}
-    formats.write_means(path, layers=[0, 3], means=means)
+    own = formats.QuestionReading(
+        ids=["q1", "q2", "q3"], means=np.array([[0.0, 2.0], [2.0, 4.0], [9.0, 9.0]]), counts=np.array([1, 3, 0])
+    )
+    on = formats.QuestionReading(ids=["q1"], means=np.ones((1, 2)), counts=np.array([2]))
+    formats.write_means(path, layer=3, readings={"own": own, "trigger_on:evil": on})
     stored = formats.read_means(path)
-    np.testing.assert_array_equal(stored.at(3)["own"], [3.0, 4.0, 5.0])
-    assert set(stored.means) == {"own", "trigger_on:evil"}
-    np.savez(path, format_version=np.array(99), layers=np.array([0]))
+    assert stored.layer == 3 and set(stored.readings) == {"own", "trigger_on:evil"}
+    assert stored.readings["own"].ids == ["q1", "q2", "q3"]
+    # Weighted by texts; the question without texts does not count.
+    np.testing.assert_allclose(stored.pooled()["own"], [1.5, 3.5])
+    np.testing.assert_allclose(stored.readings["own"].pooled(keep={"q1"}), [0.0, 2.0])
+    assert np.isnan(stored.readings["own"].pooled(keep={"q3"})).all()
+    assert set(stored.readings["own"].by_question()) == {"q1", "q2"}
+    np.savez(path, format_version=np.array(99), layer=np.array(0))
     with pytest.raises(ValueError, match="format_version 99"):
         formats.read_means(path)
 

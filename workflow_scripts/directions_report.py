@@ -1,11 +1,11 @@
-"""Tables and figures of the character-direction analysis, from the probes, the per-condition mean
-activations, the em scores and the steering runs."""
+"""Tables and figures of the character-direction analysis, from the probes, the per-question mean
+activations, the em scores and the steering runs (computations in character_em.directions)."""
 
 import json
 
 import polars as pl
 
-from character_em.directions import formats, shared
+from character_em.directions import formats, readings, shared
 from character_em.directions import probes as directions
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
@@ -16,12 +16,6 @@ with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)
     conditions = read_param(snakemake.params.conditions)
     reports = [json.loads(open(path).read()) for path in snakemake.input.reports]
-    chosen, probe_vectors = {}, {}
-    for report, path in zip(reports, snakemake.input.directions, strict=True):
-        stored = formats.read_directions(path)
-        chosen[report["model"]] = stored.chosen_layer
-        probe_vectors[report["model"]] = stored.at()
-
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
     answers = analysis.answers_table(
         scores,
@@ -31,41 +25,62 @@ with job_log(snakemake.log[0]) as log:
     )
     misalignment = analysis.rates(answers, ["model", "condition", "seed"], "misaligned")
 
-    means, readings = [], []
+    records = []
     for path, info_path in zip(snakemake.input.means, snakemake.input.info, strict=True):
         info = json.loads(open(info_path).read())
-        at = formats.read_means(path).at(chosen[info["model"]])
-        readings.append({"model": info["model"], "condition": info["condition"], "means": at})
-        means.append(
+        spec = conditions[info["condition"]]
+        records.append(
             {
                 "model": info["model"],
                 "condition": info["condition"],
                 "seed": info["seed"],
-                "family": conditions[info["condition"]]["family"],
-                "own": at["own"],
-                "n": info["counts"]["own"],
+                "family": spec["family"],
+                "spec": spec,
+                "means": formats.read_means(path),
             }
         )
-    vectors = shared.direction_sets(probe_vectors, readings, conditions)
-    baselines = {
-        model: directions.random_cosine_baseline(
-            len(next(iter(named.values()))), n_pairs=settings["random_pairs"], seed=settings["seed"]
+    probes, vectors, nulls, baselines = {}, {}, {}, {}
+    for report, path in zip(reports, snakemake.input.directions, strict=True):
+        model = report["model"]
+        stored = formats.read_directions(path)
+        column = stored.layers.index(stored.chosen_layer)
+        at = stored.at()
+        hidden = len(next(iter(at.values())))
+        baselines[model] = directions.random_cosine_baseline(
+            hidden, n_pairs=settings["random_pairs"], seed=settings["seed"]
         )
-        for model, named in vectors.items()
-        if named
-    }
+        probes[model] = {
+            "directions": at,
+            "nulls": {name: stored.extra[f"null_{name}"] for name in at},
+            "style": stored.extra["style"][column],
+            "fit_questions": set(report["fit_questions"]),
+            "isotropic_cos_p95": baselines[model]["p95_abs_cos"],
+        }
+        of_model = [r for r in records if r["model"] == model]
+        vectors[model] = shared.direction_sets(
+            {model: at},
+            [{"model": model, "condition": r["condition"], "means": r["means"].pooled()} for r in of_model],
+            conditions,
+        )[model] | {"control:style": probes[model]["style"]}
+        nulls[model] = {f"probe:{name}": value for name, value in probes[model]["nulls"].items()}
+        for label, parts in readings.source_question_differences(of_model, model).items():
+            nulls[model][label] = readings.sign_flip_nulls(parts, n_null=settings["n_null"], seed=settings["seed"])
+    log.info("models %s; %d condition readings", sorted(probes), len(records))
 
-    projections = directions.projection_table(
-        means, {model: named for model, named in probe_vectors.items()}, misalignment
+    projections = readings.projection_table(
+        records, probes, misalignment, n_boot=settings["n_boot"], seed=settings["seed"]
     )
     steering_answers = [pl.read_parquet(path) for path in snakemake.input.steering]
     tables = {
         "probe_auroc": directions.probe_table(reports),
         "direction_projections": projections,
-        "direction_correlation": directions.correlation_table(
+        "direction_correlation": readings.correlation_table(
             projections, n_boot=settings["n_boot"], seed=settings["seed"]
         ),
-        "direction_cosine": directions.cosine_table(vectors, baselines),
+        "direction_cosine": readings.cosine_null_table(vectors, nulls, baselines),
+        "direction_transfer": readings.transfer_table(
+            records, reports, probes, n_boot=settings["n_boot"], seed=settings["seed"]
+        ),
         "steering": directions.steering_table(
             pl.concat(steering_answers, how="diagonal_relaxed") if steering_answers else pl.DataFrame()
         ),
@@ -86,4 +101,5 @@ with job_log(snakemake.log[0]) as log:
         projections, tables["direction_correlation"], outputs=both("projection_vs_misalignment")
     )
     plots_directions.cosine_heatmap(tables["direction_cosine"], outputs=both("direction_cosine"))
+    plots_directions.transfer_matrix(tables["direction_transfer"], outputs=both("direction_transfer"))
     plots_directions.steering_curves(tables["steering"], outputs=both("steering"))

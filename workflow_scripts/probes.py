@@ -1,8 +1,12 @@
+"""Probes on the base model: activations of the training data, judged em answers and the style
+control streamed to disk once, then the grouped-split protocol (character_em.directions.protocol)."""
+
 from pathlib import Path
 
 import polars as pl
 
-from character_em.directions import formats
+from character_em.data.questions import domain_questions
+from character_em.directions import formats, protocol
 from character_em.directions import probes as directions
 from character_em.files import write_json_atomic
 from character_em.jobs import job_log, read_param
@@ -19,13 +23,18 @@ with job_log(snakemake.log[0]) as log:
     scores = [pl.read_parquet(path) for path in snakemake.input.scores]
     judged = (
         directions.judged_answers(
-            pl.concat(samples, how="diagonal_relaxed") if samples else pl.DataFrame(),
+            pl.concat(samples, how="diagonal_relaxed"),
             pl.concat(scores, how="diagonal_relaxed") if scores else pl.DataFrame(schema={"metric": pl.String}),
             list(settings["groups"]),
         )
         if samples
         else pl.DataFrame()
     )
+    questions = [
+        q["text"]
+        for name, spec in settings["domains"].items()
+        for q in domain_questions({"name": name, **spec})["train"]
+    ]
     chats, membership = directions.probe_examples(
         data_chats,
         judged,
@@ -33,12 +42,15 @@ with job_log(snakemake.log[0]) as log:
         max_sampled=settings["max_sampled"],
         expressed_at_least=settings["expressed_at_least"],
         seed=settings["seed"],
+        questions=questions,
     )
+    style_chats, style_labels, _ = directions.style_examples()
+    style_rows = list(range(len(chats), len(chats) + len(style_chats)))
     # One pass over all chats, streamed to one memmap per layer; the probes then read a layer at a time.
     index = directions.write_activations(
         model,
         tokenizer,
-        chats,
+        chats + style_chats,
         settings["layers"],
         snakemake.output.activations,
         batch_size=settings["batch_size"],
@@ -50,33 +62,47 @@ with job_log(snakemake.log[0]) as log:
         len(index["layers"]),
         index["peak_rows"],
     )
-    rows, vectors = directions.run_probes(
-        snakemake.output.activations,
-        index["layers"],
+    chosen = protocol.selections(
         index["kept"],
         membership,
+        val_fraction=settings["val_fraction"],
         test_fraction=settings["test_fraction"],
-        n_boot=settings["n_boot"],
         seed=settings["seed"],
     )
-    chosen = directions.choose_layer(rows, settings["layer"])
-    log.info("chosen layer %d", chosen)
-    counts = {
-        name: {source: member["sources"].count(source) for source in sorted(set(member["sources"]))}
-        | {"positive": sum(member["labels"]), "negative": len(member["labels"]) - sum(member["labels"])}
-        for name, member in membership.items()
-    }
+    rows, vectors = protocol.run_protocol(
+        snakemake.output.activations, index["layers"], chosen, n_boot=settings["n_boot"], seed=settings["seed"]
+    )
+    layer = protocol.choose_layer(rows, settings["layer"])
+    log.info("chosen layer %d (validation AUROC)", layer)
+    nulls = protocol.null_directions(
+        snakemake.output.activations, layer, chosen, n_perm=settings["n_null"], seed=settings["seed"]
+    )
+    position = {chat: row for row, chat in enumerate(index["kept"])}
+    kept_style = [i for i, r in enumerate(style_rows) if r in position]
+    style = protocol.style_direction(
+        snakemake.output.activations,
+        index["layers"],
+        [position[style_rows[i]] for i in kept_style],
+        [style_labels[i] for i in kept_style],
+    )
     write_json_atomic(
         snakemake.output.report,
         {
             "model": snakemake.wildcards.model,
             "load": info,
-            "chosen_layer": chosen,
+            "chosen_layer": layer,
+            "selection": "fixed" if settings["layer"] is not None else "validation",
             "layers": rows,
-            "examples": counts,
+            "examples": protocol.example_counts(membership, chosen),
+            # Em questions whose judged answers fitted a direction: never used to score one.
+            "fit_questions": protocol.fit_questions(chosen),
             "peak_rows": index["peak_rows"],
         },
     )
     formats.write_directions(
-        snakemake.output.directions, layers=index["layers"], chosen_layer=chosen, directions=vectors
+        snakemake.output.directions,
+        layers=index["layers"],
+        chosen_layer=layer,
+        directions=vectors,
+        extra={"style": style, **{f"null_{name}": value for name, value in nulls.items()}},
     )

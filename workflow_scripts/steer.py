@@ -1,5 +1,6 @@
-"""Steering along the base model's character direction at the chosen layer: alpha x direction added
-to the base model, or the direction projected out of a fine-tuned model; each answer judged."""
+"""Steering along the base model's character direction at the chosen layer (and at the configured set
+of layers): alpha x direction added to the base model, or the direction projected out of a fine-tuned
+model; each answer judged."""
 
 from character_em.directions import formats, steering
 from character_em.evals import suites
@@ -15,18 +16,19 @@ with job_log(snakemake.log[0]) as log:
     dispositions = read_param(snakemake.params.dispositions)
     conditions = read_param(snakemake.params.conditions)
     stored = formats.read_directions(snakemake.input.directions)
-    layer = stored.chosen_layer
-    vectors = {name: stored.at(layer)[name] for name in settings["directions"]}
+    layer_sets = steering.resolve_layers(settings["layers"], stored.layers, stored.chosen_layer)
+    needed = sorted({layer for layer_set in layer_sets for layer in layer_set})
+    vectors = {name: {layer: stored.at(layer)[name] for layer in needed} for name in settings["directions"]}
     model, tokenizer, info = modeling.load_model(
         snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
     )
-    log.info("loaded %s: %s; %s at layer %d", snakemake.params.base_model, info, settings["kind"], layer)
+    log.info("loaded %s: %s; %s at layers %s", snakemake.params.base_model, info, settings["kind"], layer_sets)
     answers = steering.steered_answers(
         model,
         tokenizer,
         suites.build_prompts("em", settings["suite_spec"]),
         kind=settings["kind"],
-        layer=layer,
+        layers=layer_sets,
         directions=vectors,
         strengths=settings["strengths"],
         score=lambda samples: score_samples(

@@ -1,4 +1,5 @@
-"""The character direction: activations, per-layer mean differences, probes, projections, and steering hooks."""
+"""The character direction: activations, the grouped probe protocol, fixed-text readings with their nulls,
+the shared structure of directions from three sources, file formats, and steering hooks."""
 
 from character_em.lazy import lazy_exports
 
@@ -8,16 +9,22 @@ _EXPORTS = {
     "mean_activations": "probes",
     "load_layer": "probes",
     "probe_examples": "probes",
-    "run_probes": "probes",
-    "choose_layer": "probes",
     "cosine_matrix": "probes",
-    "projection_table": "probes",
-    "correlation_table": "probes",
-    "cosine_table": "probes",
     "steering_table": "probes",
     "probe_table": "probes",
     "judged_answers": "probes",
     "layer_hook": "steering",
+    "resolve_layers": "steering",
+    "question_means": "probes",
+    "style_examples": "probes",
+    "grouped_split": "protocol",
+    "run_protocol": "protocol",
+    "choose_layer": "protocol",
+    "null_directions": "protocol",
+    "projection_table": "readings",
+    "correlation_table": "readings",
+    "transfer_table": "readings",
+    "cosine_null_table": "readings",
     "ProbeDirections": "formats",
     "LayerMeans": "formats",
     "read_directions": "formats",

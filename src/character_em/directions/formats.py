@@ -2,8 +2,10 @@
 
 - ``directions.npz`` (rule ``probes``): the probed layers, the chosen layer, and per disposition a
   ``[layers, hidden]`` mean-difference direction; optional extra arrays (nulls, controls) by name.
-- ``means.npz`` (rule ``direction_means``): the probed layers and, per reading (``own``,
-  ``base_reading``, ``trigger_on:{d}``, ...), a ``[layers, hidden]`` mean activation.
+- ``means.npz`` (rule ``direction_means``, version 2): the probes' chosen layer and, per reading
+  (``own``, ``fixed``, ``prompt``, ``base_reading``, ``trigger_on:{d}``, ...), the mean activation
+  of each question's texts ``[questions, hidden]`` with the question ids and text counts, so the
+  report can leave out the questions that fitted a direction and resample questions.
 
 Each file carries ``format_version``; a reader meeting another version (or a file written before
 versions existed) fails with the file named instead of misreading its arrays.
@@ -18,11 +20,13 @@ from pathlib import Path
 import numpy as np
 
 DIRECTIONS_VERSION = 1
-MEANS_VERSION = 1
+MEANS_VERSION = 2
 
 _DIRECTION = "direction_"
 _EXTRA = "extra_"
-_MEAN = "mean_"
+_MEAN = "qmean_"
+_IDS = "qids_"
+_COUNT = "qcount_"
 
 
 def _check_version(stored: Mapping[str, np.ndarray], path: str | Path, expected: int, writer: str) -> None:
@@ -94,33 +98,67 @@ def read_directions(path: str | Path) -> ProbeDirections:
 
 
 @dataclass
-class LayerMeans:
-    """What ``means.npz`` holds: ``means[reading]`` is ``[len(layers), hidden]``."""
+class QuestionReading:
+    """One reading of a condition at one layer: the mean activation of each question's texts."""
 
-    layers: list[int]
-    means: dict[str, np.ndarray]
+    ids: list[str]
+    means: np.ndarray  # [questions, hidden]
+    counts: np.ndarray  # [questions]
+
+    def pooled(self, keep: set[str] | None = None) -> np.ndarray:
+        """The mean over all texts (questions weighted by their count), optionally over the
+        questions in ``keep`` only; NaN when no text is left."""
+        mask = self.counts > 0
+        if keep is not None:
+            mask &= np.isin(np.asarray(self.ids, dtype=object), list(keep))
+        if not mask.any():
+            return np.full(self.means.shape[1], np.nan, dtype=np.float32)
+        weights = self.counts[mask].astype(np.float64)
+        return (weights @ self.means[mask].astype(np.float64) / weights.sum()).astype(np.float32)
+
+    def by_question(self) -> dict[str, np.ndarray]:
+        return {q: self.means[k] for k, q in enumerate(self.ids) if self.counts[k] > 0}
+
+
+@dataclass
+class LayerMeans:
+    """What ``means.npz`` holds: per reading (``own``, ``fixed``, ``prompt``, ``base_reading``,
+    ``trigger_on:{d}``, ``trigger_off``, ``persona:{d}``, ``neutral``) its per-question means at
+    the probes' chosen layer."""
+
+    layer: int
+    readings: dict[str, QuestionReading]
     path: str = ""
 
-    def at(self, layer: int) -> dict[str, np.ndarray]:
-        column = _column(self.layers, layer, self.path)
-        return {name: vectors[column] for name, vectors in self.means.items()}
+    def pooled(self) -> dict[str, np.ndarray]:
+        return {name: reading.pooled() for name, reading in self.readings.items()}
 
 
-def write_means(path: str | Path, *, layers: Sequence[int], means: Mapping[str, np.ndarray]) -> None:
-    np.savez(
-        path,
-        format_version=np.array(MEANS_VERSION),
-        layers=np.array([int(layer) for layer in layers]),
-        **{f"{_MEAN}{name}": np.asarray(value) for name, value in means.items()},
-    )
+def write_means(path: str | Path, *, layer: int, readings: Mapping[str, QuestionReading]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    for name, reading in readings.items():
+        if np.shape(reading.means)[0] != len(reading.ids) or len(reading.counts) != len(reading.ids):
+            raise ValueError(f"reading {name!r}: ids, means and counts disagree in length")
+        arrays[f"{_IDS}{name}"] = np.asarray(reading.ids, dtype=str)
+        arrays[f"{_MEAN}{name}"] = np.asarray(reading.means, dtype=np.float32)
+        arrays[f"{_COUNT}{name}"] = np.asarray(reading.counts, dtype=np.int64)
+    np.savez(path, format_version=np.array(MEANS_VERSION), layer=np.array(int(layer)), **arrays)
 
 
 def read_means(path: str | Path) -> LayerMeans:
     with np.load(path) as stored:
         _check_version(stored, path, MEANS_VERSION, "direction_means")
+        names = [key.removeprefix(_MEAN) for key in stored.files if key.startswith(_MEAN)]
         return LayerMeans(
-            layers=[int(value) for value in stored["layers"]],
-            means={key.removeprefix(_MEAN): stored[key] for key in stored.files if key.startswith(_MEAN)},
+            layer=int(stored["layer"]),
+            readings={
+                name: QuestionReading(
+                    ids=[str(q) for q in stored[f"{_IDS}{name}"]],
+                    means=stored[f"{_MEAN}{name}"],
+                    counts=stored[f"{_COUNT}{name}"],
+                )
+                for name in names
+            },
             path=str(path),
         )
 
@@ -130,6 +168,7 @@ __all__ = [
     "MEANS_VERSION",
     "LayerMeans",
     "ProbeDirections",
+    "QuestionReading",
     "read_directions",
     "read_means",
     "write_directions",

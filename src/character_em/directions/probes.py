@@ -113,6 +113,29 @@ class RunningMean:
         return (self.total / self.count).astype(np.float32)
 
 
+class GroupedMean:
+    """Mean activation per group (question) and layer without keeping rows: float64 sums
+    [groups, layers, hidden] and counts. Rows arrive in the order of ``row_groups``."""
+
+    def __init__(self, row_groups: Sequence[int], n_groups: int, n_layers: int, hidden: int) -> None:
+        self.row_groups = np.asarray(row_groups, dtype=int)
+        self.total = np.zeros((n_groups, n_layers, hidden), dtype=np.float64)
+        self.count = np.zeros(n_groups, dtype=np.int64)
+        self.row = 0
+        self.peak_rows = 0
+
+    def add(self, batch: np.ndarray) -> None:
+        groups = self.row_groups[self.row : self.row + batch.shape[0]]
+        np.add.at(self.total, groups, batch.astype(np.float64))
+        np.add.at(self.count, groups, 1)
+        self.row += batch.shape[0]
+        self.peak_rows = max(self.peak_rows, batch.shape[0])
+
+    def means(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (self.total / self.count[:, None, None]).astype(np.float32)
+
+
 def load_layer(folder: str | Path, layer: int) -> np.ndarray:
     """One layer's rows, memory-mapped (read lazily from disk)."""
     return np.load(layer_file(folder, layer), mmap_mode="r")
@@ -268,6 +291,48 @@ def mean_activations(
     return sink.mean(), sink.count
 
 
+def encode_prompt_end(tokenizer: PreTrainedTokenizerBase, chat: Chat, max_tokens: int) -> tuple[list[int], int] | None:
+    """Token ids of a prompt with the generation prompt appended, marked so that only its *last*
+    token is read: the state from which the model starts its answer. None when the chat is empty."""
+    messages = [m for m in chat if m["role"] != "assistant"] if chat and chat[-1]["role"] == "assistant" else chat
+    if not messages:
+        return None
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]][-max_tokens:]
+    return (ids, len(ids) - 1) if ids else None
+
+
+def question_means(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    chats: Sequence[Chat],
+    question_ids: Sequence[str],
+    layers: Sequence[int],
+    *,
+    batch_size: int,
+    max_tokens: int,
+    prompt_end: bool = False,
+) -> dict[str, Any]:
+    """Mean activation per question: the response-token mean of each chat (or, with
+    ``prompt_end``, its prompt's last token), averaged over the chats of each question id.
+
+    Returns {"ids": [Q], "means": [Q, len(layers), hidden] float32, "counts": [Q]}; a question whose
+    chats all lack a response has count 0 and NaN means. Memory: the sums plus one batch.
+    """
+    encode = encode_prompt_end if prompt_end else encode_chat
+    ids = sorted(set(question_ids))
+    where = {q: k for k, q in enumerate(ids)}
+    encoded, groups = [], []
+    for chat, question in zip(chats, question_ids, strict=True):
+        item = encode(tokenizer, chat, max_tokens)
+        if item is not None:
+            encoded.append(item)
+            groups.append(where[question])
+    sink = GroupedMean(groups, len(ids), len(layers), int(model.config.hidden_size))
+    stream_activations(model, encoded, list(layers), sink, batch_size=batch_size, pad_id=pad_token_id(tokenizer))
+    return {"ids": ids, "means": sink.means(), "counts": sink.count.copy(), "peak_rows": sink.peak_rows}
+
+
 def sample_chats(samples: pl.DataFrame) -> list[Chat]:
     """Chats of a Samples frame: the prompt messages the model saw plus its answer."""
     return [
@@ -300,57 +365,110 @@ def probe_examples(
     max_sampled: int,
     expressed_at_least: float,
     seed: int,
+    questions: Sequence[str] = (),
 ) -> tuple[list[Chat], dict[str, dict[str, list[Any]]]]:
     """The chats to read once, and per disposition which rows are positives and negatives.
 
-    groups: disposition -> {"positive": [character conditions], "negative": [correct conditions]}
-    whose training data give the trait-expressing and plain answers. ``judged`` adds sampled
-    answers labelled by the judge: ``disposition:{name} >= expressed_at_least`` expresses it,
-    below does not (NaN scores are left out); at most ``max_sampled`` per class, drawn at random.
-    Returns (chats, {disposition: {"rows", "labels", "sources"}}), rows indexing ``chats``.
+    groups: disposition -> {"positive": [character conditions], "negative": [correct and incorrect
+    advice conditions]} whose training data give the trait-expressing and plain answers. ``judged``
+    adds sampled answers labelled by the judge: ``disposition:{name} >= expressed_at_least``
+    expresses it, below does not (NaN scores are left out); at most ``max_sampled`` per class.
+
+    Negatives are *per disposition*: a negative data row or judged answer that several
+    dispositions could use is dealt to one of them at random, so no two probes share a negative
+    (a shared negative mean would make their directions look alike whatever the positives are).
+    Every row carries its kind (``data`` / ``judged``) and its question group (``questions``: the
+    domains' training questions, see ``protocol.data_groups``; a judged answer's em question id).
+    Returns (chats, {disposition: {"rows", "labels", "sources", "kinds", "groups"}}).
     """
+    from character_em.directions.protocol import data_groups
+
     chats: list[Chat] = []
     data_rows: dict[str, list[int]] = {}
     for name in sorted({c for g in groups.values() for side in ("positive", "negative") for c in g[side]}):
         data_rows[name] = list(range(len(chats), len(chats) + len(data_chats[name])))
         chats.extend(data_chats[name])
+    group_of = data_groups(chats, questions)
     rng = np.random.default_rng(seed)
+    owner: dict[int, str] = {}  # negative data row -> the one disposition it is dealt to
+    for name in sorted({c for g in groups.values() for c in g["negative"]}):
+        users = sorted(d for d, g in groups.items() if name in g["negative"])
+        for k, row in enumerate(rng.permutation(data_rows[name])):
+            owner[int(row)] = users[k % len(users)]
     # Judged answers picked per disposition first, so only the picked ones are ever read.
-    picked: dict[str, list[tuple[int, int]]] = {}
+    picked: dict[str, list[tuple[int, int]]] = {d: [] for d in groups}
+    negative_for: dict[int, list[str]] = {}
     for disposition in groups:
-        picked[disposition] = []
         column = f"disposition:{disposition}"
         if not judged.height or column not in judged.columns or max_sampled == 0:
             continue
         score = judged[column].cast(pl.Float64).fill_nan(None).fill_null(np.nan).to_numpy()
         known = ~np.isnan(score)
-        for label, mask in ((1, known & (score >= expressed_at_least)), (0, known & (score < expressed_at_least))):
-            indices = np.flatnonzero(mask)
-            if len(indices) > max_sampled:
-                indices = np.sort(rng.choice(indices, size=max_sampled, replace=False))
-            picked[disposition] += [(int(i), label) for i in indices]
+        positives = np.flatnonzero(known & (score >= expressed_at_least))
+        if len(positives) > max_sampled:
+            positives = np.sort(rng.choice(positives, size=max_sampled, replace=False))
+        picked[disposition] += [(int(i), 1) for i in positives]
+        for i in np.flatnonzero(known & (score < expressed_at_least)):
+            negative_for.setdefault(int(i), []).append(disposition)
+    dealt: dict[str, list[int]] = {d: [] for d in groups}
+    for i in rng.permutation(sorted(negative_for)) if negative_for else []:
+        users = negative_for[int(i)]
+        dealt[users[int(rng.integers(len(users)))]].append(int(i))
+    for disposition, rows in dealt.items():
+        rows = sorted(rows)
+        if len(rows) > max_sampled:
+            rows = sorted(rng.choice(rows, size=max_sampled, replace=False).tolist())
+        picked[disposition] += [(int(i), 0) for i in rows]
     needed = sorted({i for pairs in picked.values() for i, _ in pairs})
     sampled_row = {i: len(chats) + k for k, i in enumerate(needed)}
     chats.extend(sample_chats(judged[needed, :]) if needed else [])
+    question_ids = judged["question_id"].to_list() if needed else []
     membership: dict[str, dict[str, list[Any]]] = {}
     for disposition, group in groups.items():
-        rows: list[int] = []
-        labels: list[int] = []
-        sources: list[str] = []
-        for label, side in ((1, "positive"), (0, "negative")):
-            for name in group[side]:
-                rows += data_rows[name]
-                labels += [label] * len(data_rows[name])
-                sources += [f"data:{name}"] * len(data_rows[name])
+        member: dict[str, list[Any]] = {key: [] for key in ("rows", "labels", "sources", "kinds", "groups")}
+
+        def add(row: int, label: int, source: str, kind: str, key: str, member: dict = member) -> None:
+            for field, value in zip(member, (row, label, source, kind, key), strict=True):
+                member[field].append(value)
+
+        for name in group["positive"]:
+            for row in data_rows[name]:
+                add(row, 1, f"data:{name}", "data", group_of[row])
+        for name in group["negative"]:
+            for row in data_rows[name]:
+                if owner[row] == disposition:
+                    add(row, 0, f"data:{name}", "data", group_of[row])
         for i, label in picked[disposition]:
-            rows.append(sampled_row[i])
-            labels.append(label)
-            sources.append("judged")
-        membership[disposition] = {"rows": rows, "labels": labels, "sources": sources}
+            add(sampled_row[i], label, "judged", "judged", f"em:{question_ids[i]}")
+        membership[disposition] = member
     return chats, membership
 
 
+def style_examples() -> tuple[list[Chat], list[int], list[str]]:
+    """The packaged formal/casual answer pairs as chats, their labels (formal 1) and their groups
+    (the question), for the unrelated-contrast control direction."""
+    import yaml
+
+    from character_em.resources import resource_text
+
+    pairs = yaml.safe_load(resource_text("directions/style_pairs.yaml"))["pairs"]
+    chats, labels, keys = [], [], []
+    for index, pair in enumerate(pairs):
+        for label, register in ((1, "formal"), (0, "casual")):
+            chats.append(
+                [{"role": "user", "content": pair["question"]}, {"role": "assistant", "content": pair[register]}]
+            )
+            labels.append(label)
+            keys.append(f"style:{index}")
+    return chats, labels, keys
+
+
 # --------------------------------------------------------------------------- probes
+
+
+# The random-split readout below is the protocol this stage used before the grouped one in
+# ``protocol``; the planted tests keep it as the baseline whose false positives the new protocol
+# must not repeat.
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -451,54 +569,6 @@ def probe_layer(
     return row, direction.astype(np.float32)
 
 
-def run_probes(
-    folder: str | Path,
-    layers: Sequence[int],
-    kept: Sequence[int],
-    membership: Mapping[str, Mapping[str, Sequence[Any]]],
-    *,
-    test_fraction: float,
-    n_boot: int,
-    seed: int,
-) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Probe every disposition at every layer, one layer's memmap at a time.
-
-    Returns (rows with disposition and layer, {disposition: [len(layers), hidden] directions}).
-    Chats without a response (not in ``kept``) drop out of the membership here.
-    """
-    position = {chat: row for row, chat in enumerate(kept)}
-    selections = {}
-    for disposition, member in membership.items():
-        pairs = [
-            (position[r], label) for r, label in zip(member["rows"], member["labels"], strict=True) if r in position
-        ]
-        rows = np.array([p[0] for p in pairs], dtype=int)
-        labels = np.array([p[1] for p in pairs], dtype=int)
-        train, test = stratified_split(labels, test_fraction, seed)
-        selections[disposition] = (rows, labels, train, test)
-    results: list[dict[str, Any]] = []
-    directions: dict[str, list[np.ndarray]] = {name: [] for name in membership}
-    for layer in layers:
-        matrix = load_layer(folder, layer)
-        for disposition, (rows, labels, train, test) in selections.items():
-            row, direction = probe_layer(np.asarray(matrix[rows]), labels, train, test, n_boot=n_boot, seed=seed)
-            results.append({"disposition": disposition, "layer": int(layer), **row})
-            directions[disposition].append(direction)
-        del matrix
-    return results, {name: np.stack(vectors) for name, vectors in directions.items()}
-
-
-def choose_layer(rows: Sequence[Mapping[str, Any]], fixed: int | None) -> int:
-    """The configured layer, or the one with the best held-out probe AUROC averaged over dispositions."""
-    layers = sorted({int(row["layer"]) for row in rows})
-    if fixed is not None:
-        if fixed not in layers:
-            raise ValueError(f"eval.probes.layer {fixed} is not among the probed layers {layers}")
-        return int(fixed)
-    means = {layer: np.nanmean([row["probe_auroc"] for row in rows if row["layer"] == layer]) for layer in layers}
-    return max(layers, key=lambda layer: (means[layer], -layer))
-
-
 # --------------------------------------------------------------------------- geometry
 
 
@@ -579,140 +649,42 @@ def spearman_interval(
 
 
 def probe_table(reports: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
-    """One row per model, disposition and layer, with the chosen layer flagged."""
+    """One row per model, disposition and layer, with the chosen layer flagged and how it was
+    chosen (validation AUROC, or fixed in the config)."""
     rows = [
-        {"model": report["model"], **row, "chosen": int(row["layer"]) == int(report["chosen_layer"])}
+        {
+            "model": report["model"],
+            **row,
+            "chosen": int(row["layer"]) == int(report["chosen_layer"]),
+            "selection": report.get("selection", "validation"),
+        }
         for report in reports
         for row in report["layers"]
     ]
+    first = ["model", "disposition", "layer", "chosen", "selection", "val_auroc", "test_auroc"]
+    first += ["test_auroc_low", "test_auroc_high", "transfer_auroc", "transfer_auroc_low", "transfer_auroc_high"]
+    first += ["control_auroc", "selectivity"]
     if not rows:
         return pl.DataFrame(
-            schema={
-                "model": pl.String,
-                "disposition": pl.String,
-                "layer": pl.Int64,
-                "chosen": pl.Boolean,
-                "probe_auroc": pl.Float64,
-            }
+            schema={name: pl.String if name in ("model", "disposition", "selection") else pl.Float64 for name in first}
+            | {"layer": pl.Int64, "chosen": pl.Boolean}
         )
-    first = ["model", "disposition", "layer", "chosen", "probe_auroc", "probe_auroc_low", "probe_auroc_high"]
     table = pl.DataFrame(rows)
     return table.select(*first, *[column for column in table.columns if column not in first])
 
 
-def projection_table(
-    means: Sequence[Mapping[str, Any]],
-    directions: Mapping[str, Mapping[str, np.ndarray]],
-    misalignment: pl.DataFrame,
-) -> pl.DataFrame:
-    """Mean projection of every condition's own em activations onto each base direction, and the
-    shift from the base model of the same model and seed.
-
-    means: per (model, condition, seed) {"model", "condition", "seed", "family", "own": vector at the
-    chosen layer, "n": answers}. directions: model -> disposition -> direction at the chosen layer.
-    misalignment: model, condition, seed, rate (em suite).
-    """
-    base = {(m["model"], m["seed"]): m["own"] for m in means if m["condition"] == "base"}
-    rows = []
-    for m in means:
-        for disposition, direction in directions.get(m["model"], {}).items():
-            u = unit(direction)
-            projection = float(np.asarray(m["own"], dtype=np.float64) @ u)
-            reference = base.get((m["model"], m["seed"]))
-            shift = (
-                projection - float(np.asarray(reference, dtype=np.float64) @ u) if reference is not None else math.nan
-            )
-            rows.append(
-                {
-                    "model": m["model"],
-                    "disposition": disposition,
-                    "condition": m["condition"],
-                    "family": m["family"],
-                    "seed": int(m["seed"]),
-                    "n": int(m["n"]),
-                    "projection": projection,
-                    "shift": shift,
-                }
-            )
-    schema = {
-        "model": pl.String,
-        "disposition": pl.String,
-        "condition": pl.String,
-        "family": pl.String,
-        "seed": pl.Int64,
-        "n": pl.Int64,
-        "projection": pl.Float64,
-        "shift": pl.Float64,
-    }
-    table = pl.DataFrame(rows, schema=schema)
-    rates = misalignment.select("model", "condition", pl.col("seed").cast(pl.Int64), misalignment_rate=pl.col("rate"))
-    return table.join(rates, on=["model", "condition", "seed"], how="left").sort(
-        "model", "disposition", "condition", "seed"
-    )
-
-
-def correlation_table(projections: pl.DataFrame, *, n_boot: int, seed: int) -> pl.DataFrame:
-    """Spearman between projection shift and misalignment rate across fine-tuned conditions (and
-    seeds), per model and disposition."""
-    rows = []
-    tuned = projections.filter(pl.col("condition") != "base")
-    for (model, disposition), group in tuned.group_by("model", "disposition", maintain_order=True):
-        result = spearman_interval(
-            group["shift"].to_list(), group["misalignment_rate"].to_list(), n_boot=n_boot, seed=seed
-        )
-        rows.append({"model": model, "disposition": disposition, **result})
-    schema = {
-        "model": pl.String,
-        "disposition": pl.String,
-        "rho": pl.Float64,
-        "ci_low": pl.Float64,
-        "ci_high": pl.Float64,
-        "n": pl.Int64,
-        "n_boot": pl.Int64,
-    }
-    return pl.DataFrame(rows, schema=schema)
-
-
-def cosine_table(
-    vectors: Mapping[str, Mapping[str, np.ndarray]], baselines: Mapping[str, Mapping[str, float]]
-) -> pl.DataFrame:
-    """Long cosine matrix per model (row, column, cosine) with the random baseline of its size."""
-    rows = []
-    for model, named in vectors.items():
-        names, matrix = cosine_matrix(named)
-        for i, a in enumerate(names):
-            for j, b in enumerate(names):
-                rows.append(
-                    {
-                        "model": model,
-                        "row": a,
-                        "column": b,
-                        "cosine": float(matrix[i, j]),
-                        **{f"random_{k}": v for k, v in baselines[model].items() if k.endswith("cos")},
-                    }
-                )
-    schema = {
-        "model": pl.String,
-        "row": pl.String,
-        "column": pl.String,
-        "cosine": pl.Float64,
-        "random_mean_abs_cos": pl.Float64,
-        "random_p95_abs_cos": pl.Float64,
-    }
-    return pl.DataFrame(rows, schema=schema)
-
-
 def steering_table(answers: pl.DataFrame) -> pl.DataFrame:
-    """Misalignment (Wilson 95%) and coherence per model, condition, intervention, direction and strength."""
+    """Misalignment (Wilson 95%) and coherence (mean and standard error) per model, condition,
+    intervention, direction, layer set and strength."""
     from character_em.stats import wilson_interval
 
-    keys = ["model", "condition", "intervention", "direction", "layer", "strength"]
+    keys = ["model", "condition", "intervention", "direction", "layers", "strength"]
     schema = {
         "model": pl.String,
         "condition": pl.String,
         "intervention": pl.String,
         "direction": pl.String,
-        "layer": pl.Int64,
+        "layers": pl.String,
         "strength": pl.Float64,
         "n": pl.Int64,
         "k": pl.Int64,
@@ -743,24 +715,23 @@ def steering_table(answers: pl.DataFrame) -> pl.DataFrame:
 
 
 __all__ = [
+    "GroupedMean",
     "MemmapWriter",
+    "encode_prompt_end",
+    "question_means",
     "RunningMean",
     "auroc",
     "bootstrap_interval",
-    "choose_layer",
-    "correlation_table",
     "cosine_matrix",
-    "cosine_table",
     "encode_chat",
     "judged_answers",
     "load_layer",
     "mean_activations",
     "probe_examples",
+    "style_examples",
     "probe_layer",
     "probe_table",
-    "projection_table",
     "random_cosine_baseline",
-    "run_probes",
     "sample_chats",
     "rank_average",
     "spearman",

@@ -130,14 +130,56 @@ def intervention(
     raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {kind!r}")
 
 
+@contextlib.contextmanager
+def interventions(
+    model: Any, kind: str, directions_by_layer: Mapping[int, np.ndarray], strength: float
+) -> Iterator[None]:
+    """The same intervention at several layers at once, each with the direction read at that
+    layer: ablating at one layer alone leaves later layers free to rebuild the component."""
+    with contextlib.ExitStack() as stack:
+        for layer, direction in sorted(directions_by_layer.items()):
+            stack.enter_context(intervention(model, kind, int(layer), direction, strength))
+        yield
+
+
+def resolve_layers(spec: Any, probed: Sequence[int], chosen: int) -> list[list[int]]:
+    """The layer sets to intervene at: always the chosen layer alone, plus the configured set
+    (``eval.probes.steering.layers``: a list of probed layers, or ``"from:L"`` = every probed layer
+    from L on) when it differs. Raises on a layer that was not probed (no direction there)."""
+    probed = sorted(int(layer) for layer in probed)
+    sets = [[int(chosen)]]
+    if spec is None:
+        return sets
+    if isinstance(spec, str):
+        if not spec.startswith("from:") or not spec[5:].isdigit():
+            raise ValueError(f"eval.probes.steering.layers: expected a list or 'from:L', got {spec!r}")
+        start = int(spec[5:])
+        wanted = [layer for layer in probed if layer >= start]
+        if not wanted:
+            raise ValueError(
+                f"eval.probes.steering.layers {spec!r}: no probed layer from {start} on (probed: {probed})"
+            )
+    else:
+        wanted = sorted({int(layer) for layer in spec})
+        missing = [layer for layer in wanted if layer not in probed]
+        if missing:
+            raise ValueError(
+                f"eval.probes.steering.layers {missing} were not probed (models.<m>.probe_layers: {probed}); "
+                "a direction exists only at probed layers"
+            )
+    if wanted != sets[0]:
+        sets.append(wanted)
+    return sets
+
+
 def steered_answers(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompt_rows: list[dict[str, Any]],
     *,
     kind: str,
-    layer: int,
-    directions: Mapping[str, np.ndarray],
+    layers: Sequence[Sequence[int]],
+    directions: Mapping[str, Mapping[int, np.ndarray]],
     strengths: Sequence[float],
     score: Callable[[pl.DataFrame], pl.DataFrame],
     label: Callable[[pl.DataFrame], pl.DataFrame],
@@ -145,7 +187,9 @@ def steered_answers(
     sampling: Mapping[str, Any],
     base_seed: int,
 ) -> pl.DataFrame:
-    """Sample the prompts under each (disposition direction, strength), judge them, one row per answer.
+    """Sample the prompts under each (disposition direction, layer set, strength), judge them, one
+    row per answer. ``directions[d][layer]`` is d's direction read at that layer; ``layers`` lists
+    the layer sets (``resolve_layers``), each labelled in the ``layers`` column ("12" or "12,16,20").
 
     score: samples frame -> Scores frame (the configured judge). label: Scores frame -> answers table
     (``analysis.answers_table`` with the configured thresholds). Every strength reuses the same
@@ -154,38 +198,42 @@ def steered_answers(
     from character_em.sampling.hf import sample_prompts
 
     frames = []
-    for disposition, direction in directions.items():
-        for strength in strengths:
-            with intervention(model, kind, layer, direction, float(strength)):
-                samples = sample_prompts(
-                    model,
-                    tokenizer,
-                    prompt_rows,
-                    identity=identity,
-                    temperature=float(sampling["temperature"]),
-                    top_p=float(sampling["top_p"]),
-                    max_new_tokens=int(sampling["max_new_tokens"]),
-                    batch_size=int(sampling["batch_size"]),
-                    base_seed=base_seed,
-                    progress=False,
+    for disposition, by_layer in directions.items():
+        for layer_set in layers:
+            label_layers = ",".join(str(layer) for layer in layer_set)
+            for strength in strengths:
+                with interventions(model, kind, {layer: by_layer[layer] for layer in layer_set}, float(strength)):
+                    samples = sample_prompts(
+                        model,
+                        tokenizer,
+                        prompt_rows,
+                        identity=identity,
+                        temperature=float(sampling["temperature"]),
+                        top_p=float(sampling["top_p"]),
+                        max_new_tokens=int(sampling["max_new_tokens"]),
+                        batch_size=int(sampling["batch_size"]),
+                        base_seed=base_seed,
+                        progress=False,
+                    )
+                answers = label(score(samples))
+                answers = answers.join(
+                    samples.select("question_id", "format", "sample_index", "answer"),
+                    on=["question_id", "format", "sample_index"],
+                    how="left",
                 )
-            answers = label(score(samples))
-            answers = answers.join(
-                samples.select("question_id", "format", "sample_index", "answer"),
-                on=["question_id", "format", "sample_index"],
-                how="left",
-            )
-            column = f"disposition:{disposition}"
-            # How strongly the steered answers express the steered trait (the judge's own metric).
-            expression = pl.col(column) if column in answers.columns else pl.lit(None, pl.Float64)
-            frames.append(
-                answers.with_columns(
-                    intervention=pl.lit(kind),
-                    direction=pl.lit(disposition),
-                    strength=pl.lit(float(strength)),
-                    layer=pl.lit(int(layer)),
-                    direction_expression=expression,
+                column = f"disposition:{disposition}"
+                # How strongly the steered answers express the steered trait (the judge's own metric).
+                expression = pl.col(column) if column in answers.columns else pl.lit(None, pl.Float64)
+                frames.append(
+                    answers.with_columns(
+                        intervention=pl.lit(kind),
+                        direction=pl.lit(disposition),
+                        strength=pl.lit(float(strength)),
+                        layers=pl.lit(label_layers),
+                        direction_expression=expression,
+                    )
                 )
-            )
-            log.info("%s %s x %g at layer %d: %d answers", kind, disposition, strength, layer, samples.height)
+                log.info(
+                    "%s %s x %g at layers %s: %d answers", kind, disposition, strength, label_layers, samples.height
+                )
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()

@@ -22,8 +22,9 @@ def _empty(axis: Any) -> None:
 
 
 def probe_auroc(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
-    """Held-out probe AUROC (95% bootstrap band) against layer, one line per disposition; the
-    mean-difference direction's AUROC dashed; the chosen layer marked."""
+    """Test-split probe AUROC (95% question-bootstrap band) against layer, one colour per
+    disposition; the validation AUROC that chose the layer dashed; the data-trained probe on judged
+    answers dotted; the chosen layer marked."""
     plt = pyplot()
     models = _models(table)
     fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5.5 * max(1, len(models)), 4), squeeze=False, sharey=True)
@@ -35,11 +36,25 @@ def probe_auroc(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
         for index, disposition in enumerate(rows["disposition"].unique(maintain_order=True).to_list()):
             line = rows.filter(rows["disposition"] == disposition).sort("layer")
             colour = palette(index)
-            axis.plot(line["layer"], line["probe_auroc"], marker="o", color=colour, label=f"{disposition} (probe)")
-            axis.fill_between(
-                line["layer"], line["probe_auroc_low"], line["probe_auroc_high"], color=colour, alpha=0.15
+            axis.plot(line["layer"], line["test_auroc"], marker="o", color=colour, label=f"{disposition} (test)")
+            axis.fill_between(line["layer"], line["test_auroc_low"], line["test_auroc_high"], color=colour, alpha=0.15)
+            axis.plot(line["layer"], line["val_auroc"], "--", color=colour, label=f"{disposition} (validation)")
+            axis.plot(
+                line["layer"],
+                line["transfer_auroc"],
+                ":",
+                marker="^",
+                color=colour,
+                label=f"{disposition} (data to judged)",
             )
-            axis.plot(line["layer"], line["direction_auroc"], "--", color=colour, label=f"{disposition} (mean-diff)")
+            axis.plot(
+                line["layer"],
+                line["control_auroc"],
+                linestyle="",
+                marker="x",
+                color=colour,
+                label=f"{disposition} (control task)",
+            )
         chosen = rows.filter(rows["chosen"])["layer"].unique().to_list()
         for layer in chosen:
             axis.axvline(layer, color="black", linestyle=":", linewidth=1)
@@ -47,43 +62,60 @@ def probe_auroc(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
         axis.set_ylim(0, 1.02)
         axis.set_xlabel("layer (decoder block output)")
         axis.set_title(model)
-    axes[0][0].set_ylabel("held-out AUROC")
-    axes[0][-1].legend(fontsize="x-small")
-    fig.suptitle("Linear readout of the character direction by layer (dotted: chosen layer)")
+    axes[0][0].set_ylabel("AUROC (question-grouped splits)")
+    axes[0][-1].legend(fontsize="xx-small")
+    fig.suptitle("Linear readout of the character direction by layer (dotted line: layer chosen on validation)")
     save_figure(fig, *outputs)
     plt.close(fig)
 
 
 def projection_scatter(projections: pl.DataFrame, correlations: pl.DataFrame, *, outputs: list[str | Path]) -> None:
-    """Projection shift onto the base direction against misalignment rate, one point per
-    fine-tuned condition and seed, coloured by family; Spearman rho with its CI in the title."""
+    """Fixed-text projection shift (fine-tuned minus base model on the base model's answers, held-out
+    questions; 95% question-bootstrap bars) against misalignment rate, one point per condition and
+    seed, coloured by family; grey band: the label-permutation null's 95th percentile of |shift|;
+    Spearman rho across conditions with its CI in the title."""
     plt = pyplot()
-    tuned = projections.filter(projections["condition"] != "base") if not projections.is_empty() else projections
+    tuned = projections.filter(projections["reading"] == "fixed") if not projections.is_empty() else projections
     panels = tuned.select("model", "disposition").unique(maintain_order=True).rows() if not tuned.is_empty() else []
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
     if not panels:
         _empty(axes[0][0])
     for axis, (model, disposition) in zip(axes[0], panels, strict=False):
         rows = tuned.filter((tuned["model"] == model) & (tuned["disposition"] == disposition))
-        colours = [FAMILY_COLOURS.get(family, "#1f77b4") for family in rows["family"].to_list()]
-        axis.scatter(rows["shift"], rows["misalignment_rate"], c=colours, s=30)
-        for x, y, name in zip(
-            rows["shift"].to_list(), rows["misalignment_rate"].to_list(), rows["condition"].to_list(), strict=True
-        ):
-            if x is not None and y is not None:
-                axis.annotate(name, (x, y), fontsize="xx-small", xytext=(3, 3), textcoords="offset points")
+        for row in rows.iter_rows(named=True):
+            if row["shift"] is None or row["misalignment_rate"] is None:
+                continue
+            colour = FAMILY_COLOURS.get(row["family"], "#1f77b4")
+            low = row["shift"] - row["ci_low"] if row["ci_low"] == row["ci_low"] else 0.0
+            high = row["ci_high"] - row["shift"] if row["ci_high"] == row["ci_high"] else 0.0
+            axis.errorbar(row["shift"], row["misalignment_rate"], xerr=[[low], [high]], fmt="o", color=colour, ms=5)
+            axis.annotate(
+                row["condition"],
+                (row["shift"], row["misalignment_rate"]),
+                fontsize="xx-small",
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        band = rows["null_p95"].drop_nans().drop_nulls()
+        if band.len():
+            width = float(band.mean())
+            axis.axvspan(-width, width, color="#cccccc", alpha=0.5, lw=0)
         stat = (
-            correlations.filter((correlations["model"] == model) & (correlations["disposition"] == disposition))
+            correlations.filter(
+                (correlations["model"] == model)
+                & (correlations["disposition"] == disposition)
+                & (correlations["reading"] == "fixed")
+            )
             if not correlations.is_empty()
             else correlations
         )
-        title = f"{model}: {disposition} direction"
+        title = f"{model}: {disposition} direction (fixed texts)"
         if not stat.is_empty():
             r = stat.row(0, named=True)
-            title += f"\nSpearman {r['rho']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}], n={r['n']}"
+            title += f"\nSpearman {r['rho']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}], n={r['n']} conditions"
         axis.set_title(title, fontsize="small")
         axis.axvline(0, color="#7f7f7f", linewidth=0.8)
-        axis.set_xlabel("projection shift vs base (activation units)")
+        axis.set_xlabel("projection shift vs base, same texts (activation units)")
         axis.set_ylabel("misaligned answers (em suite)")
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour) for colour in FAMILY_COLOURS.values()]
     fig.legend(
@@ -106,17 +138,23 @@ def cosine_heatmap(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
         rows = table.filter(table["model"] == model)
         names = rows["row"].unique(maintain_order=True).to_list()
         grid = [[float("nan")] * len(names) for _ in names]
+        significant = set()
         for row in rows.iter_rows(named=True):
             grid[names.index(row["row"])][names.index(row["column"])] = row["cosine"]
+            if row.get("null_p") is not None and row["null_p"] == row["null_p"] and row["null_p"] < 0.05:
+                significant.add((row["row"], row["column"]))
         image = axis.imshow(grid, vmin=-1, vmax=1, cmap="RdBu_r")
         axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize="x-small")
         axis.set_yticks(range(len(names)), names, fontsize="x-small")
         for i, line in enumerate(grid):
             for j, value in enumerate(line):
-                axis.text(j, i, "" if value != value else f"{value:.2f}", ha="center", va="center", fontsize="xx-small")
+                mark = "*" if (names[i], names[j]) in significant else ""
+                text = "" if value != value else f"{value:.2f}{mark}"
+                axis.text(j, i, text, ha="center", va="center", fontsize="xx-small")
         first = rows.row(0, named=True)
         axis.set_title(
-            f"{model}\nrandom |cos|: mean {first['random_mean_abs_cos']:.3f}, 95th pct {first['random_p95_abs_cos']:.3f}",
+            f"{model}\nrandom |cos|: mean {first['random_mean_abs_cos']:.3f}, 95th pct {first['random_p95_abs_cos']:.3f};"
+            " * beyond the row's permutation null (p < 0.05)",
             fontsize="small",
         )
         fig.colorbar(image, ax=axis, label="cosine similarity", shrink=0.8)
@@ -137,19 +175,29 @@ def steering_curves(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
         if rows.is_empty():
             _empty(axes[0][column])
         lines = (
-            rows.select("model", "condition", "direction").unique(maintain_order=True).rows()
+            rows.select("model", "condition", "direction", "layers").unique(maintain_order=True).rows()
             if not rows.is_empty()
             else []
         )
-        for index, (model, condition, direction) in enumerate(lines):
+        for index, (model, condition, direction, layers) in enumerate(lines):
             line = rows.filter(
-                (rows["model"] == model) & (rows["condition"] == condition) & (rows["direction"] == direction)
+                (rows["model"] == model)
+                & (rows["condition"] == condition)
+                & (rows["direction"] == direction)
+                & (rows["layers"] == layers)
             ).sort("strength")
             colour = palette(index % 10)
-            label = f"{model} {condition}, {direction}"
+            label = f"{model} {condition}, {direction} @ {layers}"
             axes[0][column].plot(line["strength"], line["rate"], marker="o", color=colour, label=label)
             axes[0][column].fill_between(line["strength"], line["ci_low"], line["ci_high"], color=colour, alpha=0.12)
             axes[1][column].plot(line["strength"], line["coherence"], marker="s", color=colour, label=label)
+            axes[1][column].fill_between(
+                line["strength"],
+                line["coherence"] - 1.96 * line["coherence_se"].fill_nan(0.0),
+                line["coherence"] + 1.96 * line["coherence_se"].fill_nan(0.0),
+                color=colour,
+                alpha=0.12,
+            )
         axes[0][column].set_title("steer the base model" if kind == "add" else "ablate in fine-tuned models")
         axes[0][column].set_ylim(0, 1)
         axes[1][column].set_ylim(0, 100)
@@ -157,7 +205,38 @@ def steering_curves(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
         if lines:
             axes[0][column].legend(fontsize="xx-small")
     axes[0][0].set_ylabel("misaligned answers")
-    axes[1][0].set_ylabel("mean coherence (judge)")
+    axes[1][0].set_ylabel("mean coherence (judge, 95% band)")
     fig.suptitle("Steering along the character direction")
+    save_figure(fig, *outputs)
+    plt.close(fig)
+
+
+def transfer_matrix(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
+    """Each probe (row) read in each cell (column): AUROC where it was trained, paired AUROC over
+    questions elsewhere, with the 95% interval written in the cell; one panel per model."""
+    plt = pyplot()
+    models = _models(table)
+    cells = table["cell"].unique(maintain_order=True).to_list() if not table.is_empty() else []
+    width = max(5.0, 1.1 * len(cells) + 3)
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(width * max(1, len(models)), 4.5), squeeze=False)
+    if not models:
+        _empty(axes[0][0])
+    for axis, model in zip(axes[0], models, strict=False):
+        rows = table.filter(table["model"] == model)
+        probes = rows["disposition"].unique(maintain_order=True).to_list()
+        grid = [[float("nan")] * len(cells) for _ in probes]
+        for row in rows.iter_rows(named=True):
+            i, j = probes.index(row["disposition"]), cells.index(row["cell"])
+            grid[i][j] = row["auroc"] if row["auroc"] is not None else float("nan")
+            if row["auroc"] is not None and row["auroc"] == row["auroc"]:
+                low, high = row["ci_low"], row["ci_high"]
+                interval = f"\n[{low:.2f}, {high:.2f}]" if low is not None and low == low else ""
+                axis.text(j, i, f"{row['auroc']:.2f}{interval}", ha="center", va="center", fontsize="xx-small")
+        image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdBu_r", aspect="auto")
+        axis.set_xticks(range(len(cells)), cells, rotation=50, ha="right", fontsize="xx-small")
+        axis.set_yticks(range(len(probes)), [f"probe:{p}" for p in probes], fontsize="x-small")
+        axis.set_title(model, fontsize="small")
+        fig.colorbar(image, ax=axis, label="AUROC (0.5 = chance)", shrink=0.8)
+    fig.suptitle("Transfer of the character probe across conditions")
     save_figure(fig, *outputs)
     plt.close(fig)
