@@ -154,3 +154,16 @@ def test_every_public_name_of_a_subpackage_resolves(package: str) -> None:
     module = importlib.import_module(f"character_em.{package}")
     missing = [name for name in module.__all__ if not hasattr(module, name)]
     assert missing == []
+
+
+def test_no_import_cycles_between_modules() -> None:
+    import grimp
+
+    graph = grimp.build_graph("character_em")
+    cycles = sorted(
+        f"{importer} <-> {imported}"
+        for importer in graph.modules
+        for imported in graph.find_modules_directly_imported_by(importer)
+        if importer < imported and graph.chain_exists(importer=imported, imported=importer)
+    )
+    assert cycles == []
