@@ -6,6 +6,8 @@ _EXPORTS = {
     "sample_prompts": "hf",
     "sampling_seed": "hf",
     "sample_prompts_vllm": "vllm_backend",
+    "PartialAnswers": "partial",
+    "partial_path": "partial",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

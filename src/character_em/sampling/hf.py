@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -255,12 +255,19 @@ def sample_prompts(
     batch_size: int,
     base_seed: int,
     progress: bool = True,
+    done: Mapping[int, Mapping[str, Any]] | None = None,
+    on_batch: Callable[[list[tuple[int, dict[str, Any]]]], None] | None = None,
+    on_batch_start: Callable[[list[int]], None] | None = None,
 ) -> pl.DataFrame:
     """Sample ``n_samples`` answers for every prompt row; one output row per answer.
 
     identity: {"model", "condition", "seed"} stamped on every row. Output columns are exactly
     ``SAMPLE_COLUMNS`` in that order, rows in prompt order then sample_index.
     Rows are batched by prompt length (less padding); results do not depend on the batching.
+    done: results of rows answered by an earlier, killed run (row index -> answer, prompt_tokens,
+    answer_tokens, finish_reason; ``sampling.partial``); only the other rows are generated.
+    on_batch: called with [(row index, result)] after each finished batch, to save it.
+    on_batch_start: called with the row indices of each batch before it is generated (for logs).
     """
     from tqdm.auto import tqdm
 
@@ -272,43 +279,55 @@ def sample_prompts(
         raise ValueError("top_p must be in (0, 1]")
 
     rows = expand_rows(prompt_rows, identity, base_seed)
-    # Rendering is cached per distinct message list: every sample of a question shares it.
-    rendered: dict[str, list[int]] = {}
-    for r in rows:
-        if r["messages"] not in rendered:
-            rendered[r["messages"]] = render_prompt(tokenizer, r["_messages"])
-    stops = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:  # any id works: padded positions are masked out
-        pad_id = next(iter(sorted(stops))) if stops else 0
+    for i, result in (done or {}).items():
+        if not 0 <= i < len(rows):
+            raise ValueError(f"restored answer for row {i}, but the job has {len(rows)} rows")
+        rows[i].update({key: result[key] for key in ("answer", "prompt_tokens", "answer_tokens", "finish_reason")})
+    todo = [i for i in range(len(rows)) if "answer" not in rows[i]]
+    # With every row restored there is nothing to generate, and the model may be None.
+    if todo:
+        # Rendering is cached per distinct message list: every sample of a question shares it.
+        rendered: dict[str, list[int]] = {}
+        for r in (rows[i] for i in todo):
+            if r["messages"] not in rendered:
+                rendered[r["messages"]] = render_prompt(tokenizer, r["_messages"])
+        stops = stop_token_ids(model, tokenizer)
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:  # any id works: padded positions are masked out
+            pad_id = next(iter(sorted(stops))) if stops else 0
 
-    order = sorted(range(len(rows)), key=lambda i: (len(rendered[rows[i]["messages"]]), i))
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        with tqdm(total=len(rows), desc="sampling", unit="ans", disable=not progress, file=sys.stderr) as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                prompts = [rendered[rows[i]["messages"]] for i in chunk]
-                outs = generate_batch(
-                    model,
-                    prompts,
-                    [rows[i]["sampling_seed"] for i in chunk],
-                    temperature=temperature,
-                    top_p=top_p,
-                    max_new_tokens=max_new_tokens,
-                    stop_ids=stops,
-                    pad_id=int(pad_id),
-                )
-                for i, prompt, (ids, reason) in zip(chunk, prompts, outs, strict=True):
-                    rows[i]["answer"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                    rows[i]["prompt_tokens"] = len(prompt)
-                    rows[i]["answer_tokens"] = len(ids)
-                    rows[i]["finish_reason"] = reason
-                bar.update(len(chunk))
-    finally:
-        if was_training:
-            model.train()
+        order = sorted(todo, key=lambda i: (len(rendered[rows[i]["messages"]]), i))
+        was_training = bool(getattr(model, "training", False))
+        model.eval()
+        try:
+            with tqdm(total=len(order), desc="sampling", unit="ans", disable=not progress, file=sys.stderr) as bar:
+                for start in range(0, len(order), batch_size):
+                    chunk = order[start : start + batch_size]
+                    if on_batch_start is not None:
+                        on_batch_start(chunk)
+                    prompts = [rendered[rows[i]["messages"]] for i in chunk]
+                    outs = generate_batch(
+                        model,
+                        prompts,
+                        [rows[i]["sampling_seed"] for i in chunk],
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_new_tokens=max_new_tokens,
+                        stop_ids=stops,
+                        pad_id=int(pad_id),
+                    )
+                    for i, prompt, (ids, reason) in zip(chunk, prompts, outs, strict=True):
+                        rows[i]["answer"] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                        rows[i]["prompt_tokens"] = len(prompt)
+                        rows[i]["answer_tokens"] = len(ids)
+                        rows[i]["finish_reason"] = reason
+                    if on_batch is not None:
+                        keys = ("answer", "prompt_tokens", "answer_tokens", "finish_reason")
+                        on_batch([(i, {key: rows[i][key] for key in keys}) for i in chunk])
+                    bar.update(len(chunk))
+        finally:
+            if was_training:
+                model.train()
 
     for r in rows:
         r.pop("_messages")
