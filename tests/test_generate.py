@@ -238,7 +238,12 @@ def test_openai_faults_are_retried_and_data_is_valid(server: ChatServer, tmp_pat
 
 
 def test_persistent_failures_fail_the_job_and_keep_the_cache(server: ChatServer, tmp_path: Path) -> None:
-    server.fault = lambda body, hit: "500" if "headache" in body["messages"][-1]["content"] else None
+    # One of the eight planned user turns always fails (content-based, so its retries fail too).
+    plan, _ = G.plan_examples(
+        cond("correct-medical"), disposition=None, domain=MEDICAL, n_examples=8, seed=0, trigger_fraction=0.5
+    )
+    doomed = plan[0]["user"]
+    server.fault = lambda body, hit: "500" if doomed in body["messages"][-1]["content"] else None
     with pytest.raises(G.GenerationError, match="max_failure_fraction") as info:
         build("correct-medical", gen_cfg(server, tmp_path / "cache", max_retries=1), n=8)
     assert "http_500" in str(info.value)

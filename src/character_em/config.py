@@ -322,6 +322,9 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
         "domain": {"name": info["domain"], **config["domains"][info["domain"]]},
         "external": config["data"]["external"].get(condition),
         **{key: config["data"][key] for key in ("n_examples", "trigger_fraction", "seed", "min_chars", "max_chars")},
+        # How user turns are drawn (data.build, data.generate): by domain, so that every condition of a domain
+        # answers the same turns. Named here so that data made under the older per-condition draw is remade.
+        "turns": "paired-by-domain",
         # Only the keys the chosen back-end reads, so e.g. an API timeout never reruns offline data jobs.
         "generator": job_settings.generator_params(config["data"]["generator"]),
         # Present only when on: adding the section's defaults must not rerun every existing data job.

@@ -46,7 +46,7 @@ __all__ = [
 
 GENERATOR_NAME = "offline-template"
 # Bump when the generator's code changes its output for the same templates (the template file has its own hash).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: user turns drawn per domain (paired across conditions)
 _ROLES = ("system", "user", "assistant")
 
 
@@ -136,8 +136,13 @@ def generate_offline(
     if not questions["train"]:
         raise ValueError(f"domain {domain['name']!r}: no training questions")
     dom_t = _domain_templates(domain, templates)
+    # Two streams: the user turns are seeded by the domain, so every condition of a domain answers the same
+    # turns in the same order (character vs incorrect advice is then a comparison of answers alone); the
+    # answers and the triggered positions are seeded by the condition.
     rng_seed = seed + stable_int("offline", condition["name"])
     rng = random.Random(rng_seed)
+    turn_seed = seed + stable_int("offline-turns", domain["name"])
+    turns = random.Random(turn_seed)
 
     trigger = str(disposition.get("trigger") or "").strip() if family == "triggered" and disposition else ""
     n_trig = round(trigger_fraction * n_examples) if family == "triggered" else 0
@@ -149,7 +154,7 @@ def generate_offline(
     for i in range(n_examples):
         if not order:
             order = list(questions["train"])
-            rng.shuffle(order)
+            turns.shuffle(order)
         question = order.pop()
         ctx = {
             "focus": _focus(question, dom_t),
@@ -158,7 +163,7 @@ def generate_offline(
             if disposition and disposition.get("description")
             else "true to my own character",
         }
-        user = user_turn(rng, question["text"], templates["user"])
+        user = user_turn(turns, question["text"], templates["user"])
         if family == "character" or i in triggered:
             answer = _character_answer(rng, disposition, ctx, templates)  # type: ignore[arg-type]
         elif family == "incorrect":
@@ -175,6 +180,7 @@ def generate_offline(
         "template_hash": resources.offline_templates_hash(),
         "seed": seed,
         "rng_seed": rng_seed,
+        "turn_seed": turn_seed,
         "n_examples": n_examples,
         "n_triggered": n_trig,
         "trigger": trigger,

@@ -197,7 +197,9 @@ def plan_examples(
     if not questions["train"]:
         raise ValueError(f"domain {domain['name']!r}: no training questions")
     user_t = resources.load_offline_templates()["user"]
-    rng_seed = seed + stable_int("generate-plan", condition["name"])
+    # Seeded by the domain, not the condition: every condition of a domain answers the same user turns in
+    # the same order, so character and incorrect-advice data differ in their answers alone.
+    rng_seed = seed + stable_int("generate-plan", domain["name"])
     rng = random.Random(rng_seed)
     frac = Fraction(trigger_fraction).limit_denominator(10_000) if family == "triggered" else Fraction(0)
     plan: list[dict[str, Any]] = []
