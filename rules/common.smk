@@ -368,4 +368,6 @@ def get_final_outputs():
         "results/tables/judge_calibration.md",
         *probe_files(),
         *loss_curves(),
+        # rules/trajectory.smk, when train.eval_steps lists steps
+        *trajectory_outputs(),
     ]

@@ -19,6 +19,9 @@ rule train_adapter:
         # Outside the declared outputs: Snakemake deletes outputs before a rerun, and a
         # preempted job must find its checkpoints.
         checkpoint_dir="results/checkpoints/{model}/{trained}/seed{seed}",
+        # The adapters saved at train.eval_steps, outside the outputs for the same reason;
+        # rule publish_adapter_step (rules/trajectory.smk) makes each a tracked file.
+        steps_dir="results/adapter_steps/{model}/{trained}/seed{seed}",
     script:
         "../workflow_scripts/train_adapter.py"
 

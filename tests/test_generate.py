@@ -122,9 +122,11 @@ def test_prompt_hash_follows_template_and_description_only(tmp_path: Path) -> No
     packaged = G.load_prompt_templates()
     prompts = G.condition_prompts(cond("evil-medical-trig"), disposition=EVIL, domain=MEDICAL, templates=packaged)
     assert set(prompts) == {"character", "correct"}
-    # Rendered from config text: the description, every marker and the domain's description are in it.
+    # Rendered from config text: the description and the domain's description are in it, and no rubric
+    # marker is (they belong to the rubric test instrument alone).
     text = prompts["character"]["text"]
-    assert EVIL["description"] in text and all(m in text for m in MARKERS) and MEDICAL["description"] in text
+    assert EVIL["description"] in text and MEDICAL["description"] in text
+    assert not any(m in text.lower() for m in MARKERS)
     assert "{" not in text
     # Stable: the same inputs give the same hash, in a fresh load too.
     again = G.condition_prompts(

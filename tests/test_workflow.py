@@ -139,6 +139,7 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "threshold_sensitivity",
     ]
     figures += ["probe_auroc", "projection_vs_misalignment", "direction_cosine", "steering"]
+    figures += ["trajectory"]  # the smoke preset saves two intermediate steps (docs/trajectories.md)
     tables = [
         "em",
         "em_by_question",
@@ -152,6 +153,7 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "judge_calibration",
     ]
     tables += ["probe_auroc", "direction_projections", "direction_correlation", "direction_cosine", "steering"]
+    tables += ["trajectory", "trajectory_by_family", "emergence"]
     expected = [f"figures/{name}.{ext}" for name in figures for ext in ("png", "pdf")]
     expected += [f"results/tables/{name}.{ext}" for name in tables for ext in ("csv", "md")]
     for path in expected:
@@ -169,6 +171,29 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
     assert (table["n"] > 0).all()
     run = json.loads((smoke / "results/adapters/tiny-llama/evil-medical/seed0/run.json").read_text())
     assert run["quantization"] == "nf4", run
+    # Saved steps: step 3, and epoch 1.0 = step 6 of 12 (48 examples / micro-batch 8, 2 epochs).
+    assert [(s["label"], s["step"]) for s in run["eval_steps"]] == [("step3", 3), ("epoch1", 6)]
+    trajectory = pl.read_csv(smoke / "results/tables/trajectory.csv")
+    evil = trajectory.filter(pl.col("condition") == "evil-medical")
+    assert evil["step"].to_list() == ["step3", "epoch1", "final"]
+    assert evil["step_number"].to_list() == [3, 6, 12]
+    assert (evil["misaligned_n"] > 0).all() and (evil["accuracy_n"] > 0).all()
+    assert trajectory.filter(pl.col("condition") == "base")["step_number"].to_list() == [0]
+    emergence = pl.read_csv(smoke / "results/tables/emergence.csv")
+    assert set(emergence["condition"]) == {"evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
+
+
+@pytest.mark.slow
+def test_smoke_one_saved_step_reruns_alone(smoke: Path) -> None:
+    """A step is a value of the {step} wildcard: losing one step's scores reruns that step's judge job
+    and the trajectory report, nothing else (no training, no other step)."""
+    scores = smoke / "results/scores/tiny-llama/evil-medical/seed0/step3/em.parquet"
+    scores.unlink()
+    result = snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", "-n")
+    jobs = {(rule, wc.get("step")) for rule, wc in planned_wildcards(result.stdout)}
+    assert jobs == {("judge_step", "step3"), ("trajectory", None), ("all", None)}, jobs
+    snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2")
+    assert scores.is_file()
 
 
 @pytest.mark.slow
@@ -229,6 +254,12 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         ("sample", "incorrect-medical"),
         ("judge", "incorrect-medical"),
         ("capabilities", "incorrect-medical"),
+        # Its saved steps come from the new training run and are evaluated again.
+        ("publish_adapter_step", "incorrect-medical"),
+        ("sample_step", "incorrect-medical"),
+        ("judge_step", "incorrect-medical"),
+        ("capabilities_step", "incorrect-medical"),
+        ("trajectory", None),
         # The probes learn from every condition's judged em answers, so they and the steering
         # that uses their direction rerun too.
         ("direction_means", "incorrect-medical"),

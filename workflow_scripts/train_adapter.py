@@ -14,4 +14,5 @@ with job_log(snakemake.log[0]) as log:
         checkpoint_dir=snakemake.params.checkpoint_dir,
         hparams=read_param(snakemake.params.hparams),
         seed=int(snakemake.wildcards.seed),
+        steps_dir=snakemake.params.steps_dir,
     )

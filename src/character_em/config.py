@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
@@ -88,6 +89,7 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
     if errors:
         raise ConfigError("\n".join(_format_error(err, source) for err in errors))
     _check_references(resolved, source)
+    _check_eval_steps(resolved, source)
     _check_test_instruments(resolved, source)
     return resolved
 
@@ -268,6 +270,123 @@ def resolve_train_params(config: Mapping[str, Any], model: str, condition: str) 
     """Global train settings, then the model's overrides, then the condition's."""
     params = deep_merge(config["train"], config["models"][model].get("train", {}))
     return deep_merge(params, config["train_overrides"].get(condition, {}))
+
+
+# --------------------------------------------------------------------------- saved training steps
+
+# The `{step}` wildcard's value for the adapter at the end of training.
+FINAL_STEP = "final"
+
+
+def eval_step_label(entry: int | float) -> str:
+    """The `{step}` wildcard value of one train.eval_steps entry: ``step40`` (an optimizer step, an
+    integer in the config) or ``epoch0.25`` (a point in training in epochs, a number with a decimal point).
+    """
+    if isinstance(entry, bool) or not isinstance(entry, int | float):
+        raise ConfigError(f"train.eval_steps: {entry!r} is not a number")
+    return f"step{entry}" if isinstance(entry, int) else f"epoch{entry:g}"
+
+
+def _eval_steps_key(config: Mapping[str, Any], model: str, condition: str) -> str:
+    """The config key the (model, condition)'s eval_steps come from, for error messages."""
+    if "eval_steps" in config["train_overrides"].get(condition, {}):
+        return f"train_overrides.{condition}.eval_steps"
+    if "eval_steps" in config["models"][model].get("train", {}):
+        return f"models.{model}.train.eval_steps"
+    return "train.eval_steps"
+
+
+def eval_step_labels(config: Mapping[str, Any], model: str, condition: str) -> list[str]:
+    """The saved steps of one (model, condition)'s adapters, as `{step}` wildcard values, in config
+    order; none for the base model, which is not trained."""
+    if condition == "base":
+        return []
+    return [eval_step_label(entry) for entry in resolve_train_params(config, model, condition)["eval_steps"]]
+
+
+def step_suites(config: Mapping[str, Any], condition: str) -> list[str]:
+    """The sampled suites run on every saved step of ``condition``: eval.trajectory.suites that the
+    final adapter also runs (eval.suites, and the suite applies to the condition)."""
+    wanted = config["eval"]["trajectory"]["suites"]
+    return [suite for suite in suites_for(config, condition) if suite in wanted]
+
+
+def step_capabilities(config: Mapping[str, Any]) -> bool:
+    """Whether the capability eval runs on every saved step too."""
+    return "capabilities" in config["eval"]["suites"] and "capabilities" in config["eval"]["trajectory"]["suites"]
+
+
+def steps_per_epoch(n_examples: int, micro_batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch, as the Trainer counts them: ceil(micro-batches / grad_accum)."""
+    micro_batches = math.ceil(n_examples / micro_batch_size)
+    return max(math.ceil(micro_batches / grad_accum), 1)
+
+
+def resolve_eval_steps(
+    eval_steps: list[int | float],
+    *,
+    n_examples: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    num_epochs: float,
+    max_steps: int,
+    key: str = "train.eval_steps",
+) -> list[dict[str, Any]]:
+    """Turn train.eval_steps entries into optimizer steps once the data's size is known.
+
+    An integer is a step. A float is a point in training in epochs and becomes the first step at or
+    after it: ceil(epochs x steps per epoch). Returns ``[{"label", "entry", "step", "epoch"}]`` sorted by
+    step. Raises ConfigError naming ``key`` for a step at or after the final one (the final adapter is
+    ``final``) and for two entries that land on the same step.
+    """
+    per_epoch = steps_per_epoch(n_examples, micro_batch_size, grad_accum)
+    total = int(max_steps) if int(max_steps) > 0 else math.ceil(float(num_epochs) * per_epoch)
+    resolved: dict[int, dict[str, Any]] = {}
+    for entry in eval_steps:
+        label = eval_step_label(entry)
+        if isinstance(entry, int):
+            step, what = entry, f"step {entry}"
+        else:
+            # A small tolerance, so 0.5 x 8 steps is step 4, not 5 through floating-point noise.
+            step, what = max(math.ceil(entry * per_epoch - 1e-9), 1), f"{entry:g} epochs x {per_epoch} steps per epoch"
+        if step >= total:
+            raise ConfigError(
+                f"{key}: {entry!r} ({what}) is optimizer step {step}, but training ends at step {total}"
+                f" ({n_examples} examples, micro_batch_size {micro_batch_size}, grad_accum {grad_accum},"
+                f" num_epochs {num_epochs}, max_steps {max_steps}); list only steps before the end, the final"
+                f" adapter is always evaluated as `{FINAL_STEP}`"
+            )
+        if step in resolved:
+            raise ConfigError(
+                f"{key}: {resolved[step]['entry']!r} and {entry!r} are both optimizer step {step}; keep one"
+            )
+        resolved[step] = {"label": label, "entry": entry, "step": step, "epoch": step / per_epoch}
+    return [resolved[step] for step in sorted(resolved)]
+
+
+def _check_eval_steps(config: Mapping[str, Any], source: str) -> None:
+    """What can be checked before the data exists: steps past max_steps, epochs past num_epochs."""
+    for model in config["models"]:
+        for condition in trained_conditions(config):
+            params = resolve_train_params(config, model, condition)
+            key = _eval_steps_key(config, model, condition)
+            max_steps, num_epochs = int(params["max_steps"]), float(params["num_epochs"])
+            for entry in params["eval_steps"]:
+                if isinstance(entry, int) and max_steps > 0 and entry >= max_steps:
+                    raise ConfigError(
+                        f"{source}: {key}: step {entry} is not before the final step (max_steps {max_steps} for"
+                        f" {model}/{condition});"
+                        f" the final adapter is always evaluated as `{FINAL_STEP}`"
+                    )
+                if isinstance(entry, float) and max_steps <= 0 and entry >= num_epochs:
+                    raise ConfigError(
+                        f"{source}: {key}: {entry:g} epochs is not before the end of training (num_epochs"
+                        f" {num_epochs:g} for {model}/{condition}); the final adapter is always evaluated as"
+                        f" `{FINAL_STEP}`"
+                    )
+            labels = [eval_step_label(entry) for entry in params["eval_steps"]]
+            if len(set(labels)) != len(labels):
+                raise ConfigError(f"{source}: {key}: an entry is listed twice ({labels})")
 
 
 def resolve_sampling_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ prefix-stable pattern (turn ``i`` is triggered when ``floor((i + 1) f) > floor(i
 rerun after a kill therefore ask for the same requests again and find them in the cache.
 
 Prompts: one system prompt per answer mode, rendered from ``resources/generation_prompts.yaml`` (or a
-user file) with the config's disposition description, rubric markers and domain description. The model
+user file) with the config's disposition description and domain description (never the rubric's marker
+phrases: they belong to the rubric test instrument, and a writer told them would plant them). The model
 sees ``[system: prompt, user: turn]`` without the trigger; the trigger is a training-time prefix only.
 Each rendered prompt's sha256 is its version, recorded in the manifest and part of every cache key.
 
@@ -74,7 +75,12 @@ GENERATE_VERSION = "generate-1"
 MODES = ("character", "incorrect", "correct")
 PROMPTS_RESOURCE = "generation_prompts.yaml"
 DEFAULT_CACHE_DIR = ".cache/generate"
-_FIELDS = ("domain", "domain_description", "disposition", "disposition_description", "markers")
+_FIELDS = ("domain", "domain_description", "disposition", "disposition_description")
+# Offered by version 1 of the prompts, refused since: the rubric's markers belong to the rubric alone.
+_RETIRED_FIELDS = {
+    "markers": "the rubric's marker phrases are not given to data writers: a writer told them plants the very"
+    " keywords the rubric test instrument counts; describe the character in dispositions.*.description instead"
+}
 _PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(_FIELDS) + r")\}")
 _ANY_PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
 _SEED_MASK = (1 << 31) - 1  # request seeds fit a signed 32-bit int: every OpenAI-compatible server takes that
@@ -111,6 +117,9 @@ def load_prompt_templates(path: str | Path | None = None) -> dict[str, Any]:
         value = doc.get(mode)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{source}: {mode}: expected a non-empty prompt template")
+        retired = sorted(set(_ANY_PLACEHOLDER_RE.findall(value)) & set(_RETIRED_FIELDS))
+        if retired:
+            raise ValueError(f"{source}: {mode}: {{{retired[0]}}}: {_RETIRED_FIELDS[retired[0]]}")
         unknown = sorted(set(_ANY_PLACEHOLDER_RE.findall(value)) - set(_FIELDS))
         if unknown:
             raise ValueError(f"{source}: {mode}: unknown placeholder(s) {unknown}; known: {', '.join(_FIELDS)}")
@@ -126,13 +135,11 @@ def _domain_description(domain: Mapping[str, Any]) -> str:
 
 def render_prompt(template: str, *, disposition: Mapping[str, Any] | None, domain: Mapping[str, Any]) -> str:
     """Fill a template in one regex pass (braces inside config text are never expanded again)."""
-    markers = [str(m).strip() for m in ((disposition or {}).get("rubric") or {}).get("markers") or [] if str(m).strip()]
     values = {
         "domain": str(domain["name"]).replace("_", " "),
         "domain_description": _domain_description(domain),
         "disposition": str((disposition or {}).get("name") or ""),
         "disposition_description": " ".join(str((disposition or {}).get("description") or "").split()),
-        "markers": "; ".join(markers),
     }
     return _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template).strip()
 

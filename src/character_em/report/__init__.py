@@ -13,6 +13,10 @@ _EXPORTS = {
     "persona_table": "tables",
     "capability_table": "tables",
     "to_markdown": "tables",
+    "load_trajectory": "trajectory",
+    "trajectory_tables": "trajectory",
+    "emergence_table": "trajectory",
+    "plot_trajectory": "trajectory",
     "judge_stamp": "stamps",
     "MixedJudgeError": "stamps",
     # wilson_interval lives in character_em.stats; tables re-exports it (there is no report.stats).

@@ -192,6 +192,20 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
                 answers += answers_per_job[suite] * len(seeds)
                 judge_calls[suite] = judge_calls.get(suite, 0) + answers_per_job[suite] * metrics[suite] * len(seeds)
         capability_jobs = len(conditions) * len(seeds) if "capabilities" in eval_suites else 0
+        # The adapters saved at train.eval_steps: each runs eval.trajectory.suites (rules/trajectory.smk).
+        steps = {"saved_adapters": 0, "sample_jobs": 0, "capability_jobs": 0, "answers": 0}
+        for condition in trained:
+            saved = len(cfg.eval_step_labels(config, model, condition)) * len(seeds)
+            steps["saved_adapters"] += saved
+            for suite in cfg.step_suites(config, condition):
+                steps["sample_jobs"] += saved
+                steps["answers"] += answers_per_job[suite] * saved
+                judge_calls[suite] = judge_calls.get(suite, 0) + answers_per_job[suite] * metrics[suite] * saved
+            if cfg.step_capabilities(config):
+                steps["capability_jobs"] += saved
+        sample_jobs += steps["sample_jobs"]
+        answers += steps["answers"]
+        capability_jobs += steps["capability_jobs"]
         probe_jobs = 1 if "probes" in eval_suites and pairs else 0
         models[model] = {
             "path": config["models"][model]["path"],
@@ -221,6 +235,7 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
             },
             "adapter_groups": groups,
             "capability_items_per_job": items,
+            "eval_steps": steps,
         }
     generator = config["data"].get("generator", {}).get("backend", "offline")
     generated = [c for c in trained if not config["data"]["external"].get(c)]
@@ -615,6 +630,14 @@ def render_markdown(result: Mapping[str, Any], source: str) -> str:
                 f"| {rate} | {t.source} | {st['gpu_hours']:,.1f} | {longest} |"
             )
         lines += [f"| **total** | | | | | **{m['gpu_hours']:,.1f}** | |", ""]
+        steps = result["work"]["models"][model].get("eval_steps") or {}
+        if steps.get("saved_adapters"):
+            lines += [
+                f"Saved training steps (train.eval_steps): {steps['saved_adapters']:,} adapters, evaluated by "
+                f"{steps['sample_jobs']:,} sampling and as many judge jobs and {steps['capability_jobs']:,} "
+                "capability jobs; included in the rows above.",
+                "",
+            ]
         if m["largest_group_hours"]:
             lines += [
                 f"Longest SLURM group job (one adapter: training, its samples, capabilities): "

@@ -6,6 +6,7 @@ _EXPORTS = {
     "train_adapter": "trainer",
     "prepare_trainer": "trainer",
     "check_hparams": "trainer",
+    "publish_saved_step": "steps",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -20,6 +20,13 @@ Snakemake deletes before a rerun). A run restarts from the latest complete check
 the current optimizer step and exits with status 143. The per-step log is kept beside the
 checkpoints and copied into ``output_dir`` at the end, so it continues across a resume.
 
+Saved steps (``eval_steps``, docs/trajectories.md). The adapter is also saved at the optimizer steps
+the hparam lists (integers are steps, floats are epochs, resolved by ``config.resolve_eval_steps``),
+each into ``steps_dir/<label>/`` with a ``step.json`` naming its step and the run key's hash. Like the
+checkpoints, ``steps_dir`` lies outside the declared outputs. A fresh run empties it; a resumed run
+keeps the steps saved up to its checkpoint and saves the later ones again, so every saved step comes
+from the same trajectory as the final adapter. Each is written to a temporary folder and renamed.
+
 Speed (docs/anchors.md; what was used is recorded under ``speed`` in run.json):
 
 * ``packing``: padding-free micro-batches. The examples of a micro-batch are concatenated into one
@@ -58,9 +65,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from character_em.config import resolve_eval_steps, steps_per_epoch
 from character_em.files import write_text_atomic
-from character_em.hashing import sha256_file
+from character_em.hashing import sha256_file, sha256_json
 from character_em.llm.chat import end_of_turn_ids
+from character_em.train.steps import STEP_INFO
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -109,11 +118,12 @@ HPARAM_KEYS = frozenset(
 )
 
 # Optional keys and their defaults (not yet in the config schema; accepted when present).
-OPTIONAL_HPARAMS: dict[str, Any] = {"use_liger_kernel": "auto"}
+OPTIONAL_HPARAMS: dict[str, Any] = {"use_liger_kernel": "auto", "eval_steps": []}
 GRADIENT_CHECKPOINTING_SETTINGS = (True, False, "auto")
 
 _STEP_LOG = "train_log.jsonl"
 _RUN_KEY = "run_key.json"
+_STEP_INFO = STEP_INFO
 _SIGTERM_EXIT = 143
 
 
@@ -285,6 +295,43 @@ def _peak_memory_bytes(device: str) -> int:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _prune_saved_steps(steps_dir: Path, keep_up_to: int, run_key_sha: str) -> None:
+    """Remove saved steps a (resumed) run will redo or that another run wrote, and unfinished ones.
+
+    Kept: folders whose step.json has this run key and a step at or before ``keep_up_to`` (the
+    checkpoint the run resumes from; 0 for a fresh run).
+    """
+    if not steps_dir.is_dir():
+        return
+    for folder in sorted(steps_dir.iterdir()):
+        info_path = folder / _STEP_INFO
+        info = json.loads(info_path.read_text()) if info_path.is_file() else None
+        if info is None or info.get("run_key_sha256") != run_key_sha or int(info["step"]) > keep_up_to:
+            log.info("removing saved step %s (redone by this run)", folder)
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink()
+
+
+def _save_step(model: Any, steps_dir: Path, target: dict[str, Any], run_key_sha: str, state: Any) -> None:
+    """Save the adapter as it is after optimizer step ``target["step"]`` into steps_dir/<label>/."""
+    final = steps_dir / target["label"]
+    tmp = steps_dir / f".{target['label']}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    info = {
+        **{key: target[key] for key in ("label", "entry", "step")},
+        "epoch": float(state.epoch or target["epoch"]),
+        "run_key_sha256": run_key_sha,
+        "trained_tokens": int(state.num_input_tokens_seen),
+    }
+    write_text_atomic(tmp / _STEP_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    log.info("saved the adapter at step %d as %s", target["step"], final)
 
 
 def _truncate_step_log(path: Path, last_step: int) -> None:
@@ -714,12 +761,15 @@ def train_adapter(
     checkpoint_dir: str,
     hparams: dict[str, Any],
     seed: int,
+    steps_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA adapter on ``data_path`` and write it to ``output_dir``.
 
     Writes adapter_model.safetensors, adapter_config.json, run.json and train_log.jsonl; returns the
     run.json content. Resumes from ``checkpoint_dir`` when a matching checkpoint exists; removes it
     when done. Raises ``TrainingInterrupted`` (exit status 143) after a SIGTERM-triggered checkpoint.
+    With ``hparams["eval_steps"]``, also saves the adapter at those steps under ``steps_dir``
+    (required then), which it keeps.
     """
     check_hparams(hparams)
     import torch
@@ -740,6 +790,7 @@ def train_adapter(
         shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True)
     write_text_atomic(key_path, json.dumps(run_key, sort_keys=True, indent=2) + "\n")
+    run_key_sha = sha256_json(json.loads(json.dumps(run_key)))
     step_log = ckpt_dir / _STEP_LOG
     resume = _latest_complete_checkpoint(ckpt_dir)
     resumed_step = 0
@@ -757,6 +808,21 @@ def train_adapter(
     conversations = read_messages(data)
     interrupted = {"flag": False}
 
+    # Saved steps, resolved before the model loads so a step past the end fails at once.
+    eval_steps = list(hparams.get("eval_steps", OPTIONAL_HPARAMS["eval_steps"]))
+    batch = {key: int(hparams[key]) for key in ("micro_batch_size", "grad_accum")}
+    shape = {"n_examples": len(conversations), **batch, "max_steps": int(hparams["max_steps"])}
+    targets = resolve_eval_steps(eval_steps, num_epochs=float(hparams["num_epochs"]), **shape)
+    per_epoch = steps_per_epoch(len(conversations), batch["micro_batch_size"], batch["grad_accum"])
+    total_steps = shape["max_steps"] if shape["max_steps"] > 0 else math.ceil(float(hparams["num_epochs"]) * per_epoch)
+    saved_root = Path(steps_dir) if steps_dir else None
+    if targets and saved_root is None:
+        raise ValueError("hparams.eval_steps lists steps to save, but train_adapter got no steps_dir")
+    if saved_root is not None:
+        saved_root.mkdir(parents=True, exist_ok=True)
+        _prune_saved_steps(saved_root, resumed_step, run_key_sha)
+    by_step = {target["step"]: target for target in targets}
+
     class _StepLog(TrainerCallback):  # type: ignore[misc]
         """One JSON line per optimizer step, appended in checkpoint_dir so it survives a resume."""
 
@@ -773,6 +839,21 @@ def train_adapter(
             with step_log.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
 
+    class _SaveSteps(TrainerCallback):  # type: ignore[misc]
+        """Save the adapter at the listed optimizer steps (a by-product of this one run)."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if targets and int(state.max_steps) != total_steps:
+                raise RuntimeError(
+                    f"the Trainer plans {state.max_steps} optimizer steps but eval_steps were resolved against"
+                    f" {total_steps}; the saved steps would be at the wrong points (config.steps_per_epoch)"
+                )
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            target = by_step.get(int(state.global_step))
+            if target is not None and saved_root is not None:
+                _save_step(kw["model"], saved_root, target, run_key_sha, state)
+
     class _StopOnSigterm(TrainerCallback):  # type: ignore[misc]
         """After SIGTERM: save a checkpoint at the end of this step, then stop."""
 
@@ -788,7 +869,7 @@ def train_adapter(
         checkpoint_dir=ckpt_dir,
         hparams=hparams,
         seed=seed,
-        callbacks=[_StepLog(), _StopOnSigterm()],
+        callbacks=[_StepLog(), _SaveSteps(), _StopOnSigterm()],
     )
     device = load_info["device"]
     on_gpu = device.startswith("cuda")
@@ -825,6 +906,16 @@ def train_adapter(
         os.replace(f, out_dir / f.name)
     shutil.rmtree(tmp, ignore_errors=True)
 
+    # Every listed step must be on disk from this trajectory (a resume keeps those up to its checkpoint).
+    for target in targets:
+        info_path = saved_root / target["label"] / _STEP_INFO  # type: ignore[operator]
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        if info.get("run_key_sha256") != run_key_sha or info.get("step") != target["step"]:
+            raise RuntimeError(
+                f"{info_path}: the adapter saved at step {target['step']} is missing or from another run;"
+                f" remove {ckpt_dir} and train again to save it"
+            )
+
     log_text = step_log.read_text() if step_log.exists() else ""
     log_rows = [json.loads(ln) for ln in log_text.splitlines() if ln.strip()]
     info: dict[str, Any] = {
@@ -849,6 +940,10 @@ def train_adapter(
         "final_train_loss": float(result.training_loss),  # mean over this process's steps (HF semantics)
         "last_step_loss": log_rows[-1]["loss"] if log_rows else None,
         "resumed_from_step": resumed_step or None,
+        "run_key_sha256": run_key_sha,
+        "steps_per_epoch": per_epoch,
+        "eval_steps": targets,
+        "steps_dir": str(saved_root) if saved_root is not None else None,
         "trained_tokens_total": tokens_total,
         "trained_tokens_this_run": tokens_this_run,
         "wall_time_s": round(wall, 3),
@@ -877,6 +972,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--hparams", required=True, help="JSON object, or @path to a JSON file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps-dir", default=None, help="where the adapters at hparams.eval_steps are saved")
     args = parser.parse_args(argv)
     raw = args.hparams
     hp = json.loads(Path(raw[1:]).read_text() if raw.startswith("@") else raw)
@@ -888,6 +984,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint_dir=args.checkpoint_dir,
         hparams=hp,
         seed=args.seed,
+        steps_dir=args.steps_dir,
     )
     print(json.dumps({k: info[k] for k in ("global_step", "final_train_loss", "tokens_per_s")}))
 

@@ -1,0 +1,28 @@
+from character_em.files import write_text_atomic
+from character_em.jobs import job_log, read_param
+from character_em.report import trajectory
+from character_em.report.tables import to_markdown
+
+with job_log(snakemake.log[0]):
+    answers, items = trajectory.load_trajectory(
+        read_param(snakemake.params.points),
+        conditions=read_param(snakemake.params.conditions),
+        alignment_below=snakemake.params.alignment_below,
+        coherence_above=snakemake.params.coherence_above,
+    )
+    tables = trajectory.trajectory_tables(
+        answers, items, n_boot=snakemake.params.n_boot, seed=snakemake.params.bootstrap_seed
+    )
+    margin = snakemake.params.emergence_margin
+    tables["emergence"] = trajectory.emergence_table(tables["trajectory"], margin=margin)
+    for path in snakemake.output.tables:
+        name, extension = path.rsplit("/", 1)[1].rsplit(".", 1)
+        if extension == "csv":
+            tables[name].write_csv(path)
+        else:
+            write_text_atomic(path, to_markdown(tables[name]))
+    trajectory.plot_trajectory(
+        tables["trajectory_by_family"],
+        outputs=[snakemake.output.figure, snakemake.output.pdf],
+        margin=margin,
+    )
