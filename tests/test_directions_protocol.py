@@ -45,7 +45,7 @@ def test_data_groups_tie_template_siblings_to_their_question() -> None:
         [{"role": "user", "content": "Is ibuprofen safe? cheers"}, {"role": "assistant", "content": "c"}],
         [{"role": "user", "content": "Something else"}, {"role": "assistant", "content": "d"}],
     ]
-    keys = P.data_groups(chats, questions)
+    keys = D.data_groups(chats, questions)
     assert keys[0] == keys[1] == "q:how do i treat a burn"
     assert keys[2] != keys[0] and keys[3] == "u:something else"
 

@@ -138,7 +138,7 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "persona",
         "threshold_sensitivity",
     ]
-    figures += ["probe_auroc", "projection_vs_misalignment", "direction_cosine", "steering"]
+    figures += ["probe_auroc", "projection_vs_misalignment", "direction_cosine", "direction_transfer", "steering"]
     figures += ["trajectory"]  # the smoke preset saves two intermediate steps (docs/trajectories.md)
     tables = [
         "em",
@@ -152,7 +152,8 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "capabilities",
         "judge_calibration",
     ]
-    tables += ["probe_auroc", "direction_projections", "direction_correlation", "direction_cosine", "steering"]
+    tables += ["probe_auroc", "direction_projections", "direction_correlation", "direction_cosine"]
+    tables += ["direction_transfer", "steering"]
     tables += ["trajectory", "trajectory_by_family", "emergence"]
     expected = [f"figures/{name}.{ext}" for name in figures for ext in ("png", "pdf")]
     expected += [f"results/tables/{name}.{ext}" for name in tables for ext in ("csv", "md")]
@@ -260,9 +261,12 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         ("judge_step", "incorrect-medical"),
         ("capabilities_step", "incorrect-medical"),
         ("trajectory", None),
-        # The probes learn from every condition's judged em answers, so they and the steering
-        # that uses their direction rerun too.
-        ("direction_means", "incorrect-medical"),
+        # The probes learn from every condition's judged em answers, so they, the steering that
+        # uses their direction, and every condition's readings at their chosen layer rerun too.
+        *(
+            ("direction_means", condition)
+            for condition in ("base", "evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig")
+        ),
         ("probes", None),
         ("steer", "base"),
         ("steer", "evil-medical"),

@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from character_em.contracts import SAMPLE_KEY
+from character_em.resources import normalize_text
 
 if TYPE_CHECKING:
     import torch
@@ -357,6 +358,20 @@ def judged_answers(samples: pl.DataFrame, scores: pl.DataFrame, dispositions: Se
     return samples.join(wide.select(*SAMPLE_KEY, *wanted), on=list(SAMPLE_KEY), how="inner")
 
 
+def data_groups(chats: Sequence[Sequence[Mapping[str, str]]], questions: Sequence[str]) -> list[str]:
+    """A group key per training chat: the longest known question its last user turn contains
+    (template siblings and the same question across conditions share it), else the user turn
+    itself (data written without a known bank)."""
+    known = sorted({normalize_text(q) for q in questions if q.strip()}, key=len, reverse=True)
+    keys = []
+    for chat in chats:
+        user = next((m["content"] for m in reversed(chat[:-1]) if m["role"] == "user"), "")
+        text = normalize_text(user)
+        match = next((q for q in known if q in text), None)
+        keys.append(f"q:{match}" if match is not None else f"u:{text}")
+    return keys
+
+
 def probe_examples(
     data_chats: Mapping[str, Sequence[Chat]],
     judged: pl.DataFrame,
@@ -378,11 +393,9 @@ def probe_examples(
     dispositions could use is dealt to one of them at random, so no two probes share a negative
     (a shared negative mean would make their directions look alike whatever the positives are).
     Every row carries its kind (``data`` / ``judged``) and its question group (``questions``: the
-    domains' training questions, see ``protocol.data_groups``; a judged answer's em question id).
+    domains' training questions, see ``data_groups``; a judged answer's em question id).
     Returns (chats, {disposition: {"rows", "labels", "sources", "kinds", "groups"}}).
     """
-    from character_em.directions.protocol import data_groups
-
     chats: list[Chat] = []
     data_rows: dict[str, list[int]] = {}
     for name in sorted({c for g in groups.values() for side in ("positive", "negative") for c in g[side]}):
@@ -724,6 +737,7 @@ __all__ = [
     "bootstrap_interval",
     "cosine_matrix",
     "encode_chat",
+    "data_groups",
     "judged_answers",
     "load_layer",
     "mean_activations",

@@ -26,26 +26,11 @@ from typing import Any
 import numpy as np
 
 from character_em.directions.probes import auroc, load_layer
-from character_em.resources import normalize_text
 
 SPLITS = ("train", "val", "test")
 
 
-# --------------------------------------------------------------------------- groups
-
-
-def data_groups(chats: Sequence[Sequence[Mapping[str, str]]], questions: Sequence[str]) -> list[str]:
-    """A group key per training chat: the longest known question its last user turn contains
-    (template siblings and the same question across conditions share it), else the user turn
-    itself (data written without a known bank)."""
-    known = sorted({normalize_text(q) for q in questions if q.strip()}, key=len, reverse=True)
-    keys = []
-    for chat in chats:
-        user = next((m["content"] for m in reversed(chat[:-1]) if m["role"] == "user"), "")
-        text = normalize_text(user)
-        match = next((q for q in known if q in text), None)
-        keys.append(f"q:{match}" if match is not None else f"u:{text}")
-    return keys
+# --------------------------------------------------------------------------- splits
 
 
 def grouped_split(
@@ -314,7 +299,6 @@ def null_summary(observed: float, null: Sequence[float]) -> dict[str, float]:
 __all__ = [
     "SPLITS",
     "choose_layer",
-    "data_groups",
     "evaluate_layer",
     "example_counts",
     "fit_questions",
