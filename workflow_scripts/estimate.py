@@ -4,7 +4,7 @@ from character_em.report import estimate
 
 with job_log(snakemake.log[0]) as log:
     result = estimate.estimate(read_param(snakemake.params.config), runs_root=".")
-    text = estimate.render_markdown(result, snakemake.params.source)
+    text = estimate.render_markdown(result, snakemake.params.source, estimate.profile_runtimes())
     write_text_atomic(snakemake.output.report, text)
     log.info("estimate: %.1f GPU-hours in all", result["gpu_hours"])
     print(text)

@@ -137,6 +137,36 @@ def _external_examples(path: str) -> int:
         raise EstimateError(f"{path}: cannot read external training data: {err}") from err
 
 
+def _steering_work(config: Mapping[str, Any], conditions: Sequence[str], sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """Steering jobs of one model (rules/directions.smk, first seed): the base model steered along each
+    probed disposition's direction at every alpha, and each character condition of a probed disposition
+    with its direction ablated at every fraction; at the chosen layer, and also at
+    eval.probes.steering.layers when set. Answers are judged in the job."""
+    from character_em.evals import suites
+
+    steer = config["eval"]["probes"]["steering"]
+    spec = {**cfg.suite_spec(config, "em"), "n_samples": steer["n_samples"]}
+    if steer["max_questions"] is not None:
+        spec["max_questions"] = steer["max_questions"]
+    per_setting = sum(row["n_samples"] for row in suites.build_prompts("em", spec))
+    layer_sets = 1 if steer["layers"] is None else 2
+    probed = sorted({pair["disposition"] for pair in cfg.probe_pairs(config, list(conditions))})
+    ablated = [
+        c
+        for c in conditions
+        if cfg.condition_info(config, c)["family"] == "character"
+        and cfg.condition_info(config, c)["disposition"] in probed
+    ]
+    base = per_setting * len(steer["alphas"]) * len(probed) * layer_sets
+    each = per_setting * len(steer["ablate"]) * layer_sets
+    return {
+        "jobs": 1 + len(ablated) if probed else 0,
+        "answers": (base + each * len(ablated)) if probed else 0,
+        "largest_job_answers": max(base, each if ablated else 0) if probed else 0,
+        "max_new_tokens": int(steer["max_new_tokens"] or sampling["max_new_tokens"]),
+    }
+
+
 def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
     """Jobs and units of work per model and stage for a validated config (``cfg.validate_config``).
 
@@ -207,6 +237,7 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
         answers += steps["answers"]
         capability_jobs += steps["capability_jobs"]
         probe_jobs = 1 if "probes" in eval_suites and pairs else 0
+        steer = _steering_work(config, conditions, sampling) if probe_jobs else {"jobs": 0, "answers": 0}
         models[model] = {
             "path": config["models"][model]["path"],
             "train_adapter": {"jobs": train_jobs, "example_epochs": example_epochs},
@@ -235,6 +266,7 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
             },
             "adapter_groups": groups,
             "capability_items_per_job": items,
+            "steer": steer,
             "eval_steps": steps,
         }
     generator = config["data"].get("generator", {}).get("backend", "offline")
@@ -249,7 +281,14 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
         "probe_pairs": pairs,
         "judge_backend": config["judge"]["backend"],
         # One request per generated training answer (each condition's data is shared by models and seeds).
-        "data_generation": {"backend": generator, "requests": len(generated) * int(config["data"]["n_examples"])},
+        "data_generation": {
+            "backend": generator,
+            "requests": len(generated) * int(config["data"]["n_examples"]),
+            "jobs": len(generated),
+            "model": config["data"].get("generator", {}).get("model"),
+            "max_tokens": int(config["data"].get("generator", {}).get("max_tokens", 600)),
+            "batch_size": int(config["data"].get("generator", {}).get("batch_size", 16)),
+        },
         "judge_model": config["judge"].get("model"),
         "calibration": {
             "judges": [(name, params["backend"]) for name, params in judges],
@@ -516,6 +555,22 @@ def estimate(
                 }
             )
 
+        # steering: generation on the base model or an adapter, like sampling
+        st = w.get("steer") or {}
+        if st.get("jobs"):
+            steer_answer = min(per_answer, st["max_new_tokens"])
+            stages.append(
+                {
+                    "stage": "steer",
+                    "jobs": st["jobs"],
+                    "units": st["answers"] * steer_answer,
+                    "unit": "new tokens",
+                    "detail": f"{st['answers']:,} steered answers x {steer_answer:,.0f} tokens (judged in the job)",
+                    "throughput": gen,
+                    "largest_units": st["largest_job_answers"] * steer_answer,
+                }
+            )
+
         # a local hf judge runs on a GPU: one forward pass per call over the prompt and the answer
         if backend == "hf":
             j = w["judge"]
@@ -542,9 +597,15 @@ def estimate(
         largest_units = {
             "train_adapter": max((g["example_epochs"] for g in w["adapter_groups"]), default=0.0) * per_example,
             "sample": max(work["answers_per_job"].values(), default=0) * per_answer,
+            "judge": max(
+                (n * work["metrics_per_answer"][suite] for suite, n in work["answers_per_job"].items()), default=0
+            )
+            * (ASSUMED_JUDGE_PROMPT_TOKENS + per_answer),
         }
         for stage in stages:
-            if stage["stage"] in largest_units:
+            if "largest_units" in stage:
+                units = stage["largest_units"]
+            elif stage["stage"] in largest_units:
                 units = largest_units[stage["stage"]]
             else:
                 units = stage["units"] / stage["jobs"] if stage["jobs"] else 0.0
@@ -571,13 +632,91 @@ def estimate(
             "largest_group_hours": _group_hours(stages, w, per_example, per_answer, load_minutes),
         }
     out["gpu_hours"] = sum(m["gpu_hours"] for m in out["models"].values())
+    # Model-written training data (data.generator.backend: hf): generate_data_gpu jobs, one per
+    # generated condition, shared by every model and seed.
+    data = work["data_generation"]
+    if data["backend"] == "hf" and data.get("jobs"):
+        size = params_billions("", str(data.get("model") or "")) or ANCHOR_PARAMS_B
+        rate = Throughput(
+            _generate_anchor(data["batch_size"]) * ANCHOR_PARAMS_B / size,
+            "new tokens/s",
+            f"{ANCHOR_SOURCE}, generate batch {data['batch_size']}, generator ~{size:g}B",
+        )
+        units = data["requests"] * data["max_tokens"]
+        out["data_generation"] = {
+            "stage": "generate_data_gpu",
+            "jobs": data["jobs"],
+            "units": units,
+            "unit": "new tokens",
+            "detail": f"{data['requests']:,} answers x {data['max_tokens']:,} tokens (max_tokens: upper bound)",
+            "throughput": rate,
+            "gpu_hours": units / rate.value / 3600 + data["jobs"] * load_minutes / 60,
+            "largest_job_hours": units / data["jobs"] / rate.value / 3600 + load_minutes / 60,
+        }
+        out["gpu_hours"] += out["data_generation"]["gpu_hours"]
     return out
+
+
+# Estimate stage -> the Snakemake rule that runs it.
+STAGE_RULES = {
+    "train_adapter": "train_adapter",
+    "sample": "sample",
+    "capabilities": "capabilities",
+    "probes": "probes",
+    "judge": "judge",
+    "steer": "steer",
+    "generate_data_gpu": "generate_data_gpu",
+}
+
+
+def profile_runtimes(path: str | Path = "profiles/default/config.yaml") -> dict[str, float]:
+    """Rule -> `runtime` (minutes) as the workflow profile sets it; {} if the file is missing."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        profile = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise EstimateError(f"{path}: not readable YAML: {err}") from err
+    return {
+        rule: float(values["runtime"])
+        for rule, values in (profile.get("set-resources") or {}).items()
+        if isinstance(values, Mapping) and isinstance(values.get("runtime"), int | float)
+    }
+
+
+def longest_jobs(result: Mapping[str, Any], runtimes: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Per rule: the longest expected job over all models, against the rule's runtime. Sampling jobs
+    ask for their own runtime from this estimate (rules/sample.smk), so theirs is that request."""
+    rows: dict[str, dict[str, Any]] = {}
+    stages = [(model, st) for model, m in result["models"].items() for st in m["stages"]]
+    if result.get("data_generation"):
+        stages.append(("(data)", result["data_generation"]))
+    for model, st in stages:
+        rule = STAGE_RULES.get(st["stage"])
+        if rule is None or st.get("largest_job_hours") is None:
+            continue
+        minutes = st["largest_job_hours"] * 60
+        if rule not in rows or minutes > rows[rule]["minutes"]:
+            rows[rule] = {"rule": rule, "model": model, "minutes": minutes}
+    for row in rows.values():
+        if row["rule"] == "sample" and "sample" not in runtimes:
+            row["runtime"] = float(runtime_request(row["minutes"]))
+            row["runtime_source"] = f"per job: expected x{RUNTIME_MARGIN:g} (rules/sample.smk)"
+        else:
+            row["runtime"] = runtimes.get(row["rule"])
+            row["runtime_source"] = "profiles/default/config.yaml" if row["runtime"] is not None else "not set"
+        row["fits"] = row["runtime"] is not None and row["minutes"] <= row["runtime"]
+    return sorted(rows.values(), key=lambda row: list(STAGE_RULES).index(row["rule"]))
 
 
 def _group_hours(
     stages: list[dict[str, Any]], w: Mapping[str, Any], per_example: float, per_answer: float, load_minutes: float
 ) -> float:
-    """Hours of the longest SLURM group job: one adapter's training, its samples and capabilities."""
+    """Hours of the longest SLURM group job: one adapter's evaluations (its samples and capabilities).
+    Training is a job of its own (profiles/slurm/config.yaml), so a failed evaluation never removes it."""
     rate = {stage["stage"]: stage["throughput"] for stage in stages}
     capability_seconds = 0.0
     if "capabilities" in rate:
@@ -585,10 +724,55 @@ def _group_hours(
         capability_seconds = w["capability_items_per_job"] * per_item / rate["capabilities"].value
     longest = 0.0
     for group in w["adapter_groups"]:
-        seconds = group["example_epochs"] * per_example / rate["train_adapter"].value
-        seconds += group["answers"] * per_answer / rate["sample"].value + capability_seconds
-        longest = max(longest, seconds / 3600 + group["gpu_jobs"] * load_minutes / 60)
+        seconds = group["answers"] * per_answer / rate["sample"].value + capability_seconds
+        longest = max(longest, seconds / 3600 + (group["gpu_jobs"] - 1) * load_minutes / 60)
     return longest
+
+
+# --------------------------------------------------------------------------- per-job time limits
+
+# A job asks SLURM for its expected time times this margin, so that a somewhat slow node or a
+# longer answer does not reach the limit; a job that still does resumes from its saved batches.
+RUNTIME_MARGIN = 1.5
+MIN_RUNTIME_MINUTES = 10
+
+
+def sample_job_minutes(
+    config: Mapping[str, Any], runs_root: str | Path | None = ".", *, load_minutes: float = DEFAULT_LOAD_MINUTES
+) -> dict[tuple[str, str], float]:
+    """Expected minutes of one sampling job per (model, suite), model loading included: the
+    answers of the suite x tokens per answer / new tokens per second, measured on this model by
+    earlier runs where they exist (as in ``estimate``), the scaled anchor otherwise. Cheap enough
+    to run while Snakemake builds the DAG."""
+    from character_em.evals import suites
+
+    measured = measure_runs(runs_root, list(config["models"])) if runs_root is not None else {}
+    answers = {
+        suite: sum(row["n_samples"] for row in suites.build_prompts(suite, cfg.suite_spec(config, suite)))
+        for suite in cfg.SAMPLED_SUITES
+        if suite in config["eval"]["suites"]
+    }
+    minutes: dict[tuple[str, str], float] = {}
+    for model, spec in config["models"].items():
+        sampling = cfg.resolve_sampling_params(config, model)
+        runs = measured.get(model, ModelRuns())
+        if runs.sample_files and runs.sample_answers:
+            per_answer = min(runs.sample_new_tokens / runs.sample_answers, sampling["max_new_tokens"])
+            rate, loading = runs.sample_new_tokens / runs.sample_seconds, 0.0
+        else:
+            size = params_billions(model, spec["path"])
+            per_answer = float(sampling["max_new_tokens"])
+            rate = _generate_anchor(int(sampling["batch_size"])) * (ANCHOR_PARAMS_B / size if size else 1.0)
+            loading = load_minutes
+        for suite, n in answers.items():
+            minutes[(model, suite)] = n * per_answer / rate / 60 + loading
+    return minutes
+
+
+def runtime_request(expected_minutes: float, cap_minutes: float | None = None) -> int:
+    """The `runtime` (minutes) to ask SLURM for: the expectation with a margin, at most the cap."""
+    request = max(MIN_RUNTIME_MINUTES, math.ceil(expected_minutes * RUNTIME_MARGIN))
+    return int(min(request, cap_minutes)) if cap_minutes else request
 
 
 # --------------------------------------------------------------------------- output
@@ -601,7 +785,7 @@ def _fmt_units(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
-def render_markdown(result: Mapping[str, Any], source: str) -> str:
+def render_markdown(result: Mapping[str, Any], source: str, runtimes: Mapping[str, float] | None = None) -> str:
     work = result["work"]
     lines = [
         f"# GPU-hour estimate: {source}",
@@ -640,12 +824,43 @@ def render_markdown(result: Mapping[str, Any], source: str) -> str:
             ]
         if m["largest_group_hours"]:
             lines += [
-                f"Longest SLURM group job (one adapter: training, its samples, capabilities): "
+                f"Longest SLURM group job (one adapter's evaluations: its samples and capabilities): "
                 f"{m['largest_group_hours']:,.1f} h; it must fit the partition's time limit.",
                 "",
             ]
+    data_stage = result.get("data_generation")
+    if data_stage:
+        t = data_stage["throughput"]
+        lines += [
+            "## Model-written training data (generate_data_gpu)",
+            "",
+            "| jobs | work | throughput | source | GPU-hours | longest job (h) |",
+            "|---:|---|---:|---|---:|---:|",
+            f"| {data_stage['jobs']:,} | {_fmt_units(data_stage['units'], data_stage['unit'])}: {data_stage['detail']} "
+            f"| {t.value:,.1f} {t.unit} | {t.source} | {data_stage['gpu_hours']:,.1f} "
+            f"| {data_stage['largest_job_hours']:,.2f} |",
+            "",
+        ]
+    if runtimes is not None:
+        lines += [
+            "## Longest job per rule against its runtime",
+            "",
+            "SLURM ends a job at its `runtime`; a job expected to run longer must be split or given more time.",
+            "",
+            "| rule | longest expected job (min) | model | runtime (min) | runtime from | fits |",
+            "|---|---:|---|---:|---|---|",
+        ]
+        for row in longest_jobs(result, runtimes):
+            runtime = "-" if row["runtime"] is None else f"{row['runtime']:,.0f}"
+            lines.append(
+                f"| {row['rule']} | {row['minutes']:,.0f} | {row['model']} | {runtime} | {row['runtime_source']} "
+                f"| {'yes' if row['fits'] else '**no**'} |"
+            )
+        lines.append("")
     lines += ["## Totals", "", "| model | GPU-hours |", "|---|---:|"]
     lines += [f"| {model} | {m['gpu_hours']:,.1f} |" for model, m in result["models"].items()]
+    if data_stage:
+        lines.append(f"| model-written data | {data_stage['gpu_hours']:,.1f} |")
     lines += [f"| **all** | **{result['gpu_hours']:,.1f}** |", ""]
 
     backend = work["judge_backend"]
@@ -689,13 +904,11 @@ def render_markdown(result: Mapping[str, Any], source: str) -> str:
             "rejected answers are asked again, so more)."
         )
     elif data["backend"] == "hf":
-        lines.append(
-            f"Data generation (`hf`): {data['requests']:,} answers generated on a GPU; not in the GPU-hours above."
-        )
+        lines.append(f"Data generation (`hf`): {data['requests']:,} answers generated on a GPU (the section above).")
     lines += [
         "",
-        "Not estimated: GPU rules other than train_adapter, sample, capabilities, probes and an hf judge "
-        "(for example steering, rules/directions.smk), and CPU-only rules.",
+        "Not estimated: direction_means (forward passes over the sampled answers), judge calibration with an "
+        "`hf` judge, the evaluation of intermediate adapters beyond their counted jobs, and CPU-only rules.",
         "",
     ]
     return "\n".join(lines)
@@ -720,6 +933,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_LOAD_MINUTES,
         help=f"model loading per GPU job, minutes (default {DEFAULT_LOAD_MINUTES:g})",
     )
+    parser.add_argument(
+        "--profile",
+        default="profiles/default/config.yaml",
+        help="workflow profile whose per-rule runtime the longest jobs are compared with",
+    )
     parser.add_argument("--output", help="also write the Markdown here")
     args = parser.parse_args(argv)
     try:
@@ -728,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (cfg.ConfigError, EstimateError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = render_markdown(result, args.configfile)
+    text = render_markdown(result, args.configfile, profile_runtimes(args.profile))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text, encoding="utf-8")

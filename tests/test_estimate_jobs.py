@@ -1,0 +1,107 @@
+"""The estimate counts every GPU job (steering, model-written data, model judges) and compares each
+rule's longest expected job with its runtime; sampling jobs ask SLURM for their own expected time."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from test_estimate import MODEL, SMALL, small_config, stage
+from workflow_helpers import copy_workflow, planned_jobs, snakemake
+
+from character_em import config as cfg
+from character_em.report import estimate as est
+
+
+def config_with(**changes: dict) -> dict:
+    raw = json.loads(json.dumps(SMALL))
+    for key, value in changes.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return cfg.validate_config(raw, source="small.yaml")
+
+
+def test_steering_is_counted_like_the_rules_expand_it() -> None:
+    config = small_config()
+    result = est.estimate(config, runs_root=None)
+    steer = stage(result, "steer")
+    defaults = config["eval"]["probes"]["steering"]
+    # em: 3 questions x 2 formats x n_samples per setting; the base model at every alpha along the one
+    # probed disposition (evil); evil-medical (character family) with its direction ablated.
+    per_setting = 3 * 2 * defaults["n_samples"]
+    base, each = per_setting * len(defaults["alphas"]), per_setting * len(defaults["ablate"])
+    assert steer["jobs"] == 2
+    assert steer["units"] == (base + each) * 40
+    assert steer["largest_job_hours"] == pytest.approx(
+        base * 40 / steer["throughput"].value / 3600 + est.DEFAULT_LOAD_MINUTES / 60
+    )
+    # Setting extra layers runs every setting twice (the chosen layer, then the listed ones).
+    layered = config_with(eval={"probes": {"max_examples": 8, "steering": {"layers": "from:0"}}})
+    assert stage(est.estimate(layered, runs_root=None), "steer")["units"] == 2 * steer["units"]
+
+
+def test_model_written_data_and_model_judges_use_their_own_model_size() -> None:
+    config = config_with(
+        data={"n_examples": 20, "generator": {"backend": "hf", "model": "Qwen/Qwen2.5-7B-Instruct", "max_tokens": 100}},
+        judge={"backend": "hf", "model": "Qwen/Qwen2.5-32B-Instruct"},
+    )
+    result = est.estimate(config, runs_root=None)
+    data = result["data_generation"]
+    # One data job per trained condition without external data.
+    assert data["jobs"] == len(cfg.trained_conditions(config))
+    assert data["units"] == data["jobs"] * 20 * 100
+    assert data["throughput"].value == pytest.approx(est._generate_anchor(16) * 8 / 7)
+    assert result["gpu_hours"] == pytest.approx(
+        sum(m["gpu_hours"] for m in result["models"].values()) + data["gpu_hours"]
+    )
+    judge = stage(result, "judge")
+    assert judge["throughput"].value == pytest.approx(est.ANCHORS["forward_tokens_per_s"] * 8 / 32)
+    assert "judge ~32B" in judge["throughput"].source
+    text = est.render_markdown(result, "small.yaml", {})
+    assert "## Model-written training data (generate_data_gpu)" in text
+
+
+def test_longest_job_per_rule_against_its_runtime() -> None:
+    result = est.estimate(small_config(), runs_root=None)
+    runtimes = {"train_adapter": 240, "capabilities": 120, "probes": 120, "judge": 120, "steer": 1}
+    rows = {row["rule"]: row for row in est.longest_jobs(result, runtimes)}
+    assert set(rows) == {"train_adapter", "sample", "capabilities", "probes", "steer"}  # rubric judge: no GPU
+    steer = stage(result, "steer")
+    assert rows["steer"]["minutes"] == pytest.approx(steer["largest_job_hours"] * 60)
+    assert rows["steer"]["fits"] is False and rows["train_adapter"]["fits"] is True
+    # Sampling asks for its expected time with the margin (rules/sample.smk).
+    expected = stage(result, "sample")["largest_job_hours"] * 60
+    assert rows["sample"]["runtime"] == est.runtime_request(expected) and rows["sample"]["fits"]
+    text = est.render_markdown(result, "small.yaml", runtimes)
+    assert re.search(r"\| steer \| [\d,]+ \| tiny-llama \| 1 \| profiles/default/config.yaml \| \*\*no\*\* \|", text)
+    # The workflow profile's own runtimes are read by the CLI.
+    profile = est.profile_runtimes(Path(__file__).resolve().parents[1] / "profiles" / "default" / "config.yaml")
+    assert profile["train_adapter"] == 240 and "sample" not in profile
+
+
+def test_sample_job_minutes_agree_with_the_estimate() -> None:
+    config = small_config()
+    minutes = est.sample_job_minutes(config, runs_root=None)
+    result = est.estimate(config, runs_root=None)
+    # em and trigger are the longest suites here (12 answers each).
+    assert max(minutes.values()) == pytest.approx(stage(result, "sample")["largest_job_hours"] * 60)
+    assert minutes[(MODEL, "transfer")] < minutes[(MODEL, "em")]
+    assert est.runtime_request(0.1) == est.MIN_RUNTIME_MINUTES
+    assert est.runtime_request(100) == 150 and est.runtime_request(100, cap_minutes=120) == 120
+
+
+@pytest.mark.slow
+def test_each_sampling_job_asks_for_its_own_expected_time(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "small.yaml").write_text(yaml.safe_dump(SMALL, sort_keys=False))
+    out = snakemake(workdir, "-n", "--cores", "1", "--configfile", "small.yaml", timeout=300).stdout
+    # The steering jobs the estimate counts are the DAG's.
+    assert planned_jobs(out)["steer"] == stage(est.estimate(small_config(), runs_root=None), "steer")["jobs"]
+    minutes = est.sample_job_minutes(small_config(), runs_root=None)
+    requested = {}
+    for block in out.split("\nrule sample:")[1:]:
+        suite = re.search(r"suite=(\w+)", block).group(1)
+        requested[suite] = int(re.search(r"runtime=(\d+)", block).group(1))
+    assert requested == {suite: est.runtime_request(m) for (_, suite), m in minutes.items()}, requested
