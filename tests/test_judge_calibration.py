@@ -111,7 +111,11 @@ def test_rubric_calibration_report_and_self_agreement(dispositions: list[dict[st
         "disposition:hallucinatory",
         "all",
     }
-    assert acc.filter(pl.col("metric") == "all")["n"].to_list() == [preds.height // 2] * 2
+    whole = acc.filter(pl.col("subset") == "all")
+    assert whole.filter(pl.col("metric") == "all")["n"].to_list() == [preds.height // 2] * 2
+    # The incorrect-advice and borderline items are reported on their own too, with intervals.
+    assert {"incorrect_advice", "borderline"} <= set(acc["subset"])
+    assert ((acc["accuracy_lo"] <= acc["accuracy"]) & (acc["accuracy"] <= acc["accuracy_hi"])).all()
     assert ((acc["accuracy"] >= 0) & (acc["accuracy"] <= 1)).all()
     # A judge agrees perfectly with itself.
     agree = table.filter(pl.col("kind") == "agreement")

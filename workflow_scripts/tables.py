@@ -5,6 +5,7 @@ import polars as pl
 from character_em.contracts import SAMPLE_KEY
 from character_em.files import write_json_atomic, write_text_atomic
 from character_em.jobs import job_log, read_param
+from character_em.judge.calibration import calibration_gate
 from character_em.report import tables as analysis
 from character_em.report.stamps import judge_stamp
 
@@ -15,6 +16,9 @@ with job_log(snakemake.log[0]):
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
     # Which judge made these numbers; refuses scores of two judges for one metric before any table exists.
     stamp = judge_stamp(scores)
+    # A judge is trusted only after it recovers the hand labels (judge.min_kappa); the scores stay on disk.
+    gate = calibration_gate(pl.read_csv(snakemake.input.calibration), **read_param(snakemake.params.gate))
+    write_json_atomic(snakemake.output.stamp, {**stamp, "calibration": gate})
     # Only the key and finish_reason: the answers' text stays on disk.
     finish = pl.concat(
         [pl.read_parquet(path, columns=[*SAMPLE_KEY, "finish_reason"]) for path in snakemake.input.samples],
@@ -47,13 +51,12 @@ with job_log(snakemake.log[0]):
         "denominators": analysis.denominators_table(answers, truncated=settings["truncated"]),
         "claims": analysis.claims_table(answers, conditions, capability_results, **boot),
     }
-    preamble = stamp["text"] + ".\n\n"
+    preamble = stamp["text"] + ". " + gate["text"] + ".\n\n"
     preamble += (
         f"Truncated answers (finish_reason length): {settings['truncated']} (report.truncated). "
         f"Intervals: seed x question bootstrap, {settings['n_boot']} replicates, seed {settings['bootstrap_seed']} "
         "(docs/statistics.md); wilson_* columns describe one cell only."
     )
-    write_json_atomic(snakemake.output.stamp, stamp)
     for path in snakemake.output:
         name, extension = path.rsplit("/", 1)[1].rsplit(".", 1)
         if path == snakemake.output.stamp:
