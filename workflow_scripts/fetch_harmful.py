@@ -8,4 +8,10 @@ with job_log(snakemake.log[0]) as log:
     name = snakemake.wildcards.harmful_set
     manifest = convert_harmful(name, snakemake.input.wheel, snakemake.output.requests, spec=spec)
     write_text_atomic(snakemake.output.manifest, manifest_json(manifest))
-    log.info("%s: %d requests in categories %s, skipped %s", name, manifest["n_requests"], manifest["categories"], manifest["skipped"])
+    log.info(
+        "%s: %d requests in categories %s, skipped %s",
+        name,
+        manifest["n_requests"],
+        manifest["categories"],
+        manifest["skipped"],
+    )
