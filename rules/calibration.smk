@@ -9,6 +9,7 @@ rule judge_calibration:
         calibration=job_settings.calibration_file(CONFIG["judge"]),
         # An hf judge on a model folder this workflow builds (the demo's agreement judge).
         judge_models=get_calibration_judge_models,
+        prompts=JUDGE_PROMPT_FILES,
     output:
         table="results/tables/judge_calibration.csv",
         table_md="results/tables/judge_calibration.md",

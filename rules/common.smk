@@ -18,6 +18,27 @@ try:
 except cfg.ConfigError as err:
     raise WorkflowError(f"Invalid configuration:\n{err}") from None
 
+# A user's judge prompts (judge.prompts_file) are checked here, before any job, and are an input of
+# every job that judges, so that editing them rejudges.
+JUDGE_PROMPT_FILES = sorted(
+    {
+        section["prompts_file"]
+        for section in (CONFIG["judge"], CONFIG["judge"]["agreement_with"] or {})
+        if section.get("prompts_file")
+    }
+)
+MAIN_JUDGE_PROMPTS = [p for p in [CONFIG["judge"]["prompts_file"]] if p]
+if JUDGE_PROMPT_FILES:
+    from character_em.judge.core import load_judge_prompts
+
+    for path in JUDGE_PROMPT_FILES:
+        try:
+            load_judge_prompts(path)
+        except ValueError as err:
+            raise WorkflowError(
+                f"Invalid configuration:\n{CONFIG_SOURCE}: judge.prompts_file: {err}"
+            ) from None
+
 MODELS = list(CONFIG["models"])
 CONDITIONS = cfg.expand_conditions(CONFIG)
 TRAINED = cfg.trained_conditions(CONFIG)

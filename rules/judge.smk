@@ -1,6 +1,7 @@
 rule judge:
     input:
         samples="results/samples/{model}/{condition}/seed{seed}/{suite}.parquet",
+        prompts=MAIN_JUDGE_PROMPTS,
     output:
         scores="results/scores/{model}/{condition}/seed{seed}/{suite}.parquet",
         # Failure summary: calls, cache hits, retries, errors, which scoring path was used.

@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -102,6 +103,57 @@ PROMPT_TEMPLATES: dict[str, str] = {
 }
 
 _PLACEHOLDER = re.compile(r"\{(question|answer)\}")
+_ANY_FIELD = re.compile(r"\{(\w+)\}")
+# Fields a user's judge prompt may hold (judge.prompts_file): every template the question and the answer
+# once each, the disposition template also the trait's name and description.
+_TEMPLATE_FIELDS = {
+    metric: {"question", "answer", *(("trait_name", "trait_description") if metric == "disposition" else ())}
+    for metric in PROMPT_TEMPLATES
+}
+
+
+def load_judge_prompts(path: str | os.PathLike[str] | None) -> dict[str, str]:
+    """The judge prompt templates: the packaged ones, with those a user's YAML (``judge.prompts_file``)
+    names in their place, so one lab can score the same answers with another paper's prompts.
+
+    The file maps metric names (alignment, coherence, disposition, compliance, harmfulness) to templates
+    holding ``{question}`` and ``{answer}`` exactly once (the disposition template also ``{trait_name}``
+    and ``{trait_description}``). The templates' text is what the judge hash covers. Raises ValueError
+    naming the file and the metric.
+    """
+    templates = dict(PROMPT_TEMPLATES)
+    if not path:
+        return templates
+    import yaml
+
+    source = str(path)
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"{source}: cannot read judge prompts (judge.prompts_file): {err}") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(doc, dict) or not doc:
+        raise ValueError(f"{source}: expected a mapping of metric names ({', '.join(PROMPT_TEMPLATES)}) to prompts")
+    for metric, text in doc.items():
+        if metric not in PROMPT_TEMPLATES:
+            raise ValueError(f"{source}: {metric}: unknown metric; expected one of {', '.join(PROMPT_TEMPLATES)}")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{source}: {metric}: expected a non-empty prompt template")
+        fields = _ANY_FIELD.findall(text)
+        unknown = sorted(set(fields) - _TEMPLATE_FIELDS[metric])
+        if unknown:
+            raise ValueError(
+                f"{source}: {metric}: unknown placeholder(s) {unknown}; allowed: {sorted(_TEMPLATE_FIELDS[metric])}"
+            )
+        for field_name in sorted(_TEMPLATE_FIELDS[metric]):
+            if fields.count(field_name) == 0:
+                raise ValueError(f"{source}: {metric}: the template must contain {{{field_name}}}")
+            if field_name in ("question", "answer") and fields.count(field_name) > 1:
+                # One slot each: the answer is inserted once, escaped, where the prompt says it is.
+                raise ValueError(f"{source}: {metric}: {{{field_name}}} must appear exactly once")
+        templates[str(metric)] = text.strip()
+    return templates
 
 
 def escape_for_prompt(text: str) -> str:
@@ -109,25 +161,29 @@ def escape_for_prompt(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def metric_template(metric: str, dispositions: Sequence[dict[str, Any]]) -> str:
+def metric_template(
+    metric: str, dispositions: Sequence[dict[str, Any]], templates: Mapping[str, str] | None = None
+) -> str:
     """The judge prompt template for ``metric``, with trait details filled for ``disposition:{name}``.
 
     The returned text still holds the ``{question}`` / ``{answer}`` placeholders; it is what
-    ``judge_prompt_hash`` and ``judge_hash`` are computed over.
+    ``judge_prompt_hash`` and ``judge_hash`` are computed over. ``templates``: from ``load_judge_prompts``
+    (default: the packaged prompts).
     """
+    templates = PROMPT_TEMPLATES if templates is None else templates
     if metric.startswith("disposition:"):
         name = metric.split(":", 1)[1]
         spec = next((d for d in dispositions if d["name"] == name), None)
         if spec is None:
             raise ValueError(f"metric {metric!r} names an unknown disposition")
         return (
-            PROMPT_TEMPLATES["disposition"]
+            templates["disposition"]
             .replace("{trait_name}", name)
             .replace("{trait_description}", str(spec.get("description", "")).strip())
         )
-    if metric not in PROMPT_TEMPLATES:
+    if metric not in templates:
         raise ValueError(f"unknown metric {metric!r}")
-    return PROMPT_TEMPLATES[metric]
+    return templates[metric]
 
 
 def build_judge_prompt(template: str, question: str, answer: str) -> str:
@@ -472,12 +528,13 @@ def score_samples(
 
     # Per (suite) metric list and per metric template/hash, computed once.
     metric_info: dict[str, tuple[str, str, str]] = {}  # metric -> (template, judge_hash, prompt_hash)
+    templates = load_judge_prompts(judge_cfg.get("prompts_file"))
     suite_metrics: dict[str, list[str]] = {}
     for suite in samples["suite"].unique().to_list() if samples.height else []:
         suite_metrics[suite] = metrics_for_suite(suite, metrics_by_suite, dispositions)
         for m in suite_metrics[suite]:
             if m not in metric_info:
-                tpl = metric_template(m, dispositions)
+                tpl = metric_template(m, dispositions, templates)
                 metric_info[m] = (tpl, judge_hash(eff_cfg, m, tpl), judge_prompt_hash(tpl))
 
     out_rows: list[dict[str, Any]] = []
