@@ -99,3 +99,19 @@ def test_a_local_model_judge_asks_for_a_gpu() -> None:
     assert job_settings.judge_gpus({"backend": "openai"}) == 0
     assert job_settings.judge_gpus({"backend": "rubric"}, None) == 0
     assert job_settings.judge_gpus({"backend": "rubric"}, {"backend": "hf"}) == 1
+
+
+@pytest.mark.parametrize("section", ["judge", "data.generator"])
+def test_an_unpinned_hub_model_is_refused_outside_fixtures(paper: dict[str, Any], section: str) -> None:
+    raw = copy.deepcopy(paper)
+    node = raw
+    for part in section.split("."):
+        node = node[part]
+    del node["revision"]
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.validate_config(raw, source="lab.yaml")
+    assert f"lab.yaml: {section}.revision: {section}.model" in str(caught.value)
+    assert "hub id without a pinned revision" in str(caught.value)
+    # A local folder needs no revision: its weights are hashed by content.
+    node["model"] = str(ROOT / "src")
+    assert cfg.validate_config(raw)

@@ -225,9 +225,41 @@ def test_instruments_in_use(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     return used
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def unpinned_hub_models(config: Mapping[str, Any]) -> list[str]:
+    """Config keys of local-model (hf) judges and writers that name a hub id without a ``revision``."""
+    built = {spec["path"] for spec in config["models"].values() if spec.get("build")}
+    sections = [
+        ("judge", config["judge"]),
+        ("judge.agreement_with", config["judge"].get("agreement_with")),
+        ("data.filter.judge", config["data"]["filter"]["judge"]),
+        ("data.generator", config["data"]["generator"]),
+    ]
+    keys = []
+    for key, section in sections:
+        if not section or section.get("backend") != "hf" or section.get("revision"):
+            continue
+        model = str(section.get("model") or "")
+        if _HUB_ID.match(model) and model not in built and not Path(model).exists():
+            keys.append(key)
+    return keys
+
+
 def _check_test_instruments(config: dict[str, Any], source: str) -> None:
     if config.get("test_fixture"):
         return
+    unpinned = unpinned_hub_models(config)
+    if unpinned:
+        raise ConfigError(
+            "\n".join(
+                f"{source}: {key}.revision: {key}.model {_section(config, key)['model']!r} is a hub id without a"
+                " pinned revision; set the commit sha, so that the weights (and the judge hash) cannot change"
+                " under the results"
+                for key in unpinned
+            )
+        )
     problems = [
         f"{source}: {key}: {instrument!r} is a test instrument: {TEST_INSTRUMENT_REASON[instrument]}."
         for key, instrument in test_instruments_in_use(config)
@@ -239,6 +271,13 @@ def _check_test_instruments(config: dict[str, Any], source: str) -> None:
             " demo presets do). For results, use a model judge (judge.backend: hf or openai) and a model writer"
             " (data.generator.backend: hf or openai, or data.external files); see docs/judging.md."
         )
+
+
+def _section(config: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 def condition_info(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
