@@ -1,7 +1,9 @@
 # Config validation, wildcard constraints and input functions. Nothing heavy is imported here:
 # every cluster job parses this file again.
 
+import os
 import re
+from functools import lru_cache
 from pathlib import Path
 
 from character_em import config as cfg
@@ -392,3 +394,24 @@ def get_final_outputs():
         # rules/trajectory.smk, when train.eval_steps lists steps
         *trajectory_outputs(),
     ]
+
+
+# Each sampling job asks SLURM for its own expected time (character_em.report.estimate: the suite's
+# answers at this model's measured or anchored speed, x1.5), rather than one runtime for every
+# model and suite: the Qwen-14B em job needs hours, a transfer job minutes. A job that still reaches
+# its limit resumes from its saved batches on the retry (results/.partial/). Sites cap the request
+# at the partition's MaxTime with CHARACTER_EM_MAX_RUNTIME (minutes); --set-resources
+# sample:runtime=N overrides it.
+@lru_cache(maxsize=None)
+def sample_minutes():
+    from character_em.report.estimate import sample_job_minutes
+
+    return sample_job_minutes(CONFIG, ".")
+
+
+def sample_runtime(wildcards):
+    from character_em.report.estimate import runtime_request
+
+    cap = os.environ.get("CHARACTER_EM_MAX_RUNTIME", "").strip()
+    expected = sample_minutes()[(wildcards.model, wildcards.suite)]
+    return runtime_request(expected, float(cap) if cap else None)

@@ -6,19 +6,12 @@
 
 from character_em import preflight
 
-
-def _rule_gpus():
-    gpus = {}
-    for name in {rule for rule, _ in preflight.GPU_BACKENDS.values()}:
-        if hasattr(rules, name):
-            # Snakemake's Resource objects: the profiles and --set-resources already applied.
-            resource = getattr(rules, name).rule.resources.get("gpu")
-            gpus[name] = (
-                getattr(resource, "value", resource) if resource is not None else None
-            )
-    return gpus
-
-
-_errors, _unchecked = preflight.check_all(CONFIG, _rule_gpus())
+# Snakemake's Resource objects, with the profiles and --set-resources already applied.
+_gpus = {
+    name: getattr(rules, name).rule.resources.get("gpu").value
+    for name in {rule for rule, _ in preflight.GPU_BACKENDS.values()}
+    if hasattr(rules, name)
+}
+_errors, _unchecked = preflight.check_all(CONFIG, _gpus)
 if _errors:
     raise WorkflowError(f"{CONFIG_SOURCE}: {preflight.format_errors(_errors)}")

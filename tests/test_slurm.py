@@ -271,7 +271,7 @@ def rule_runs(log: str) -> list[tuple[str, str]]:
 def dry_run_groups(output: str) -> list[list[tuple[str, str]]]:
     """The member jobs of every group job a dry run lists (indented under "Group job ...")."""
     groups = []
-    for piece in output.split("Group job adapter")[1:]:
+    for piece in output.split("Group job eval-")[1:]:
         end = re.search(r"^(?:\[|Job stats|Reasons)", piece, re.MULTILINE)
         groups.append(rule_runs(piece[: end.start()] if end else piece))
     return groups
@@ -367,31 +367,39 @@ def test_cancelled_training_resumes_from_its_checkpoint_on_rerun(runs: Runs) -> 
     ).read_bytes(), "resuming changed the trained weights"
 
 
-def test_one_slurm_job_trains_and_evaluates_an_adapter_on_one_gpu(runs: Runs) -> None:
-    """profiles/slurm groups train_adapter, sample and capabilities of one adapter into one job."""
+def test_training_is_its_own_job_and_one_job_evaluates_an_adapter_on_one_gpu(runs: Runs) -> None:
+    """profiles/slurm groups the evaluations (sample, capabilities) of one adapter into one job;
+    training stays out of the group, so that a failed evaluation cannot remove the adapter."""
     logs = slurm_job_logs(runs.cluster)
     job_ids = SUBMITTED.findall(Runs.text(runs.rerun))
     adapter = f"model={MODEL}, trained={CONDITION}, seed={SEED}"
     evaluated = f"model={MODEL}, condition={CONDITION}, seed={SEED}"
-    [group_job] = [job for job in job_ids if ("train_adapter", adapter) in rule_runs(logs[job].read_text())]
+    [train_job] = [job for job in job_ids if ("train_adapter", adapter) in rule_runs(logs[job].read_text())]
+    assert set(rule_runs(logs[train_job].read_text())) == {("train_adapter", adapter)}
+    [group_job] = [job for job in job_ids if ("capabilities", evaluated) in rule_runs(logs[job].read_text())]
     ran = set(rule_runs(logs[group_job].read_text()))
     assert ran == {
-        ("train_adapter", adapter),
         ("sample", f"{evaluated}, suite=em"),
         ("sample", f"{evaluated}, suite=transfer"),
         ("capabilities", evaluated),
     }, ran
-    # Four GPU jobs, one GPU: the profile's local `gpu` limit makes them take turns on it.
+    # Three GPU jobs, one GPU: the profile's local `gpu` limit makes them take turns on it.
     info = runs.jobs[group_job]
     assert re.search(r"TresPerJob=gres:gpu:1\b", info), info
     assert f"NumCPUs={CORES} " in info, info
-    # The base model's evaluations have no training job to connect them: one job each.
-    base_runs = [rule_runs(logs[job].read_text()) for job in job_ids]
-    assert all(len(jobs) == 1 for jobs in base_runs if any("condition=base" in w for _, w in jobs))
+    # The base model's evaluations are grouped the same way, by the group name's wildcards.
+    base = f"model={MODEL}, condition=base, seed={SEED}"
+    base_jobs = [set(rule_runs(logs[job].read_text())) for job in SUBMITTED.findall(Runs.text(runs.first))]
+    assert {
+        ("sample", f"{base}, suite=em"),
+        ("sample", f"{base}, suite=transfer"),
+        ("capabilities", base),
+    } in base_jobs, base_jobs
 
 
 def test_paper_grid_groups_each_adapter_into_one_job(tmp_path: Path) -> None:
-    """The dry run of the paper grid through the SLURM profile: one group job per adapter."""
+    """The dry run of the paper grid through the SLURM profile: one evaluation group job per adapter
+    (and per base model and seed), training never inside a group."""
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         pytest.skip("snakemake-executor-plugin-slurm is not installed: pip install -e '.[cluster]'")
     workdir = prepare(tmp_path / "paper")
@@ -401,12 +409,12 @@ def test_paper_grid_groups_each_adapter_into_one_job(tmp_path: Path) -> None:
     models, seeds = len(config["models"]), len(config["seeds"])
     dispositions, domains = len(config["dispositions"]), len(config["domains"])
     trained = 2 * dispositions * domains + 2 * domains
-    with_training = [group for group in groups if any(rule == "train_adapter" for rule, _ in group)]
-    assert len(with_training) == models * trained * seeds
-    for group in with_training:
+    assert len(groups) == models * (trained + 1) * seeds
+    for group in groups:
         rules = sorted(rule for rule, _ in group)
-        # em, transfer, persona for every condition; trigger too for triggered ones.
+        # em, transfer, persona for every condition; trigger too for triggered ones (and base).
         assert rules in (
-            ["capabilities", "sample", "sample", "sample", "train_adapter"],
-            ["capabilities", "sample", "sample", "sample", "sample", "train_adapter"],
+            ["capabilities", "sample", "sample", "sample"],
+            ["capabilities", "sample", "sample", "sample", "sample"],
         ), group
+        assert len({wildcards.split(", suite=")[0] for _, wildcards in group}) == 1, group
