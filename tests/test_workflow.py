@@ -103,6 +103,8 @@ def test_every_rule_declares_its_resources() -> None:
     rules = set()
     for path in (ROOT / "rules").glob("*.smk"):
         rules |= {line.split()[1].rstrip(":") for line in path.read_text().splitlines() if line.startswith("rule ")}
+        # `use rule sample as sample_step with:` makes a rule of its own, with its own resources.
+        rules |= {line.split()[4] for line in path.read_text().splitlines() if line.startswith("use rule ")}
     assert rules == set(profile["set-resources"]) == set(profile["set-threads"])
     declared = {}
     for path in (ROOT / "rules").glob("*.smk"):
@@ -110,6 +112,11 @@ def test_every_rule_declares_its_resources() -> None:
             section = block.split("\n    resources:\n", 1)[1] if "\n    resources:\n" in block else ""
             section = re.split(r"\n    (?=\w)", section, maxsplit=1)[0]
             declared[block.split(":")[0]] = set(re.findall(r"^        (\w+)=", section, re.M))
+    # A `use rule` copy keeps the resources its rule declares.
+    for path in (ROOT / "rules").glob("*.smk"):
+        for line in path.read_text().splitlines():
+            if line.startswith("use rule "):
+                declared[line.split()[4]] = declared[line.split()[2]]
     for rule in rules:
         # A rule may declare a resource itself when its value follows the config (the judge's GPU).
         assert {"gpu", "mem_mb", "runtime"} <= set(profile["set-resources"][rule]) | declared[rule], rule
