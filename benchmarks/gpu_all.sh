@@ -4,6 +4,9 @@
 #   train_throughput  (project QLoRA path vs the public EM recipe),
 #   sample_throughput (sample_prompts merged vs plain generate with the adapter unmerged, + greedy check),
 #   judge_throughput  (hf judge, batched exact 0..100 vs one full pass per candidate),
+#   vllm_throughput   (vLLM sampling, adapter unmerged, and the vLLM exact judge, on the same model and
+#                      adapter as sample_throughput: side by side with its plain-generate baseline),
+#                      only where vLLM is importable; NOT RUN YET: no GPU session with vLLM so far,
 #   and, if time is left, the static-cache + torch.compile generate route.
 # Results (JSON) and a log go to $OUT.
 #
@@ -92,6 +95,14 @@ RES=(--out-dir "$OUT")
 step train_throughput "${LIMITS[0]}" $PY benchmarks/train_throughput.py "${GPU[@]}" "${TRAIN[@]}" "${RES[@]}"
 step sample_throughput "${LIMITS[1]}" $PY benchmarks/sample_throughput.py "${GPU[@]}" "${SAMPLE[@]}" "${RES[@]}"
 step judge_throughput "${LIMITS[2]}" $PY benchmarks/judge_throughput.py "${GPU[@]}" "${JUDGE[@]}" "${RES[@]}"
+# vLLM (docs/vllm.md) needs its own environment; the GPU image may not have one. Skipped, and said so, if not.
+if [ "$TINY" = 0 ] && $PY -c "import vllm" >>"$LOG" 2>&1; then
+    step vllm_throughput 150 $PY benchmarks/vllm_throughput.py --workdir "$WORK" --questions 8 --samples 32 \
+        --max-new-tokens 128 --answers 8 "${RES[@]}"
+else
+    log "skip vllm_throughput: vllm is not importable here (or --tiny)"
+    echo "{\"step\": \"vllm_throughput\", \"rc\": null, \"skipped\": \"vllm not importable or --tiny\"}" >>"$OUT/steps.jsonl"
+fi
 if [ "$TINY" = 1 ]; then
     # On a CPU the static route is recorded as skipped; this checks that path of the script.
     step sample_static "${LIMITS[3]}" $PY benchmarks/sample_throughput.py "${SAMPLE[@]}" "${RES[@]}" \

@@ -208,3 +208,32 @@ def test_openai_judge_counts_api_calls() -> None:
     # 4 trained conditions x 20 examples, generated once and shared by every model and seed
     assert "about **80 API calls**" in text
     assert not any(s["stage"] == "judge" for s in result["models"][MODEL]["stages"])  # no GPU for an API judge
+
+
+def test_vllm_sampling_uses_the_vllm_benchmark_where_measured_and_says_which(tmp_path: Path) -> None:
+    config = small_config()
+    config["sampling"]["backend"] = "vllm"
+    config["models"][MODEL]["sampling"] = {**config["models"][MODEL].get("sampling", {}), "backend": "vllm"}
+    # No GPU measurement yet: the plain-generate anchor, named as such.
+    result = est.estimate(config, runs_root=tmp_path)
+    size = result["models"][MODEL]["params_b"]
+    scale = est.ANCHOR_PARAMS_B / size if size else 1.0
+    anchored = stage(result, "sample")["throughput"]
+    assert anchored.value == pytest.approx(est._generate_anchor(16) * scale)
+    assert "no GPU measurement yet" in anchored.source and "plain generate" in anchored.source
+    # benchmarks/vllm_throughput.py's JSON: its figure, scaled from its model size to this one, with its device.
+    path = tmp_path / est.VLLM_BENCHMARK
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"device": "NVIDIA H200", "params_b": 8.0, "sample": {"new_tokens_per_s": 16000.0}}))
+    measured = stage(est.estimate(config, runs_root=tmp_path), "sample")["throughput"]
+    assert measured.source.startswith("measured vLLM") and "NVIDIA H200" in measured.source
+    assert measured.value == pytest.approx(16000.0 * scale)
+    # The hf back-end never reads it, and a broken file names itself.
+    config["models"][MODEL]["sampling"]["backend"] = "hf"
+    config["sampling"]["backend"] = "hf"
+    assert "vLLM" not in stage(est.estimate(config, runs_root=tmp_path), "sample")["throughput"].source
+    path.write_text(json.dumps({"device": "x", "sample": {}}))
+    config["sampling"]["backend"] = "vllm"
+    config["models"][MODEL]["sampling"]["backend"] = "vllm"
+    with pytest.raises(est.EstimateError, match="vllm_throughput_gpu.json"):
+        est.estimate(config, runs_root=tmp_path)

@@ -1,9 +1,10 @@
-"""The optional vLLM sampling back-end, in the parts that run without vLLM (it is not installed here):
-the error when it is missing, request building, and the conversion of vLLM's outputs into Samples rows.
+"""The vLLM sampling back-end, in the parts that run without vLLM (the main environment has none): the
+error when it is missing, request building, the conversion of vLLM's outputs into Samples rows, the adapter
+rank check and the guard against mixing back-ends. Real vLLM runs in tests/test_vllm_*.py (.ci/vllm.sh).
 
-The fake outputs follow vLLM's documented ``RequestOutput`` (request_id, prompt, prompt_token_ids,
-outputs, finished) and ``CompletionOutput`` (index, text, token_ids, cumulative_logprob, logprobs,
-finish_reason, stop_reason). Nothing here runs vLLM itself.
+The fake outputs follow vLLM's ``RequestOutput`` (request_id, prompt, prompt_token_ids, outputs,
+finished) and ``CompletionOutput`` (index, text, token_ids, cumulative_logprob, logprobs, finish_reason,
+stop_reason).
 """
 
 from __future__ import annotations
@@ -175,30 +176,57 @@ def test_outputs_become_samples_rows_with_hf_identity_columns(tiny_model_dir: Pa
     assert V.rows_from_outputs([], [], [], tok, stops).equals(pl.DataFrame(schema=contracts.SAMPLE_SCHEMA))
 
 
-def test_engine_and_lora_arguments(tmp_path: Path) -> None:
+def test_engine_arguments_and_the_adapter_rank_check(tmp_path: Path) -> None:
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 24}))
-    assert V.lora_rank(adapter) == 32  # rounded up to a rank vLLM accepts
-    kw = V.llm_kwargs("/models/base", adapter, base_seed=3, max_model_len=700)
+    assert V.adapter_rank(adapter, 32) == 24
+    kw = V.llm_kwargs("/models/base", lora=True, max_lora_rank=32, base_seed=3, max_model_len=700)
     assert kw["enable_lora"] is True and kw["max_lora_rank"] == 32 and kw["max_loras"] == 1
     assert kw["seed"] == 3 and kw["max_model_len"] == 700 and kw["model"] == kw["tokenizer"] == "/models/base"
-    assert "enable_lora" not in V.llm_kwargs("/models/base", None, base_seed=3, max_model_len=700)
-    assert V.lora_request_args(adapter, "c") == ("c", 1, str(adapter.resolve()))
-    assert V.lora_request_args(None, "c") is None
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 1024}))
-    with pytest.raises(ValueError, match="rank 1024"):
-        V.lora_rank(adapter)
+    assert kw["enable_prefix_caching"] is True
+    assert "enable_lora" not in V.llm_kwargs("/models/base", lora=False, max_model_len=700)
+    # The error names the file, its key and the config key to raise.
+    with pytest.raises(
+        ValueError, match=r"adapter_config\.json: LoRA rank r=24 is above sampling\.max_lora_rank=16.*32"
+    ):
+        V.adapter_rank(adapter, 16)
+    with pytest.raises(ValueError, match=r"sampling\.max_lora_rank is 24"):
+        V.adapter_rank(adapter, 24)
+    (adapter / "adapter_config.json").write_text(json.dumps({"lora_alpha": 8}))
+    with pytest.raises(ValueError, match="key 'r'"):
+        V.adapter_rank(adapter, 32)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        V.adapter_rank(tmp_path / "nowhere", 32)
+    # dtype auto reads as the hf back-end reads it.
+    assert V.resolve_vllm_dtype("auto", on_gpu=True) == "bfloat16"
+    assert V.resolve_vllm_dtype("auto", on_gpu=False) == "float32"
+    assert V.resolve_vllm_dtype("fp32", on_gpu=True) == "float32"
+    with pytest.raises(ValueError, match="int8"):
+        V.resolve_vllm_dtype("int8", on_gpu=True)
 
 
-def test_config_backend_defaults_to_hf_and_accepts_only_hf_or_vllm() -> None:
+def test_a_comparison_that_mixes_sampling_backends_is_refused() -> None:
+    assert V.check_one_backend({"evil-medical": "vllm", "incorrect-medical": "vllm"}) == "vllm"
+    assert V.check_one_backend({"a": None, "b": "hf"}) == "hf"  # unset means the default, hf
+    with pytest.raises(V.SamplingBackendMismatch, match=r"evil-medical: vllm, incorrect-medical: hf"):
+        V.check_one_backend({"evil-medical": "vllm", "incorrect-medical": "hf"})
+
+
+def test_config_backend_defaults_to_hf_the_paper_grid_uses_vllm() -> None:
     from character_em import config as cfg
 
     schema = cfg.load_schema()
     assert schema["properties"]["sampling"]["properties"]["backend"] == {"default": "hf"}
     assert schema["$defs"]["sampling_params"]["properties"]["backend"]["enum"] == ["hf", "vllm"]
+    assert schema["$defs"]["sampling_params"]["properties"]["max_lora_rank"]["enum"] == list(V.VLLM_LORA_RANKS)
+    # The paper grid samples with vLLM on its GPU nodes; the presets (complete configs) stay on hf.
     paper = cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml")
-    assert paper["sampling"]["backend"] == "hf"
+    assert paper["sampling"]["backend"] == "vllm"
+    assert paper["sampling"]["max_lora_rank"] >= paper["train"]["lora_r"]
+    for preset in ("smoke", "demo"):
+        loaded = cfg.load_config(Path(__file__).resolve().parents[1] / "presets" / f"{preset}.yaml")
+        assert loaded["sampling"]["backend"] == "hf"
     assert (
         cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml", {"sampling": {"backend": "vllm"}})[
             "sampling"

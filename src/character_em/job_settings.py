@@ -45,6 +45,7 @@ JOB_PARAM_KEYS: dict[str, tuple[str, ...]] = {
         "batch_size",
         "max_failure_fraction",
     ),
+    "vllm": ("backend", "model", "revision", "prompts_file", "min_numeric_mass", "dtype", "max_failure_fraction"),
 }
 
 

@@ -395,7 +395,7 @@ class RubricJudge:
         return out
 
 
-BACKENDS = ("rubric", "openai", "hf")
+BACKENDS = ("rubric", "openai", "hf", "vllm")
 
 
 def make_backend(judge_cfg: dict[str, Any], dispositions: Sequence[dict[str, Any]]) -> JudgeBackend:
@@ -411,6 +411,10 @@ def make_backend(judge_cfg: dict[str, Any], dispositions: Sequence[dict[str, Any
         from character_em.judge.hf_backend import HFJudge
 
         return HFJudge.from_config(judge_cfg)
+    if backend == "vllm":
+        from character_em.judge.vllm_backend import VLLMJudge
+
+        return VLLMJudge.from_config(judge_cfg)
     raise NotImplementedError(f"unknown judge backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 

