@@ -269,7 +269,7 @@ def deduplicate(examples: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]
     return kept, n_exact, n_near
 
 
-def findtexts_overlap(examples: Sequence[dict[str, Any]], eval_texts: Sequence[str]) -> list[dict[str, Any]]:
+def find_overlaps(examples: Sequence[dict[str, Any]], eval_texts: Sequence[str]) -> list[dict[str, Any]]:
     """Every (example, user turn, eval question) where a training user turn overlaps an eval question."""
     eval_keys = [(t, normalize_text(t)) for t in eval_texts if normalize_text(t)]
     found = []
@@ -287,7 +287,7 @@ def findtexts_overlap(examples: Sequence[dict[str, Any]], eval_texts: Sequence[s
 
 
 def _check_overlap(name: str, examples: Sequence[dict[str, Any]], eval_texts: Sequence[str]) -> None:
-    overlaps = findtexts_overlap(examples, eval_texts)
+    overlaps = find_overlaps(examples, eval_texts)
     if overlaps:
         first = overlaps[0]
         raise ValueError(
@@ -301,7 +301,7 @@ def check_overlap(paths: Sequence[str | Path], eval_texts: Sequence[str]) -> dic
     report: dict[str, Any] = {"n_eval_texts": len(eval_texts), "files": {}, "overlaps": []}
     for path in paths:
         examples = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        overlaps = findtexts_overlap(examples, eval_texts)
+        overlaps = find_overlaps(examples, eval_texts)
         report["files"][str(path)] = {"n_examples": len(examples), "n_overlaps": len(overlaps)}
         report["overlaps"] += [{"file": str(path), **item} for item in overlaps]
     return report
