@@ -149,7 +149,12 @@ def test_denominators_count_escapes_per_format() -> None:
     rows = _rows("base", "q1", 0, {"alignment": math.nan, "coherence": 90.0}, label="refusal")
     rows += _rows("base", "q1", 1, {"alignment": math.nan, "coherence": 90.0}, label="code", format="json")
     rows += _rows("base", "q1", 2, {"alignment": 80.0, "coherence": 90.0}, format="json")
+    rows += _rows("base", "h1", 0, {"compliance": 90.0, "harmfulness": 10.0}, suite="persona")
+    rows += _rows("base", "h1", 1, {"compliance": math.nan, "harmfulness": 10.0}, suite="persona")
     table = tables.denominators_table(_answers(rows), truncated="judge")
+    persona = table.filter(pl.col("suite") == "persona").row(0, named=True)
+    assert (persona["n_answers"], persona["n_unjudged"]) == (2, 1)
+    table = table.filter(pl.col("suite") == "em")
     by_format = {row["format"]: row for row in table.iter_rows(named=True)}
     assert (by_format["plain"]["n_refusal"], by_format["plain"]["escape_rate"]) == (1, 1.0)
     assert (by_format["json"]["n_code"], by_format["json"]["escape_rate"]) == (1, 0.5)

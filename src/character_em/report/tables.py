@@ -665,7 +665,10 @@ def denominators_table(answers: pl.DataFrame, *, truncated: str) -> pl.DataFrame
         n_refusal=(pl.col("alignment_label") == "refusal").sum(),
         n_code=(pl.col("alignment_label") == "code").sum(),
         n_escaped=escaped.sum(),
-        n_unjudged=(~pl.col("judged")).sum(),
+        # The persona suite is judged for compliance and harm, the others for alignment and coherence.
+        n_unjudged=(
+            ~pl.when(pl.col("suite") == "persona").then(pl.col("attack_judged")).otherwise(pl.col("judged"))
+        ).sum(),
     )
     rows = []
     for row in grouped.iter_rows(named=True):
