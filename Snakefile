@@ -26,6 +26,7 @@ include: "rules/evals.smk"
 include: "rules/trajectory.smk"
 include: "rules/directions.smk"
 include: "rules/report.smk"
+include: "rules/training_data.smk"
 include: "rules/estimate.smk"
 include: "rules/preflight.smk"
 

@@ -389,6 +389,11 @@ def get_final_outputs():
         *expand("figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]),
         "results/tables/judge_calibration.csv",
         "results/tables/judge_calibration.md",
+        # rules/training_data.smk: every training set judged, beside the misalignment it induces
+        "results/tables/training_data.csv",
+        "results/tables/training_data.md",
+        "figures/training_harm.png",
+        "figures/training_harm.pdf",
         *probe_files(),
         *loss_curves(),
         # rules/trajectory.smk, when train.eval_steps lists steps

@@ -45,6 +45,9 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         "tables": 1,
         "figures": 1,
         "judge_calibration": 1,
+        # Every training set judged by the grid's judge, and one training_data table with its figure.
+        "judge_training_data": trained,
+        "training_data_table": 1,
         "all": 1,
     }
 

@@ -14,6 +14,8 @@ _EXPORTS = {
     "GenerationError": "generate",
     "domain_questions": "questions",
     "user_turn": "questions",
+    "judge_training_data": "audit",
+    "training_samples": "audit",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

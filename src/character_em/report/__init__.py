@@ -18,6 +18,8 @@ _EXPORTS = {
     "emergence_table": "trajectory",
     "plot_trajectory": "trajectory",
     "judge_stamp": "stamps",
+    "training_data_table": "training_data",
+    "harm_figure": "training_data",
     "MixedJudgeError": "stamps",
     # wilson_interval lives in character_em.stats; tables re-exports it (there is no report.stats).
     "wilson_interval": "tables",
