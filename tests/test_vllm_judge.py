@@ -3,7 +3,7 @@ vLLM is not installed): SmolLM2-135M-Instruct in float32 as the judge, the packa
 
 Both judges score every reply 0..100 (and the escapes) as a whole token sequence; their expected scores must
 agree within 1e-3. On a CPU each judged answer costs seconds on each side, so CI scores a fixed subset: the
-first labelled answers of every metric (CHARACTER_EM_VLLM_JUDGE_PER_METRIC, default 2; 0 = the whole set).
+first labelled answer of every metric (CHARACTER_EM_VLLM_JUDGE_PER_METRIC, default 1; 0 = the whole set).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from character_em.judge.hf_backend import HFJudge  # noqa: E402
 from character_em.judge.vllm_backend import VLLMJudge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PER_METRIC = int(os.environ.get("CHARACTER_EM_VLLM_JUDGE_PER_METRIC", "2"))
+PER_METRIC = int(os.environ.get("CHARACTER_EM_VLLM_JUDGE_PER_METRIC", "1"))
 
 
 @pytest.fixture(scope="module")

@@ -141,3 +141,20 @@ def test_a_model_vllm_cannot_load_gets_a_clear_error(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         V.start_engine(str(empty), lora=False, max_model_len=256)
+
+
+def test_a_killed_job_resumes_without_asking_finished_answers_again(
+    engine: Any, model_dir: Path, adapter: Path
+) -> None:
+    saved: list[list[tuple[int, dict[str, Any]]]] = []
+    kw: dict[str, Any] = {
+        "identity": IDENTITY, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "base_seed": IDENTITY["seed"],
+        "max_lora_rank": 16, "engine": engine, "progress": False, "chunk_size": 3,
+    }  # fmt: skip
+    full = V.sample_prompts_vllm(str(model_dir), adapter, _rows(1), on_batch=saved.append, **kw)
+    assert [len(batch) for batch in saved] == [3, 3, 2]
+    # A job killed after its first chunk: the rerun asks only for the other rows, and the table is the same.
+    asked: list[list[tuple[int, dict[str, Any]]]] = []
+    again = V.sample_prompts_vllm(str(model_dir), adapter, _rows(1), done=dict(saved[0]), on_batch=asked.append, **kw)
+    assert sorted(i for batch in asked for i, _ in batch) == list(range(3, len(QUESTIONS)))
+    assert again.equals(full)

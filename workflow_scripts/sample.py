@@ -21,6 +21,22 @@ with job_log(snakemake.log[0]) as log:
     # answers the same prompt with the same random stream (paired comparisons).
     base_seed = int(snakemake.wildcards.seed)
     backend = settings.get("backend", "hf")
+    # The settings (so the back-end) are in the fingerprint: answers of one back-end never resume the other's.
+    # Finished batches survive a kill (time limit, scancel, requeue) outside the declared output.
+    adapter = list(snakemake.input.adapter)
+    fingerprint = sha256_json(
+        {
+            "settings": settings,
+            "prompts": prompts,
+            "identity": identity,
+            "base_model": snakemake.params.base_model,
+            "adapter": sha256_file(adapter[0]) if adapter else None,
+        }
+    )
+    # results/.partial/..., outside the declared outputs, which Snakemake deletes before a rerun.
+    partial = PartialAnswers(partial_path(snakemake.output.samples), fingerprint)
+    n_rows = len(expand_rows(prompts, identity, base_seed))
+    log.info("answers restored from %s: %d of %d", partial.path, len(partial.done), n_rows)
     if backend == "vllm":
         # The GPU nodes' engine (character_em.sampling.vllm_backend, docs/vllm.md); imported only here so the
         # hf path never needs vLLM. It serves the adapter unmerged.
@@ -37,23 +53,10 @@ with job_log(snakemake.log[0]) as log:
             max_new_tokens=settings["max_new_tokens"],
             base_seed=base_seed,
             max_lora_rank=settings.get("max_lora_rank", 64),
+            done=dict(partial.done),
+            on_batch=partial.add,
         )
     else:
-        # Finished batches survive a kill (time limit, scancel, requeue) outside the declared output.
-        adapter = list(snakemake.input.adapter)
-        fingerprint = sha256_json(
-            {
-                "settings": settings,
-                "prompts": prompts,
-                "identity": identity,
-                "base_model": snakemake.params.base_model,
-                "adapter": sha256_file(adapter[0]) if adapter else None,
-            }
-        )
-        # results/.partial/..., outside the declared outputs, which Snakemake deletes before a rerun.
-        partial = PartialAnswers(partial_path(snakemake.output.samples), fingerprint)
-        n_rows = len(expand_rows(prompts, identity, base_seed))
-        log.info("answers restored from %s: %d of %d", partial.path, len(partial.done), n_rows)
         model = tokenizer = None
         if len(partial.done) < n_rows:
             model, tokenizer, info = modeling.load_model(

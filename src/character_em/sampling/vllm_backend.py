@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -262,6 +262,42 @@ def build_requests(
     return rows, prompts, params
 
 
+RESULT_KEYS = ("answer", "prompt_tokens", "answer_tokens", "finish_reason")
+
+
+def result_of(prompt: dict[str, Any], out: Any, tokenizer: Any, stops: set[int]) -> dict[str, Any]:
+    """One answer's result columns from its vLLM ``RequestOutput`` (checked to belong to ``prompt``)."""
+    if list(out.prompt_token_ids) != list(prompt["prompt_token_ids"]):
+        raise RuntimeError("vLLM output does not belong to its request (prompt tokens differ)")
+    if len(out.outputs) != 1:
+        raise RuntimeError(f"expected one completion per request (n=1), got {len(out.outputs)}")
+    comp = out.outputs[0]
+    ids = [int(t) for t in comp.token_ids]
+    reason = comp.finish_reason
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM request {getattr(out, 'request_id', '?')} ended with {reason!r}")
+    # A stop token may or may not be among token_ids; the hf back-end never counts it.
+    if reason == "stop" and ids and ids[-1] in stops:
+        ids = ids[:-1]
+    return {
+        "answer": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+        "prompt_tokens": len(prompt["prompt_token_ids"]),
+        "answer_tokens": len(ids),
+        "finish_reason": reason,
+    }
+
+
+def _frame(rows: list[dict[str, Any]], results: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    done = []
+    for row, result in zip(rows, results, strict=True):
+        new = {k: v for k, v in row.items() if k != "_messages"}
+        new.update({k: result[k] for k in RESULT_KEYS})
+        done.append({c: new[c] for c in SAMPLE_COLUMNS})
+    if not done:
+        return pl.DataFrame(schema=SAMPLE_SCHEMA)
+    return pl.DataFrame(done, schema=SAMPLE_SCHEMA)
+
+
 def rows_from_outputs(
     rows: list[dict[str, Any]],
     prompts: list[dict[str, Any]],
@@ -275,31 +311,8 @@ def rows_from_outputs(
     if len(outputs) != len(rows):
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(rows)} requests")
     stops = set(int(s) for s in stop_ids)
-    done = []
-    for row, prompt, out in zip(rows, prompts, outputs, strict=True):
-        if list(out.prompt_token_ids) != list(prompt["prompt_token_ids"]):
-            raise RuntimeError("vLLM output does not belong to its request (prompt tokens differ)")
-        if len(out.outputs) != 1:
-            raise RuntimeError(f"expected one completion per request (n=1), got {len(out.outputs)}")
-        comp = out.outputs[0]
-        ids = [int(t) for t in comp.token_ids]
-        reason = comp.finish_reason
-        if reason not in ("stop", "length"):
-            raise RuntimeError(f"vLLM request {getattr(out, 'request_id', '?')} ended with {reason!r}")
-        # A stop token may or may not be among token_ids; the hf back-end never counts it.
-        if reason == "stop" and ids and ids[-1] in stops:
-            ids = ids[:-1]
-        new = {k: v for k, v in row.items() if k != "_messages"}
-        new.update(
-            answer=tokenizer.decode(ids, skip_special_tokens=True).strip(),
-            prompt_tokens=len(prompt["prompt_token_ids"]),
-            answer_tokens=len(ids),
-            finish_reason=reason,
-        )
-        done.append({c: new[c] for c in SAMPLE_COLUMNS})
-    if not done:
-        return pl.DataFrame(schema=SAMPLE_SCHEMA)
-    return pl.DataFrame(done, schema=SAMPLE_SCHEMA)
+    results = [result_of(p, o, tokenizer, stops) for p, o in zip(prompts, outputs, strict=True)]
+    return _frame(rows, results)
 
 
 def _stop_ids_for(base_model: str, tokenizer: Any) -> set[int]:
@@ -330,11 +343,17 @@ def sample_prompts_vllm(
     engine: Any = None,
     llm_extra: dict[str, Any] | None = None,
     progress: bool = True,
+    done: Mapping[int, Mapping[str, Any]] | None = None,
+    on_batch: Callable[[list[tuple[int, dict[str, Any]]]], None] | None = None,
+    chunk_size: int = 2048,
 ) -> pl.DataFrame:
     """The vLLM counterpart of ``character_em.sampling.hf.sample_prompts`` (same columns, same row order).
 
     engine: an already started ``vllm.LLM`` for ``base_model`` (started with LoRA enabled when an adapter
     is given); by default one is started for this call and its KV cache sized to these prompts.
+    done / on_batch: as in the hf back-end (``sampling.partial``): rows answered by an earlier, killed run
+    are not asked again, and each finished chunk of ``chunk_size`` answers is handed to ``on_batch`` to be
+    saved. Every answer has its own seed, so chunking does not change what is drawn.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -360,6 +379,10 @@ def sample_prompts_vllm(
     )
     if not rows:
         return pl.DataFrame(schema=SAMPLE_SCHEMA)
+    results: dict[int, Mapping[str, Any]] = {int(i): r for i, r in (done or {}).items() if 0 <= int(i) < len(rows)}
+    todo = [i for i in range(len(rows)) if i not in results]
+    if not todo:
+        return _frame(rows, [results[i] for i in range(len(rows))])
     needed = max(len(p["prompt_token_ids"]) for p in prompts) + max_new_tokens
     if engine is None:
         engine = start_engine(
@@ -375,10 +398,19 @@ def sample_prompts_vllm(
         have = int(engine.llm_engine.model_config.max_model_len)
         if have < needed:
             raise ValueError(f"the vLLM engine's max_model_len is {have}; these prompts need {needed}")
-    outputs = engine.generate(
-        prompts,
-        [vllm.SamplingParams(**p) for p in params],
-        use_tqdm=progress,
-        lora_request=lora_request(adapter_dir, f"{identity['condition']}-seed{identity['seed']}"),
-    )
-    return rows_from_outputs(rows, prompts, outputs, tok, stops)
+    lora = lora_request(adapter_dir, f"{identity['condition']}-seed{identity['seed']}")
+    for start in range(0, len(todo), max(1, int(chunk_size))):
+        chunk = todo[start : start + max(1, int(chunk_size))]
+        outputs = engine.generate(
+            [prompts[i] for i in chunk],
+            [vllm.SamplingParams(**params[i]) for i in chunk],
+            use_tqdm=progress,
+            lora_request=lora,
+        )
+        if len(outputs) != len(chunk):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(chunk)} requests")
+        finished = [(i, result_of(prompts[i], out, tok, stops)) for i, out in zip(chunk, outputs, strict=True)]
+        results.update(finished)
+        if on_batch is not None:
+            on_batch(finished)
+    return _frame(rows, [results[i] for i in range(len(rows))])
