@@ -116,7 +116,7 @@ def _judge_cfg(server: VLLMServer, **kw: Any) -> dict[str, Any]:
     return {
         "backend": "openai", "model": NAME, "base_url": server.base_url, "api_key_env": None,
         "temperature": 0.0, "top_logprobs": 20, "text_max_tokens": 8, "max_tokens_param": "max_tokens",
-        "min_numeric_mass": 0.25, "max_concurrency": 2, "timeout_s": 30.0, "max_retries": 40,
+        "min_numeric_mass": 0.25, "max_concurrency": 2, "timeout_s": 120.0, "max_retries": 100,
         "backoff_initial_s": 1.0, "backoff_max_s": 8.0, "max_failure_fraction": 0.0, **kw,
     }  # fmt: skip
 
@@ -173,8 +173,8 @@ def test_judge_survives_a_killed_server_and_never_pays_twice(server: VLLMServer,
     server.wait_healthy()
     assert scores.height == len(ANSWERS)
     assert stats["cache_hits"] == 4  # the four finished verdicts were not asked for again
-    assert stats["failed"] == 0 if "failed" in stats else True
-    assert not scores.filter(scores["label"] == "invalid").height or stats.get("reasons")
+    assert stats["judged"] == len(ANSWERS) - 4 and stats["failed"] == 0
+    assert stats["backend_stats"]["retries"] > 0  # the dead server was waited for, not given up on
 
     stats = {}
     J.score_samples(
