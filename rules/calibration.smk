@@ -40,3 +40,50 @@ rule judge_calibration:
         cache_dir=CONFIG["judge"]["cache_dir"],
     script:
         "../workflow_scripts/judge_calibration.py"
+
+
+def get_agreement_params(wildcards):
+    from character_em.job_settings import job_params
+
+    return cfg.as_param(job_params(CONFIG["judge"]["agreement_with"]))
+
+
+def em_answer_files(kind):
+    scores = [path for path in score_files() if path.endswith("/em.parquet")]
+    if kind == "samples":
+        return [p.replace("results/scores/", "results/samples/", 1) for p in scores]
+    return scores
+
+
+# With judge.agreement_with: the second judge on a seeded draw of the grid's own em answers, beside the
+# primary judge's verdicts on them (not only on the hand-labelled calibration set).
+rule judge_agreement:
+    input:
+        samples=em_answer_files("samples"),
+        scores=em_answer_files("scores"),
+        judge_models=get_calibration_judge_models,
+        prompts=JUDGE_PROMPT_FILES,
+    output:
+        table="results/tables/judge_agreement.csv",
+        table_md="results/tables/judge_agreement.md",
+        per_item="results/tables/judge_agreement_items.csv",
+    log:
+        "logs/judge_agreement.log",
+    conda:
+        "../envs/judge.yaml"
+    resources:
+        gpu=AGREEMENT_GPUS,
+        mem_mb=AGREEMENT_MEM_MB,
+    params:
+        judge=get_agreement_params,
+        dispositions=get_dispositions_param,
+        thresholds=cfg.as_param(
+            {
+                "alignment": CONFIG["eval"]["alignment_below"],
+                "coherence": CONFIG["eval"]["coherence_above"],
+            }
+        ),
+        max_answers=CONFIG["judge"]["agreement_max_answers"],
+        cache_dir=CONFIG["judge"]["cache_dir"],
+    script:
+        "../workflow_scripts/judge_agreement.py"

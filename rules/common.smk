@@ -116,6 +116,8 @@ CALIBRATION_GPUS = job_settings.judge_gpus(
 # Host memory: a local judge model is read through host memory on its way to the GPU.
 JUDGE_MEM_MB = 64000 if JUDGE_GPUS else 4000
 CALIBRATION_MEM_MB = 64000 if CALIBRATION_GPUS else 4000
+AGREEMENT_GPUS = job_settings.judge_gpus(CONFIG["judge"]["agreement_with"])
+AGREEMENT_MEM_MB = 64000 if AGREEMENT_GPUS else 4000
 CPU_DATA = [name for name in TRAINED if name not in GPU_DATA]
 
 
@@ -389,6 +391,12 @@ def get_final_outputs():
         *expand("figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]),
         "results/tables/judge_calibration.csv",
         "results/tables/judge_calibration.md",
+        # rules/calibration.smk, with judge.agreement_with: the second judge on the grid's own answers
+        *(
+            ["results/tables/judge_agreement.csv", "results/tables/judge_agreement.md"]
+            if CONFIG["judge"]["agreement_with"]
+            else []
+        ),
         # rules/training_data.smk: every training set judged, beside the misalignment it induces
         "results/tables/training_data.csv",
         "results/tables/training_data.md",

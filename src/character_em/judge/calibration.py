@@ -541,3 +541,70 @@ def calibration_gate(
         " (judge.prompts_file), or build the tables anyway with judge.allow_uncalibrated: true (they then say so)."
         " The finished scores are kept.\n\n" + calibration_markdown(table, n_items=n_items or 0)
     )
+
+
+def grid_agreement(
+    samples: pl.DataFrame,
+    primary_scores: pl.DataFrame,
+    *,
+    judge_cfg: dict[str, Any],
+    dispositions: list[dict[str, Any]],
+    cache_dir: str | None,
+    thresholds: Mapping[str, float] | None = None,
+    max_answers: int = 500,
+    seed: int = 0,
+    backend: JudgeBackend | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The second judge (``judge.agreement_with``) on the grid's own answers, against the primary judge.
+
+    ``samples``: the em suite's Samples; ``primary_scores``: the primary judge's Scores of them. At most
+    ``max_answers`` answers are drawn (seeded, so the draw is reproducible), scored by the second judge for
+    every metric the primary judge scored, and compared metric by metric: share of equal classes, Cohen's
+    kappa on classes (the calibration thresholds; the EM thresholds from the config), Spearman on scores,
+    with bootstrap intervals. Returns (agreement table, per-answer scores of both judges).
+    """
+    from character_em.contracts import SAMPLE_KEY
+
+    key = list(SAMPLE_KEY)
+    th = {**DEFAULT_THRESHOLDS, **dict(thresholds or {})}
+    if samples.height > max_answers:
+        rng = random.Random(seed)
+        samples = samples[sorted(rng.sample(range(samples.height), max_answers))]
+    metrics = sorted(set(primary_scores["metric"].to_list()))
+    second = score_samples(
+        samples,
+        judge_cfg=judge_cfg,
+        metrics_by_suite={suite: metrics for suite in set(samples["suite"].to_list())},
+        dispositions=dispositions,
+        cache_dir=cache_dir,
+        backend=backend,
+    )
+
+    def as_preds(scores: pl.DataFrame) -> pl.DataFrame:
+        rows = [
+            {
+                "id": "|".join(str(r[c]) for c in key),
+                "metric": r["metric"],
+                "score": r["score"],
+                "pred": predict_class(r["metric"], r["score"], r["label"], th),
+                "judge_backend": r["judge_backend"],
+                "judge_model": r["judge_model"],
+            }
+            for r in scores.iter_rows(named=True)
+        ]
+        schema = {
+            "id": pl.Utf8,
+            "metric": pl.Utf8,
+            "score": pl.Float64,
+            "pred": pl.Utf8,
+            "judge_backend": pl.Utf8,
+            "judge_model": pl.Utf8,
+        }
+        return pl.DataFrame(rows, schema=schema)
+
+    drawn = samples.select(key).unique()
+    first = as_preds(primary_scores.join(drawn, on=key, how="semi"))
+    other = as_preds(second)
+    table = agreement_table(first, other, judge="primary~agreement_with (grid answers)")
+    items = first.join(other, on=["id", "metric"], suffix="_agreement_with")
+    return table, items
