@@ -180,6 +180,15 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "claims",
     }
     assert (table["n"] > 0).all()
+    # Every table names its judge; the smoke judge is the rubric test instrument, and the tables say so.
+    header = (smoke / "results/tables/em.md").read_text().splitlines()[0]
+    assert header.startswith("Judge: rubric · rubric-1 · judge hash ") and "TEST INSTRUMENT" in header
+    stamp = json.loads((smoke / "results/tables/judge_stamp.json").read_text())
+    assert stamp["backend"] == "rubric" and stamp["calibration"]["status"] == "exempt"
+    # Every training set judged, beside the misalignment it induces.
+    training = pl.read_csv(smoke / "results/tables/training_data.csv")
+    assert set(training["condition"]) == {"evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
+    assert (training["n"] == 48).all() and (smoke / "figures/training_harm.png").stat().st_size > 0
     run = json.loads((smoke / "results/adapters/tiny-llama/evil-medical/seed0/run.json").read_text())
     assert run["quantization"] == "nf4", run
     # Saved steps: step 3, and epoch 1.0 = step 6 of 12 (48 examples / micro-batch 8, 2 epochs).
