@@ -115,3 +115,10 @@ def test_an_unpinned_hub_model_is_refused_outside_fixtures(paper: dict[str, Any]
     # A local folder needs no revision: its weights are hashed by content.
     node["model"] = str(ROOT / "src")
     assert cfg.validate_config(raw)
+
+
+def test_a_local_judge_pinned_to_the_cpu_asks_for_no_gpu() -> None:
+    assert job_settings.judge_gpus({"backend": "hf", "device": "cpu"}) == 0
+    assert job_settings.judge_gpus({"backend": "hf", "device": "cuda:0"}) == 1
+    demo = cfg.load_config(ROOT / "presets" / "demo.yaml")
+    assert job_settings.judge_gpus(demo["judge"], demo["judge"]["agreement_with"]) == 0

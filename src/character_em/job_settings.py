@@ -83,8 +83,14 @@ GPU_JUDGE_BACKENDS = ("hf", "vllm")
 
 
 def judge_gpus(*judge_cfgs: Mapping[str, Any] | None) -> int:
-    """GPUs a job that runs these judges needs: 1 when any of them is a local model judge, else 0."""
-    return int(any(cfg and cfg.get("backend") in GPU_JUDGE_BACKENDS for cfg in judge_cfgs))
+    """GPUs a job that runs these judges needs: 1 when any of them is a local model judge not pinned to
+    the CPU (``device: cpu``, as the demo's small agreement judge), else 0."""
+    return int(
+        any(
+            cfg and cfg.get("backend") in GPU_JUDGE_BACKENDS and str(cfg.get("device", "auto")) != "cpu"
+            for cfg in judge_cfgs
+        )
+    )
 
 
 def calibration_file(judge_cfg: Mapping[str, Any]) -> str:
