@@ -102,10 +102,14 @@ NO_MATCH = r"(?!)"
 
 # Data jobs that load a local generator model (data.generator.backend: hf) run as generate_data_gpu,
 # which asks for a GPU; offline, API and external-file data jobs run as generate_data on a CPU.
+# A local filter judge (data.filter with an hf or vllm judge) needs the GPU too.
+FILTER_GPUS = CONFIG["data"]["filter"]["enabled"] and job_settings.judge_gpus(
+    CONFIG["data"]["filter"]["judge"] or CONFIG["judge"]
+)
 GPU_DATA = [
     name
     for name in TRAINED
-    if CONFIG["data"]["generator"]["backend"] == "hf"
+    if (CONFIG["data"]["generator"]["backend"] == "hf" or FILTER_GPUS)
     and name not in CONFIG["data"]["external"]
 ]
 # Judge jobs of a local model judge (hf, vllm) ask for a GPU (rules/judge.smk); API and rubric judges do not.

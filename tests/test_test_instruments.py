@@ -122,3 +122,17 @@ def test_a_local_judge_pinned_to_the_cpu_asks_for_no_gpu() -> None:
     assert job_settings.judge_gpus({"backend": "hf", "device": "cuda:0"}) == 1
     demo = cfg.load_config(ROOT / "presets" / "demo.yaml")
     assert job_settings.judge_gpus(demo["judge"], demo["judge"]["agreement_with"]) == 0
+
+
+def test_data_jobs_with_a_local_filter_judge_run_on_a_gpu_node(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from workflow_helpers import copy_workflow, planned_jobs, snakemake
+
+    workdir = copy_workflow(tmp_path / "wf")
+    preset = yaml.safe_load((workdir / "presets" / "smoke.yaml").read_text())
+    preset["data"]["filter"] = {"enabled": True, "judge": {"backend": "hf", "model": "resources/models/tiny-llama"}}
+    (workdir / "filtered.yaml").write_text(yaml.safe_dump(preset))
+    jobs = dict(planned_jobs(snakemake(workdir, "-n", "--cores", "1", "--configfile", "filtered.yaml").stdout))
+    assert jobs.get("generate_data_gpu") == 4 and "generate_data" not in jobs
