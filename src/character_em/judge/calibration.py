@@ -496,6 +496,10 @@ def calibration_gate(
     fixtures instead) or ``overridden`` (below the gate with ``allow_uncalibrated``). Raises
     ``CalibrationGateError`` with the calibration table when the judge is below the gate (or has no kappa).
     """
+    if "subset" not in table.columns:  # a table written before subsets existed: every row is over all items
+        table = table.with_columns(
+            pl.lit("all").alias("subset"), *(pl.lit(None, pl.Float64).alias(c) for c in ("kappa_lo", "kappa_hi"))
+        )
     row = table.filter(
         (pl.col("kind") == "accuracy")
         & (pl.col("judge") == "primary")
