@@ -3,6 +3,7 @@
 
 import os
 import re
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -421,9 +422,17 @@ def get_final_outputs():
 # sample:runtime=N overrides it.
 @lru_cache(maxsize=None)
 def sample_minutes():
-    from character_em.report.estimate import sample_job_minutes
+    from character_em.report.estimate import EstimateError, sample_job_minutes
 
-    return sample_job_minutes(CONFIG, ".")
+    try:
+        return sample_job_minutes(CONFIG, ".")
+    except EstimateError as err:
+        # A half-written run.json must not stop the workflow; the anchors still give a runtime.
+        print(
+            f"sampling runtimes from the anchors, not earlier runs: {err}",
+            file=sys.stderr,
+        )
+        return sample_job_minutes(CONFIG, None)
 
 
 def sample_runtime(wildcards):
