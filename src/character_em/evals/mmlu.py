@@ -12,9 +12,13 @@ from character_em.evals.capabilities import load_mc_items
 from character_em.fetch import MMLU_WHEEL, WheelSpec, read_member_lines, verify_sha256, wheel_spec
 from character_em.files import write_text_atomic
 
-__all__ = ["MMLU_LETTERS", "MMLU_FIELDS", "mmlu_items", "convert_mmlu"]
+__all__ = ["MMLU_LETTERS", "MMLU_FIELDS", "MMLU_TASK_FILE", "MMLU_TEST_ITEMS", "mmlu_items", "convert_mmlu"]
 
 MMLU_LETTERS = ("A", "B", "C", "D")
+# Where rules/fetch.smk writes the task, and how many test questions the pinned wheel holds (checked by
+# convert_mmlu's tests), so a grid can be estimated before the fetch has run.
+MMLU_TASK_FILE = "resources/tasks/mmlu.jsonl"
+MMLU_TEST_ITEMS = 14_042
 MMLU_FIELDS = ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
 
 

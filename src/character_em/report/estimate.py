@@ -113,7 +113,13 @@ def _capability_items(config: Mapping[str, Any]) -> tuple[int, float, str]:
     settings = config["eval"]["capabilities"]
     task_file = settings["task_file"] or str(resources.packaged_path("tasks/smoke_mc.jsonl"))
     if not Path(task_file).exists():
-        # The paper grid's MMLU file is fetched by the workflow; before that only max_items is known.
+        from character_em.evals.mmlu import MMLU_TASK_FILE, MMLU_TEST_ITEMS
+
+        if task_file == MMLU_TASK_FILE:
+            # The paper grid's MMLU, fetched by the workflow from a pinned wheel: its size is known.
+            n = MMLU_TEST_ITEMS if settings["max_items"] is None else min(MMLU_TEST_ITEMS, settings["max_items"])
+            return n, 150.0, f"{task_file} (not fetched yet: {n:,} MMLU test items, ~150 tokens/item assumed)"
+        # Another task file the workflow does not make: before it exists only max_items is known.
         if settings["max_items"] is None:
             raise EstimateError(
                 f"{task_file}: capabilities task file not found, and eval.capabilities.max_items is not set"
