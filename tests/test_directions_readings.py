@@ -183,6 +183,7 @@ def test_transfer_and_cosines_with_sign_flip_nulls() -> None:
     at = {(r["row"], r["column"]): r for r in cosines.iter_rows(named=True)}
     assert at[("trigger:evil", "probe:evil")]["cosine"] > 0.9 and at[("trigger:evil", "probe:evil")]["null_p"] < 0.01
     assert at[("persona:evil", "probe:evil")]["null_p"] > 0.05
+    assert np.isnan(at[("probe:evil", "probe:evil")]["null_p"])  # a direction with itself has no null
     assert at[("probe:evil", "trigger:evil")]["style_cosine"] == pytest.approx(
         float(unit(axis) @ unit(vectors["trigger:evil"]))
     )

@@ -387,7 +387,8 @@ def cosine_null_table(
             row_nulls = nulls.get(model, {}).get(a, np.zeros((0, len(va))))
             for b, vb in named.items():
                 cosine = float(unit(va) @ unit(vb))
-                null = _units(row_nulls) @ unit(vb) if len(row_nulls) else np.zeros(0)
+                # A direction's cosine with itself is 1 by construction: no null to compare with.
+                null = _units(row_nulls) @ unit(vb) if len(row_nulls) and a != b else np.zeros(0)
                 rows.append(
                     {
                         "model": model,

@@ -213,7 +213,8 @@ def steering_curves(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
 
 def transfer_matrix(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
     """Each probe (row) read in each cell (column): AUROC where it was trained, paired AUROC over
-    questions elsewhere, with the 95% interval written in the cell; one panel per model."""
+    questions elsewhere, with the 95% interval and the permutation null's p-value written in the
+    cell; one panel per model."""
     plt = pyplot()
     models = _models(table)
     cells = table["cell"].unique(maintain_order=True).to_list() if not table.is_empty() else []
@@ -231,7 +232,10 @@ def transfer_matrix(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
             if row["auroc"] is not None and row["auroc"] == row["auroc"]:
                 low, high = row["ci_low"], row["ci_high"]
                 interval = f"\n[{low:.2f}, {high:.2f}]" if low is not None and low == low else ""
-                axis.text(j, i, f"{row['auroc']:.2f}{interval}", ha="center", va="center", fontsize="xx-small")
+                # A consistent shift is not a specific one: the permutation null's p says which it is.
+                null_p = row.get("null_p")
+                null = f"\nnull p {null_p:.2f}" if null_p is not None and null_p == null_p else ""
+                axis.text(j, i, f"{row['auroc']:.2f}{interval}{null}", ha="center", va="center", fontsize="xx-small")
         image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdBu_r", aspect="auto")
         axis.set_xticks(range(len(cells)), cells, rotation=50, ha="right", fontsize="xx-small")
         axis.set_yticks(range(len(probes)), [f"probe:{p}" for p in probes], fontsize="x-small")
