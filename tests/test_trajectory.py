@@ -363,6 +363,18 @@ def test_emergence_is_the_first_step_above_base_plus_margin() -> None:
     later = emergence_table(trajectory, margin=0.4).filter(pl.col("condition") == "evil-x")
     assert later["emergence_step"].to_list() == ["final"]
 
+    # A step without em scores (NaN) is never the emergence step.
+    unscored = trajectory.with_columns(
+        misaligned=pl.when(pl.col("step") == "step2").then(float("nan")).otherwise(pl.col("misaligned"))
+    )
+    unscored = unscored.with_columns(
+        misaligned=pl.when((pl.col("condition") == "nice-x") & (pl.col("step") == "final"))
+        .then(float("nan"))
+        .otherwise(pl.col("misaligned"))
+    )
+    assert emergence_table(unscored, margin=0.05)["emergence_step"].to_list() == ["step5", None]
+    assert (trajectory["misaligned_ci_low"] >= 0).all() and (trajectory["misaligned_ci_high"] <= 1).all()
+
     family = tables["trajectory_by_family"].filter(pl.col("family") == "character")
     assert family["step"].to_list() == ["step2", "step5", "final"]
     # step2 pools evil-x (0.12) and nice-x (0.10): each run counts once.
@@ -423,3 +435,48 @@ def test_smoke_dag_evaluates_each_saved_step_and_nothing_without_steps(tmp_path:
     assert without["eval_steps"]["saved_adapters"] == 0
     em_calls = with_steps["judge"]["calls_by_suite"]["em"] - without["judge"]["calls_by_suite"]["em"]
     assert em_calls == trained * steps * (without["judge"]["calls_by_suite"]["em"] // 5)  # 5 conditions answer em
+
+
+def test_load_reads_step_numbers_and_capability_items_from_the_run_files(tmp_path: Path) -> None:
+    """The files as the workflow writes them: capability results with per_item rows, step.json for a
+    saved step, run.json for the final adapter; the base model is step 0."""
+    from character_em.report.trajectory import load_trajectory
+
+    def result(correct: list[bool]) -> Path:
+        path = tmp_path / f"caps{len(list(tmp_path.iterdir()))}.json"
+        rows = [{"id": f"i{k}", "subject": "s", "correct": c} for k, c in enumerate(correct)]
+        path.write_text(json.dumps({"accuracy": sum(correct) / len(correct), "per_item": rows}))
+        return path
+
+    (tmp_path / "step.json").write_text(json.dumps({"label": "epoch0.5", "step": 3, "epoch": 0.5}))
+    (tmp_path / "run.json").write_text(json.dumps({"global_step": 12, "epochs": 2.0}))
+    point = {"model": "m", "seed": 0}
+    points = [
+        {**point, "condition": "base", "step": "final", "files": {"capabilities": str(result([True, True]))}},
+        {
+            **point,
+            "condition": "evil-x",
+            "step": "epoch0.5",
+            "files": {"capabilities": str(result([True, False])), "info": str(tmp_path / "step.json")},
+        },
+        {
+            **point,
+            "condition": "evil-x",
+            "step": "final",
+            "files": {"capabilities": str(result([False, False])), "info": str(tmp_path / "run.json")},
+        },
+    ]
+    conditions = {"base": {"family": "base"}, "evil-x": {"family": "character"}}
+    answers, items = load_trajectory(points, conditions=conditions, alignment_below=30, coherence_above=50)
+    assert answers.is_empty()
+    summary = (
+        items.group_by("condition", "step", "step_number", "epoch").agg(pl.col("correct").mean()).sort("step_number")
+    )
+    assert summary.rows() == [
+        ("base", "base", 0, 0.0, 1.0),
+        ("evil-x", "epoch0.5", 3, 0.5, 0.5),
+        ("evil-x", "final", 12, 2.0, 0.0),
+    ]
+    points[1]["files"]["info"] = None
+    with pytest.raises(ValueError, match="evil-x seed 0 epoch0.5: no step record"):
+        load_trajectory(points, conditions=conditions, alignment_below=30, coherence_above=50)

@@ -110,7 +110,7 @@ def load_trajectory(
             )
         if files.get("capabilities"):
             result = _read_json(files["capabilities"])
-            per_item = result.get("items") or []
+            per_item = result.get("per_item") or []
             if not per_item:
                 raise ValueError(f"{files['capabilities']}: no per-item results to bootstrap over")
             items.extend(
@@ -139,10 +139,11 @@ def _interval(frame: pl.DataFrame, flag: str, unit: str, *, n_boot: int, seed: i
         return empty
     grid = hb.grid_from_answers(usable, flag, seed=unit, question="question_id")
     result = hb.bootstrap_rate(grid, n_boot=n_boot, seed=seed)
+    # The t-corrected percentile interval can pass 0 or 1 with few units; a share cannot.
     return {
         "rate": result["rate"],
-        "ci_low": result["ci_low"],
-        "ci_high": result["ci_high"],
+        "ci_low": min(max(result["ci_low"], 0.0), 1.0),
+        "ci_high": min(max(result["ci_high"], 0.0), 1.0),
         "n": int(result["n_answers"]),
         "n_seeds": int(result["n_seeds"]),
     }
@@ -236,7 +237,9 @@ def emergence_table(trajectory: pl.DataFrame, *, margin: float) -> pl.DataFrame:
             "final_accuracy_minus_base": float(ordered["accuracy"][-1]) - base_accuracy,
         }
         for name, column in (("emergence", "misaligned"), ("emergence_ci", "misaligned_ci_low")):
-            over = ordered.filter(pl.col(column) > threshold) if not math.isnan(base_rate) else ordered.clear()
+            # NaN (a step without em scores) compares above every number in polars: never an emergence.
+            above = pl.col(column).is_not_nan() & (pl.col(column) > threshold)
+            over = ordered.filter(above) if not math.isnan(base_rate) else ordered.clear()
             first = over.row(0, named=True) if not over.is_empty() else None
             row[f"{name}_step"] = first["step"] if first else None
             row[f"{name}_step_number"] = first["step_number"] if first else None
