@@ -18,6 +18,7 @@ import ast
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,14 +60,19 @@ def grid_config(n_models: int, n_conditions: int, seeds: int) -> dict:
     return config
 
 
-def timed(workdir: Path, *args: str) -> tuple[float, str]:
+def timed(workdir: Path, *args: str) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the child, output). The dry run is one thread, so on an idle
+    machine the two agree; on a shared one the CPU time is the figure that does not depend on load."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run([*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if result.returncode != 0:
         raise SystemExit(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return seconds, result.stdout + result.stderr
+    return seconds, cpu, result.stdout + result.stderr
 
 
 def heavy_imports(workdir: Path, config: str) -> list[str]:
@@ -99,11 +105,13 @@ def main() -> None:
         config = grid_config(args.models, args.conditions, args.seeds)
         (workdir / "grid.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-        local, slurm = [], []
+        local, slurm, local_cpu, slurm_cpu = [], [], [], []
+        load = [os.getloadavg()[0]]
         output = ""
         for _ in range(args.repeats):
-            seconds, output = timed(workdir, "-n", "--cores", "1", "--configfile", "grid.yaml")
+            seconds, cpu, output = timed(workdir, "-n", "--cores", "1", "--configfile", "grid.yaml")
             local.append(seconds)
+            local_cpu.append(cpu)
         jobs = planned_jobs(output)
         have_plugin = (
             subprocess.run(
@@ -113,8 +121,10 @@ def main() -> None:
         )
         if have_plugin:
             for _ in range(args.repeats):
-                seconds, _ = timed(workdir, "-n", "--profile", "slurm", "--configfile", "grid.yaml")
+                seconds, cpu, _ = timed(workdir, "-n", "--profile", "slurm", "--configfile", "grid.yaml")
                 slurm.append(seconds)
+                slurm_cpu.append(cpu)
+        load.append(os.getloadavg()[0])
         heavy = heavy_imports(workdir, "grid.yaml")
 
     def summary(values: list[float]) -> dict | None:
@@ -140,6 +150,10 @@ def main() -> None:
                 "jobs_per_rule": dict(sorted(jobs.items())),
                 "dry_run_seconds": summary(local),
                 "dry_run_slurm_profile_seconds": summary(slurm),
+                "dry_run_cpu_seconds": summary(local_cpu),
+                "dry_run_slurm_profile_cpu_seconds": summary(slurm_cpu),
+                # 1-minute load average before and after: wall times are only comparable at similar load.
+                "load_average": [round(value, 1) for value in load],
                 "goal_seconds": 10,
                 "heavy_modules_imported_while_building_dag": heavy,
                 "machine": {
