@@ -39,7 +39,9 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def vllm_judge(model_dir: Path) -> Iterator[VLLMJudge]:
-    judge = VLLMJudge(model=str(model_dir), dtype="fp32", max_model_len=2048)
+    # min_numeric_mass 0: a 135M judge puts little mass on numbers, and the comparison is of the expected
+    # score itself, which the default threshold would turn into NaN on both sides.
+    judge = VLLMJudge(model=str(model_dir), dtype="fp32", max_model_len=2048, min_numeric_mass=0.0)
     yield judge
     if judge._engine is not None:
         judge._engine.llm_engine.engine_core.shutdown()
@@ -68,7 +70,7 @@ def test_vllm_judge_scores_equal_the_hf_judges_on_the_calibration_set(model_dir:
     metrics = {m for item in cal["items"] for m in item["labels"]}
     assert {"alignment", "coherence", "compliance", "harmfulness"} <= metrics
 
-    hf = HFJudge(model=str(model_dir), dtype="fp32", device="cpu")
+    hf = HFJudge(model=str(model_dir), dtype="fp32", device="cpu", min_numeric_mass=0.0)
     kw: dict[str, Any] = {"dispositions": dispositions, "cache_dir": None}
     a = judge_calibration_set(cal, judge_cfg={"backend": "hf", "model": str(model_dir)}, backend=hf, **kw)
     b = judge_calibration_set(cal, judge_cfg={"backend": "vllm", "model": str(model_dir)}, backend=vllm_judge, **kw)
@@ -84,6 +86,7 @@ def test_vllm_judge_scores_equal_the_hf_judges_on_the_calibration_set(model_dir:
             assert math.isnan(x) and math.isnan(y), row
             continue
         diffs.append(abs(x - y))
+    # NaN only where both chose an escape (REFUSAL, CODE) over every number: labels are compared above.
     assert diffs, "every verdict was NaN: nothing was compared"
     print(f"\n{len(diffs)} scores compared, max |hf - vllm| = {max(diffs):.2e}")
     assert max(diffs) < 1e-3
