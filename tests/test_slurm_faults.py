@@ -1,0 +1,258 @@
+"""Fault drills on the real single-node SLURM of tests/slurm_cluster.sh (see tests/test_slurm.py).
+
+One workflow directory, three runs through `--profile slurm` with `--retries 0`, then a dry run:
+
+1. An evaluation fails: the capabilities task file has a malformed line, so the capabilities job of the
+   character adapter's evaluation group fails. Training is its own SLURM job and finishes first.
+2. The task file is fixed and the whole grid is run. The failed group runs again; training must not.
+   While the base model's em sampling runs, its SLURM job is cancelled (scancel) after a few
+   batches have been saved.
+3. The same command again: the base sampling resumes from its saved batches.
+
+The evidence is read from Snakemake's output, the SLURM job logs (which rules each job ran), the
+jobs' own logs and file modification times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from test_slurm import (  # noqa: F401  (slurm_cluster is a fixture)
+    SUBMITTED,
+    cluster_args,
+    job_processes,
+    rule_runs,
+    slurm,
+    slurm_cluster,
+    slurm_job_logs,
+)
+from workflow_helpers import ROOT, SNAKEMAKE, copy_workflow, snakemake
+
+from character_em import resources
+
+pytestmark = pytest.mark.slow
+
+CONFIG = "fault_drill.yaml"
+MODEL, CONDITION, SEED = "tiny-llama", "evil-medical", 0
+ADAPTER = Path(f"results/adapters/{MODEL}/{CONDITION}/seed{SEED}")
+TASK = Path("tasks/drill_mc.jsonl")
+BATCH = 4
+BASE_PARTIAL = Path(f"results/.partial/samples/{MODEL}/base/seed{SEED}/em.jsonl")
+BASE_SAMPLE_LOG = Path(f"logs/sample/{MODEL}/base/seed{SEED}/em.log")
+EVIL_SAMPLE_LOG = Path(f"logs/sample/{MODEL}/{CONDITION}/seed{SEED}/em.log")
+
+
+def prepare(workdir: Path) -> Path:
+    copy_workflow(workdir)
+    preset = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
+    preset["conditions"] = ["base", "{disposition}-{domain}"]
+    preset.setdefault("data", {})["n_examples"] = 32
+    # Small batches and many answers: sampling takes long enough to be cancelled in the middle.
+    preset["sampling"] = {**preset.get("sampling", {}), "batch_size": BATCH, "max_new_tokens": 16}
+    preset["suites"] = {"em": {"n_samples": 6, "max_questions": 8, "formats": ["plain"]}}
+    # No evaluation of intermediate adapters: the drill is about the final adapter's jobs.
+    preset["train"] = {**preset.get("train", {}), "eval_steps": []}
+    preset["eval"] = {
+        **preset.get("eval", {}),
+        "suites": ["em", "capabilities"],
+        "capabilities": {"max_items": 4, "task_file": str(TASK)},
+    }
+    (workdir / CONFIG).write_text(yaml.safe_dump(preset, sort_keys=False))
+    good = resources.packaged_path("tasks/smoke_mc.jsonl").read_text()
+    (workdir / TASK).parent.mkdir(parents=True, exist_ok=True)
+    # A malformed first line: the capabilities job fails on it, nothing else reads the file.
+    (workdir / TASK).write_text('{"question": "cut off\n' + good)
+    return workdir
+
+
+def saved_rows(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return max(0, len([line for line in path.read_text().splitlines() if line.strip()]) - 1)
+
+
+def log_numbers(text: str, pattern: str) -> list[int]:
+    return [int(value) for value in re.findall(pattern, text)]
+
+
+@dataclass
+class Drill:
+    workdir: Path
+    outputs: list[str]  # Snakemake's output of each run
+    returncodes: list[int]
+    adapter_mtimes: list[dict[str, int]]  # after each run
+    cancelled_job: str
+    saved_at_cancel: int
+    base_log_at_cancel: str
+    evil_log_after_first: str
+    evil_log_after_second: str
+
+
+TRAINED = ("adapter_model.safetensors", "adapter_config.json", "run.json", "train_log.jsonl")
+
+
+def adapter_mtimes(workdir: Path) -> dict[str, int]:
+    """Modification times of train_adapter's outputs (plot_loss_curve adds a figure beside them later)."""
+    return {
+        name: (workdir / ADAPTER / name).stat().st_mtime_ns for name in TRAINED if (workdir / ADAPTER / name).exists()
+    }
+
+
+@pytest.fixture(scope="module")
+def drill(slurm_cluster: Path, tmp_path_factory: pytest.TempPathFactory) -> Drill:  # noqa: F811
+    workdir = prepare(tmp_path_factory.mktemp("drill"))
+    # cluster_args starts with test_slurm's own --configfile; this drill has its config.
+    args = ["--configfile", CONFIG, *cluster_args(workdir)[2:], "--retries", "0"]
+    outputs, codes, mtimes = [], [], []
+
+    def record(result) -> None:
+        outputs.append(result.stdout + result.stderr)
+        codes.append(result.returncode)
+        mtimes.append(adapter_mtimes(workdir))
+
+    # 1. The character adapter: training, then its evaluation group, whose capabilities job fails.
+    targets = [
+        f"results/capabilities/{MODEL}/{CONDITION}/seed{SEED}.json",
+        f"results/samples/{MODEL}/{CONDITION}/seed{SEED}/em.parquet",
+    ]
+    record(snakemake(workdir, *args, *targets, check=False, timeout=900))
+    evil_log_after_first = (workdir / EVIL_SAMPLE_LOG).read_text() if (workdir / EVIL_SAMPLE_LOG).exists() else ""
+
+    # 2. Fixed task file; the whole grid, with the base model's em sampling cancelled mid-way.
+    (workdir / TASK).write_text(resources.packaged_path("tasks/smoke_mc.jsonl").read_text())
+    # Popen rather than a thread: if an assertion fails here, the run is killed, not left polling SLURM.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    second = subprocess.Popen(
+        [*SNAKEMAKE, *args], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        start = time.monotonic()
+        while (
+            second.poll() is None and saved_rows(workdir / BASE_PARTIAL) < 3 * BATCH and time.monotonic() - start < 600
+        ):
+            time.sleep(0.1)
+        assert saved_rows(workdir / BASE_PARTIAL) >= 3 * BATCH, "the base em sampling saved no batches in time"
+        running = slurm("squeue", "-h", "-t", "RUNNING", "-o", "%i|%k")
+        sampling = [line.split("|")[0] for line in running.splitlines() if "eval-tiny-llama-base" in line]
+        assert len(sampling) == 1, f"expected one running SLURM job for the base evaluations:\n{running}"
+        slurm("scancel", sampling[0])
+        # Snakemake runs the script as .snakemake/scripts/tmpXXXX.sample.py.
+        for _ in range(100):
+            if not job_processes(sampling[0], ".sample.py"):
+                break
+            time.sleep(0.2)
+        # The test cluster tracks processes by parentage (proctrack/linuxproc) and loses those whose
+        # parent exited first; a real cluster's cgroups kill the whole job. Do what they would.
+        for pid in job_processes(sampling[0], ".sample.py"):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(1)
+        assert not job_processes(sampling[0], ".sample.py"), "the cancelled sampling job is still running"
+        saved_at_cancel = saved_rows(workdir / BASE_PARTIAL)
+        base_log_at_cancel = (workdir / BASE_SAMPLE_LOG).read_text()
+        (workdir / "killed_sample_em.log").write_text(base_log_at_cancel)  # evidence to read afterwards
+        output, _ = second.communicate(timeout=900)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+    outputs.append(output)
+    codes.append(second.returncode)
+    mtimes.append(adapter_mtimes(workdir))
+    # Snakemake deletes a job's log before it runs the job again: keep each run's.
+    evil_log_after_second = (workdir / EVIL_SAMPLE_LOG).read_text()
+    for _ in range(150):
+        if not slurm("squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING,CONFIGURING", "-o", "%i").strip():
+            break
+        time.sleep(0.2)
+
+    # 3. The same command again.
+    record(snakemake(workdir, *args, check=False, timeout=900))
+    record(snakemake(workdir, *args, "-n", check=False, timeout=300))
+    return Drill(
+        workdir,
+        outputs,
+        codes,
+        mtimes,
+        sampling[0],
+        saved_at_cancel,
+        base_log_at_cancel,
+        evil_log_after_first,
+        evil_log_after_second,
+    )
+
+
+def jobs_running(drill: Drill, run: int, rule: str) -> list[tuple[str, str]]:
+    """(SLURM job id, wildcards) of every `rule` job that the SLURM jobs of one run executed."""
+    logs = slurm_job_logs(drill.workdir)
+    found = []
+    for job in SUBMITTED.findall(drill.outputs[run]):
+        found += [(job, wildcards) for name, wildcards in rule_runs(logs[job].read_text()) if name == rule]
+    return found
+
+
+def test_a_failed_evaluation_does_not_retrain_the_adapter(drill: Drill) -> None:
+    first, second, third, dry = drill.outputs
+    assert drill.returncodes[0] != 0 and "Error in group eval-tiny-llama-evil-medical-seed0" in first, first[-4000:]
+    assert "Error in rule capabilities" in first or "rule capabilities" in first
+    # Training ran once, in a SLURM job of its own, in the first run only.
+    trained = [jobs_running(drill, run, "train_adapter") for run in range(3)]
+    assert len(trained[0]) == 1 and trained[1] == [] and trained[2] == [], trained
+    [(train_job, _)] = trained[0]
+    logs = slurm_job_logs(drill.workdir)
+    assert {rule for rule, _ in rule_runs(logs[train_job].read_text())} == {"train_adapter"}
+    # The failed group ran again in the second run, without training.
+    evaluated = f"model={MODEL}, condition={CONDITION}, seed={SEED}"
+    assert any(w == evaluated for _, w in jobs_running(drill, 1, "capabilities"))
+    # The adapter the first run wrote is the adapter at the end: same files, untouched since.
+    assert len(drill.adapter_mtimes[0]) == len(TRAINED)
+    assert drill.adapter_mtimes[0] == drill.adapter_mtimes[1] == drill.adapter_mtimes[2]
+    run = json.loads((drill.workdir / ADAPTER / "run.json").read_text())
+    assert run.get("resumed_from_step") in (None, 0), run
+    assert drill.returncodes[2] == 0, third[-4000:]
+    assert "Nothing to be done" in dry, dry[-3000:]
+
+
+def test_finished_samples_of_a_failed_group_are_restored_not_generated(drill: Drill) -> None:
+    """If the evaluation group's em sampling finished before capabilities failed, the retry restores it."""
+    first_generated = log_numbers(drill.evil_log_after_first, r"answers generated in this run: (\d+)")
+    if not first_generated:
+        pytest.skip("capabilities failed before the group's sampling ran; nothing to restore")
+    # Snakemake removed the finished samples with the failed group; the retry restores all of them.
+    later = drill.evil_log_after_second
+    [(restored, total)] = re.findall(r"answers restored from \S+: (\d+) of (\d+)", later)
+    assert restored == total == str(first_generated[0]), later
+    assert log_numbers(later, r"answers generated in this run: (\d+)") == [0], later
+    assert "loaded " not in later, "the model was loaded although every answer was restored"
+
+
+def test_cancelled_sampling_resumes_from_its_last_saved_batch(drill: Drill) -> None:
+    # The rerun's log (Snakemake deleted the killed job's log before rerunning it; we kept a copy).
+    rerun = (drill.workdir / BASE_SAMPLE_LOG).read_text()
+    killed = drill.base_log_at_cancel
+    started = sum(log_numbers(killed, r"batch started: (\d+) answers"))
+    saved = sum(log_numbers(killed, r"batch saved: (\d+) answers"))
+    assert saved >= 3 * BATCH and saved == drill.saved_at_cancel, (saved, drill.saved_at_cancel)
+    restored = log_numbers(rerun, r"answers restored from \S+: (\d+) of \d+")
+    total = log_numbers(rerun, r"answers restored from \S+: \d+ of (\d+)")
+    assert restored == [saved], rerun[:2000]
+    [generated] = log_numbers(rerun, r"answers generated in this run: (\d+)")
+    assert generated == total[0] - saved
+    # Generated again after the kill: the answers the killed job had started but not saved.
+    generated_twice = started - saved
+    assert 0 <= generated_twice <= BATCH, (started, saved)
+    assert "Error in group eval-tiny-llama-base-seed0" in drill.outputs[1]
+    assert drill.returncodes[2] == 0
+    import polars as pl
+
+    samples = pl.read_parquet(drill.workdir / f"results/samples/{MODEL}/base/seed{SEED}/em.parquet")
+    assert samples.height == total[0]
+    assert samples.select(["question_id", "sample_index"]).is_duplicated().sum() == 0
