@@ -205,15 +205,15 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
 
 @pytest.mark.slow
 def test_smoke_one_saved_step_reruns_alone(smoke: Path) -> None:
-    """A step is a value of the {step} wildcard: losing one step's scores reruns that step's judge job
-    and the trajectory report, nothing else (no training, no other step)."""
-    scores = smoke / "results/scores/tiny-llama/evil-medical/seed0/step3/em.parquet"
-    scores.unlink()
-    result = snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", "-n")
-    jobs = {(rule, wc.get("step")) for rule, wc in planned_wildcards(result.stdout)}
-    assert jobs == {("judge_step", "step3"), ("trajectory", None), ("all", None)}, jobs
-    snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2")
-    assert scores.is_file()
+    """A step is a value of the {step} wildcard: one step's scores are remade by that step's judge job
+    alone (no training, no other step); the same verdicts (judge cache) leave the report as it is."""
+    target = "results/scores/tiny-llama/evil-medical/seed0/step3/em.parquet"
+    (smoke / target).unlink()
+    result = snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", "-n", target)
+    jobs = {(rule, wc.get("step"), wc.get("condition")) for rule, wc in planned_wildcards(result.stdout)}
+    assert jobs == {("judge_step", "step3", "evil-medical")}, jobs
+    snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", target)
+    assert (smoke / target).is_file()
 
 
 @pytest.mark.slow
