@@ -32,9 +32,11 @@ rule publish_adapter_step:
 
 
 use rule sample as sample_step with:
+    # `with: input:` replaces the whole input: every input of rule sample but the adapter, repeated.
     input:
         model=get_base_model,
         adapter=get_step_adapter,
+        harmful=get_harmful_requests,
     output:
         samples="results/samples/{model}/{condition}/seed{seed}/{step}/{suite}.parquet",
     log:
