@@ -63,9 +63,9 @@ TABLES = [
     "contrasts",
     "threshold_sensitivity",
     "capabilities",
-]
     "denominators",
     "claims",
+]
 FIGURES = [
     "misalignment",
     "misalignment_by_condition",
