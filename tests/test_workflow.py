@@ -161,6 +161,8 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "threshold_sensitivity",
         "capabilities",
         "judge_calibration",
+        "denominators",
+        "claims",
     ]
     tables += ["probe_auroc", "direction_projections", "direction_correlation", "direction_cosine"]
     tables += ["direction_transfer", "steering"]
@@ -176,8 +178,6 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "incorrect-medical",
         "correct-medical",
         "evil-medical-trig",
-        "denominators",
-        "claims",
     }
     assert (table["n"] > 0).all()
     # Every table names its judge; the smoke judge is the rubric test instrument, and the tables say so.
