@@ -179,7 +179,6 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
     Returns ``{"models": {model: {stage: {...}}}, "judge": {...}, "calibration": {...}}``; every count
     follows the DAG's own arithmetic (the conditions, seeds and suites the rules expand over).
     """
-    from character_em.evals import suites
     from character_em.job_settings import calibration_file, calibration_judges
     from character_em.judge import core as judge
     from character_em.judge.calibration import calibration_metrics, load_calibration_set
@@ -192,8 +191,7 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
     answers_per_job = {}
     for suite in cfg.SAMPLED_SUITES:
         if suite in eval_suites:
-            prompts = suites.build_prompts(suite, cfg.suite_spec(config, suite))
-            answers_per_job[suite] = sum(row["n_samples"] for row in prompts)
+            answers_per_job[suite] = answers_per_sampling_job(config, suite)
     metrics = {suite: len(judge.metrics_for_suite(suite, None, dispositions)) for suite in answers_per_job}
     items, tokens_per_item, task_file = _capability_items(config) if "capabilities" in eval_suites else (0, 0.0, "")
     pairs = _probe_pairs(config, conditions)
@@ -790,6 +788,19 @@ RUNTIME_MARGIN = 1.5
 MIN_RUNTIME_MINUTES = 10
 
 
+def answers_per_sampling_job(config: Mapping[str, Any], suite: str) -> int:
+    """Answers one sampling job of ``suite`` draws. Before the workflow has fetched a harmful-request
+    set (resources/harmful/, rule fetch_harmful_requests) the packaged list stands in for it, so the
+    DAG and the estimate can be built before the first job runs."""
+    from character_em.evals import suites
+
+    spec = cfg.suite_spec(config, suite)
+    fetched = spec.get("harmful_requests_file")
+    if suite == "persona" and fetched and str(fetched).startswith("resources/harmful/") and not Path(fetched).exists():
+        spec = {**spec, "harmful_requests_file": None}
+    return sum(row["n_samples"] for row in suites.build_prompts(suite, spec))
+
+
 def sample_job_minutes(
     config: Mapping[str, Any], runs_root: str | Path | None = ".", *, load_minutes: float = DEFAULT_LOAD_MINUTES
 ) -> dict[tuple[str, str], float]:
@@ -797,11 +808,10 @@ def sample_job_minutes(
     answers of the suite x tokens per answer / new tokens per second, measured on this model by
     earlier runs where they exist (as in ``estimate``), the scaled anchor otherwise. Cheap enough
     to run while Snakemake builds the DAG."""
-    from character_em.evals import suites
 
     measured = measure_runs(runs_root, list(config["models"])) if runs_root is not None else {}
     answers = {
-        suite: sum(row["n_samples"] for row in suites.build_prompts(suite, cfg.suite_spec(config, suite)))
+        suite: answers_per_sampling_job(config, suite)
         for suite in cfg.SAMPLED_SUITES
         if suite in config["eval"]["suites"]
     }
