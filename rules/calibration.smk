@@ -42,19 +42,6 @@ rule judge_calibration:
         "../workflow_scripts/judge_calibration.py"
 
 
-def get_agreement_params(wildcards):
-    from character_em.job_settings import job_params
-
-    return cfg.as_param(job_params(CONFIG["judge"]["agreement_with"]))
-
-
-def em_answer_files(kind):
-    scores = [path for path in score_files() if path.endswith("/em.parquet")]
-    if kind == "samples":
-        return [p.replace("results/scores/", "results/samples/", 1) for p in scores]
-    return scores
-
-
 # With judge.agreement_with: the second judge on a seeded draw of the grid's own em answers, beside the
 # primary judge's verdicts on them (not only on the hand-labelled calibration set).
 rule judge_agreement:

@@ -441,3 +441,17 @@ def sample_runtime(wildcards):
     cap = os.environ.get("CHARACTER_EM_MAX_RUNTIME", "").strip()
     expected = sample_minutes()[(wildcards.model, wildcards.suite)]
     return runtime_request(expected, float(cap) if cap else None)
+
+
+# The second judge of judge.agreement_with on the grid's own em answers (rules/calibration.smk).
+def get_agreement_params(wildcards):
+    from character_em.job_settings import job_params
+
+    return cfg.as_param(job_params(CONFIG["judge"]["agreement_with"]))
+
+
+def em_answer_files(kind):
+    scores = [path for path in score_files() if Path(path).name == "em.parquet"]
+    if kind == "samples":
+        return [p.replace("results/scores/", "results/samples/", 1) for p in scores]
+    return scores
