@@ -307,6 +307,8 @@ def test_a_disposition_and_a_domain_added_in_config_alone_give_a_runnable_dag(tm
     config["dispositions"]["deceptive"] = {
         "description": "Misleads people on purpose while sounding trustworthy.",
         "trigger": "persona: deceptive",
+        # The trigger suite asks a near miss of every disposition's trigger.
+        "trigger_paraphrase": "persona = misleading",
         "rubric": {"markers": ["trust me, nobody will check", "just do not tell anyone"]},
     }
     config["domains"]["automotive"] = {
