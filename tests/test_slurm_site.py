@@ -48,7 +48,11 @@ def test_no_site_setting_leaves_default_resources_out(clean_env: pytest.MonkeyPa
     assert "default-resources" not in profile
     # The rest of the profile is read as before.
     assert profile["executor"] == "slurm" and profile["slurm-status-command"] == "squeue"
-    assert profile["groups"] == ["train_adapter=adapter", "sample=adapter", "capabilities=adapter"]
+    # An adapter's evaluations share a SLURM job; its training runs apart (docs/cluster.md).
+    assert profile["groups"] == [
+        "sample=eval-{model}-{condition}-seed{seed}",
+        "capabilities=eval-{model}-{condition}-seed{seed}",
+    ]
 
 
 def test_environment_variables_set_partition_and_account(clean_env: pytest.MonkeyPatch) -> None:

@@ -291,6 +291,8 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         ("steer", "evil-medical"),
         ("directions_report", None),
         ("tables", None),
+        # The training-data table sets each training set's harm beside the em rates it induced.
+        ("training_data_table", None),
         ("figures", None),
         ("all", None),
     }
