@@ -24,6 +24,7 @@ an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from character_em.hashing import canonical_json
+from character_em.job_settings import JOB_PARAM_KEYS
 from character_em.judge.verdicts import (
     DEFAULT_MIN_NUMERIC_MASS,
     JudgeConfigError,
@@ -129,21 +131,9 @@ class OpenAIJudge:
 
     @classmethod
     def from_config(cls, judge_cfg: dict[str, Any]) -> OpenAIJudge:
-        keys = (
-            "base_url",
-            "api_key_env",
-            "score_mode",
-            "temperature",
-            "top_logprobs",
-            "text_max_tokens",
-            "max_tokens_param",
-            "min_numeric_mass",
-            "max_concurrency",
-            "timeout_s",
-            "max_retries",
-            "backoff_initial_s",
-            "backoff_max_s",
-        )
+        # The settings a judge job receives (job_settings) that this class takes as arguments.
+        own = {f.name for f in dataclasses.fields(cls) if f.init} - {"model", "backend"}
+        keys = [key for key in JOB_PARAM_KEYS["openai"] if key in own]
         kwargs = {k: judge_cfg[k] for k in keys if judge_cfg.get(k) is not None}
         if "api_key_env" in judge_cfg and judge_cfg["api_key_env"] is None:
             kwargs["api_key_env"] = None  # an endpoint without authentication (local vLLM)
