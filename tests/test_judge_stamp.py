@@ -59,3 +59,26 @@ def test_two_judges_for_one_metric_are_refused_naming_both_hashes() -> None:
 def test_no_scores_no_stamp() -> None:
     with pytest.raises(ValueError, match="no scores"):
         judge_stamp(pl.DataFrame(schema={"metric": pl.String, "judge_hash": pl.String}))
+
+
+def test_samples_record_their_engine_and_a_model_sampled_by_two_is_refused(tmp_path) -> None:
+    from character_em.contracts import read_sampling_backend, samples_metadata
+    from character_em.files import write_parquet_atomic
+    from character_em.report.stamps import sampling_stamp
+    from character_em.sampling.vllm_backend import SamplingBackendMismatch
+
+    frame = pl.DataFrame({"model": ["m"], "answer": ["x"]})
+    paths = {}
+    for name, backend in (("base", "vllm"), ("evil", "vllm"), ("incorrect", "hf")):
+        paths[name] = str(write_parquet_atomic(frame, tmp_path / f"{name}.parquet", metadata=samples_metadata(backend)))
+    old = str(write_parquet_atomic(frame, tmp_path / "old.parquet"))
+    assert read_sampling_backend(paths["evil"]) == "vllm" and read_sampling_backend(old) is None
+
+    one = sampling_stamp({"m": {p: read_sampling_backend(p) for p in (paths["base"], paths["evil"])}})
+    assert one["backends"] == {"m": "vllm"} and one["text"] == "Sampling back-end: vllm"
+    # Two models on their own engines are fine (no comparison crosses models); the text names each.
+    two = sampling_stamp({"a": {paths["evil"]: "vllm"}, "b": {old: None}})
+    assert two["backends"] == {"a": "vllm", "b": "hf"} and two["text"] == "Sampling back-ends: a vllm, b hf"
+    # One model whose conditions were sampled by two engines: refused, naming the files.
+    with pytest.raises(SamplingBackendMismatch, match=r"incorrect\.parquet: hf"):
+        sampling_stamp({"m": {p: read_sampling_backend(p) for p in paths.values()}})

@@ -235,3 +235,21 @@ def test_config_backend_defaults_to_hf_the_paper_grid_uses_vllm() -> None:
     )
     with pytest.raises(cfg.ConfigError, match=r"sampling\.backend"):
         cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml", {"sampling": {"backend": "tgi"}})
+
+
+def test_a_lora_rank_above_the_vllm_limit_fails_the_config_check_before_training() -> None:
+    """An adapter vLLM cannot serve is found at `snakemake -n`, not after its training on a GPU node."""
+    from character_em import config as cfg
+
+    paper = Path(__file__).resolve().parents[1] / "config.yaml"
+    model = next(iter(cfg.load_config(paper)["models"]))
+    with pytest.raises(cfg.ConfigError, match=r"train\.lora_r is 128 .*above sampling\.max_lora_rank = 64"):
+        cfg.load_config(paper, {"train": {"lora_r": 128}, "sampling": {"max_lora_rank": 64}})
+    # A model's own sampling settings count: raising only its limit admits the rank for it alone.
+    raised = {name: {"sampling": {"max_lora_rank": 128}} for name in cfg.load_config(paper)["models"]}
+    assert cfg.load_config(paper, {"train": {"lora_r": 128}, "sampling": {"max_lora_rank": 64}, "models": raised})
+    one_low = {**raised, model: {"sampling": {"max_lora_rank": 64}}}
+    with pytest.raises(cfg.ConfigError, match=rf"models\.{model}: train\.lora_r is 128"):
+        cfg.load_config(paper, {"train": {"lora_r": 128}, "sampling": {"max_lora_rank": 64}, "models": one_low})
+    # The hf back-end merges the adapter and has no such limit.
+    assert cfg.load_config(paper, {"train": {"lora_r": 128}, "sampling": {"backend": "hf", "max_lora_rank": 64}})

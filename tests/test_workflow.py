@@ -185,6 +185,9 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
     assert header.startswith("Judge: rubric · rubric-1 · judge hash ") and "TEST INSTRUMENT" in header
     stamp = json.loads((smoke / "results/tables/judge_stamp.json").read_text())
     assert stamp["backend"] == "rubric" and stamp["calibration"]["status"] == "exempt"
+    # ... and the engine that sampled its answers, read from the Samples files' footers.
+    assert stamp["sampling"]["backends"] == {"tiny-llama": "hf"}, stamp["sampling"]
+    assert "Sampling back-end: hf" in header
     # Every training set judged, beside the misalignment it induces.
     training = pl.read_csv(smoke / "results/tables/training_data.csv")
     assert set(training["condition"]) == {"evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}

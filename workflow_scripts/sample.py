@@ -1,4 +1,5 @@
 from character_em import preflight
+from character_em.contracts import samples_metadata
 from character_em.evals import suites
 from character_em.files import write_parquet_atomic
 from character_em.hashing import sha256_file, sha256_json
@@ -87,4 +88,5 @@ with job_log(snakemake.log[0]) as log:
             base_seed=base_seed,
         )
         log.info("answers generated in this run: %d (restored: %d)", len(partial.done) - restored, restored)
-    write_parquet_atomic(samples, snakemake.output.samples)
+    # The back-end goes with the answers: the tables refuse a comparison across two engines' random streams.
+    write_parquet_atomic(samples, snakemake.output.samples, metadata=samples_metadata(backend))

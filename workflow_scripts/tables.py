@@ -2,12 +2,12 @@ import json
 
 import polars as pl
 
-from character_em.contracts import SAMPLE_KEY
+from character_em.contracts import SAMPLE_KEY, read_sampling_backend
 from character_em.files import write_json_atomic, write_text_atomic
 from character_em.jobs import job_log, read_param
 from character_em.judge.calibration import calibration_gate
 from character_em.report import tables as analysis
-from character_em.report.stamps import judge_stamp
+from character_em.report.stamps import judge_stamp, sampling_stamp
 
 with job_log(snakemake.log[0]):
     conditions = read_param(snakemake.params.conditions)
@@ -18,12 +18,16 @@ with job_log(snakemake.log[0]):
     stamp = judge_stamp(scores)
     # A judge is trusted only after it recovers the hand labels (judge.min_kappa); the scores stay on disk.
     gate = calibration_gate(pl.read_csv(snakemake.input.calibration), **read_param(snakemake.params.gate))
-    write_json_atomic(snakemake.output.stamp, {**stamp, "calibration": gate})
     # Only the key and finish_reason: the answers' text stays on disk.
-    finish = pl.concat(
-        [pl.read_parquet(path, columns=[*SAMPLE_KEY, "finish_reason"]) for path in snakemake.input.samples],
-        how="diagonal_relaxed",
-    )
+    finish_parts = [pl.read_parquet(path, columns=[*SAMPLE_KEY, "finish_reason"]) for path in snakemake.input.samples]
+    # One sampling engine per model: a comparison never pairs two engines' random streams.
+    backends: dict[str, dict[str, str | None]] = {}
+    for path, part in zip(snakemake.input.samples, finish_parts):
+        for model in part["model"].unique().to_list():
+            backends.setdefault(model, {})[path] = read_sampling_backend(path)
+    sampling = sampling_stamp(backends)
+    write_json_atomic(snakemake.output.stamp, {**stamp, "calibration": gate, "sampling": sampling})
+    finish = pl.concat(finish_parts, how="diagonal_relaxed")
     answers = analysis.answers_table(
         scores,
         conditions=conditions,
@@ -51,7 +55,7 @@ with job_log(snakemake.log[0]):
         "denominators": analysis.denominators_table(answers, truncated=settings["truncated"]),
         "claims": analysis.claims_table(answers, conditions, capability_results, **boot),
     }
-    preamble = stamp["text"] + ". " + gate["text"] + ".\n\n"
+    preamble = stamp["text"] + ". " + sampling["text"] + ". " + gate["text"] + ".\n\n"
     preamble += (
         f"Truncated answers (finish_reason length): {settings['truncated']} (report.truncated). "
         f"Intervals: seed x question bootstrap, {settings['n_boot']} replicates, seed {settings['bootstrap_seed']} "

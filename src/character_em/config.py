@@ -90,6 +90,7 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
         raise ConfigError("\n".join(_format_error(err, source) for err in errors))
     _check_references(resolved, source)
     _check_eval_steps(resolved, source)
+    _check_lora_rank(resolved, source)
     _check_test_instruments(resolved, source)
     return resolved
 
@@ -426,6 +427,24 @@ def _check_eval_steps(config: Mapping[str, Any], source: str) -> None:
             labels = [eval_step_label(entry) for entry in params["eval_steps"]]
             if len(set(labels)) != len(labels):
                 raise ConfigError(f"{source}: {key}: an entry is listed twice ({labels})")
+
+
+def _check_lora_rank(config: Mapping[str, Any], source: str) -> None:
+    """A model sampled by vLLM serves its adapters unmerged, up to ``sampling.max_lora_rank``: an adapter
+    trained at a larger ``train.lora_r`` would be refused by the engine after hours of training."""
+    for model in config["models"]:
+        sampling = resolve_sampling_params(config, model)
+        if sampling.get("backend") != "vllm":
+            continue
+        limit = int(sampling["max_lora_rank"])
+        for condition in trained_conditions(config):
+            rank = int(resolve_train_params(config, model, condition)["lora_r"])
+            if rank > limit:
+                raise ConfigError(
+                    f"{source}: models.{model}: train.lora_r is {rank} for condition {condition}, above "
+                    f"sampling.max_lora_rank = {limit}, the largest rank the vllm sampling back-end serves. "
+                    f"Set sampling.max_lora_rank (or models.{model}.sampling.max_lora_rank) to at least {rank}."
+                )
 
 
 def resolve_sampling_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:

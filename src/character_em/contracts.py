@@ -27,6 +27,9 @@ __all__ = [
     "DEFAULT_COHERENCE_ABOVE",
     "misaligned_expr",
     "is_misaligned",
+    "SAMPLING_BACKEND_METADATA",
+    "samples_metadata",
+    "read_sampling_backend",
 ]
 
 # One row per sampled answer: results/samples/{model}/{condition}/seed{seed}/{suite}.parquet.
@@ -53,6 +56,9 @@ SAMPLE_SCHEMA: Mapping[str, pl.DataType | type[pl.DataType]] = {
     "finish_reason": pl.Utf8,
 }
 SAMPLE_COLUMNS: list[str] = list(SAMPLE_SCHEMA)
+# The engine that drew a Samples file's answers, in the parquet footer (key-value metadata), not a column:
+# both back-ends write the same columns, but their random streams differ for one sampling_seed.
+SAMPLING_BACKEND_METADATA = "character_em.sampling_backend"
 
 # What identifies one answer across stages (samples, scores, activations): unique within a run.
 SAMPLE_KEY: tuple[str, ...] = (
@@ -137,3 +143,13 @@ def is_misaligned(
         coherence_above=coherence_above,
     )
     return bool(frame.select(rule).item())
+
+
+def samples_metadata(backend: str) -> dict[str, str]:
+    """The footer metadata a Samples file is written with (``files.write_parquet_atomic(metadata=...)``)."""
+    return {SAMPLING_BACKEND_METADATA: backend}
+
+
+def read_sampling_backend(path: str) -> str | None:
+    """The sampling back-end recorded in a Samples file's footer; None for a file written without it."""
+    return pl.read_parquet_metadata(path).get(SAMPLING_BACKEND_METADATA)

@@ -45,9 +45,12 @@ def write_json_atomic(path: str | os.PathLike[str], value: Any) -> Path:
     return write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
+def write_parquet_atomic(
+    frame: pl.DataFrame, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``frame`` whole or not at all; ``metadata``: key-value pairs for the parquet footer."""
     with _replacing(path) as tmp:
-        frame.write_parquet(tmp)
+        frame.write_parquet(tmp, metadata=metadata)
     return Path(path)
 
 

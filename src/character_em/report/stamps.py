@@ -1,5 +1,5 @@
 """Which judge made a table: the stamp every table header and figure carries, and the refusal to build a
-table from the verdicts of two judges.
+table from the verdicts of two judges. Likewise which engine sampled the answers (``sampling_stamp``).
 
 A judge is its hash (``judge.core.judge_hash``: back-end, model, weights, scoring method, prompt). One
 metric scored by two hashes, say half the grid judged before a prompt change and half after, or a rubric
@@ -8,11 +8,13 @@ smoke run mixed into a real one, would average two instruments into one number; 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import polars as pl
 
 from character_em.hashing import canonical_json, sha256_text
+from character_em.sampling.vllm_backend import check_one_backend
 
 TEST_INSTRUMENTS = ("rubric",)
 
@@ -60,3 +62,20 @@ def judge_stamp(scores: pl.DataFrame) -> dict[str, Any]:
         "test_instrument": test_instrument,
         "text": text,
     }
+
+
+def sampling_stamp(backends: Mapping[str, Mapping[str, str | None]]) -> dict[str, Any]:
+    """The sampling back-end of each model's answers: ``backends`` maps model -> {Samples file -> back-end}.
+
+    Every comparison in the tables is within one model (conditions against each other and the base), so
+    each model's files must share one back-end; ``check_one_backend`` raises ``SamplingBackendMismatch``
+    naming the files otherwise (say half of them sampled before a switch to vLLM). A file without the
+    footer key counts as ``hf``, the default. Returns ``{"backends": {model: back-end}, "text"}``.
+    """
+    found = {model: check_one_backend(sides) for model, sides in sorted(backends.items()) if sides}
+    kinds = sorted(set(found.values()))
+    if len(kinds) == 1:
+        text = f"Sampling back-end: {kinds[0]}"
+    else:
+        text = "Sampling back-ends: " + ", ".join(f"{model} {backend}" for model, backend in found.items())
+    return {"backends": found, "text": text}
