@@ -443,6 +443,23 @@ def sample_runtime(wildcards):
     return runtime_request(expected, float(cap) if cap else None)
 
 
+# Steering jobs likewise (character_em.report.estimate: the job's steered answers, generated through
+# transformers and judged in the job, x1.5); they resume arm by arm from results/.partial/.
+@lru_cache(maxsize=None)
+def steer_minutes():
+    from character_em.report.estimate import steer_job_minutes
+
+    return steer_job_minutes(CONFIG, None)
+
+
+def steer_runtime(wildcards):
+    from character_em.report.estimate import runtime_request
+
+    cap = os.environ.get("CHARACTER_EM_MAX_RUNTIME", "").strip()
+    expected = steer_minutes()[(wildcards.model, wildcards.condition)]
+    return runtime_request(expected, float(cap) if cap else None)
+
+
 # The second judge of judge.agreement_with on the grid's own em answers (rules/calibration.smk).
 def get_agreement_params(wildcards):
     from character_em.job_settings import job_params

@@ -70,6 +70,8 @@ rule steer:
         "benchmarks/runs/steer/{model}/{condition}/seed{seed}.tsv"
     conda:
         "../envs/evals.yaml"
+    resources:
+        runtime=steer_runtime,
     params:
         base_model=get_model_source,
         adapter_dir=get_adapter_dir,

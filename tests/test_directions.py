@@ -373,24 +373,42 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_pat
         "em", {"n_samples": 1, "max_questions": 2, "formats": ["plain"], "dispositions": [], "domains": []}
     )
     sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "batch_size": 4}
-    steered = S.steered_answers(
-        model,
-        tokenizer,
-        prompts,
-        kind="add",
-        layers=S.resolve_layers("from:0", info["layers"], layer),
-        directions={"evil": {lay: vectors["evil"][k] for k, lay in enumerate(info["layers"])}},
-        strengths=[0.0, 8.0],
-        score=lambda frame: score_samples(
-            frame, judge_cfg=judge, metrics_by_suite=None, dispositions=dispositions, cache_dir=None
-        ),
-        label=lambda frame: analysis.answers_table(
-            frame, conditions=conditions, alignment_below=30, coherence_above=50
-        ),
-        identity={"model": "tiny", "condition": "base", "seed": 0},
-        sampling=sampling,
-        base_seed=0,
-    )
+    from character_em.sampling.partial import PartialAnswers
+
+    def steer(saved=None):
+        return S.steered_answers(
+            model,
+            tokenizer,
+            prompts,
+            kind="add",
+            layers=S.resolve_layers("from:0", info["layers"], layer),
+            directions={"evil": {lay: vectors["evil"][k] for k, lay in enumerate(info["layers"])}},
+            strengths=[0.0, 8.0],
+            score=lambda frame: score_samples(
+                frame, judge_cfg=judge, metrics_by_suite=None, dispositions=dispositions, cache_dir=None
+            ),
+            label=lambda frame: analysis.answers_table(
+                frame, conditions=conditions, alignment_below=30, coherence_above=50
+            ),
+            identity={"model": "tiny", "condition": "base", "seed": 0},
+            sampling=sampling,
+            base_seed=0,
+            saved=saved,
+        )
+
+    arms = tmp_path / "steer_partial"
+    steered = steer(lambda arm: PartialAnswers(arms / f"{arm}.jsonl", "fingerprint"))
+    assert steered.equals(steer())  # saving batches changes nothing
+    # A killed job: one arm's file keeps only its first answer, and that answer is marked. The rerun
+    # restores it from the file (the mark shows) and generates the rest, which equal the first run's.
+    arm = arms / f"{S.arm_name('evil', [layer], 8.0)}.jsonl"
+    header, first = arm.read_text().splitlines()[:2]
+    marked = json.loads(first) | {"answer": "RESTORED FROM THE FILE"}
+    arm.write_text(header + "\n" + json.dumps(marked) + "\n")
+    resumed = steer(lambda arm: PartialAnswers(arms / f"{arm}.jsonl", "fingerprint"))
+    changed = resumed.filter(pl.col("answer") != steered["answer"])
+    assert changed["answer"].to_list() == ["RESTORED FROM THE FILE"]
+    assert changed["strength"].to_list() == [8.0] and changed["layers"].to_list() == [str(layer)]
     # alpha = 0 is the ordinary sampler: the same answers as an unhooked run with the same seeds.
     from character_em.sampling.hf import sample_prompts
 

@@ -32,14 +32,25 @@ def test_steering_is_counted_like_the_rules_expand_it() -> None:
     # probed disposition (evil); evil-medical (character family) with its direction ablated.
     per_setting = 3 * 2 * defaults["n_samples"]
     base, each = per_setting * len(defaults["alphas"]), per_setting * len(defaults["ablate"])
-    assert steer["jobs"] == 2
-    assert steer["units"] == (base + each) * 40
-    assert steer["largest_job_hours"] == pytest.approx(
-        base * 40 / steer["throughput"].value / 3600 + est.DEFAULT_LOAD_MINUTES / 60
+    assert steer["jobs"] == 2 and steer["unit"] == "answers"
+    assert steer["units"] == base + each
+    # The rubric judge costs no GPU time: an answer costs its 40 new tokens at the sampling rate.
+    assert steer["throughput"].value == pytest.approx(stage(result, "sample")["throughput"].value / 40)
+    assert steer["job_minutes"]["base"] == pytest.approx(
+        base / steer["throughput"].value / 60 + est.DEFAULT_LOAD_MINUTES
     )
+    assert steer["largest_job_hours"] == pytest.approx(steer["job_minutes"]["base"] / 60)
+    assert est.steer_job_minutes(config, None) == {(MODEL, c): m for c, m in steer["job_minutes"].items()}
     # Setting extra layers runs every setting twice (the chosen layer, then the listed ones).
     layered = config_with(eval={"probes": {"max_examples": 8, "steering": {"layers": "from:0"}}})
     assert stage(est.estimate(layered, runs_root=None), "steer")["units"] == 2 * steer["units"]
+    # A model judge scores the steered answers inside the job: slower per answer, and two models to load.
+    judged = stage(est.estimate(config_with(judge={"backend": "hf", "model": "org/judge-70b"}), None), "steer")
+    assert 1 / judged["throughput"].value > 1 / steer["throughput"].value
+    assert "judging" in judged["throughput"].source and judged["load_minutes_per_job"] == 2 * est.DEFAULT_LOAD_MINUTES
+    # Steering hooks the transformers forward pass: a vllm sampling back-end does not speed it up.
+    vllm = stage(est.estimate(config_with(sampling={"backend": "vllm"}), None), "steer")
+    assert vllm["throughput"].value == pytest.approx(steer["throughput"].value)
 
 
 def test_model_written_data_and_model_judges_use_their_own_model_size() -> None:
@@ -76,6 +87,10 @@ def test_longest_job_per_rule_against_its_runtime() -> None:
     assert rows["sample"]["runtime"] == est.runtime_request(expected) and rows["sample"]["fits"]
     text = est.render_markdown(result, "small.yaml", runtimes)
     assert re.search(r"\| steer \| [\d,]+ \| tiny-llama \| 1 \| profiles/default/config.yaml \| \*\*no\*\* \|", text)
+    # A site's cap (CHARACTER_EM_MAX_RUNTIME) bounds the per-job requests, and the table says so.
+    capped = {row["rule"]: row for row in est.longest_jobs(result, runtimes, cap_minutes=10)}
+    assert capped["sample"]["runtime"] == min(10, rows["sample"]["runtime"])
+    assert "CHARACTER_EM_MAX_RUNTIME=10" in capped["sample"]["runtime_source"]
     # The workflow profile's own runtimes are read by the CLI.
     profile = est.profile_runtimes(Path(__file__).resolve().parents[1] / "profiles" / "default" / "config.yaml")
     assert profile["train_adapter"] == 240 and "sample" not in profile

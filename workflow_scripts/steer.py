@@ -5,10 +5,12 @@ model; each answer judged."""
 from character_em.directions import formats, steering
 from character_em.evals import suites
 from character_em.files import write_parquet_atomic
+from character_em.hashing import sha256_file, sha256_json
 from character_em.jobs import job_log, read_param
 from character_em.judge.core import score_samples
 from character_em.llm import loading as modeling
 from character_em.report import tables as analysis
+from character_em.sampling.partial import PartialAnswers, partial_path
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)
@@ -23,10 +25,32 @@ with job_log(snakemake.log[0]) as log:
         snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
     )
     log.info("loaded %s: %s; %s at layers %s", snakemake.params.base_model, info, settings["kind"], layer_sets)
+    prompts = suites.build_prompts("em", settings["suite_spec"])
+    identity = {
+        "model": snakemake.wildcards.model,
+        "condition": snakemake.wildcards.condition,
+        "seed": int(snakemake.wildcards.seed),
+    }
+    # Each arm's finished batches live under results/.partial/ (outside the declared output, which
+    # Snakemake deletes before a rerun), so a job killed at its time limit resumes arm by arm.
+    adapter = list(snakemake.input.adapter)
+    common = {
+        "settings": settings,
+        "prompts": prompts,
+        "identity": identity,
+        "base_model": snakemake.params.base_model,
+        "adapter": sha256_file(adapter[0]) if adapter else None,
+        "directions": sha256_file(snakemake.input.directions),
+    }
+    folder = partial_path(snakemake.output.answers).with_suffix("")
+
+    def saved(arm):
+        return PartialAnswers(folder / f"{arm}.jsonl", sha256_json({**common, "arm": arm}))
+
     answers = steering.steered_answers(
         model,
         tokenizer,
-        suites.build_prompts("em", settings["suite_spec"]),
+        prompts,
         kind=settings["kind"],
         layers=layer_sets,
         directions=vectors,
@@ -44,12 +68,9 @@ with job_log(snakemake.log[0]) as log:
             alignment_below=settings["alignment_below"],
             coherence_above=settings["coherence_above"],
         ),
-        identity={
-            "model": snakemake.wildcards.model,
-            "condition": snakemake.wildcards.condition,
-            "seed": int(snakemake.wildcards.seed),
-        },
+        identity=identity,
         sampling=settings["sampling"],
         base_seed=int(snakemake.wildcards.seed),
+        saved=saved,
     )
     write_parquet_atomic(answers, snakemake.output.answers)

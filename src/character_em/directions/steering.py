@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from character_em.sampling.partial import PartialAnswers
+
 log = logging.getLogger(__name__)
 
 INTERVENTIONS = ("add", "ablate")
@@ -172,6 +174,12 @@ def resolve_layers(spec: Any, probed: Sequence[int], chosen: int) -> list[list[i
     return sets
 
 
+def arm_name(direction: str, layer_set: Sequence[int], strength: float) -> str:
+    """A file-name-safe label of one steering arm: ``evil_L12-16_s2`` (strength ``-0.5`` -> ``s-0.5``)."""
+    layers = "-".join(str(int(layer)) for layer in layer_set)
+    return f"{direction}_L{layers}_s{float(strength):g}"
+
+
 def steered_answers(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -186,6 +194,7 @@ def steered_answers(
     identity: dict[str, Any],
     sampling: Mapping[str, Any],
     base_seed: int,
+    saved: Callable[[str], PartialAnswers] | None = None,
 ) -> pl.DataFrame:
     """Sample the prompts under each (disposition direction, layer set, strength), judge them, one
     row per answer. ``directions[d][layer]`` is d's direction read at that layer; ``layers`` lists
@@ -194,6 +203,9 @@ def steered_answers(
     score: samples frame -> Scores frame (the configured judge). label: Scores frame -> answers table
     (``analysis.answers_table`` with the configured thresholds). Every strength reuses the same
     per-sample seeds, so curves compare the same random streams (paired across alpha).
+
+    saved: arm name (``arm_name``) -> that arm's finished batches (``sampling.PartialAnswers``). A killed
+    job then resumes every arm from its last saved batch; the judge's cache holds the finished verdicts.
     """
     from character_em.sampling.hf import sample_prompts
 
@@ -202,6 +214,18 @@ def steered_answers(
         for layer_set in layers:
             label_layers = ",".join(str(layer) for layer in layer_set)
             for strength in strengths:
+                partial = saved(arm_name(disposition, layer_set, strength)) if saved is not None else None
+                resume: dict[str, Any] = {}
+                if partial is not None:
+                    resume = {"done": dict(partial.done), "on_batch": partial.add}
+                    if partial.done:
+                        log.info(
+                            "%s x %g at layers %s: %d answers restored",
+                            disposition,
+                            strength,
+                            label_layers,
+                            len(partial.done),
+                        )
                 with interventions(model, kind, {layer: by_layer[layer] for layer in layer_set}, float(strength)):
                     samples = sample_prompts(
                         model,
@@ -214,6 +238,7 @@ def steered_answers(
                         batch_size=int(sampling["batch_size"]),
                         base_seed=base_seed,
                         progress=False,
+                        **resume,
                     )
                 answers = label(score(samples))
                 answers = answers.join(

@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -169,6 +170,8 @@ def _steering_work(config: Mapping[str, Any], conditions: Sequence[str], samplin
         "jobs": 1 + len(ablated) if probed else 0,
         "answers": (base + each * len(ablated)) if probed else 0,
         "largest_job_answers": max(base, each if ablated else 0) if probed else 0,
+        # answers per steering job (rules/directions.smk: one per condition, first seed)
+        "job_answers": ({"base": base, **dict.fromkeys(ablated, each)} if probed else {}),
         "max_new_tokens": int(steer["max_new_tokens"] or sampling["max_new_tokens"]),
     }
 
@@ -455,6 +458,20 @@ def _sampling_throughput(s: Mapping[str, Any], scale: float, scaled: str, vllm_r
     )
 
 
+# Judges that are models on the job's GPU (the rubric and API judges cost no GPU time here).
+MODEL_JUDGES = ("hf", "vllm")
+
+
+def _judge_forward_rate(config: Mapping[str, Any]) -> Throughput:
+    """Tokens/s of one judge forward pass: the anchor's packed forward rate scaled to the judge's size."""
+    judge_size = params_billions("", str(config["judge"].get("model") or "")) or ANCHOR_PARAMS_B
+    return Throughput(
+        ANCHORS["forward_tokens_per_s"] * ANCHOR_PARAMS_B / judge_size,
+        "tokens/s",
+        f"{ANCHOR_SOURCE}, forward-pass lower bound, judge ~{judge_size:g}B",
+    )
+
+
 def _generate_anchor(batch_size: int) -> float:
     """New tokens/s at a batch size: linear between the anchor's batch sizes (16, 64, 256)."""
     points = sorted(ANCHORS["generate_new_tokens_per_s"].items())
@@ -606,27 +623,50 @@ def estimate(
                 }
             )
 
-        # steering: generation on the base model or an adapter, like sampling
+        # steering: generation through transformers with hooks on the forward pass (whatever
+        # sampling.backend says), then the answers judged in the same job
         st = w.get("steer") or {}
         if st.get("jobs"):
             steer_answer = min(per_answer, st["max_new_tokens"])
+            hf_rate = gen
+            if s.get("backend") == "vllm":
+                hf_rate = Throughput(
+                    _generate_anchor(s["batch_size"]) * scale,
+                    "new tokens/s",
+                    f"{ANCHOR_SOURCE}, plain generate batch {s['batch_size']} (interpolated){scaled}",
+                )
+            seconds = steer_answer / hf_rate.value
+            source = f"generation: {hf_rate.source}"
+            loads = 1
+            judged = "rubric judge, no GPU time"
+            if backend in MODEL_JUDGES:
+                judge_rate = _judge_forward_rate(config)
+                metrics = work["metrics_per_answer"].get("em", 2)
+                seconds += metrics * (ASSUMED_JUDGE_PROMPT_TOKENS + steer_answer) / judge_rate.value
+                source += f"; judging {metrics} metrics per answer in the job: {judge_rate.source}"
+                loads = 2
+                judged = f"{backend} judge in the job"
             stages.append(
                 {
                     "stage": "steer",
                     "jobs": st["jobs"],
-                    "units": st["answers"] * steer_answer,
-                    "unit": "new tokens",
-                    "detail": f"{st['answers']:,} steered answers x {steer_answer:,.0f} tokens (judged in the job)",
-                    "throughput": gen,
-                    "largest_units": st["largest_job_answers"] * steer_answer,
+                    "units": float(st["answers"]),
+                    "unit": "answers",
+                    "detail": f"{st['answers']:,} steered answers x {steer_answer:,.0f} tokens ({judged})",
+                    "throughput": Throughput(1.0 / seconds, "answers/s", source),
+                    "largest_units": float(st["largest_job_answers"]),
+                    # Each steering job asks SLURM for its own expected time (rules/directions.smk).
+                    "job_minutes": {
+                        condition: n * seconds / 60 + loads * load_minutes for condition, n in st["job_answers"].items()
+                    },
+                    "load_minutes_per_job": loads * load_minutes,
                 }
             )
 
-        # a local hf judge runs on a GPU: one forward pass per call over the prompt and the answer
-        if backend == "hf":
+        # a local model judge runs on a GPU: one forward pass per call over the prompt and the answer
+        if backend in MODEL_JUDGES:
             j = w["judge"]
             judge_tokens = j["calls"] * (ASSUMED_JUDGE_PROMPT_TOKENS + per_answer)
-            judge_size = params_billions("", str(config["judge"].get("model") or "")) or ANCHOR_PARAMS_B
             stages.append(
                 {
                     "stage": "judge",
@@ -634,11 +674,7 @@ def estimate(
                     "units": judge_tokens,
                     "unit": "tokens",
                     "detail": f"{j['calls']:,} calls x {ASSUMED_JUDGE_PROMPT_TOKENS + per_answer:,.0f} tokens (prompt assumed)",
-                    "throughput": Throughput(
-                        ANCHORS["forward_tokens_per_s"] * ANCHOR_PARAMS_B / judge_size,
-                        "tokens/s",
-                        f"{ANCHOR_SOURCE}, forward-pass lower bound, judge ~{judge_size:g}B",
-                    ),
+                    "throughput": _judge_forward_rate(config),
                 }
             )
         for stage in stages:
@@ -654,6 +690,9 @@ def estimate(
             * (ASSUMED_JUDGE_PROMPT_TOKENS + per_answer),
         }
         for stage in stages:
+            if "job_minutes" in stage:
+                stage["largest_job_hours"] = max(stage["job_minutes"].values(), default=0.0) / 60
+                continue
             if "largest_units" in stage:
                 units = stage["largest_units"]
             elif stage["stage"] in largest_units:
@@ -738,9 +777,12 @@ def profile_runtimes(path: str | Path = "profiles/default/config.yaml") -> dict[
     }
 
 
-def longest_jobs(result: Mapping[str, Any], runtimes: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Per rule: the longest expected job over all models, against the rule's runtime. Sampling jobs
-    ask for their own runtime from this estimate (rules/sample.smk), so theirs is that request."""
+def longest_jobs(
+    result: Mapping[str, Any], runtimes: Mapping[str, float], cap_minutes: float | None = None
+) -> list[dict[str, Any]]:
+    """Per rule: the longest expected job over all models, against the rule's runtime. Sampling and
+    steering jobs ask for their own runtime from this estimate (rules/sample.smk, rules/directions.smk),
+    so theirs is that request, at most ``cap_minutes`` (CHARACTER_EM_MAX_RUNTIME, as the rules read it)."""
     rows: dict[str, dict[str, Any]] = {}
     stages = [(model, st) for model, m in result["models"].items() for st in m["stages"]]
     if result.get("data_generation"):
@@ -752,10 +794,13 @@ def longest_jobs(result: Mapping[str, Any], runtimes: Mapping[str, float]) -> li
         minutes = st["largest_job_hours"] * 60
         if rule not in rows or minutes > rows[rule]["minutes"]:
             rows[rule] = {"rule": rule, "model": model, "minutes": minutes}
+    per_job = {"sample": "rules/sample.smk", "steer": "rules/directions.smk"}
     for row in rows.values():
-        if row["rule"] == "sample" and "sample" not in runtimes:
-            row["runtime"] = float(runtime_request(row["minutes"]))
-            row["runtime_source"] = f"per job: expected x{RUNTIME_MARGIN:g} (rules/sample.smk)"
+        if row["rule"] in per_job and row["rule"] not in runtimes:
+            row["runtime"] = float(runtime_request(row["minutes"], cap_minutes))
+            row["runtime_source"] = f"per job: expected x{RUNTIME_MARGIN:g} ({per_job[row['rule']]})"
+            if cap_minutes and row["runtime"] >= cap_minutes:
+                row["runtime_source"] += f", capped by CHARACTER_EM_MAX_RUNTIME={cap_minutes:g}"
         else:
             row["runtime"] = runtimes.get(row["rule"])
             row["runtime_source"] = "profiles/default/config.yaml" if row["runtime"] is not None else "not set"
@@ -832,6 +877,21 @@ def sample_job_minutes(
     return minutes
 
 
+def steer_job_minutes(
+    config: Mapping[str, Any], runs_root: str | Path | None = ".", *, load_minutes: float = DEFAULT_LOAD_MINUTES
+) -> dict[tuple[str, str], float]:
+    """Expected minutes of one steering job per (model, condition), loading and in-job judging included
+    (the estimate's steer stage)."""
+    result = estimate(config, runs_root, load_minutes=load_minutes)
+    return {
+        (model, condition): minutes
+        for model, m in result["models"].items()
+        for stage in m["stages"]
+        if stage["stage"] == "steer"
+        for condition, minutes in stage["job_minutes"].items()
+    }
+
+
 def runtime_request(expected_minutes: float, cap_minutes: float | None = None) -> int:
     """The `runtime` (minutes) to ask SLURM for: the expectation with a margin, at most the cap."""
     request = max(MIN_RUNTIME_MINUTES, math.ceil(expected_minutes * RUNTIME_MARGIN))
@@ -848,7 +908,12 @@ def _fmt_units(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
-def render_markdown(result: Mapping[str, Any], source: str, runtimes: Mapping[str, float] | None = None) -> str:
+def render_markdown(
+    result: Mapping[str, Any],
+    source: str,
+    runtimes: Mapping[str, float] | None = None,
+    cap_minutes: float | None = None,
+) -> str:
     work = result["work"]
     lines = [
         f"# GPU-hour estimate: {source}",
@@ -908,12 +973,13 @@ def render_markdown(result: Mapping[str, Any], source: str, runtimes: Mapping[st
         lines += [
             "## Longest job per rule against its runtime",
             "",
-            "SLURM ends a job at its `runtime`; a job expected to run longer must be split or given more time.",
+            "SLURM ends a job at its `runtime`; a job expected to run longer must be split or given more time. A",
+            "sampling or steering job capped below its expectation resumes from its saved batches on each retry.",
             "",
             "| rule | longest expected job (min) | model | runtime (min) | runtime from | fits |",
             "|---|---:|---|---:|---|---|",
         ]
-        for row in longest_jobs(result, runtimes):
+        for row in longest_jobs(result, runtimes, cap_minutes):
             runtime = "-" if row["runtime"] is None else f"{row['runtime']:,.0f}"
             lines.append(
                 f"| {row['rule']} | {row['minutes']:,.0f} | {row['model']} | {runtime} | {row['runtime_source']} "
@@ -1009,7 +1075,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (cfg.ConfigError, EstimateError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = render_markdown(result, args.configfile, profile_runtimes(args.profile))
+    cap = os.environ.get("CHARACTER_EM_MAX_RUNTIME", "").strip()
+    text = render_markdown(result, args.configfile, profile_runtimes(args.profile), float(cap) if cap else None)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text, encoding="utf-8")
