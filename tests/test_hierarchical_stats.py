@@ -76,6 +76,18 @@ def test_rate_interval_contains_the_estimate_and_collapses_without_variation() -
     assert constant["ci_low"] == constant["ci_high"] == 0.5
 
 
+def test_a_rate_interval_stays_within_zero_and_one() -> None:
+    """One seed, one flagged answer in 24 (the demo's base model): the small-sample widening reached
+    below 0 before the interval was clipped."""
+    grid = _grid([[1, 0, 0, 0, 0, 0, 0, 0]], [[3] * 8])
+    result = bootstrap_rate(grid, n_boot=2000)
+    assert 0.0 == result["ci_low"] < result["rate"] < result["ci_high"] <= 1.0
+    unclipped = bootstrap_contrast([grid], [1.0], n_boot=2000)
+    assert unclipped["ci_low"] < 0 and unclipped["ci_high"] == result["ci_high"]
+    almost_all = bootstrap_rate(_grid([[3, 3, 3, 3, 3, 3, 3, 2]], [[3] * 8]), n_boot=2000)
+    assert 0.0 <= almost_all["ci_low"] < almost_all["rate"] < almost_all["ci_high"] == 1.0
+
+
 def test_seeds_pair_only_within_one_model() -> None:
     rng = np.random.default_rng(5)
     # A model whose seeds differ a lot, seen twice with a constant shift: the same training runs

@@ -360,12 +360,14 @@ def bootstrap_contrast(
 def bootstrap_rate(
     grid: Grid, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95, small_sample: str = "t"
 ) -> dict[str, float]:
-    """The rate of one cell with its crossed-bootstrap percentile interval (no p-value)."""
+    """The rate of one cell with its crossed-bootstrap percentile interval (no p-value), within [0, 1]:
+    the small-sample widening of a one- or two-seed interval can otherwise reach past the values a rate
+    can take (clipping keeps every true rate the interval covered)."""
     result = bootstrap_contrast([grid], [1.0], n_boot=n_boot, seed=seed, level=level, small_sample=small_sample)
     return {
         "rate": result["estimate"],
-        "ci_low": result["ci_low"],
-        "ci_high": result["ci_high"],
+        "ci_low": max(0.0, result["ci_low"]) if not np.isnan(result["ci_low"]) else result["ci_low"],
+        "ci_high": min(1.0, result["ci_high"]) if not np.isnan(result["ci_high"]) else result["ci_high"],
         "n_seeds": result["n_seeds"],
         "n_questions": result["n_questions"],
         "n_answers": result["n_answers"],
