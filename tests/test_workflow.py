@@ -188,6 +188,10 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
     # ... and the engine that sampled its answers, read from the Samples files' footers.
     assert stamp["sampling"]["backends"] == {"tiny-llama": "hf"}, stamp["sampling"]
     assert "Sampling back-end: hf" in header
+    # The direction and trajectory tables name the judge that labelled the answers they read.
+    for name in ("probe_auroc", "steering", "trajectory", "emergence"):
+        first = (smoke / f"results/tables/{name}.md").read_text().splitlines()[0]
+        assert first.startswith("Judge: rubric · rubric-1 · judge hash "), (name, first)
     # Every training set judged, beside the misalignment it induces.
     training = pl.read_csv(smoke / "results/tables/training_data.csv")
     assert set(training["condition"]) == {"evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}

@@ -11,12 +11,15 @@ from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
 from character_em.report import plots_directions
 from character_em.report import tables as analysis
+from character_em.report.stamps import judge_stamp
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)
     conditions = read_param(snakemake.params.conditions)
     reports = [json.loads(open(path).read()) for path in snakemake.input.reports]
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
+    # Which judge labelled the answers these tables read (refuses scores of two judges for one metric).
+    preamble = judge_stamp(scores)["text"] + ".\n\n"
     answers = analysis.answers_table(
         scores,
         conditions=conditions,
@@ -90,7 +93,7 @@ with job_log(snakemake.log[0]) as log:
         if extension == "csv":
             tables[name].write_csv(path)
         else:
-            write_text_atomic(path, analysis.to_markdown(tables[name]))
+            write_text_atomic(path, analysis.to_markdown(tables[name], preamble=preamble))
     pdfs = {path.rsplit("/", 1)[1].removesuffix(".pdf"): path for path in snakemake.output.pdfs}
 
     def both(name):

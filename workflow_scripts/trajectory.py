@@ -1,11 +1,18 @@
+import polars as pl
+
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
 from character_em.report import trajectory
+from character_em.report.stamps import judge_stamp
 from character_em.report.tables import to_markdown
 
 with job_log(snakemake.log[0]):
+    points = read_param(snakemake.params.points)
+    # Which judge labelled every step's answers (refuses scores of two judges for one metric).
+    scored = [point["files"]["scores"] for point in points if point["files"].get("scores")]
+    preamble = judge_stamp(pl.concat([pl.read_parquet(path) for path in scored], how="diagonal_relaxed"))["text"]
     answers, items = trajectory.load_trajectory(
-        read_param(snakemake.params.points),
+        points,
         conditions=read_param(snakemake.params.conditions),
         alignment_below=snakemake.params.alignment_below,
         coherence_above=snakemake.params.coherence_above,
@@ -20,7 +27,7 @@ with job_log(snakemake.log[0]):
         if extension == "csv":
             tables[name].write_csv(path)
         else:
-            write_text_atomic(path, to_markdown(tables[name]))
+            write_text_atomic(path, to_markdown(tables[name], preamble=preamble + ".\n\n"))
     trajectory.plot_trajectory(
         tables["trajectory_by_family"],
         outputs=[snakemake.output.figure, snakemake.output.pdf],
