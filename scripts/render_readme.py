@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BLOCKS: dict[str, list[str]] = {
     "estimate": [sys.executable, "-m", "character_em.report.estimate", "--configfile", "config.yaml", "--anchors-only"],
+    # The demo run's tables, from the snapshot in docs/demo/ (scripts/demo_readme.py).
+    "demo": [sys.executable, "scripts/demo_readme.py", "render"],
 }
 
 
