@@ -10,7 +10,11 @@ with job_log(snakemake.log[0]):
     points = read_param(snakemake.params.points)
     # Which judge labelled every step's answers (refuses scores of two judges for one metric).
     scored = [point["files"]["scores"] for point in points if point["files"].get("scores")]
-    preamble = judge_stamp(pl.concat([pl.read_parquet(path) for path in scored], how="diagonal_relaxed"))["text"]
+    preamble = (
+        judge_stamp(pl.concat([pl.read_parquet(path) for path in scored], how="diagonal_relaxed"))["text"]
+        if scored
+        else "No judged answers (capabilities only)"
+    )
     answers, items = trajectory.load_trajectory(
         points,
         conditions=read_param(snakemake.params.conditions),
