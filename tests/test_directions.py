@@ -375,10 +375,9 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_pat
     sampling = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6, "batch_size": 4}
     from character_em.sampling.partial import PartialAnswers
 
-    def steer(saved=None):
+    def steer(saved=None, load=lambda: (model, tokenizer)):
         return S.steered_answers(
-            model,
-            tokenizer,
+            load,
             prompts,
             kind="add",
             layers=S.resolve_layers("from:0", info["layers"], layer),
@@ -409,6 +408,12 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tmp_pat
     changed = resumed.filter(pl.col("answer") != steered["answer"])
     assert changed["answer"].to_list() == ["RESTORED FROM THE FILE"]
     assert changed["strength"].to_list() == [8.0] and changed["layers"].to_list() == [str(layer)]
+
+    def no_model():
+        raise AssertionError("every arm was saved: the model must not be loaded")
+
+    # Every arm saved whole: the job rebuilds its answers and judges them without loading the model.
+    assert steer(lambda arm: PartialAnswers(arms / f"{arm}.jsonl", "fingerprint"), load=no_model).equals(resumed)
     # alpha = 0 is the ordinary sampler: the same answers as an unhooked run with the same seeds.
     from character_em.sampling.hf import sample_prompts
 

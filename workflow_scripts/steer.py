@@ -7,7 +7,7 @@ from character_em.evals import suites
 from character_em.files import write_parquet_atomic
 from character_em.hashing import sha256_file, sha256_json
 from character_em.jobs import job_log, read_param
-from character_em.judge.core import score_samples
+from character_em.judge.core import make_backend, score_samples
 from character_em.llm import loading as modeling
 from character_em.report import tables as analysis
 from character_em.sampling.partial import PartialAnswers, partial_path
@@ -21,10 +21,16 @@ with job_log(snakemake.log[0]) as log:
     layer_sets = steering.resolve_layers(settings["layers"], stored.layers, stored.chosen_layer)
     needed = sorted({layer for layer_set in layer_sets for layer in layer_set})
     vectors = {name: {layer: stored.at(layer)[name] for layer in needed} for name in settings["directions"]}
-    model, tokenizer, info = modeling.load_model(
-        snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
-    )
-    log.info("loaded %s: %s; %s at layers %s", snakemake.params.base_model, info, settings["kind"], layer_sets)
+
+    def load():
+        model, tokenizer, info = modeling.load_model(
+            snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
+        )
+        log.info("loaded %s: %s; %s at layers %s", snakemake.params.base_model, info, settings["kind"], layer_sets)
+        return model, tokenizer
+
+    # One judge for every arm (a model judge loads once, after the steered model is released).
+    judge = make_backend(judge_cfg, dispositions)
     prompts = suites.build_prompts("em", settings["suite_spec"])
     identity = {
         "model": snakemake.wildcards.model,
@@ -48,8 +54,7 @@ with job_log(snakemake.log[0]) as log:
         return PartialAnswers(folder / f"{arm}.jsonl", sha256_json({**common, "arm": arm}))
 
     answers = steering.steered_answers(
-        model,
-        tokenizer,
+        load,
         prompts,
         kind=settings["kind"],
         layers=layer_sets,
@@ -61,6 +66,7 @@ with job_log(snakemake.log[0]) as log:
             metrics_by_suite=None,
             dispositions=dispositions,
             cache_dir=snakemake.params.cache_dir,
+            backend=judge,
         ),
         label=lambda scores: analysis.answers_table(
             scores,

@@ -181,8 +181,7 @@ def arm_name(direction: str, layer_set: Sequence[int], strength: float) -> str:
 
 
 def steered_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    load_model: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]],
     prompt_rows: list[dict[str, Any]],
     *,
     kind: str,
@@ -196,10 +195,13 @@ def steered_answers(
     base_seed: int,
     saved: Callable[[str], PartialAnswers] | None = None,
 ) -> pl.DataFrame:
-    """Sample the prompts under each (disposition direction, layer set, strength), judge them, one
+    """Sample the prompts under each (disposition direction, layer set, strength), then judge them, one
     row per answer. ``directions[d][layer]`` is d's direction read at that layer; ``layers`` lists
     the layer sets (``resolve_layers``), each labelled in the ``layers`` column ("12" or "12,16,20").
 
+    load_model: () -> (model, tokenizer), called once, and only if some arm has answers left to draw.
+    Every arm is sampled before any is judged, and the steered model is released in between, so a
+    model judge never shares the device with it.
     score: samples frame -> Scores frame (the configured judge). label: Scores frame -> answers table
     (``analysis.answers_table`` with the configured thresholds). Every strength reuses the same
     per-sample seeds, so curves compare the same random streams (paired across alpha).
@@ -207,9 +209,11 @@ def steered_answers(
     saved: arm name (``arm_name``) -> that arm's finished batches (``sampling.PartialAnswers``). A killed
     job then resumes every arm from its last saved batch; the judge's cache holds the finished verdicts.
     """
-    from character_em.sampling.hf import sample_prompts
+    from character_em.sampling.hf import expand_rows, sample_prompts
 
-    frames = []
+    n_rows = len(expand_rows(prompt_rows, identity, base_seed))
+    loaded: list[Any] = []  # [model, tokenizer] once loaded
+    arms = []
     for disposition, by_layer in directions.items():
         for layer_set in layers:
             label_layers = ",".join(str(layer) for layer in layer_set)
@@ -226,39 +230,63 @@ def steered_answers(
                             label_layers,
                             len(partial.done),
                         )
-                with interventions(model, kind, {layer: by_layer[layer] for layer in layer_set}, float(strength)):
-                    samples = sample_prompts(
-                        model,
-                        tokenizer,
-                        prompt_rows,
-                        identity=identity,
-                        temperature=float(sampling["temperature"]),
-                        top_p=float(sampling["top_p"]),
-                        max_new_tokens=int(sampling["max_new_tokens"]),
-                        batch_size=int(sampling["batch_size"]),
-                        base_seed=base_seed,
-                        progress=False,
-                        **resume,
-                    )
-                answers = label(score(samples))
-                answers = answers.join(
-                    samples.select("question_id", "format", "sample_index", "answer"),
-                    on=["question_id", "format", "sample_index"],
-                    how="left",
-                )
-                column = f"disposition:{disposition}"
-                # How strongly the steered answers express the steered trait (the judge's own metric).
-                expression = pl.col(column) if column in answers.columns else pl.lit(None, pl.Float64)
-                frames.append(
-                    answers.with_columns(
-                        intervention=pl.lit(kind),
-                        direction=pl.lit(disposition),
-                        strength=pl.lit(float(strength)),
-                        layers=pl.lit(label_layers),
-                        direction_expression=expression,
-                    )
-                )
+                settings = {
+                    "identity": identity,
+                    "temperature": float(sampling["temperature"]),
+                    "top_p": float(sampling["top_p"]),
+                    "max_new_tokens": int(sampling["max_new_tokens"]),
+                    "batch_size": int(sampling["batch_size"]),
+                    "base_seed": base_seed,
+                    "progress": False,
+                    **resume,
+                }
+                if partial is not None and len(partial.done) >= n_rows:
+                    # Every answer restored: nothing to generate, so no model and no hooks.
+                    samples = sample_prompts(None, None, prompt_rows, **settings)
+                else:
+                    if not loaded:
+                        loaded.extend(load_model())
+                    model, tokenizer = loaded
+                    with interventions(model, kind, {layer: by_layer[layer] for layer in layer_set}, float(strength)):
+                        samples = sample_prompts(model, tokenizer, prompt_rows, **settings)
+                    del model, tokenizer
                 log.info(
                     "%s %s x %g at layers %s: %d answers", kind, disposition, strength, label_layers, samples.height
                 )
+                arms.append((disposition, label_layers, strength, samples))
+    if loaded:
+        loaded.clear()
+        _release_accelerator_memory()
+
+    frames = []
+    for disposition, label_layers, strength, samples in arms:
+        answers = label(score(samples))
+        answers = answers.join(
+            samples.select("question_id", "format", "sample_index", "answer"),
+            on=["question_id", "format", "sample_index"],
+            how="left",
+        )
+        column = f"disposition:{disposition}"
+        # How strongly the steered answers express the steered trait (the judge's own metric).
+        expression = pl.col(column) if column in answers.columns else pl.lit(None, pl.Float64)
+        frames.append(
+            answers.with_columns(
+                intervention=pl.lit(kind),
+                direction=pl.lit(disposition),
+                strength=pl.lit(float(strength)),
+                layers=pl.lit(label_layers),
+                direction_expression=expression,
+            )
+        )
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+
+def _release_accelerator_memory() -> None:
+    """Return the steered model's GPU memory before the judge loads (a no-op on a CPU)."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
