@@ -43,6 +43,7 @@ pytestmark = pytest.mark.slow
 CONFIG = "kill_drill.yaml"
 MODEL, SEED = "tiny-llama", 0
 BATCH = 8
+N_ANSWERS = 8 * 5000
 TARGET = f"results/samples/{MODEL}/base/seed{SEED}/em.parquet"
 PARTIAL = Path(f"results/.partial/samples/{MODEL}/base/seed{SEED}/em.jsonl")
 SAMPLE_LOG = Path(f"logs/sample/{MODEL}/base/seed{SEED}/em.log")
@@ -53,9 +54,11 @@ def prepare(workdir: Path) -> Path:
     copy_workflow(workdir)
     preset = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
     preset["conditions"] = ["base"]
-    # 8 questions x 1,000 answers: no machine finishes them inside the drill, so every kill lands mid-way.
-    preset["sampling"] = {**preset.get("sampling", {}), "batch_size": BATCH, "max_new_tokens": 16}
-    preset["suites"] = {"em": {"n_samples": 1000, "max_questions": 8, "formats": ["plain"]}}
+    # 8 questions x 5,000 answers of 64 tokens: an idle 2-core machine draws the tiny model's answers at about
+    # 200 a second at 16 tokens (8,000 were done in 40 s, before a one-minute limit could strike), so this is
+    # well over ten minutes of work there, and every kill lands mid-way. The drill never waits for the end.
+    preset["sampling"] = {**preset.get("sampling", {}), "batch_size": BATCH, "max_new_tokens": 64}
+    preset["suites"] = {"em": {"n_samples": N_ANSWERS // 8, "max_questions": 8, "formats": ["plain"]}}
     preset["train"] = {**preset.get("train", {}), "eval_steps": []}
     preset["eval"] = {**preset.get("eval", {}), "suites": ["em"]}
     (workdir / CONFIG).write_text(yaml.safe_dump(preset, sort_keys=False))
@@ -158,6 +161,7 @@ def drill(slurm_cluster: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     output = (workdir / "run_timeout.out").read_text()
     [timed_out] = sampling_jobs(output)
     kill_leftovers(timed_out)
+    assert saved_rows(workdir) < N_ANSWERS, "the sampling finished before its time limit: raise the drill's workload"
     evidence.update(
         timeout_output=output,
         timeout_rc=first.returncode,
