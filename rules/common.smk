@@ -1,7 +1,6 @@
 # Config validation, wildcard constraints and input functions. Nothing heavy is imported here:
 # every cluster job parses this file again.
 
-import os
 import re
 import sys
 from functools import lru_cache
@@ -435,12 +434,14 @@ def sample_minutes():
         return sample_job_minutes(CONFIG, None)
 
 
-def sample_runtime(wildcards):
-    from character_em.report.estimate import runtime_request
+def capped_runtime(expected_minutes):
+    from character_em.report.estimate import runtime_cap, runtime_request
 
-    cap = os.environ.get("CHARACTER_EM_MAX_RUNTIME", "").strip()
-    expected = sample_minutes()[(wildcards.model, wildcards.suite)]
-    return runtime_request(expected, float(cap) if cap else None)
+    return runtime_request(expected_minutes, runtime_cap())
+
+
+def sample_runtime(wildcards):
+    return capped_runtime(sample_minutes()[(wildcards.model, wildcards.suite)])
 
 
 # Steering jobs likewise (character_em.report.estimate: the job's steered answers, generated through
@@ -453,11 +454,7 @@ def steer_minutes():
 
 
 def steer_runtime(wildcards):
-    from character_em.report.estimate import runtime_request
-
-    cap = os.environ.get("CHARACTER_EM_MAX_RUNTIME", "").strip()
-    expected = steer_minutes()[(wildcards.model, wildcards.condition)]
-    return runtime_request(expected, float(cap) if cap else None)
+    return capped_runtime(steer_minutes()[(wildcards.model, wildcards.condition)])
 
 
 # The second judge of judge.agreement_with on the grid's own em answers (rules/calibration.smk).

@@ -628,13 +628,9 @@ def estimate(
         st = w.get("steer") or {}
         if st.get("jobs"):
             steer_answer = min(per_answer, st["max_new_tokens"])
-            hf_rate = gen
-            if s.get("backend") == "vllm":
-                hf_rate = Throughput(
-                    _generate_anchor(s["batch_size"]) * scale,
-                    "new tokens/s",
-                    f"{ANCHOR_SOURCE}, plain generate batch {s['batch_size']} (interpolated){scaled}",
-                )
+            hf_rate = (
+                gen if s.get("backend") != "vllm" else _sampling_throughput({**s, "backend": "hf"}, scale, scaled, None)
+            )
             seconds = steer_answer / hf_rate.value
             source = f"generation: {hf_rate.source}"
             loads = 1
@@ -892,6 +888,12 @@ def steer_job_minutes(
     }
 
 
+def runtime_cap() -> float | None:
+    """The site's cap on per-job runtime requests (``CHARACTER_EM_MAX_RUNTIME``, minutes), or None."""
+    cap = os.environ.get("CHARACTER_EM_MAX_RUNTIME", "").strip()
+    return float(cap) if cap else None
+
+
 def runtime_request(expected_minutes: float, cap_minutes: float | None = None) -> int:
     """The `runtime` (minutes) to ask SLURM for: the expectation with a margin, at most the cap."""
     request = max(MIN_RUNTIME_MINUTES, math.ceil(expected_minutes * RUNTIME_MARGIN))
@@ -1075,8 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (cfg.ConfigError, EstimateError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cap = os.environ.get("CHARACTER_EM_MAX_RUNTIME", "").strip()
-    text = render_markdown(result, args.configfile, profile_runtimes(args.profile), float(cap) if cap else None)
+    text = render_markdown(result, args.configfile, profile_runtimes(args.profile), runtime_cap())
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text, encoding="utf-8")
