@@ -2,11 +2,11 @@ from character_em import preflight
 from character_em.contracts import samples_metadata
 from character_em.evals import suites
 from character_em.files import write_parquet_atomic
-from character_em.hashing import sha256_file, sha256_json
+from character_em.hashing import sha256_file
 from character_em.jobs import job_log, read_param
 from character_em.llm import loading as modeling
 from character_em.sampling.hf import expand_rows, sample_prompts
-from character_em.sampling.partial import PartialAnswers, partial_path
+from character_em.sampling.partial import PartialAnswers, answers_fingerprint, partial_path
 
 with job_log(snakemake.log[0]) as log:
     # Before any expensive work: the settings against the model's config.json (character_em.preflight).
@@ -25,14 +25,8 @@ with job_log(snakemake.log[0]) as log:
     # The settings (so the back-end) are in the fingerprint: answers of one back-end never resume the other's.
     # Finished batches survive a kill (time limit, scancel, requeue) outside the declared output.
     adapter = list(snakemake.input.adapter)
-    fingerprint = sha256_json(
-        {
-            "settings": settings,
-            "prompts": prompts,
-            "identity": identity,
-            "base_model": snakemake.params.base_model,
-            "adapter": sha256_file(adapter[0]) if adapter else None,
-        }
+    fingerprint = answers_fingerprint(
+        settings, prompts, identity, snakemake.params.base_model, sha256_file(adapter[0]) if adapter else None
     )
     # results/.partial/..., outside the declared outputs, which Snakemake deletes before a rerun.
     partial = PartialAnswers(partial_path(snakemake.output.samples), fingerprint)

@@ -5,12 +5,12 @@ model; each answer judged."""
 from character_em.directions import formats, steering
 from character_em.evals import suites
 from character_em.files import write_parquet_atomic
-from character_em.hashing import sha256_file, sha256_json
+from character_em.hashing import sha256_file
 from character_em.jobs import job_log, read_param
 from character_em.judge.core import make_backend, score_samples
 from character_em.llm import loading as modeling
 from character_em.report import tables as analysis
-from character_em.sampling.partial import PartialAnswers, partial_path
+from character_em.sampling.partial import PartialAnswers, answers_fingerprint, partial_path
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)
@@ -40,18 +40,21 @@ with job_log(snakemake.log[0]) as log:
     # Each arm's finished batches live under results/.partial/ (outside the declared output, which
     # Snakemake deletes before a rerun), so a job killed at its time limit resumes arm by arm.
     adapter = list(snakemake.input.adapter)
-    common = {
-        "settings": settings,
-        "prompts": prompts,
-        "identity": identity,
-        "base_model": snakemake.params.base_model,
-        "adapter": sha256_file(adapter[0]) if adapter else None,
-        "directions": sha256_file(snakemake.input.directions),
-    }
+    adapter_sha256 = sha256_file(adapter[0]) if adapter else None
+    directions_sha256 = sha256_file(snakemake.input.directions)
     folder = partial_path(snakemake.output.answers).with_suffix("")
 
     def saved(arm):
-        return PartialAnswers(folder / f"{arm}.jsonl", sha256_json({**common, "arm": arm}))
+        fingerprint = answers_fingerprint(
+            settings,
+            prompts,
+            identity,
+            snakemake.params.base_model,
+            adapter_sha256,
+            directions=directions_sha256,
+            arm=arm,
+        )
+        return PartialAnswers(folder / f"{arm}.jsonl", fingerprint)
 
     answers = steering.steered_answers(
         load,

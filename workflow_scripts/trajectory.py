@@ -3,15 +3,16 @@ import polars as pl
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
 from character_em.report import trajectory
-from character_em.report.stamps import judge_stamp
+from character_em.report.stamps import STAMP_COLUMNS, judge_stamp
 from character_em.report.tables import to_markdown
 
 with job_log(snakemake.log[0]):
     points = read_param(snakemake.params.points)
-    # Which judge labelled every step's answers (refuses scores of two judges for one metric).
+    # Which judge labelled every step's answers (refuses scores of two judges for one metric); only the
+    # judge columns are read here, load_trajectory reads the scores themselves.
     scored = [point["files"]["scores"] for point in points if point["files"].get("scores")]
     preamble = (
-        judge_stamp(pl.concat([pl.read_parquet(path) for path in scored], how="diagonal_relaxed"))["text"]
+        judge_stamp(pl.concat([pl.read_parquet(path, columns=list(STAMP_COLUMNS)) for path in scored]))["text"]
         if scored
         else "No judged answers (capabilities only)"
     )

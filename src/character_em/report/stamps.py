@@ -19,6 +19,10 @@ from character_em.sampling.vllm_backend import check_one_backend
 TEST_INSTRUMENTS = ("rubric",)
 
 
+# The Scores columns a judge stamp reads (a caller may read only these).
+STAMP_COLUMNS = ("metric", "judge_hash", "judge_backend", "judge_model")
+
+
 class MixedJudgeError(ValueError):
     """One metric's scores come from more than one judge hash."""
 
@@ -34,7 +38,7 @@ def judge_stamp(scores: pl.DataFrame) -> dict[str, Any]:
     """
     if scores.height == 0:
         raise ValueError("judge_stamp: no scores, so no judge to name")
-    judges = scores.select("metric", "judge_hash", "judge_backend", "judge_model").unique().sort("metric", "judge_hash")
+    judges = scores.select(*STAMP_COLUMNS).unique().sort("metric", "judge_hash")
     hashes: dict[str, str] = {}
     for metric, group in judges.group_by("metric", maintain_order=True):
         name = metric[0] if isinstance(metric, tuple) else metric

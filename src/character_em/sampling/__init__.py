@@ -8,6 +8,7 @@ _EXPORTS = {
     "sample_prompts_vllm": "vllm_backend",
     "PartialAnswers": "partial",
     "partial_path": "partial",
+    "answers_fingerprint": "partial",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

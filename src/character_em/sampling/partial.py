@@ -28,6 +28,30 @@ log = logging.getLogger(__name__)
 RESULT_KEYS = ("answer", "prompt_tokens", "answer_tokens", "finish_reason")
 
 
+def answers_fingerprint(
+    settings: Mapping[str, Any],
+    prompts: Any,
+    identity: Mapping[str, Any],
+    base_model: str,
+    adapter_sha256: str | None,
+    **extra: Any,
+) -> str:
+    """The fingerprint of a job's answers: everything they depend on (``extra``: what else the job's
+    answers depend on, such as a steering arm and its directions file)."""
+    from character_em.hashing import sha256_json
+
+    return sha256_json(
+        {
+            "settings": settings,
+            "prompts": prompts,
+            "identity": identity,
+            "base_model": base_model,
+            "adapter": adapter_sha256,
+            **extra,
+        }
+    )
+
+
 def partial_path(output: str | os.PathLike[str], results_dir: str = "results") -> Path:
     """``results/samples/m/c/seed0/em.parquet`` -> ``results/.partial/samples/m/c/seed0/em.jsonl``."""
     out = Path(output)
