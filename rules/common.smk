@@ -21,7 +21,9 @@ except cfg.ConfigError as err:
     raise WorkflowError(f"Invalid configuration:\n{err}") from None
 
 # A user's judge prompts (judge.prompts_file) are checked here, before any job, and are an input of
-# every job that judges, so that editing them rejudges.
+# every job that judges, so that editing them rejudges. A file that rule fetch_judge_prompts writes
+# (resources/judge_prompts/{prompt_set}.yaml) may not exist yet: then only whether its judge can give
+# the reply it asks for is checked, and its text when the rule writes it.
 JUDGE_PROMPT_FILES = sorted(
     {
         section["prompts_file"]
@@ -31,14 +33,27 @@ JUDGE_PROMPT_FILES = sorted(
 )
 MAIN_JUDGE_PROMPTS = [p for p in [CONFIG["judge"]["prompts_file"]] if p]
 if JUDGE_PROMPT_FILES:
-    from character_em.judge.core import load_judge_prompts
+    from character_em.judge.core import check_prompts_file
 
-    for path in JUDGE_PROMPT_FILES:
+    FETCHED_JUDGE_PROMPTS = {
+        fetch.judge_prompts_file(name): reply
+        for name, reply in fetch.JUDGE_PROMPT_REPLIES.items()
+    }
+    for key, section in (
+        ("judge", CONFIG["judge"]),
+        ("judge.agreement_with", CONFIG["judge"]["agreement_with"] or {}),
+    ):
+        if not section.get("prompts_file"):
+            continue
         try:
-            load_judge_prompts(path)
+            check_prompts_file(
+                section["prompts_file"],
+                section["backend"],
+                to_be_written=FETCHED_JUDGE_PROMPTS,
+            )
         except ValueError as err:
             raise WorkflowError(
-                f"Invalid configuration:\n{CONFIG_SOURCE}: judge.prompts_file: {err}"
+                f"Invalid configuration:\n{CONFIG_SOURCE}: {key}.prompts_file: {err}"
             ) from None
 
 MODELS = list(CONFIG["models"])

@@ -62,6 +62,8 @@ rule steer:
         model=get_base_model,
         adapter=get_adapter,
         directions="results/probes/{model}/directions.npz",
+        # Steered answers are judged here: the judge prompts are an input, as for rule judge.
+        prompts=MAIN_JUDGE_PROMPTS,
     output:
         answers="results/directions/{model}/steering/{condition}/seed{seed}.parquet",
     log:

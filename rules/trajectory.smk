@@ -48,8 +48,10 @@ use rule sample as sample_step with:
 
 
 use rule judge as judge_step with:
+    # `with: input:` replaces the whole input section, so the judge prompts are named again.
     input:
         samples="results/samples/{model}/{condition}/seed{seed}/{step}/{suite}.parquet",
+        prompts=MAIN_JUDGE_PROMPTS,
     output:
         scores="results/scores/{model}/{condition}/seed{seed}/{step}/{suite}.parquet",
         summary="results/scores/{model}/{condition}/seed{seed}/{step}/{suite}.judge.json",

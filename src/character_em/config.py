@@ -537,7 +537,7 @@ def data_filter_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "enabled": True,
         **{key: flt[key] for key in thresholds},
-        "judge": job_settings.job_params(judge_cfg),
+        "judge": job_settings.filter_job_params(judge_cfg),
         "cache_dir": judge_cfg.get("cache_dir", ".cache/judge"),
         "dispositions": disposition_specs(config),
     }

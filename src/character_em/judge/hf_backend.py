@@ -27,6 +27,11 @@ Batching: the prompt runs once with a KV cache; the cache is repeated across a b
 candidate continuations (<= 4 tokens each), which run in one forward pass. ``use_cache=False`` runs
 prompt+continuation in full for each candidate instead (simple and exact; for tests and models without
 a cache).
+
+Replies written as text. A prompt with ``reply: strongreject`` (``judge.prompts_file``) asks for
+reasoning and then three answers, which no candidate list can cover: such requests are answered by
+greedy ``generate`` (``max_new_tokens``, ``GENERATE_BATCH`` left-padded prompts per call) and parsed by
+``verdict_from_strongreject``; their method is "generate".
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from character_em.judge.verdicts import (
     JudgeResult,
     ResultCallback,
     verdict_from_number_probs,
+    verdict_from_strongreject,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +66,13 @@ HF_JUDGE_VERSION = "hf-exact-1"
 # How the score is computed, named in the judge hash: a judge scored another way is another judge.
 SCORING = "exact"
 NUMBERS = tuple(range(101))
+# Replies written as text (a ``reply: strongreject`` prompt): greedy decoding, this many tokens unless
+# judge.max_new_tokens says otherwise, this many prompts per ``generate`` call. The batch is small
+# because each row keeps a KV cache for prompt + reply (rubric, request, answer and up to 1024 reply
+# tokens: a few thousand): 8 such rows of Llama-3.3-70B (0.33 MB per token) take 5 to 8 GB beside
+# its 40 GB of NF4 weights.
+DEFAULT_MAX_NEW_TOKENS = 1024
+GENERATE_BATCH = 8
 
 
 def candidate_strings(metric: str) -> list[str]:
@@ -279,6 +292,8 @@ class HFJudge:
     min_numeric_mass: float = DEFAULT_MIN_NUMERIC_MASS
     chunk_size: int = 128
     use_cache: bool = True
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    generate_batch: int = GENERATE_BATCH
     backend: str = "hf"
     stats: dict[str, int] = field(default_factory=lambda: {"requests": 0, "forward_passes": 0})
     _loaded: tuple[Any, Any, dict[str, Any]] | None = field(default=None, init=False, repr=False)
@@ -297,6 +312,8 @@ class HFJudge:
         }
         if judge_cfg.get("batch_size") is not None:
             kwargs["chunk_size"] = int(judge_cfg["batch_size"])
+        if judge_cfg.get("max_new_tokens") is not None:
+            kwargs["max_new_tokens"] = int(judge_cfg["max_new_tokens"])
         return cls(model=str(judge_cfg["model"]), **kwargs)
 
     @classmethod
@@ -316,6 +333,11 @@ class HFJudge:
             "min_numeric_mass": float(self.min_numeric_mass),
             "fingerprint": self._fingerprint(),
         }
+
+    def generation_params(self) -> dict[str, Any]:
+        # Only for replies written as text (judge_hash adds these for them alone), so a new budget
+        # never changes the hashes of exactly scored 0..100 prompts.
+        return {"decoding": "greedy", "max_new_tokens": int(self.max_new_tokens)}
 
     def _fingerprint(self) -> str | None:
         if self._fingerprint_value is None:
@@ -356,9 +378,7 @@ class HFJudge:
 
     def score_one(self, request: JudgeRequest) -> JudgeResult:
         model, tok = self._load()
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": request.prompt}], add_generation_prompt=True, tokenize=False
-        )
+        text = tok.apply_chat_template(request.messages(), add_generation_prompt=True, tokenize=False)
         ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
         strings = candidate_strings(request.metric)
         conts = self._continuations(tok, request.metric, text, ids)
@@ -369,13 +389,70 @@ class HFJudge:
         self.stats["forward_passes"] += 1 + math.ceil(len(conts) / self.chunk_size)
         return verdict_from_sequence_logprobs(request.metric, strings, logps, min_mass=self.min_numeric_mass)
 
+    def generate_replies(self, chats: Sequence[list[dict[str, str]]]) -> list[tuple[str, bool]]:
+        """Greedy replies to chats, one ``generate`` call for all: (reply text, ended by the judge
+        rather than by ``max_new_tokens``) per chat. Rows are left-padded, so every reply starts at the
+        same position."""
+        import torch
+
+        from character_em.llm.chat import render_prompt
+
+        model, tok = self._load()
+        rows = [render_prompt(tok, list(chat)) for chat in chats]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self._terminators[0]
+        width = max(len(row) for row in rows)
+        device = _device_of(model)
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=int(self.max_new_tokens),
+                do_sample=False,
+                eos_token_id=list(self._terminators),
+                pad_token_id=pad,
+            )
+        stops = set(self._terminators)
+        replies = []
+        for row in out[:, width:].tolist():
+            end = next((k for k, token in enumerate(row) if token in stops), None)
+            replies.append((tok.decode(row[:end], skip_special_tokens=True), end is not None))
+        self.stats["generated"] = self.stats.get("generated", 0) + len(rows)
+        return replies
+
+    def write_verdicts(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
+        """Verdicts for prompts whose reply the judge writes as text (``reply`` other than "score")."""
+        results = []
+        for request, (text, ended) in zip(
+            requests, self.generate_replies([r.messages() for r in requests]), strict=True
+        ):
+            if request.reply != "strongreject":
+                raise ValueError(f"{request.metric}: the hf judge cannot read a {request.reply!r} reply")
+            verdict = verdict_from_strongreject(text, method="generate")
+            if not ended and verdict.label == "invalid":
+                # Greedy decoding gives the same cut reply again, so this is a verdict (cached), but the
+                # reason points at the budget: judge.max_new_tokens.
+                verdict = JudgeResult(verdict.score, "invalid", verdict.raw, verdict.method, reason="truncated_reply")
+            results.append(verdict)
+        return results
+
     def score_batch(
         self, requests: Sequence[JudgeRequest], on_result: ResultCallback | None = None
     ) -> list[JudgeResult]:
-        out: list[JudgeResult] = []
-        for i, r in enumerate(requests):
-            res = self.score_one(r)
-            out.append(res)
+        out: list[JudgeResult | None] = [None] * len(requests)
+
+        def emit(i: int, res: JudgeResult) -> None:
+            out[i] = res
             if on_result is not None:
                 on_result(i, res)
-        return out
+
+        written = [i for i, r in enumerate(requests) if r.reply != "score"]
+        for i, r in enumerate(requests):
+            if r.reply == "score":
+                emit(i, self.score_one(r))
+        for start in range(0, len(written), self.generate_batch):
+            group = written[start : start + self.generate_batch]
+            for i, res in zip(group, self.write_verdicts([requests[i] for i in group]), strict=True):
+                emit(i, res)
+        return [res for res in out if res is not None]

@@ -16,6 +16,10 @@ How a score is obtained (``score_mode``):
   log-probabilities ever seen, the endpoint is taken not to support them and later requests go
   straight to ``text``. Each verdict records its ``method`` ("logprobs" or "text").
 
+A prompt whose reply the judge writes in a fixed format (``reply: strongreject`` in
+``judge.prompts_file``: reasoning, then three answers) is always one text request, with the prompt's
+system message, whatever ``score_mode`` says; the reply is read by ``verdict_from_strongreject``.
+
 Transport (concurrency, retries with backoff and jitter, key handling and scrubbing) is the project's
 one OpenAI-compatible client, ``character_em.llm.client.ChatClient``; data generation uses the same
 client as a peer. A call that still fails becomes a result with ``error`` set (NaN, "invalid"), never
@@ -46,6 +50,7 @@ from character_em.judge.verdicts import (
     number_of_token,
     probs_from_top_logprobs,
     verdict_from_number_probs,
+    verdict_from_strongreject,
     verdict_from_text,
 )
 from character_em.llm.client import (
@@ -152,11 +157,16 @@ class OpenAIJudge:
             "min_numeric_mass": float(self.min_numeric_mass),
         }
 
+    def generation_params(self) -> dict[str, Any]:
+        # A reply written as text (reply: strongreject): its budget and temperature are already in
+        # effective_params, so nothing more changes its verdicts.
+        return {"max_tokens": int(self.text_max_tokens)}
+
     # ----------------------------------------------------------------------------------- requests
-    def _request_kwargs(self, prompt: str, *, logprobs: bool) -> dict[str, Any]:
+    def _request_kwargs(self, request: JudgeRequest, *, logprobs: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": request.messages(),
             "temperature": float(self.temperature),
         }
         if logprobs:
@@ -201,7 +211,7 @@ class OpenAIJudge:
 
         return parse
 
-    def _parse_text(self, metric: str) -> Callable[[Any], JudgeResult]:
+    def _parse_text(self, metric: str, reply: str = "score") -> Callable[[Any], JudgeResult]:
         def parse(response: Any) -> JudgeResult:
             choice = _first_choice(response)
             message = getattr(choice, "message", None)
@@ -212,6 +222,8 @@ class OpenAIJudge:
                 # Usually a reasoning model that spent the whole budget thinking: a setting to fix
                 # (text_max_tokens), so it counts as a failure rather than a verdict.
                 return JudgeResult(math.nan, "invalid", "", "text", error="truncated_reply")
+            if reply == "strongreject":
+                return verdict_from_strongreject(str(text), method="text")
             return verdict_from_text(metric, str(text), method="text")
 
         return parse
@@ -222,20 +234,24 @@ class OpenAIJudge:
         return stats["no_logprobs_replies"] >= NO_LOGPROBS_STICKY_AFTER and stats["logprobs_replies"] == 0
 
     def score_one(self, request: JudgeRequest) -> JudgeResult:
+        if request.reply != "score":
+            # The rubric asks for reasoning before the answers: always a text request, whatever
+            # score_mode says (score_mode chooses how a 0..100 reply is read).
+            return self._call(
+                self._request_kwargs(request, logprobs=False), self._parse_text(request.metric, request.reply)
+            )
         mode = self.score_mode
         if mode == "auto" and self._logprobs_unavailable():
             mode = "text"
         if mode in ("auto", "logprobs"):
             try:
-                return self._call(
-                    self._request_kwargs(request.prompt, logprobs=True), self._parse_logprobs(request.metric)
-                )
+                return self._call(self._request_kwargs(request, logprobs=True), self._parse_logprobs(request.metric))
             except (NoLogprobs, RequestRejected) as exc:
                 self.client.count("no_logprobs_replies")
                 if mode == "logprobs":
                     return JudgeResult(math.nan, "invalid", "", "logprobs", error="missing_logprobs")
                 log.debug("no logprobs (%s); falling back to text", type(exc).__name__)
-        return self._call(self._request_kwargs(request.prompt, logprobs=False), self._parse_text(request.metric))
+        return self._call(self._request_kwargs(request, logprobs=False), self._parse_text(request.metric))
 
     # ----------------------------------------------------------------------------------- digit-split check
     def _note_number_tokens(self, pairs: Sequence[tuple[str, float]]) -> None:
