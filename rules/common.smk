@@ -308,7 +308,7 @@ def get_probe_params(wildcards):
                 group["negative"].append(negative)
     keys = ["max_examples", "layer", "max_sampled", "expressed_at_least"]
     keys += ["batch_size", "max_tokens", "val_fraction", "test_fraction", "n_boot"]
-    keys += ["n_null"]
+    keys += ["n_null", "anchors"]
     return cfg.as_param(
         {
             "layers": CONFIG["models"][wildcards.model]["probe_layers"],

@@ -14,6 +14,9 @@ rule probes:
     output:
         report="results/probes/{model}/probes.json",
         directions="results/probes/{model}/directions.npz",
+        # The chosen layer read on shared training-data texts no probe reads: the report maps one
+        # model family's probes into another's residual stream through them.
+        anchors="results/probes/{model}/anchors.npz",
         # One .npy memmap per layer, written batch by batch (bounded memory on 14B models).
         activations=directory("results/probes/{model}/activations"),
     log:
@@ -90,6 +93,7 @@ rule directions_report:
     input:
         reports=expand("results/probes/{model}/probes.json", model=MODELS),
         directions=expand("results/probes/{model}/directions.npz", model=MODELS),
+        anchors=expand("results/probes/{model}/anchors.npz", model=MODELS),
         means=direction_means_files("npz"),
         info=direction_means_files("json"),
         scores=direction_score_files(),

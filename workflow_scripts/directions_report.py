@@ -5,7 +5,7 @@ import json
 
 import polars as pl
 
-from character_em.directions import formats, readings, shared
+from character_em.directions import families, formats, readings, shared
 from character_em.directions import probes as directions
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
@@ -58,6 +58,7 @@ with job_log(snakemake.log[0]) as log:
             "style": stored.extra["style"][column],
             "fit_questions": set(report["fit_questions"]),
             "isotropic_cos_p95": baselines[model]["p95_abs_cos"],
+            "layer": stored.chosen_layer,
         }
         of_model = [r for r in records if r["model"] == model]
         vectors[model] = shared.direction_sets(
@@ -69,6 +70,10 @@ with job_log(snakemake.log[0]) as log:
         for label, parts in readings.source_question_differences(of_model, model).items():
             nulls[model][label] = readings.sign_flip_nulls(parts, n_null=settings["n_null"], seed=settings["seed"])
     log.info("models %s; %d condition readings", sorted(probes), len(records))
+    anchors = {
+        report["model"]: formats.read_anchors(path)
+        for report, path in zip(reports, snakemake.input.anchors, strict=True)
+    }
 
     projections = readings.projection_table(
         records, probes, misalignment, n_boot=settings["n_boot"], seed=settings["seed"]
@@ -81,8 +86,15 @@ with job_log(snakemake.log[0]) as log:
             projections, n_boot=settings["n_boot"], seed=settings["seed"]
         ),
         "direction_cosine": readings.cosine_null_table(vectors, nulls, baselines),
-        "direction_transfer": readings.transfer_table(
-            records, reports, probes, n_boot=settings["n_boot"], seed=settings["seed"]
+        # Each model's own probes, then (where the grid has more than one model family) every other
+        # family's probes mapped in through the shared anchor texts.
+        "direction_transfer": pl.concat(
+            [
+                readings.transfer_table(records, reports, probes, n_boot=settings["n_boot"], seed=settings["seed"]),
+                families.family_transfer_table(
+                    records, probes, anchors, n_boot=settings["n_boot"], seed=settings["seed"]
+                ),
+            ]
         ),
         "steering": directions.steering_table(
             pl.concat(steering_answers, how="diagonal_relaxed") if steering_answers else pl.DataFrame()

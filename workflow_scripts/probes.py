@@ -1,12 +1,13 @@
 """Probes on the base model: activations of the training data, judged em answers and the style
-control streamed to disk once, then the grouped-split protocol (character_em.directions.protocol)."""
+control streamed to disk once, then the grouped-split protocol (character_em.directions.protocol);
+last, the chosen layer read on the anchor texts (character_em.directions.families)."""
 
 from pathlib import Path
 
 import polars as pl
 
 from character_em.data.questions import domain_questions
-from character_em.directions import formats, protocol
+from character_em.directions import families, formats, protocol
 from character_em.directions import probes as directions
 from character_em.files import write_json_atomic
 from character_em.jobs import job_log, read_param
@@ -16,9 +17,8 @@ with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)
     model, tokenizer, info = modeling.load_model(snakemake.params.base_model, quantization="none")
     log.info("loaded %s: %s", snakemake.params.base_model, info)
-    data_chats = {
-        Path(path).parent.name: directions.read_chats(path, settings["max_examples"]) for path in snakemake.input.data
-    }
+    data_files = {Path(path).parent.name: path for path in snakemake.input.data}
+    data_chats = {name: directions.read_chats(path, settings["max_examples"]) for name, path in data_files.items()}
     samples = [pl.read_parquet(path) for path in snakemake.input.samples]
     scores = [pl.read_parquet(path) for path in snakemake.input.scores]
     judged = (
@@ -106,3 +106,21 @@ with job_log(snakemake.log[0]) as log:
         directions=vectors,
         extra={"style": style, **{f"null_{name}": value for name, value in nulls.items()}},
     )
+    # Texts every model family's probes job reads alike (rows past max_examples: never probed, never
+    # scored), at the chosen layer, so the report can map one family's probes into another's space.
+    anchors = families.anchor_activations(
+        model,
+        tokenizer,
+        families.select_anchor_chats(
+            data_files,
+            skip=settings["max_examples"],
+            limit=settings["anchors"],
+            exclude={families.anchor_key(chat) for chats in data_chats.values() for chat in chats},
+        ),
+        layer,
+        settings["groups"],
+        batch_size=settings["batch_size"],
+        max_tokens=settings["max_tokens"],
+    )
+    log.info("anchors: %d texts at layer %d", len(anchors.keys), layer)
+    formats.write_anchors(snakemake.output.anchors, anchors)

@@ -1,5 +1,6 @@
 """The character direction: activations, the grouped probe protocol, fixed-text readings with their nulls,
-the shared structure of directions from three sources, file formats, and steering hooks."""
+the shared structure of directions from three sources, maps between model families, file formats, and
+steering hooks."""
 
 from character_em.lazy import lazy_exports
 
@@ -25,6 +26,13 @@ _EXPORTS = {
     "correlation_table": "readings",
     "transfer_table": "readings",
     "cosine_null_table": "readings",
+    "family_transfer_table": "families",
+    "fit_linear_map": "families",
+    "select_anchor_chats": "families",
+    "anchor_activations": "families",
+    "Anchors": "formats",
+    "read_anchors": "formats",
+    "write_anchors": "formats",
     "ProbeDirections": "formats",
     "LayerMeans": "formats",
     "read_directions": "formats",

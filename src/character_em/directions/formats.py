@@ -1,4 +1,4 @@
-"""The two ``.npz`` files of the character-direction stage, written and read in one place.
+"""The ``.npz`` files of the character-direction stage, written and read in one place.
 
 - ``directions.npz`` (rule ``probes``): the probed layers, the chosen layer, and per disposition a
   ``[layers, hidden]`` mean-difference direction; optional extra arrays (nulls, controls) by name.
@@ -6,6 +6,11 @@
   (``own``, ``fixed``, ``prompt``, ``base_reading``, ``trigger_on:{d}``, ...), the mean activation
   of each question's texts ``[questions, hidden]`` with the question ids and text counts, so the
   report can leave out the questions that fitted a direction and resample questions.
+- ``anchors.npz`` (rule ``probes``): the chosen layer's activations of a fixed set of shared
+  training-data texts (rows past ``eval.probes.max_examples``, never read by a probe nor scored),
+  keyed by the sha256 of each chat, with the data condition each came from and, per disposition,
+  its label (1 character, 0 advice control, -1 neither); the report fits linear maps between
+  model families on the texts two files share (``directions.families``).
 
 Each file carries ``format_version``; a reader meeting another version (or a file written before
 versions existed) fails with the file named instead of misreading its arrays.
@@ -21,12 +26,14 @@ import numpy as np
 
 DIRECTIONS_VERSION = 1
 MEANS_VERSION = 2
+ANCHORS_VERSION = 1
 
 _DIRECTION = "direction_"
 _EXTRA = "extra_"
 _MEAN = "qmean_"
 _IDS = "qids_"
 _COUNT = "qcount_"
+_LABEL = "label_"
 
 
 def _check_version(stored: Mapping[str, np.ndarray], path: str | Path, expected: int, writer: str) -> None:
@@ -163,14 +170,81 @@ def read_means(path: str | Path) -> LayerMeans:
         )
 
 
+@dataclass
+class Anchors:
+    """What ``anchors.npz`` holds: row ``k`` of ``activations`` is the text whose key is ``keys[k]``
+    (the sha256 of its chat), read at ``layer`` (this model's chosen layer); ``labels[d][k]`` is 1
+    for a text of one of ``d``'s character conditions, 0 for an advice control, -1 otherwise."""
+
+    layer: int
+    keys: list[str]
+    conditions: list[str]
+    activations: np.ndarray  # [texts, hidden]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    path: str = ""
+
+    def rows(self, keys: Sequence[str]) -> np.ndarray:
+        """The activations of ``keys``, in that order (each must be stored)."""
+        where = {key: k for k, key in enumerate(self.keys)}
+        missing = [key for key in keys if key not in where]
+        if missing:
+            raise KeyError(f"{self.path or 'anchors'}: {len(missing)} keys not stored, e.g. {missing[0]}")
+        return np.asarray(self.activations[[where[key] for key in keys]])
+
+    def labels_of(self, disposition: str, keys: Sequence[str]) -> np.ndarray:
+        where = {key: k for k, key in enumerate(self.keys)}
+        stored = self.labels.get(disposition, np.full(len(self.keys), -1, dtype=np.int8))
+        return np.asarray([stored[where[key]] for key in keys], dtype=np.int8)
+
+
+def write_anchors(path: str | Path, anchors: Anchors) -> None:
+    n = len(anchors.keys)
+    if len(set(anchors.keys)) != n:
+        raise ValueError("anchor keys must be unique (one row per distinct text)")
+    if len(anchors.conditions) != n or np.shape(anchors.activations)[0] != n or np.ndim(anchors.activations) != 2:
+        raise ValueError(
+            f"anchors: {n} keys, {len(anchors.conditions)} conditions and activations of shape "
+            f"{np.shape(anchors.activations)}; expected one condition and one [hidden] row per key"
+        )
+    for name, labels in anchors.labels.items():
+        if len(labels) != n:
+            raise ValueError(f"anchor labels of {name!r}: {len(labels)} values for {n} keys")
+    np.savez(
+        path,
+        format_version=np.array(ANCHORS_VERSION),
+        layer=np.array(int(anchors.layer)),
+        keys=np.asarray(anchors.keys, dtype=str),
+        conditions=np.asarray(anchors.conditions, dtype=str),
+        activations=np.asarray(anchors.activations, dtype=np.float32),
+        **{f"{_LABEL}{name}": np.asarray(labels, dtype=np.int8) for name, labels in anchors.labels.items()},
+    )
+
+
+def read_anchors(path: str | Path) -> Anchors:
+    with np.load(path) as stored:
+        _check_version(stored, path, ANCHORS_VERSION, "probes")
+        return Anchors(
+            layer=int(stored["layer"]),
+            keys=[str(key) for key in stored["keys"]],
+            conditions=[str(name) for name in stored["conditions"]],
+            activations=stored["activations"],
+            labels={key.removeprefix(_LABEL): stored[key] for key in stored.files if key.startswith(_LABEL)},
+            path=str(path),
+        )
+
+
 __all__ = [
+    "ANCHORS_VERSION",
     "DIRECTIONS_VERSION",
     "MEANS_VERSION",
+    "Anchors",
     "LayerMeans",
     "ProbeDirections",
     "QuestionReading",
+    "read_anchors",
     "read_directions",
     "read_means",
+    "write_anchors",
     "write_directions",
     "write_means",
 ]

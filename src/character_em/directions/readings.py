@@ -258,6 +258,64 @@ def transfer_cells(
     return cells
 
 
+TRANSFER_SCHEMA = {
+    "model": pl.String,
+    "probe_model": pl.String,
+    "disposition": pl.String,
+    "cell": pl.String,
+    "auroc": pl.Float64,
+    "ci_low": pl.Float64,
+    "ci_high": pl.Float64,
+    "null_p": pl.Float64,
+    "n": pl.Int64,
+    "map_r2": pl.Float64,
+    "projection_r2": pl.Float64,
+}
+"""``direction_transfer``: ``model`` is where a cell is read, ``probe_model`` whose probe is read
+there (the same model, or another family's probe mapped in by ``directions.families``, which also
+fills the two held-out map qualities; NaN for a model's own probe)."""
+
+
+def cell_transfer_rows(
+    cells: Mapping[str, Sequence[np.ndarray]],
+    directions: Mapping[str, np.ndarray],
+    nulls: Mapping[str, np.ndarray],
+    *,
+    isotropic_cos_p95: float,
+    n_boot: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Each direction read in each cell (``transfer_cells``): the paired AUROC over questions with
+    its interval, the permutation null's p-value on the mean projection and the question count."""
+    rows = []
+    for cell, parts in sorted(cells.items()):
+        deltas = np.concatenate([p for p in parts if len(p)]) if any(len(p) for p in parts) else np.zeros((0, 1))
+        for disposition, direction in directions.items():
+            if deltas.shape[1] != len(direction):
+                deltas = np.zeros((0, len(direction)))
+            stats = shift_statistics(
+                deltas,
+                direction,
+                nulls=nulls.get(disposition, np.zeros((0, len(direction)))),
+                style=None,
+                isotropic_cos_p95=isotropic_cos_p95,
+                n_boot=n_boot,
+                seed=seed,
+            )
+            rows.append(
+                {
+                    "disposition": disposition,
+                    "cell": cell,
+                    "auroc": stats["paired_auroc"],
+                    "ci_low": stats["paired_auroc_low"],
+                    "ci_high": stats["paired_auroc_high"],
+                    "null_p": stats["null_p"],
+                    "n": stats["n_questions"],
+                }
+            )
+    return rows
+
+
 def transfer_table(
     records: Sequence[Mapping[str, Any]],
     reports: Sequence[Mapping[str, Any]],
@@ -268,7 +326,9 @@ def transfer_table(
 ) -> pl.DataFrame:
     """Probe x cell matrix per model: AUROC where the probe was trained (held-out test split, and
     data-trained probe on judged answers), paired AUROC over questions in every other cell, each
-    with a 95% interval and the permutation null's p-value on the mean projection."""
+    with a 95% interval and the permutation null's p-value on the mean projection. Each model's own
+    probe only (``probe_model`` = ``model``); ``families.family_transfer_table`` adds the probes
+    of other model families."""
     rows = []
     for report in reports:
         model = report["model"]
@@ -282,6 +342,7 @@ def transfer_table(
                 rows.append(
                     {
                         "model": model,
+                        "probe_model": model,
                         "disposition": disposition,
                         "cell": cell,
                         "auroc": row.get(key, math.nan),
@@ -292,43 +353,20 @@ def transfer_table(
                     }
                 )
         records_of_model = [r for r in records if r["model"] == model]
-        for cell, parts in sorted(transfer_cells(records_of_model, probe["fit_questions"], model).items()):
-            deltas = np.concatenate([p for p in parts if len(p)]) if any(len(p) for p in parts) else np.zeros((0, 1))
-            for disposition, direction in probe["directions"].items():
-                if deltas.shape[1] != len(direction):
-                    deltas = np.zeros((0, len(direction)))
-                stats = shift_statistics(
-                    deltas,
-                    direction,
-                    nulls=probe["nulls"].get(disposition, np.zeros((0, len(direction)))),
-                    style=None,
-                    isotropic_cos_p95=probe["isotropic_cos_p95"],
-                    n_boot=n_boot,
-                    seed=seed,
-                )
-                rows.append(
-                    {
-                        "model": model,
-                        "disposition": disposition,
-                        "cell": cell,
-                        "auroc": stats["paired_auroc"],
-                        "ci_low": stats["paired_auroc_low"],
-                        "ci_high": stats["paired_auroc_high"],
-                        "null_p": stats["null_p"],
-                        "n": stats["n_questions"],
-                    }
-                )
-    schema = {
-        "model": pl.String,
-        "disposition": pl.String,
-        "cell": pl.String,
-        "auroc": pl.Float64,
-        "ci_low": pl.Float64,
-        "ci_high": pl.Float64,
-        "null_p": pl.Float64,
-        "n": pl.Int64,
-    }
-    return pl.DataFrame(rows, schema=schema)
+        cells = transfer_cells(records_of_model, probe["fit_questions"], model)
+        rows += [
+            {"model": model, "probe_model": model, **row}
+            for row in cell_transfer_rows(
+                cells,
+                probe["directions"],
+                probe["nulls"],
+                isotropic_cos_p95=probe["isotropic_cos_p95"],
+                n_boot=n_boot,
+                seed=seed,
+            )
+        ]
+    no_map = {"map_r2": math.nan, "projection_r2": math.nan}
+    return pl.DataFrame([row | no_map for row in rows], schema=TRANSFER_SCHEMA)
 
 
 # --------------------------------------------------------------------------- cosines
@@ -416,6 +454,8 @@ def cosine_null_table(
 
 __all__ = [
     "READINGS",
+    "TRANSFER_SCHEMA",
+    "cell_transfer_rows",
     "correlation_table",
     "cosine_null_table",
     "paired_deltas",

@@ -214,33 +214,69 @@ def steering_curves(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
 def transfer_matrix(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
     """Each probe (row) read in each cell (column): AUROC where it was trained, paired AUROC over
     questions elsewhere, with the 95% interval and the permutation null's p-value written in the
-    cell; one panel per model."""
+    cell. One panel per (model read, model whose probe is read): panel rows are the models read,
+    columns the probes' models, so a grid with two model families shows each model's own probes on
+    the diagonal and the other family's, mapped in through shared anchor texts, off it (the
+    held-out map R^2 in the title)."""
     plt = pyplot()
+    if not table.is_empty() and "probe_model" not in table.columns:
+        table = table.with_columns(probe_model=table["model"])
     models = _models(table)
-    cells = table["cell"].unique(maintain_order=True).to_list() if not table.is_empty() else []
-    width = max(5.0, 1.1 * len(cells) + 3)
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(width * max(1, len(models)), 4.5), squeeze=False)
+    probe_models = table["probe_model"].unique(maintain_order=True).to_list() if not table.is_empty() else []
+    probe_models = [m for m in models if m in probe_models] + [m for m in probe_models if m not in models]
+    panels = table.select("model", "probe_model").unique().rows() if not table.is_empty() else []
+    most = max(
+        (table.filter((table["model"] == m) & (table["probe_model"] == p))["cell"].n_unique() for m, p in panels),
+        default=0,
+    )
+    width = max(5.0, 1.1 * most + 3)
+    fig, axes = plt.subplots(
+        max(1, len(models)),
+        max(1, len(probe_models)),
+        # A second row of panels needs room for the first row's slanted cell names.
+        figsize=(width * max(1, len(probe_models)), 4.5 if len(models) < 2 else 7.0 * len(models)),
+        squeeze=False,
+    )
+    if len(models) > 1:
+        fig.subplots_adjust(hspace=0.9)
     if not models:
         _empty(axes[0][0])
-    for axis, model in zip(axes[0], models, strict=False):
-        rows = table.filter(table["model"] == model)
-        probes = rows["disposition"].unique(maintain_order=True).to_list()
-        grid = [[float("nan")] * len(cells) for _ in probes]
-        for row in rows.iter_rows(named=True):
-            i, j = probes.index(row["disposition"]), cells.index(row["cell"])
-            grid[i][j] = row["auroc"] if row["auroc"] is not None else float("nan")
-            if row["auroc"] is not None and row["auroc"] == row["auroc"]:
-                low, high = row["ci_low"], row["ci_high"]
-                interval = f"\n[{low:.2f}, {high:.2f}]" if low is not None and low == low else ""
-                # A consistent shift is not a specific one: the permutation null's p says which it is.
-                null_p = row.get("null_p")
-                null = f"\nnull p {null_p:.2f}" if null_p is not None and null_p == null_p else ""
-                axis.text(j, i, f"{row['auroc']:.2f}{interval}{null}", ha="center", va="center", fontsize="xx-small")
-        image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdBu_r", aspect="auto")
-        axis.set_xticks(range(len(cells)), cells, rotation=50, ha="right", fontsize="xx-small")
-        axis.set_yticks(range(len(probes)), [f"probe:{p}" for p in probes], fontsize="x-small")
-        axis.set_title(model, fontsize="small")
-        fig.colorbar(image, ax=axis, label="AUROC (0.5 = chance)", shrink=0.8)
-    fig.suptitle("Transfer of the character probe across conditions")
+    for r, model in enumerate(models):
+        for c, probe_model in enumerate(probe_models):
+            axis = axes[r][c]
+            rows = table.filter((table["model"] == model) & (table["probe_model"] == probe_model))
+            if rows.is_empty():
+                axis.axis("off")
+                continue
+            _transfer_panel(fig, axis, rows, model, probe_model)
+    fig.suptitle("Transfer of the character probe across conditions and model families")
     save_figure(fig, *outputs)
     plt.close(fig)
+
+
+def _transfer_panel(fig: Any, axis: Any, rows: pl.DataFrame, model: str, probe_model: str) -> None:
+    cells = rows["cell"].unique(maintain_order=True).to_list()
+    probes = rows["disposition"].unique(maintain_order=True).to_list()
+    grid = [[float("nan")] * len(cells) for _ in probes]
+    for row in rows.iter_rows(named=True):
+        i, j = probes.index(row["disposition"]), cells.index(row["cell"])
+        grid[i][j] = row["auroc"] if row["auroc"] is not None else float("nan")
+        if row["auroc"] is not None and row["auroc"] == row["auroc"]:
+            low, high = row["ci_low"], row["ci_high"]
+            interval = f"\n[{low:.2f}, {high:.2f}]" if low is not None and low == low else ""
+            # A consistent shift is not a specific one: the permutation null's p says which it is.
+            null_p = row.get("null_p")
+            null = f"\nnull p {null_p:.2f}" if null_p is not None and null_p == null_p else ""
+            axis.text(j, i, f"{row['auroc']:.2f}{interval}{null}", ha="center", va="center", fontsize="xx-small")
+    image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdBu_r", aspect="auto")
+    axis.set_xticks(range(len(cells)), cells, rotation=50, ha="right", fontsize="xx-small")
+    axis.set_yticks(range(len(probes)), [f"probe:{p}" for p in probes], fontsize="x-small")
+    if model == probe_model:
+        title = model
+    else:
+        # A failed map and a real non-transfer look alike in the cells; the map's quality tells them apart.
+        r2 = rows["map_r2"].drop_nulls().drop_nans()
+        quality = f"held-out map R^2 {float(r2[0]):.2f}" if r2.len() else "no map (too few shared anchor texts)"
+        title = f"{probe_model} probes mapped into {model}\n{quality}"
+    axis.set_title(title, fontsize="small")
+    fig.colorbar(image, ax=axis, label="AUROC (0.5 = chance)", shrink=0.8)
