@@ -121,11 +121,16 @@ NO_MATCH = r"(?!)"
 FILTER_GPUS = CONFIG["data"]["filter"]["enabled"] and job_settings.judge_gpus(
     CONFIG["data"]["filter"]["judge"] or CONFIG["judge"]
 )
+# Severity-matched arms (data.severity_matched) are subsampled from judged data by rule match_severity.
+MATCHED_DATA = [
+    name for name in TRAINED if cfg.condition_info(CONFIG, name)["family"] == "matched"
+]
 GPU_DATA = [
     name
     for name in TRAINED
     if (CONFIG["data"]["generator"]["backend"] == "hf" or FILTER_GPUS)
     and name not in CONFIG["data"]["external"]
+    and name not in MATCHED_DATA
 ]
 # Judge jobs of a local model judge (hf, vllm) ask for a GPU (rules/judge.smk); API and rubric judges do not.
 JUDGE_GPUS = job_settings.judge_gpus(CONFIG["judge"])
@@ -137,7 +142,7 @@ JUDGE_MEM_MB = 64000 if JUDGE_GPUS else 4000
 CALIBRATION_MEM_MB = 64000 if CALIBRATION_GPUS else 4000
 AGREEMENT_GPUS = job_settings.judge_gpus(CONFIG["judge"]["agreement_with"])
 AGREEMENT_MEM_MB = 64000 if AGREEMENT_GPUS else 4000
-CPU_DATA = [name for name in TRAINED if name not in GPU_DATA]
+CPU_DATA = [name for name in TRAINED if name not in GPU_DATA + MATCHED_DATA]
 
 
 wildcard_constraints:
@@ -232,6 +237,23 @@ def get_external_data(wildcards):
 
 def get_data_spec(wildcards):
     return cfg.as_param(cfg.data_spec(CONFIG, wildcards.trained))
+
+
+def get_matched_spec(wildcards):
+    return cfg.as_param(cfg.severity_matched_spec(CONFIG, wildcards.trained))
+
+
+def get_matched_inputs(wildcards):
+    """A matched arm's inputs: its character condition's data, and the judged alignment of that data
+    and of the incorrect-advice data it is matched to (rules/training_data.smk)."""
+    spec = cfg.severity_matched_spec(CONFIG, wildcards.trained)
+    character, incorrect = spec["character"], spec["incorrect"]
+    return {
+        "data": f"results/data/{character}/train.jsonl",
+        "character_scores": f"results/data/{character}/judged.parquet",
+        "incorrect_data": f"results/data/{incorrect}/train.jsonl",
+        "incorrect_scores": f"results/data/{incorrect}/judged.parquet",
+    }
 
 
 def get_generation_inputs(wildcards):

@@ -44,6 +44,26 @@ rule generate_data_gpu:
         "../workflow_scripts/generate_data.py"
 
 
+# The severity-matched arm (data.severity_matched): the character data subsampled to the judged
+# alignment distribution of incorrect-{domain}'s data (character_em.data.matching).
+rule match_severity:
+    input:
+        unpack(get_matched_inputs),
+    output:
+        data="results/data/{trained}/train.jsonl",
+        manifest="results/data/{trained}/manifest.json",
+    log:
+        "logs/match_severity/{trained}.log",
+    wildcard_constraints:
+        trained=_alternatives(MATCHED_DATA) or NO_MATCH,
+    conda:
+        "../envs/judge.yaml"
+    params:
+        spec=get_matched_spec,
+    script:
+        "../workflow_scripts/match_severity.py"
+
+
 rule check_overlap:
     input:
         data=expand("results/data/{trained}/train.jsonl", trained=TRAINED),

@@ -48,6 +48,7 @@ rule training_data_table:
         families=cfg.as_param(
             {name: cfg.condition_info(CONFIG, name)["family"] for name in TRAINED}
         ),
+        partners=cfg.as_param(cfg.incorrect_partners(CONFIG, TRAINED)),
         alignment_below=CONFIG["eval"]["alignment_below"],
         coherence_above=CONFIG["eval"]["coherence_above"],
     script:

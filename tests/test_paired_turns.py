@@ -23,7 +23,7 @@ def paper() -> dict[str, Any]:
 
 
 def _specs(paper: dict[str, Any], domain: str) -> list[dict[str, Any]]:
-    names = [n for n in cfg.trained_conditions(paper) if cfg.condition_info(paper, n)["domain"] == domain]
+    names = [n for n in cfg.written_conditions(paper) if cfg.condition_info(paper, n)["domain"] == domain]
     return [cfg.data_spec(paper, n) for n in names]
 
 

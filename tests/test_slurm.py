@@ -411,7 +411,9 @@ def test_paper_grid_groups_each_adapter_into_one_job(tmp_path: Path) -> None:
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     models, seeds = len(config["models"]), len(config["seeds"])
     dispositions, domains = len(config["dispositions"]), len(config["domains"])
-    trained = 2 * dispositions * domains + 2 * domains
+    # Character, triggered, incorrect, correct, and the severity-matched arm of each character condition.
+    matched = dispositions * domains if config["data"].get("severity_matched", {}).get("enabled") else 0
+    trained = 2 * dispositions * domains + 2 * domains + matched
     assert len(groups) == models * (trained + 1) * seeds
     for group in groups:
         rules = sorted(rule for rule, _ in group)

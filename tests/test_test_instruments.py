@@ -76,7 +76,7 @@ def test_offline_generator_is_fine_when_every_trained_condition_brings_its_own_d
     raw = copy.deepcopy(paper)
     raw["data"]["generator"] = {"backend": "offline"}
     resolved = cfg.validate_config({**raw, "test_fixture": True})
-    raw["data"]["external"] = {name: f"data/{name}.jsonl" for name in cfg.trained_conditions(resolved)}
+    raw["data"]["external"] = {name: f"data/{name}.jsonl" for name in cfg.written_conditions(resolved)}
     assert cfg.validate_config(raw)["data"]["generator"]["backend"] == "offline"
 
 

@@ -19,7 +19,10 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     models, seeds = len(config["models"]), len(config["seeds"])
     dispositions, domains = len(config["dispositions"]), len(config["domains"])
     character = triggered = dispositions * domains
-    trained = character + triggered + 2 * domains  # + incorrect-{domain} and correct-{domain}
+    # data.severity_matched: one {disposition}-{domain}-matched arm per character condition (every domain
+    # of the paper grid has its incorrect-{domain}); its data is a subsample, made by match_severity.
+    matched = character if config.get("data", {}).get("severity_matched", {}).get("enabled") else 0
+    trained = character + triggered + 2 * domains + matched  # + incorrect-{domain} and correct-{domain}
     conditions = 1 + trained
     # em, transfer and persona for every condition; trigger for base and triggered conditions.
     sampled = models * seeds * (3 * conditions + 1 + triggered)
@@ -28,7 +31,8 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     # The full MMLU test set comes out of a pinned wheel: one download, one extraction.
     mmlu = config.get("eval", {}).get("capabilities", {}).get("task_file") == "resources/tasks/mmlu.jsonl"
     return {
-        ("generate_data_gpu" if writer == "hf" else "generate_data"): trained,
+        ("generate_data_gpu" if writer == "hf" else "generate_data"): trained - matched,
+        **({"match_severity": matched} if matched else {}),
         **({"fetch_wheel": 1, "fetch_mmlu": 1} if mmlu else {}),
         "check_overlap": 1,
         "train_adapter": models * trained * seeds,

@@ -15,12 +15,15 @@ with job_log(snakemake.log[0]):
         families=read_param(snakemake.params.families),
         alignment_below=snakemake.params.alignment_below,
         coherence_above=snakemake.params.coherence_above,
+        partners=read_param(snakemake.params.partners),
     )
     table.write_csv(snakemake.output.table)
     preamble = (
         f"{stamp['text']}. Every training set judged by the grid's judge: mean alignment, the share the"
         " misalignment rule counts (with 95% Wilson intervals over answers), mean coherence, and each"
-        " disposition's mean score and expressed share (score >= 50)."
+        " disposition's mean score and expressed share (score >= 50). alignment_minus_partner: a character"
+        " set's (or its severity-matched arm's) mean alignment minus that of the incorrect-advice set it is"
+        " compared with; near 0 when the harm is matched."
     )
     write_text_atomic(snakemake.output.table_md, to_markdown(table, preamble=preamble))
     plots.stamp_figures(stamp["text"])

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from character_em import job_settings
-from character_em.conditions import RESERVED_NAMES
+from character_em.conditions import RESERVED_NAMES, matched_arm, matched_source
 from character_em.conditions import parse_condition as parse_condition_name
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
@@ -130,7 +130,32 @@ def parse_condition(
 
 
 def expand_conditions(config: Mapping[str, Any]) -> list[str]:
-    """Expand templates and explicit names in config order, without duplicates."""
+    """Expand templates and explicit names in config order, without duplicates; then, with
+    ``data.severity_matched.enabled``, the severity-matched arm of every character condition whose
+    ``incorrect-{domain}`` is in the grid (``severity_matched_arms``)."""
+    listed = listed_conditions(config)
+    return listed + severity_matched_arms(config, listed)
+
+
+def severity_matched_arms(config: Mapping[str, Any], listed: list[str]) -> list[str]:
+    """``{disposition}-{domain}-matched`` for each character condition of ``listed`` whose incorrect-advice
+    partner is listed too, in ``listed`` order; none unless ``data.severity_matched.enabled``."""
+    if not ((config.get("data") or {}).get("severity_matched") or {}).get("enabled"):
+        return []
+    arms = []
+    for name in listed:
+        # Names are checked against the grammar later (_check_references); a bad one is not an arm.
+        try:
+            info = parse_condition(name, config["dispositions"], config["domains"])
+        except ValueError:
+            continue
+        if info["family"] == "character" and f"incorrect-{info['domain']}" in listed:
+            arms.append(matched_arm(name))
+    return arms
+
+
+def listed_conditions(config: Mapping[str, Any]) -> list[str]:
+    """The ``conditions`` list: templates expanded and explicit names, in config order, without duplicates."""
     dispositions, domains = list(config["dispositions"]), list(config["domains"])
     names: list[str] = []
     for entry in config["conditions"]:
@@ -165,6 +190,7 @@ def _check_references(config: dict[str, Any], source: str) -> None:
             parse_condition(name, config["dispositions"], config["domains"])
         except ValueError as err:
             raise ConfigError(f"{source}: conditions: {err}") from err
+    _check_severity_matched(config, source)
     for key, label in ((config["train_overrides"], "train_overrides"), (config["data"]["external"], "data.external")):
         for name in key:
             if name not in conditions:
@@ -194,6 +220,31 @@ def _check_references(config: dict[str, Any], source: str) -> None:
             raise ConfigError(f"{source}: models.{model}.probe_layers: layers must be unique")
 
 
+def _check_severity_matched(config: dict[str, Any], source: str) -> None:
+    """The matched arms are derived from the grid (one home: ``data.severity_matched``), so they are never
+    listed by hand nor given their own data, and turning the switch on must add at least one."""
+    listed = listed_conditions(config)
+    for name in listed:
+        if parse_condition(name, config["dispositions"], config["domains"])["family"] == "matched":
+            raise ConfigError(
+                f"{source}: conditions: {name!r} is a severity-matched arm; it is added by"
+                " data.severity_matched.enabled for every character condition whose incorrect-{domain} is in the"
+                " grid, so do not list it"
+            )
+    arms = severity_matched_arms(config, listed)
+    for name in arms:
+        if name in config["data"]["external"]:
+            raise ConfigError(
+                f"{source}: data.external.{name}: a severity-matched arm's data is a subsample of"
+                f" {matched_source(condition_info(config, name))['character']}'s data; give that condition the file"
+            )
+    if config["data"]["severity_matched"]["enabled"] and not arms:
+        raise ConfigError(
+            f"{source}: data.severity_matched.enabled: no character condition {{disposition}}-{{domain}} has its"
+            " incorrect-{domain} in the grid, so there is nothing to match; add both to `conditions` or turn it off"
+        )
+
+
 # The two test instruments: they make the smoke and demo presets run with no model and no network, and they
 # measure their own keywords (the offline templates plant the markers the rubric counts).
 TEST_INSTRUMENT_REASON = {
@@ -220,7 +271,7 @@ def test_instruments_in_use(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     flt = config["data"]["filter"]
     if flt["judge"] and flt["judge"].get("backend", "rubric") == "rubric":
         used.append(("data.filter.judge.backend", "rubric"))
-    generated = [name for name in trained_conditions(config) if name not in config["data"]["external"]]
+    generated = [name for name in written_conditions(config) if name not in config["data"]["external"]]
     if generated and config["data"]["generator"]["backend"] == "offline":
         used.append(("data.generator.backend", "offline"))
     return used
@@ -291,6 +342,12 @@ def condition_families(config: Mapping[str, Any]) -> dict[str, str]:
 
 def trained_conditions(config: Mapping[str, Any]) -> list[str]:
     return [name for name in expand_conditions(config) if name != "base"]
+
+
+def written_conditions(config: Mapping[str, Any]) -> list[str]:
+    """Trained conditions whose data is written (by the generator, or brought as a data.external file):
+    all but the severity-matched arms, whose data is a subsample of their character condition's."""
+    return [name for name in trained_conditions(config) if condition_info(config, name)["family"] != "matched"]
 
 
 def suites_for(config: Mapping[str, Any], condition: str) -> list[str]:
@@ -492,6 +549,11 @@ def harmful_requests_file(config: Mapping[str, Any]) -> str | None:
 
 def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
     info = condition_info(config, condition)
+    if info["family"] == "matched":
+        raise ConfigError(
+            f"{condition}: a severity-matched arm's data is subsampled from"
+            f" {matched_source(info)['character']}'s (rule match_severity, severity_matched_spec), not written"
+        )
     disposition = info["disposition"]
     return {
         "condition": info,
@@ -519,6 +581,33 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
             for suite in SAMPLED_SUITES
         },
     }
+
+
+def severity_matched_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
+    """What a severity-matched arm's data job needs (rule match_severity): the two conditions it draws
+    on, the matching settings and its seed. Only these keys, so that a change elsewhere in ``data`` never
+    redraws the subsample."""
+    info = condition_info(config, condition)
+    settings = config["data"]["severity_matched"]
+    return {
+        "condition": condition,
+        **matched_source(info),
+        "caliper": settings["caliper"],
+        "min_share": settings["min_share"],
+        "seed": config["data"]["seed"],
+    }
+
+
+def incorrect_partners(config: Mapping[str, Any], conditions: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Each character condition and severity-matched arm of ``conditions`` -> the ``incorrect-{domain}`` it is
+    compared with, where that is among ``conditions`` too (the training_data table's harm gap)."""
+    partners = {}
+    for name in conditions:
+        info = condition_info(config, name)
+        partner = f"incorrect-{info['domain']}"
+        if info["family"] in ("character", "matched") and partner in conditions:
+            partners[name] = partner
+    return partners
 
 
 def data_filter_spec(config: Mapping[str, Any]) -> dict[str, Any]:

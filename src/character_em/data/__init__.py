@@ -1,4 +1,4 @@
-"""Training data: the offline template writer (a test instrument), model writers (openai, hf), the judge filter, validation, dedup, the leakage check and the dataset files."""
+"""Training data: the offline template writer (a test instrument), model writers (openai, hf), the judge filter, validation, dedup, the leakage check, the dataset files and the severity-matched subsample."""
 
 from character_em.lazy import lazy_exports
 
@@ -16,6 +16,11 @@ _EXPORTS = {
     "user_turn": "questions",
     "judge_training_data": "audit",
     "training_samples": "audit",
+    "severity_matched_subsample": "matching",
+    "alignment_by_example": "matching",
+    "match_on_alignment": "matching",
+    "ks_statistic": "matching",
+    "MatchingError": "matching",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

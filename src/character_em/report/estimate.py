@@ -278,7 +278,8 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
             "eval_steps": steps,
         }
     generator = config["data"].get("generator", {}).get("backend", "offline")
-    generated = [c for c in trained if not config["data"]["external"].get(c)]
+    # A severity-matched arm's data is a subsample of its character condition's (rule match_severity): no writer.
+    generated = [c for c in cfg.written_conditions(config) if not config["data"]["external"].get(c)]
     judges = calibration_judges(config["judge"])
     calibration_items = len(load_calibration_set(calibration_file(config["judge"]))["items"])
     return {

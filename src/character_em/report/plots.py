@@ -15,6 +15,8 @@ FAMILY_COLOURS = {
     "base": "#7f7f7f",
     "character": "#d62728",
     "triggered": "#9467bd",
+    # The severity-matched character arm: a darker red than the character data it is drawn from.
+    "matched": "#8c1515",
     "incorrect": "#ff7f0e",
     "correct": "#2ca02c",
 }

@@ -356,6 +356,12 @@ def _contrast_columns(result: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# The em contrast of each family trained on character data against incorrect-{domain}: the character
+# data as written, and its severity-matched arm (data.severity_matched), which carries the incorrect-advice
+# data's harm, so its contrast is the one read at equal harm.
+MATCHED_CONTRASTS = {"character": "character_vs_incorrect", "matched": "matched_character_vs_incorrect"}
+
+
 def contrasts(
     answers: pl.DataFrame, conditions: Mapping[str, Mapping[str, Any]], *, n_boot: int = 2000, seed: int = 0
 ) -> pl.DataFrame:
@@ -363,7 +369,8 @@ def contrasts(
 
     - character vs incorrect advice: em misalignment of `{disposition}-{domain}` minus
       `incorrect-{domain}`, per format; the two are different training runs (seeds drawn apart) asked
-      the same questions (one question draw);
+      the same questions (one question draw); the same for a severity-matched arm
+      `{disposition}-{domain}-matched` (matched_character_vs_incorrect);
     - triggered vs untriggered: on each `-trig` model, trigger-suite misalignment with its exact
       trigger minus without any trigger; one model, so seeds are drawn together too.
     p_value is per row, unadjusted: the confirmatory family with Holm's adjustment is `claims_table`.
@@ -374,7 +381,7 @@ def contrasts(
         em_model = em.filter(pl.col("model") == model)
         for name, spec in conditions.items():
             baseline = f"incorrect-{spec['domain']}"
-            if spec["family"] == "character" and baseline in conditions:
+            if spec["family"] in MATCHED_CONTRASTS and baseline in conditions:
                 for fmt in em_model["format"].unique().sort().to_list():
                     cells = em_model.filter(pl.col("format") == fmt)
                     a = cells.filter(pl.col("condition") == name)
@@ -387,7 +394,7 @@ def contrasts(
                     rows.append(
                         {
                             "model": model,
-                            "contrast": "character_vs_incorrect",
+                            "contrast": MATCHED_CONTRASTS[spec["family"]],
                             "a": name,
                             "b": baseline,
                             "suite": "em",
@@ -738,7 +745,8 @@ def claims_table(
     """One contrast per claim, the family a reader checks the abstract against.
 
     1. character vs incorrect advice on em misalignment (plain format), per training domain and
-       pooled (mean of the character conditions minus mean of their incorrect-advice partners);
+       pooled (mean of the character conditions minus mean of their incorrect-advice partners); each
+       severity-matched arm minus its incorrect-advice partner (the comparison at equal harm);
        on the transfer suite, out-of-domain minus in-domain misalignment per character condition,
        and character minus incorrect advice in each target (evaluation) domain.
     2. capability accuracy minus base per fine-tuned condition, items paired.
@@ -804,6 +812,24 @@ def claims_table(
                 "character_vs_incorrect",
                 model,
                 f"em/{PRIMARY_FORMAT}/{conditions[name]['domain']}",
+                name,
+                baseline,
+                "misaligned",
+                result,
+                _INDEPENDENT,
+            )
+        # The same contrast at equal harm: each severity-matched arm against its incorrect-advice partner.
+        for name, spec in conditions.items():
+            baseline = f"incorrect-{spec['domain']}"
+            if spec["family"] != "matched" or cell(em, name).is_empty() or cell(em, baseline).is_empty():
+                continue
+            grids = [_grid(cell(em, name), "misaligned"), _grid(cell(em, baseline), "misaligned")]
+            result = bootstrap_contrast(grids, [1, -1], n_boot=n_boot, seed=seed)
+            add(
+                "1",
+                MATCHED_CONTRASTS["matched"],
+                model,
+                f"em/{PRIMARY_FORMAT}/{spec['domain']}",
                 name,
                 baseline,
                 "misaligned",

@@ -5,6 +5,10 @@ rule calls misaligned (alignment below, coherence above the thresholds; refusals
 coherence, and each disposition's mean expression score and expressed share (score >= 50). The figure puts
 each condition's training-set harm (misaligned share of its training answers) against the misalignment it
 induces on the em suite, so claim 1 (character beats incorrect advice) can be read at equal harm.
+
+With ``partners`` (a character condition or its severity-matched arm -> the ``incorrect-{domain}`` it is
+compared with), each such row also gives its mean alignment minus the partner's: the harm gap that the
+character arm carries and that the matched arm (data.severity_matched) is built to close.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ def training_data_table(
     families: Mapping[str, str],
     alignment_below: float,
     coherence_above: float,
+    partners: Mapping[str, str] | None = None,
 ) -> pl.DataFrame:
-    """One row per condition (in ``families`` order) from the training data's Scores frame."""
+    """One row per condition (in ``families`` order) from the training data's Scores frame; with
+    ``partners``, the columns ``partner`` and ``alignment_minus_partner`` (null where a row has none)."""
     wide = scores.pivot(on="metric", index=["condition", "question_id"], values="score", aggregate_function="first")
     labels = (
         scores.filter(pl.col("metric") == "alignment")
@@ -71,7 +77,18 @@ def training_data_table(
                 float((valid >= EXPRESSED_AT).sum()) / valid.len() if valid.len() else float("nan")
             )
         rows.append(row)
-    return pl.DataFrame(rows)
+    table = pl.DataFrame(rows)
+    if partners is None or table.is_empty():
+        return table
+    means = dict(zip(table["condition"].to_list(), table["mean_alignment"].to_list(), strict=True))
+    gaps = [
+        means[name] - means[partners[name]] if partners.get(name) in means else None
+        for name in table["condition"].to_list()
+    ]
+    return table.with_columns(
+        partner=pl.Series([partners.get(name) for name in table["condition"].to_list()], dtype=pl.String),
+        alignment_minus_partner=pl.Series(gaps, dtype=pl.Float64),
+    )
 
 
 def _nanmean(column: pl.Series) -> float:
