@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -33,19 +32,14 @@ def tiny_qwen_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # --------------------------------------------------------------------------- parallel runs (pytest-xdist)
-# `python -m pytest` runs on two workers (pyproject's addopts: `-n auto`). Most of the suite's wall time is
-# Snakemake driving small jobs and SLURM scheduling them, often one at a time, which leaves a core idle;
-# a second worker fills it. A test module is the unit handed to a worker, so a module's expensive fixture
-# (a smoke run, a SLURM drill) is built once; the SLURM modules form one unit, because each brings the
-# same single-node test cluster up and down.
+# `python -m pytest` runs on two workers (pyproject's addopts: `-n auto --dist loadgroup`). Most of the
+# suite's wall time is Snakemake driving small jobs one after another and SLURM scheduling them, which
+# leaves a core idle; a second worker fills it. Every test module is one group, so a module's
+# expensive fixture (a smoke run, a SLURM drill) is built once, on one worker. The SLURM modules share
+# one group: each brings up and tears down the same single-node test cluster.
 SLURM_MODULES = ("test_slurm", "test_slurm_faults", "test_slurm_kills", "test_slurm_site")
-# Handed out first, so that the longest units never run alone at the end.
+# Started first, so that the longest groups never run alone at the end.
 LONGEST_FIRST = ("test_workflow", "slurm", "test_planted_effect", "test_demo", "test_directions", "test_trajectory")
-
-
-def _unit(module_path: str) -> str:
-    stem = Path(module_path).stem
-    return "slurm" if stem in SLURM_MODULES else stem
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -54,21 +48,14 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return int(os.environ.get("CHARACTER_EM_TEST_WORKERS", "2"))
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """xdist's scope scheduler with our units as scopes, handed out in collection order. (Its own
-    ``--dist loadgroup`` marks do not group with pytest 9.2, which ignores the node-id suffix they rely
-    on, and ``--dist loadfile`` cannot keep the SLURM modules together.)"""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ModuleUnits(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _unit(nodeid.split("::", 1)[0])
-
-    config.option.loadscopereorder = False  # keep LONGEST_FIRST, not the largest test count first
-    return ModuleUnits(config, log)
+def _group(item: pytest.Item) -> str:
+    module = item.path.stem
+    return "slurm" if module in SLURM_MODULES else module
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
     # A stable sort keeps each module's own order (its fixtures and tests rely on it).
-    items.sort(key=lambda item: rank.get(_unit(str(item.path)), len(rank)))
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))
