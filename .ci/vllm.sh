@@ -29,7 +29,7 @@ pip uninstall -y torchvision torchaudio torchcodec
 # The project without its dependency list (which would replace vLLM's torch and transformers pins), then
 # the few dependencies the vLLM tests need.
 pip install -e . --no-deps
-pip install polars pyyaml jsonschema pytest pytest-xdist openai numpy
+pip install polars pyyaml jsonschema pytest openai numpy
 python - <<'PY'
 import importlib.metadata as md
 import torch, transformers, vllm  # noqa: E401
@@ -48,7 +48,6 @@ fi
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
 export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-auto}"
 export CHARACTER_EM_REQUIRE_VLLM=1
-# -p no:cacheprovider: the main suite's cache is not this environment's. -n 0: one worker, so that
-# one vLLM engine at a time holds the memory (the main suite runs on two, see tests/conftest.py).
-python -m pytest -p no:cacheprovider -n 0 -q -rs tests/test_sample_vllm.py tests/test_vllm_sampling.py \
+# -p no:cacheprovider: the main suite's cache is not this environment's.
+python -m pytest -p no:cacheprovider -q -rs tests/test_sample_vllm.py tests/test_vllm_sampling.py \
     tests/test_vllm_judge.py tests/test_vllm_server.py
