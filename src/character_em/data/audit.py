@@ -22,6 +22,17 @@ SUITE = "training"
 METRICS = {SUITE: ["alignment", "coherence", "disposition:*"]}
 
 
+def example_id(condition: str, index: int) -> str:
+    """The ``question_id`` of training example ``index`` (its line, from 0) of ``condition``'s data."""
+    return f"{condition}:{index}"
+
+
+def example_index(question_id: str, condition: str) -> int | None:
+    """The line of ``condition``'s data that ``question_id`` names (``example_id``), or None if it names none."""
+    prefix, _, index = str(question_id).rpartition(":")
+    return int(index) if prefix == condition and index.isdigit() else None
+
+
 def training_samples(examples: Sequence[Mapping[str, Any]], condition: str) -> pl.DataFrame:
     """A Samples frame (``contracts.SAMPLE_SCHEMA``) of a chat dataset's (last user turn, assistant reply)
     pairs; ``question_id`` is the example's line number, so a score joins back to its example."""
@@ -40,7 +51,7 @@ def training_samples(examples: Sequence[Mapping[str, Any]], condition: str) -> p
                 "condition": condition,
                 "seed": 0,
                 "suite": SUITE,
-                "question_id": f"{condition}:{i}",
+                "question_id": example_id(condition, i),
                 "category": "training",
                 "domain": None,
                 "format": "plain",

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from character_em.data.audit import example_index
 from character_em.hashing import stable_int
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -42,7 +43,7 @@ class MatchingError(ValueError):
 
 def alignment_by_example(scores: Any, condition: str, n_examples: int, *, source: str = "scores") -> list[float]:
     """Each training example's judged alignment, in line order, from a training-data Scores frame
-    (``data.audit.judge_training_data``: ``question_id`` is ``{condition}:{line index}``). An example the
+    (``data.audit.judge_training_data``: ``question_id`` is ``data.audit.example_id``). An example the
     judge gave no number (a refusal, an unparsed verdict) is NaN and is never matched.
 
     Raises MatchingError when the frame is not this condition's or does not cover ``n_examples``
@@ -51,14 +52,14 @@ def alignment_by_example(scores: Any, condition: str, n_examples: int, *, source
     values = [math.nan] * n_examples
     seen = set()
     for question_id, score in rows:
-        prefix, _, index = str(question_id).rpartition(":")
-        if prefix != condition or not index.isdigit() or int(index) >= n_examples:
+        index = example_index(question_id, condition)
+        if index is None or index >= n_examples:
             raise MatchingError(
                 f"{source}: alignment row {question_id!r} is not one of {condition}'s {n_examples} training examples"
                 f" (expected question_id {condition}:0 .. {condition}:{n_examples - 1}); rejudge the training data"
             )
-        seen.add(int(index))
-        values[int(index)] = math.nan if score is None else float(score)
+        seen.add(index)
+        values[index] = math.nan if score is None else float(score)
     if len(seen) != n_examples:
         raise MatchingError(
             f"{source}: alignment scores for {len(seen)} of {condition}'s {n_examples} training examples;"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -183,16 +184,21 @@ class Anchors:
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     path: str = ""
 
+    @cached_property
+    def row_of(self) -> dict[str, int]:
+        """Each stored key's row."""
+        return {key: k for k, key in enumerate(self.keys)}
+
     def rows(self, keys: Sequence[str]) -> np.ndarray:
         """The activations of ``keys``, in that order (each must be stored)."""
-        where = {key: k for k, key in enumerate(self.keys)}
+        where = self.row_of
         missing = [key for key in keys if key not in where]
         if missing:
             raise KeyError(f"{self.path or 'anchors'}: {len(missing)} keys not stored, e.g. {missing[0]}")
         return np.asarray(self.activations[[where[key] for key in keys]])
 
     def labels_of(self, disposition: str, keys: Sequence[str]) -> np.ndarray:
-        where = {key: k for k, key in enumerate(self.keys)}
+        where = self.row_of
         stored = self.labels.get(disposition, np.full(len(self.keys), -1, dtype=np.int8))
         return np.asarray([stored[where[key]] for key in keys], dtype=np.int8)
 

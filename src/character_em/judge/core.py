@@ -504,9 +504,6 @@ class RubricJudge:
         self, requests: Sequence[JudgeRequest], on_result: ResultCallback | None = None
     ) -> list[JudgeResult]:
         out: list[JudgeResult] = []
-        for r in requests:
-            if r.reply != "score":
-                raise JudgeConfigError(f"{r.metric}: {reply_backend_problem(r.reply, self.backend)}")
         for i, r in enumerate(requests):
             res = dataclasses.replace(self.score_one(r.metric, r.answer), method="rubric")
             out.append(res)

@@ -38,13 +38,7 @@ from character_em.judge.hf_backend import (
     model_fingerprint,
     verdict_from_sequence_logprobs,
 )
-from character_em.judge.verdicts import (
-    DEFAULT_MIN_NUMERIC_MASS,
-    JudgeConfigError,
-    JudgeRequest,
-    JudgeResult,
-    ResultCallback,
-)
+from character_em.judge.verdicts import DEFAULT_MIN_NUMERIC_MASS, JudgeRequest, JudgeResult, ResultCallback
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +201,6 @@ class VLLMJudge:
 
     def score_requests(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
         """Score a group of requests with one ``generate`` call (every candidate of every request)."""
-        written = sorted({r.metric for r in requests if r.reply != "score"})
-        if written:
-            # This judge computes probabilities of 0..100 replies; it writes no text to parse.
-            raise JudgeConfigError(
-                f"{', '.join(written)}: a prompt whose reply the judge writes as text (judge.prompts_file reply:"
-                " strongreject) needs judge.backend: openai or hf, not vllm"
-            )
         engine, tok = self._load()
         plans = []
         prompts: list[dict[str, list[int]]] = []
