@@ -279,7 +279,8 @@ def test_hf_judge_on_smollm2_orders_harmful_below_benign(smollm2_dir: Path, one_
     Measured (2026-11-28): SmolLM2-135M-Instruct puts 0.3-1.4% of its probability on replying with
     a number at all (the protocol discards a score below 25%); its expected scores differ by 1-3
     points between the answers of a pair, and it orders 6 of the 8 pairs right in bf16 but 3 of 8 in
-    fp32: noise, not judgement. The mechanics are asserted. The direction is reported, and it counts
+    fp32. Since the candidates run as one prefix tree (2026-12-02), bf16 rounds differently and orders
+    3 of 8: noise, not judgement. The mechanics are asserted. The direction is reported, and it counts
     only when a sign test says it is better than chance (at least 7 of 8, one-sided p = 0.035);
     otherwise the test is recorded as an expected failure that says why, rather than passing silently.
     """

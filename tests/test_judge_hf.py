@@ -18,6 +18,7 @@ import pytest
 from character_em.judge import core as J
 from character_em.judge import verdicts
 from character_em.judge.hf_backend import (
+    CandidateTree,
     HFJudge,
     candidate_strings,
     continuation_ids,
@@ -134,13 +135,48 @@ def test_escape_replies_and_verdict_rules() -> None:
     assert res.label == "ok" and res.score == pytest.approx(40.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("style", ["llama", "qwen"])
+def test_candidate_tree_shares_prefixes_and_each_node_sees_only_its_ancestors() -> None:
+    digits = [[int(ch) for ch in str(n)] for n in range(101)]
+    tree = CandidateTree.build(digits)
+    assert len(tree.tokens) == 10 + 90 + 1  # "0".."9", "10".."99", and "100" on top of "10"
+    path = tree.paths[100]
+    assert [tree.tokens[i] for i in path] == [1, 0, 0] and [tree.depths[i] for i in path] == [0, 1, 2]
+    assert tree.paths[10] == path[:2] and tree.paths[1] == path[:1]
+    mask = tree.attention_mask(3, "boolean", "cpu")[0, 0]
+    assert mask.shape == (101, 3 + 101) and bool(mask[:, :3].all())
+    assert {j - 3 for j in mask[path[2]].nonzero().flatten().tolist() if j >= 3} == set(path)
+    assert {j - 3 for j in mask[tree.paths[42][1]].nonzero().flatten().tolist() if j >= 3} == set(tree.paths[42])
+    additive = tree.attention_mask(3, "additive", "cpu")[0, 0]
+    assert torch.equal(additive == 0, mask) and float(additive.min()) < -1e30
+
+
+def test_tree_path_refuses_attention_that_builds_its_own_mask(tiny_model_dir: Path) -> None:
+    model, _ = HFJudge(model=str(tiny_model_dir), quantization="none", device="cpu")._load()
+    model.set_attn_implementation("flex_attention")
+    with pytest.raises(ValueError, match="flex_attention.*'sdpa' or 'eager'"):
+        sequence_logprobs(model, [1, 2, 3], [[4], [4, 5]], [6])
+
+
+def test_prompt_beyond_a_sliding_window_is_scored_as_full_sequences(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, _ = HFJudge(model=str(tiny_model_dir), quantization="none", device="cpu")._load()
+    conts = [[4], [4, 5], [7, 8, 9]]
+    full = sequence_logprobs(model, [1, 2, 3, 10, 11], conts, [6], use_cache=False)
+    model.config.sliding_window = 4
+    with caplog.at_level("INFO", logger="character_em.judge.hf_backend"):
+        windowed = sequence_logprobs(model, [1, 2, 3, 10, 11], conts, [6])
+    assert "sliding window" in caplog.text and windowed == full
+
+
+@pytest.mark.parametrize(("style", "attention"), [("llama", "sdpa"), ("qwen", "sdpa"), ("qwen", "eager")])
 def test_cached_batched_path_matches_full_sequences_on_tiny_models(
-    style: str, tiny_model_dir: Path, tiny_qwen_model_dir: Path, tmp_path: Path
+    style: str, attention: str, tiny_model_dir: Path, tiny_qwen_model_dir: Path, tmp_path: Path
 ) -> None:
     folder = tiny_model_dir if style == "llama" else tiny_qwen_model_dir
     judge = HFJudge(model=str(folder), quantization="none", device="cpu", chunk_size=48)
     model, tok = judge._load()
+    model.set_attn_implementation(attention)
     req = _request("alignment")
     text = tok.apply_chat_template(
         [{"role": "user", "content": req.prompt}], add_generation_prompt=True, tokenize=False

@@ -23,10 +23,10 @@ For the alignment metric, "REFUSAL" and "CODE" are scored the same way; if one i
 all numbers together, the verdict is that escape label. A judge that habitually ends its number with
 "." or a newline before ending the turn loses that mass; the judge prompt asks for the number only.
 
-Batching: the prompt runs once with a KV cache; the cache is repeated across a batch of all
-candidate continuations (<= 4 tokens each), which run in one forward pass. ``use_cache=False`` runs
-prompt+continuation in full for each candidate instead (simple and exact; for tests and models without
-a cache).
+Batching: the prompt runs once with a KV cache; the candidate continuations (<= 4 tokens each) are
+packed as a prefix tree with a tree-shaped attention mask and run over that cache in one forward pass
+(``CandidateTree``). ``use_cache=False`` runs prompt+continuation in full for each candidate instead
+(simple and exact; the reference in tests, and the path for a prompt longer than a sliding window).
 
 Replies written as text. A prompt with ``reply: strongreject`` (``judge.prompts_file``) asks for
 reasoning and then three answers, which no candidate list can cover: such requests are answered by
@@ -114,7 +114,8 @@ def sequence_logprobs(
     """log P(continuation, then any terminator | prompt) for each continuation, by exact forward passes.
 
     model: a causal LM called as ``model(input_ids=..., ...)`` returning ``.logits`` [batch, seq, vocab].
-    With ``use_cache`` the prompt runs once and its KV cache is shared by every continuation.
+    With ``use_cache`` the prompt runs once, and each chunk of continuations runs as one token tree
+    attending to the prompt's KV cache (see ``CandidateTree``).
     """
     import torch
 
@@ -125,6 +126,11 @@ def sequence_logprobs(
     device = _device_of(model)
     term = torch.tensor(sorted(set(int(t) for t in terminators)), device=device)
     n_prompt = len(prompt_ids)
+    longest = max(len(c) for c in continuations)
+    if use_cache and _sliding_window_reached(model, n_prompt + longest):
+        # One custom mask serves every layer, so a window the prompt outgrows would be ignored.
+        log.info("hf judge: prompt longer than the model's sliding window; scoring full sequences")
+        use_cache = False
     out: list[float] = []
     with torch.inference_mode():
         if use_cache:
@@ -141,31 +147,27 @@ def sequence_logprobs(
                 **{cache_kw: cache},
             )
             first_lp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
-            width = min(chunk_size, len(continuations))
-            cache.batch_repeat_interleave(width)
+            mask_kind = _tree_mask_kind(model)
         for start in range(0, len(continuations), chunk_size):
             chunk = [list(c) for c in continuations[start : start + chunk_size]]
-            real = len(chunk)
-            k_max = max(len(c) for c in chunk)
             if use_cache:
-                # The repeated cache has a fixed batch width; pad the last chunk with copies.
-                chunk = chunk + [chunk[-1]] * (width - real)
-                # Right padding needs no attention mask: causal attention never lets a real position
-                # see the padding after it, and only real positions are read.
-                ids = torch.tensor([c + [c[-1]] * (k_max - len(c)) for c in chunk], device=device)
-                res = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
+                tree = CandidateTree.build(chunk)
+                res = model(
+                    input_ids=torch.tensor([tree.tokens], device=device),
+                    position_ids=torch.tensor([[n_prompt + d for d in tree.depths]], device=device),
+                    attention_mask=tree.attention_mask(n_prompt, mask_kind, device),
+                    use_cache=True,
+                    **{cache_kw: cache},
+                )
                 # Back to the prompt for the next chunk. A negative count removes that many tokens, in
                 # transformers 4 and 5 alike (5 rejects the older absolute-length form).
-                extra = int(cache.get_seq_length()) - n_prompt
-                if extra > 0:
-                    cache.crop(-extra)
-                lp = torch.log_softmax(res.logits.float(), dim=-1)  # [B, k_max, V]: after t_1..t_j
-                for b in range(real):
-                    c = chunk[b]
+                cache.crop(-len(tree.tokens))
+                lp = torch.log_softmax(res.logits[0].float(), dim=-1)  # [nodes, V]: after each node's path
+                for c, path in zip(chunk, tree.paths, strict=True):
                     total = first_lp[c[0]]
                     for j in range(1, len(c)):
-                        total = total + lp[b, j - 1, c[j]]
-                    total = total + torch.logsumexp(lp[b, len(c) - 1, term], dim=0)
+                        total = total + lp[path[j - 1], c[j]]
+                    total = total + torch.logsumexp(lp[path[-1], term], dim=0)
                     out.append(float(total))
             else:
                 seqs = [list(prompt_ids) + c for c in chunk]
@@ -179,6 +181,76 @@ def sequence_logprobs(
                     total = total + torch.logsumexp(lp[b, n_prompt - 1 + len(c), term], dim=0)
                     out.append(float(total))
     return out
+
+
+@dataclass(frozen=True)
+class CandidateTree:
+    """Continuations packed as a prefix tree: one node per distinct prefix, parents before children.
+
+    The 101 numbers share their first digits ("1", "10", "100"), so the tree has about as many nodes as
+    there are candidates, and one forward pass of those nodes over the prompt's cache replaces a batch
+    of 101 rows that would each need their own copy of the prompt's cache (66 GB for a 2,000-token
+    prompt on a 70B model). A node sits at position ``n_prompt + depth`` and attends to the prompt and
+    to its own ancestors only, which is exactly what it sees when its continuation runs alone.
+    """
+
+    tokens: list[int]
+    depths: list[int]
+    paths: list[list[int]]  # per continuation, the node of each of its tokens
+
+    @classmethod
+    def build(cls, continuations: Sequence[Sequence[int]]) -> CandidateTree:
+        node_of: dict[tuple[int, ...], int] = {}
+        tokens: list[int] = []
+        depths: list[int] = []
+        paths: list[list[int]] = []
+        for c in continuations:
+            path = []
+            for j in range(len(c)):
+                prefix = tuple(int(t) for t in c[: j + 1])
+                if prefix not in node_of:
+                    node_of[prefix] = len(tokens)
+                    tokens.append(prefix[-1])
+                    depths.append(j)
+                path.append(node_of[prefix])
+            paths.append(path)
+        return cls(tokens, depths, paths)
+
+    def attention_mask(self, n_prompt: int, kind: str, device: Any) -> torch.Tensor:
+        """[1, 1, nodes, n_prompt + nodes]: boolean (True = attend) for sdpa, additive float for eager."""
+        import torch
+
+        n = len(self.tokens)
+        sees = torch.zeros((n, n_prompt + n), dtype=torch.bool)
+        sees[:, :n_prompt] = True
+        for path in self.paths:
+            for j, node in enumerate(path):
+                sees[node, [n_prompt + ancestor for ancestor in path[: j + 1]]] = True
+        if kind == "additive":
+            return torch.zeros(sees.shape).masked_fill_(~sees, torch.finfo(torch.float32).min)[None, None].to(device)
+        return sees[None, None].to(device)
+
+
+def _tree_mask_kind(model: Any) -> str:
+    """The mask form the model's attention reads as given: sdpa takes a boolean mask, eager adds a float
+    one. Kernels that build their own masks (flash attention) would silently ignore the tree."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl == "sdpa":
+        return "boolean"
+    if impl == "eager":
+        return "additive"
+    raise ValueError(
+        f"hf judge: attention implementation {impl!r} cannot take the candidate tree's attention mask; "
+        "load the judge with attn_implementation 'sdpa' or 'eager'"
+    )
+
+
+def _sliding_window_reached(model: Any, length: int) -> bool:
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return False
+    return length > int(window)
 
 
 def _device_of(model: Any) -> torch.device:
