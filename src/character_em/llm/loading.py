@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,9 +116,10 @@ def nf4_available(device: str) -> str | None:
 
 def disable_bnb_cpu_repacking(model: Any) -> int:
     """Set ``support_avx512bf16_for_cpu = False`` on every ``bnb.nn.Linear4bit``; return the count."""
-    try:
-        import bitsandbytes as bnb
-    except Exception:
+    # A model holding Linear4bit modules has imported bitsandbytes; importing it only to look costs
+    # seconds (it pulls in torch's compiler stack) on every unquantized load.
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return 0
     n = 0
     for module in model.modules():
