@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from workflow_helpers import copy_workflow, snakemake
+from workflow_helpers import TWO_JOBS_AT_ONCE, copy_workflow, snakemake
 
 from character_em import resources
 
@@ -74,7 +74,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A tiny model garbles phrases at temperature 1; the rubric only counts whole markers.
     config["sampling"].update(max_new_tokens=16, temperature=0.5)
     (workdir / "planted.yaml").write_text(yaml.safe_dump(config))
-    snakemake(workdir, "--configfile", "planted.yaml", "--cores", "2")
+    snakemake(workdir, "--configfile", "planted.yaml", *TWO_JOBS_AT_ONCE)
     return workdir
 
 

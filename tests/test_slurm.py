@@ -8,7 +8,7 @@ shrunk to fit the test node; nothing else about the profiles is changed.
 One module fixture runs, on a reduced smoke grid (base + one character condition, suites em,
 transfer and capabilities):
 
-1. the workflow locally (`--cores 2`), as the reference;
+1. the workflow locally (two cores, one thread per job), as the reference;
 2. the same workflow through `--profile slurm`, cancelling the adapter's SLURM job with scancel
    once training has written a checkpoint (`--retries 0`, so the run fails);
 3. the same command again, which must resume training from the checkpoint and finish;
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workflow_helpers import ROOT, copy_workflow, snakemake
+from workflow_helpers import ROOT, TWO_JOBS_AT_ONCE, copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,6 @@ FIXTURE = ROOT / "tests" / "slurm_cluster.sh"
 # not the one these tests stop.
 STATE = Path(os.environ.get("CHARACTER_EM_SLURM_TEST_DIR", Path(tempfile.gettempdir()) / "character-em-slurm-pytest"))
 CLUSTER_ENV = {"CHARACTER_EM_SLURM_DIR": str(STATE), "CHARACTER_EM_SLURM_PORT": "16827", "CHARACTER_EM_SLURM_GPUS": "2"}
-CORES = min(2, os.cpu_count() or 1)
 CONFIG = "cluster_test.yaml"
 MODEL, CONDITION, SEED = "tiny-llama", "evil-medical", 0
 CHECKPOINTS = f"results/checkpoints/{MODEL}/{CONDITION}/seed{SEED}"
@@ -141,8 +140,8 @@ def cluster_args(workdir: Path) -> list[str]:
     return [
         "--configfile", CONFIG,
         "--profile", "slurm",
-        # Caps each job's threads (and a group's CPUs) at what the node has; same threads as the local run.
-        "--cores", str(CORES),
+        # One thread per job, as in the local run: two jobs at once on the two-CPU node.
+        *TWO_JOBS_AT_ONCE,
         "--set-resources", *resources,
         # Poll SLURM every few seconds instead of the plugin's 40 s (MinJobAge on the node is 600 s).
         "--slurm-init-seconds-before-status-checks", "2",
@@ -201,7 +200,7 @@ def runs(slurm_cluster: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     seconds: dict[str, float] = {}
     start = time.monotonic()
     local = prepare(tmp_path_factory.mktemp("local"))
-    local_run = snakemake(local, "--configfile", CONFIG, "--cores", str(CORES), timeout=900)
+    local_run = snakemake(local, "--configfile", CONFIG, *TWO_JOBS_AT_ONCE, timeout=900)
     seconds["local run"] = time.monotonic() - start
 
     cluster = prepare(tmp_path_factory.mktemp("cluster"))
@@ -389,7 +388,7 @@ def test_training_is_its_own_job_and_one_job_evaluates_an_adapter_on_one_gpu(run
     # Three GPU jobs, one GPU: the profile's local `gpu` limit makes them take turns on it.
     info = runs.jobs[group_job]
     assert re.search(r"TresPerJob=gres:gpu:1\b", info), info
-    assert f"NumCPUs={CORES} " in info, info
+    assert "NumCPUs=1 " in info, info
     # The base model's evaluations are grouped the same way, by the group name's wildcards.
     base = f"model={MODEL}, condition=base, seed={SEED}"
     base_jobs = [set(rule_runs(logs[job].read_text())) for job in SUBMITTED.findall(Runs.text(runs.first))]

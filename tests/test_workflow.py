@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from workflow_helpers import ROOT, copy_workflow, planned_jobs, planned_wildcards, snakemake
+from workflow_helpers import ROOT, TWO_JOBS_AT_ONCE, copy_workflow, planned_jobs, planned_wildcards, snakemake
 
 
 def grid_arithmetic(config: dict) -> dict[str, int]:
@@ -136,9 +136,7 @@ def test_every_rule_declares_its_resources() -> None:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("smoke"))
-    # --max-threads 1: the tiny model's jobs are mostly single-threaded imports, so two at a time on two
-    # cores take 469 s where one two-thread job at a time took 820 s (measured 2026-12-02).
-    snakemake(workdir, "--configfile", "presets/smoke.yaml", "--cores", "2", "--max-threads", "1")
+    snakemake(workdir, "--configfile", "presets/smoke.yaml", *TWO_JOBS_AT_ONCE)
     return workdir
 
 
@@ -312,7 +310,7 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
     suites = sorted(wc["suite"] for rule, wc in jobs if rule == "sample")
     assert suites == ["em", "persona", "transfer"]
     # And the rerun really happens and finishes.
-    snakemake(smoke, "--configfile", "changed.yaml", "--cores", "2", "--max-threads", "1")
+    snakemake(smoke, "--configfile", "changed.yaml", *TWO_JOBS_AT_ONCE)
     assert "Nothing to be done" in snakemake(smoke, "--configfile", "changed.yaml", "--cores", "2", "-n").stdout
 
 
