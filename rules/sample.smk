@@ -10,6 +10,10 @@ rule sample:
         "logs/sample/{model}/{condition}/seed{seed}/{suite}.log",
     benchmark:
         "benchmarks/runs/sample/{model}/{condition}/seed{seed}/{suite}.tsv"
+    # Before the adapter's capabilities job when both are ready (in an evaluation group they share one
+    # GPU): judging and the tables wait on the samples, while capabilities is a leaf. It also makes the
+    # group's order fixed rather than whatever order the scheduler's set of ready jobs gives.
+    priority: 1
     conda:
         "../envs/sample.yaml"
     resources:
