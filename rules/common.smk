@@ -481,13 +481,38 @@ def sample_runtime(wildcards):
     return capped_runtime(sample_minutes()[(wildcards.model, wildcards.suite)])
 
 
+# Judge jobs likewise, for a judge that is a model on the job's GPU (character_em.report.estimate:
+# the job's verdicts at the anchor's forward rate scaled to the judge's size, x1.5): a 70B judge needs
+# hours for an em job and minutes for a transfer job. API and rubric judges ask for a fixed time. A
+# job that reaches its limit resumes from the judge cache on the retry.
+@lru_cache(maxsize=None)
+def anchors_estimate():
+    from character_em.report.estimate import estimate
+
+    return estimate(CONFIG, None)
+
+
+@lru_cache(maxsize=None)
+def judge_minutes():
+    from character_em.report.estimate import job_minutes
+
+    return job_minutes(anchors_estimate(), "judge")
+
+
+def judge_runtime(wildcards):
+    from character_em.report.estimate import judge_runtime_request, runtime_cap
+
+    expected = judge_minutes().get((wildcards.model, wildcards.suite))
+    return judge_runtime_request(expected, runtime_cap())
+
+
 # Steering jobs likewise (character_em.report.estimate: the job's steered answers, generated through
 # transformers and judged in the job, x1.5); they resume arm by arm from results/.partial/.
 @lru_cache(maxsize=None)
 def steer_minutes():
-    from character_em.report.estimate import steer_job_minutes
+    from character_em.report.estimate import job_minutes
 
-    return steer_job_minutes(CONFIG, None)
+    return job_minutes(anchors_estimate(), "steer")
 
 
 def steer_runtime(wildcards):

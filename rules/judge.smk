@@ -12,11 +12,12 @@ rule judge:
         "benchmarks/runs/judge/{model}/{condition}/seed{seed}/{suite}.tsv"
     conda:
         "../envs/judge.yaml"
-    # A local model judge (hf, vllm) asks for its GPU and memory here (rules/common.smk); the
-    # profile sets the runtime.
+    # A local model judge (hf, vllm) asks for its GPU and memory here, and every judge job for its
+    # own expected time (rules/common.smk).
     resources:
         gpu=JUDGE_GPUS,
         mem_mb=JUDGE_MEM_MB,
+        runtime=judge_runtime,
     params:
         judge=get_judge_params,
         dispositions=get_dispositions_param,

@@ -107,6 +107,37 @@ def test_sample_job_minutes_agree_with_the_estimate() -> None:
     assert est.runtime_request(100) == 150 and est.runtime_request(100, cap_minutes=120) == 120
 
 
+def test_judge_jobs_expect_their_own_time_from_the_verdicts_they_score() -> None:
+    config = config_with(judge={"backend": "hf", "model": "org/judge-70b"})
+    result = est.estimate(config, runs_root=None)
+    judge = stage(result, "judge")
+    work = result["work"]
+    # Per verdict: the assumed judge prompt, the answer (max_new_tokens 40) and the candidate tree.
+    call_tokens = est.ASSUMED_JUDGE_PROMPT_TOKENS + 40 + est.CANDIDATE_TOKENS["hf"]
+    assert judge["units"] == work["models"][MODEL]["judge"]["calls"] * call_tokens
+    rate = est.ANCHORS["forward_tokens_per_s"] * 8 / 70
+    em = 12 * 3 * call_tokens / rate / 60 + est.DEFAULT_LOAD_MINUTES
+    assert judge["job_minutes"]["em"] == pytest.approx(em)
+    assert judge["job_minutes"]["transfer"] < em  # 2 answers, not 12
+    minutes = est.judge_job_minutes(config, None)
+    assert minutes == {(MODEL, suite): m for suite, m in judge["job_minutes"].items()}
+    assert judge["largest_job_hours"] == pytest.approx(max(minutes.values()) / 60)
+    # The longest-job table takes the judge's request from the same expectation, as for sampling.
+    rows = {row["rule"]: row for row in est.longest_jobs(result, {"judge": 720})}
+    assert rows["judge"]["runtime"] == 720 and rows["judge"]["runtime_source"] == "profiles/default/config.yaml"
+    rows = {row["rule"]: row for row in est.longest_jobs(result, {})}
+    assert rows["judge"]["runtime"] == est.runtime_request(max(minutes.values()))
+    assert rows["judge"]["runtime_source"].endswith("(rules/judge.smk)")
+    # A vllm judge computes more candidate tokens per verdict; a rubric judge has no GPU stage and asks
+    # for the fixed off-GPU time, capped like the rest.
+    vllm = stage(est.estimate(config_with(judge={"backend": "vllm", "model": "org/judge-70b"}), None), "judge")
+    assert vllm["job_minutes"]["em"] > em
+    assert est.judge_job_minutes(small_config(), None) == {}
+    assert est.judge_runtime_request(None) == est.OFF_GPU_JUDGE_RUNTIME
+    assert est.judge_runtime_request(None, cap_minutes=60) == 60
+    assert est.judge_runtime_request(em) == est.runtime_request(em)
+
+
 @pytest.mark.slow
 def test_each_sampling_job_asks_for_its_own_expected_time(tmp_path: Path) -> None:
     workdir = copy_workflow(tmp_path / "wf")
@@ -120,3 +151,28 @@ def test_each_sampling_job_asks_for_its_own_expected_time(tmp_path: Path) -> Non
         suite = re.search(r"suite=(\w+)", block).group(1)
         requested[suite] = int(re.search(r"runtime=(\d+)", block).group(1))
     assert requested == {suite: est.runtime_request(m) for (_, suite), m in minutes.items()}, requested
+    # The rubric judge is no model on a GPU: its jobs ask for the fixed off-GPU time.
+    assert set(judge_runtimes(out).values()) == {est.OFF_GPU_JUDGE_RUNTIME}
+
+
+def judge_runtimes(dry_run: str) -> dict[str, int]:
+    """suite -> the runtime the dry run's judge jobs ask for (one value per suite, or the test fails)."""
+    requested: dict[str, set[int]] = {}
+    for block in dry_run.split("\nrule judge:")[1:]:
+        suite = re.search(r"suite=(\w+)", block).group(1)
+        requested.setdefault(suite, set()).add(int(re.search(r"runtime=(\d+)", block).group(1)))
+    assert requested and all(len(v) == 1 for v in requested.values()), requested
+    return {suite: v.pop() for suite, v in requested.items()}
+
+
+@pytest.mark.slow
+def test_each_model_judge_job_asks_for_its_own_expected_time(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    raw = {**json.loads(json.dumps(SMALL)), "judge": {"backend": "hf", "model": "org/judge-70b"}}
+    raw["suites"]["em"]["n_samples"] = 100  # an em job long enough to ask for more than the minimum
+    (workdir / "small.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = snakemake(workdir, "-n", "--cores", "1", "--configfile", "small.yaml", "--until", "judge", timeout=300)
+    minutes = est.judge_job_minutes(cfg.validate_config(raw, source="small.yaml"), None)
+    expected = {suite: est.runtime_request(m) for (_, suite), m in minutes.items()}
+    assert judge_runtimes(out.stdout) == expected
+    assert expected["em"] > expected["transfer"]

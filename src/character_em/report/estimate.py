@@ -62,6 +62,10 @@ ANCHORS: dict[str, Any] = {
 # Assumptions where neither a run nor an anchor says anything; each is named in the output.
 ASSUMED_TOKENS_PER_EXAMPLE = 300
 ASSUMED_JUDGE_PROMPT_TOKENS = 300  # the judge template and the question, on top of the answer
+# Exact scoring's candidate replies (0..100 and the escapes), computed after the prompt and answer: the
+# hf judge runs them as one prefix tree (about one token per candidate); the vllm judge as one request
+# each over the cached prompt (a candidate token or two, then one step for the end of the turn).
+CANDIDATE_TOKENS = {"hf": 105, "vllm": 210}
 CHARS_PER_TOKEN = 4.0
 DEFAULT_LOAD_MINUTES = 2.0
 GPU_STAGES = ("train_adapter", "sample", "capabilities", "probes", "judge")
@@ -473,6 +477,12 @@ def _judge_forward_rate(config: Mapping[str, Any]) -> Throughput:
     )
 
 
+def judge_call_tokens(backend: str, answer_tokens: float) -> float:
+    """Tokens one exact verdict of a model judge computes: the judge prompt (assumed), the answer and
+    the candidate replies."""
+    return ASSUMED_JUDGE_PROMPT_TOKENS + answer_tokens + CANDIDATE_TOKENS[backend]
+
+
 def _generate_anchor(batch_size: int) -> float:
     """New tokens/s at a batch size: linear between the anchor's batch sizes (16, 64, 256)."""
     points = sorted(ANCHORS["generate_new_tokens_per_s"].items())
@@ -639,7 +649,7 @@ def estimate(
             if backend in MODEL_JUDGES:
                 judge_rate = _judge_forward_rate(config)
                 metrics = work["metrics_per_answer"].get("em", 2)
-                seconds += metrics * (ASSUMED_JUDGE_PROMPT_TOKENS + steer_answer) / judge_rate.value
+                seconds += metrics * judge_call_tokens(backend, steer_answer) / judge_rate.value
                 source += f"; judging {metrics} metrics per answer in the job: {judge_rate.source}"
                 loads = 2
                 judged = f"{backend} judge in the job"
@@ -660,18 +670,26 @@ def estimate(
                 }
             )
 
-        # a local model judge runs on a GPU: one forward pass per call over the prompt and the answer
+        # a local model judge runs on a GPU: per call, forward passes over the prompt, the answer and
+        # the candidate replies
         if backend in MODEL_JUDGES:
             j = w["judge"]
-            judge_tokens = j["calls"] * (ASSUMED_JUDGE_PROMPT_TOKENS + per_answer)
+            call_tokens = judge_call_tokens(backend, per_answer)
+            judge_rate = _judge_forward_rate(config)
             stages.append(
                 {
                     "stage": "judge",
                     "jobs": j["jobs"],
-                    "units": judge_tokens,
+                    "units": j["calls"] * call_tokens,
                     "unit": "tokens",
-                    "detail": f"{j['calls']:,} calls x {ASSUMED_JUDGE_PROMPT_TOKENS + per_answer:,.0f} tokens (prompt assumed)",
-                    "throughput": _judge_forward_rate(config),
+                    "detail": f"{j['calls']:,} calls x {call_tokens:,.0f} tokens (prompt and candidates assumed)",
+                    "throughput": judge_rate,
+                    # Each judge job asks SLURM for its own expected time (rules/judge.smk).
+                    "job_minutes": {
+                        suite: n * work["metrics_per_answer"][suite] * call_tokens / judge_rate.value / 60
+                        + load_minutes
+                        for suite, n in work["answers_per_job"].items()
+                    },
                 }
             )
         for stage in stages:
@@ -681,10 +699,6 @@ def estimate(
         largest_units = {
             "train_adapter": max((g["example_epochs"] for g in w["adapter_groups"]), default=0.0) * per_example,
             "sample": max(work["answers_per_job"].values(), default=0) * per_answer,
-            "judge": max(
-                (n * work["metrics_per_answer"][suite] for suite, n in work["answers_per_job"].items()), default=0
-            )
-            * (ASSUMED_JUDGE_PROMPT_TOKENS + per_answer),
         }
         for stage in stages:
             if "job_minutes" in stage:
@@ -777,9 +791,10 @@ def profile_runtimes(path: str | Path = "profiles/default/config.yaml") -> dict[
 def longest_jobs(
     result: Mapping[str, Any], runtimes: Mapping[str, float], cap_minutes: float | None = None
 ) -> list[dict[str, Any]]:
-    """Per rule: the longest expected job over all models, against the rule's runtime. Sampling and
-    steering jobs ask for their own runtime from this estimate (rules/sample.smk, rules/directions.smk),
-    so theirs is that request, at most ``cap_minutes`` (CHARACTER_EM_MAX_RUNTIME, as the rules read it)."""
+    """Per rule: the longest expected job over all models, against the rule's runtime. Sampling, model
+    judge and steering jobs ask for their own runtime from this estimate (rules/sample.smk,
+    rules/judge.smk, rules/directions.smk), so theirs is that request, at most ``cap_minutes``
+    (CHARACTER_EM_MAX_RUNTIME, as the rules read it), unless the profile sets the rule's runtime."""
     rows: dict[str, dict[str, Any]] = {}
     stages = [(model, st) for model, m in result["models"].items() for st in m["stages"]]
     if result.get("data_generation"):
@@ -791,7 +806,7 @@ def longest_jobs(
         minutes = st["largest_job_hours"] * 60
         if rule not in rows or minutes > rows[rule]["minutes"]:
             rows[rule] = {"rule": rule, "model": model, "minutes": minutes}
-    per_job = {"sample": "rules/sample.smk", "steer": "rules/directions.smk"}
+    per_job = {"sample": "rules/sample.smk", "judge": "rules/judge.smk", "steer": "rules/directions.smk"}
     for row in rows.values():
         if row["rule"] in per_job and row["rule"] not in runtimes:
             row["runtime"] = float(runtime_request(row["minutes"], cap_minutes))
@@ -874,19 +889,45 @@ def sample_job_minutes(
     return minutes
 
 
+def job_minutes(result: Mapping[str, Any], stage_name: str) -> dict[tuple[str, str], float]:
+    """(model, key) -> expected minutes of one job of a stage that sizes its jobs itself (``job_minutes``
+    of an ``estimate`` result: steer by condition, judge by suite)."""
+    return {
+        (model, key): minutes
+        for model, m in result["models"].items()
+        for stage in m["stages"]
+        if stage["stage"] == stage_name
+        for key, minutes in stage["job_minutes"].items()
+    }
+
+
 def steer_job_minutes(
     config: Mapping[str, Any], runs_root: str | Path | None = ".", *, load_minutes: float = DEFAULT_LOAD_MINUTES
 ) -> dict[tuple[str, str], float]:
     """Expected minutes of one steering job per (model, condition), loading and in-job judging included
     (the estimate's steer stage)."""
-    result = estimate(config, runs_root, load_minutes=load_minutes)
-    return {
-        (model, condition): minutes
-        for model, m in result["models"].items()
-        for stage in m["stages"]
-        if stage["stage"] == "steer"
-        for condition, minutes in stage["job_minutes"].items()
-    }
+    return job_minutes(estimate(config, runs_root, load_minutes=load_minutes), "steer")
+
+
+def judge_job_minutes(
+    config: Mapping[str, Any], runs_root: str | Path | None = ".", *, load_minutes: float = DEFAULT_LOAD_MINUTES
+) -> dict[tuple[str, str], float]:
+    """Expected minutes of one judge job per (model, suite), loading included (the estimate's judge
+    stage). Empty for judges that are not models on the job's GPU: see ``OFF_GPU_JUDGE_RUNTIME``."""
+    return job_minutes(estimate(config, runs_root, load_minutes=load_minutes), "judge")
+
+
+# An API judge's pace is its provider's rate limit, which no anchor measures, and the rubric takes
+# seconds: their jobs ask for a fixed time. A job that reaches it resumes from the judge cache.
+OFF_GPU_JUDGE_RUNTIME = 720
+
+
+def judge_runtime_request(expected_minutes: float | None, cap_minutes: float | None = None) -> int:
+    """The judge job's `runtime`: its expected time with the margin for a model judge (None: an API or
+    rubric judge, which asks for ``OFF_GPU_JUDGE_RUNTIME``), at most the cap."""
+    if expected_minutes is not None:
+        return runtime_request(expected_minutes, cap_minutes)
+    return _capped(OFF_GPU_JUDGE_RUNTIME, cap_minutes)
 
 
 def runtime_cap() -> float | None:
@@ -897,7 +938,10 @@ def runtime_cap() -> float | None:
 
 def runtime_request(expected_minutes: float, cap_minutes: float | None = None) -> int:
     """The `runtime` (minutes) to ask SLURM for: the expectation with a margin, at most the cap."""
-    request = max(MIN_RUNTIME_MINUTES, math.ceil(expected_minutes * RUNTIME_MARGIN))
+    return _capped(max(MIN_RUNTIME_MINUTES, math.ceil(expected_minutes * RUNTIME_MARGIN)), cap_minutes)
+
+
+def _capped(request: int, cap_minutes: float | None) -> int:
     return int(min(request, cap_minutes)) if cap_minutes else request
 
 
@@ -977,7 +1021,8 @@ def render_markdown(
             "## Longest job per rule against its runtime",
             "",
             "SLURM ends a job at its `runtime`; a job expected to run longer must be split or given more time. A",
-            "sampling or steering job capped below its expectation resumes from its saved batches on each retry.",
+            "sampling, judge or steering job capped below its expectation resumes on each retry from its saved",
+            "batches or the judge cache.",
             "",
             "| rule | longest expected job (min) | model | runtime (min) | runtime from | fits |",
             "|---|---:|---|---:|---|---|",
