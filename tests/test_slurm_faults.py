@@ -239,8 +239,11 @@ def test_cancelled_sampling_resumes_from_its_last_saved_batch(drill: Drill) -> N
     rerun = (drill.workdir / BASE_SAMPLE_LOG).read_text()
     killed = drill.base_log_at_cancel
     started = sum(log_numbers(killed, r"batch started: (\d+) answers"))
-    saved = sum(log_numbers(killed, r"batch saved: (\d+) answers"))
-    assert saved >= 3 * BATCH and saved == drill.saved_at_cancel, (saved, drill.saved_at_cancel)
+    logged = sum(log_numbers(killed, r"batch saved: (\d+) answers"))
+    # The partial file is the record. Its log line follows the write, so a kill landing between the two
+    # leaves the log one batch behind the file (seen in CI: 24 logged, 28 on disk); never the reverse.
+    saved = drill.saved_at_cancel
+    assert saved >= 3 * BATCH and saved - BATCH <= logged <= saved, (logged, saved)
     restored = log_numbers(rerun, r"answers restored from \S+: (\d+) of \d+")
     total = log_numbers(rerun, r"answers restored from \S+: \d+ of (\d+)")
     assert restored == [saved], rerun[:2000]
