@@ -40,7 +40,9 @@ def test_steering_is_counted_like_the_rules_expand_it() -> None:
         base / steer["throughput"].value / 60 + est.DEFAULT_LOAD_MINUTES
     )
     assert steer["largest_job_hours"] == pytest.approx(steer["job_minutes"]["base"] / 60)
-    assert est.steer_job_minutes(config, None) == {(MODEL, c): m for c, m in steer["job_minutes"].items()}
+    assert est.job_minutes(est.estimate(config, None), "steer") == {
+        (MODEL, c): m for c, m in steer["job_minutes"].items()
+    }
     # Setting extra layers runs every setting twice (the chosen layer, then the listed ones).
     layered = config_with(eval={"probes": {"max_examples": 8, "steering": {"layers": "from:0"}}})
     assert stage(est.estimate(layered, runs_root=None), "steer")["units"] == 2 * steer["units"]
@@ -119,7 +121,7 @@ def test_judge_jobs_expect_their_own_time_from_the_verdicts_they_score() -> None
     em = 12 * 3 * call_tokens / rate / 60 + est.DEFAULT_LOAD_MINUTES
     assert judge["job_minutes"]["em"] == pytest.approx(em)
     assert judge["job_minutes"]["transfer"] < em  # 2 answers, not 12
-    minutes = est.judge_job_minutes(config, None)
+    minutes = est.job_minutes(result, "judge")
     assert minutes == {(MODEL, suite): m for suite, m in judge["job_minutes"].items()}
     assert judge["largest_job_hours"] == pytest.approx(max(minutes.values()) / 60)
     # The longest-job table takes the judge's request from the same expectation, as for sampling.
@@ -132,7 +134,7 @@ def test_judge_jobs_expect_their_own_time_from_the_verdicts_they_score() -> None
     # for the fixed off-GPU time, capped like the rest.
     vllm = stage(est.estimate(config_with(judge={"backend": "vllm", "model": "org/judge-70b"}), None), "judge")
     assert vllm["job_minutes"]["em"] > em
-    assert est.judge_job_minutes(small_config(), None) == {}
+    assert est.job_minutes(est.estimate(small_config(), None), "judge") == {}
     assert est.judge_runtime_request(None) == est.OFF_GPU_JUDGE_RUNTIME
     assert est.judge_runtime_request(None, cap_minutes=60) == 60
     assert est.judge_runtime_request(em) == est.runtime_request(em)
@@ -172,7 +174,7 @@ def test_each_model_judge_job_asks_for_its_own_expected_time(tmp_path: Path) -> 
     raw["suites"]["em"]["n_samples"] = 100  # an em job long enough to ask for more than the minimum
     (workdir / "small.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     out = snakemake(workdir, "-n", "--cores", "1", "--configfile", "small.yaml", "--until", "judge", timeout=300)
-    minutes = est.judge_job_minutes(cfg.validate_config(raw, source="small.yaml"), None)
+    minutes = est.job_minutes(est.estimate(cfg.validate_config(raw, source="small.yaml"), None), "judge")
     expected = {suite: est.runtime_request(m) for (_, suite), m in minutes.items()}
     assert judge_runtimes(out.stdout) == expected
     assert expected["em"] > expected["transfer"]

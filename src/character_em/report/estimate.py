@@ -901,22 +901,6 @@ def job_minutes(result: Mapping[str, Any], stage_name: str) -> dict[tuple[str, s
     }
 
 
-def steer_job_minutes(
-    config: Mapping[str, Any], runs_root: str | Path | None = ".", *, load_minutes: float = DEFAULT_LOAD_MINUTES
-) -> dict[tuple[str, str], float]:
-    """Expected minutes of one steering job per (model, condition), loading and in-job judging included
-    (the estimate's steer stage)."""
-    return job_minutes(estimate(config, runs_root, load_minutes=load_minutes), "steer")
-
-
-def judge_job_minutes(
-    config: Mapping[str, Any], runs_root: str | Path | None = ".", *, load_minutes: float = DEFAULT_LOAD_MINUTES
-) -> dict[tuple[str, str], float]:
-    """Expected minutes of one judge job per (model, suite), loading included (the estimate's judge
-    stage). Empty for judges that are not models on the job's GPU: see ``OFF_GPU_JUDGE_RUNTIME``."""
-    return job_minutes(estimate(config, runs_root, load_minutes=load_minutes), "judge")
-
-
 # An API judge's pace is its provider's rate limit, which no anchor measures, and the rubric takes
 # seconds: their jobs ask for a fixed time. A job that reaches it resumes from the judge cache.
 OFF_GPU_JUDGE_RUNTIME = 720
