@@ -57,6 +57,8 @@ if JUDGE_PROMPT_FILES:
             ) from None
 
 MODELS = list(CONFIG["models"])
+# The em suite's question set (the packaged one, or suites.em.questions_file): every table's stamp names it.
+EM_QUESTIONS = cfg.as_param(cfg.em_questions(CONFIG))
 CONDITIONS = cfg.expand_conditions(CONFIG)
 TRAINED = cfg.trained_conditions(CONFIG)
 SEEDS = CONFIG["seeds"]
