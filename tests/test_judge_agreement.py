@@ -245,3 +245,32 @@ def test_the_workflow_plans_one_second_judge_job_per_model_and_seed_and_one_tabl
     without = dict(planned_jobs(snakemake(workdir, "-n", "--cores", "1", "--configfile", "none.yaml").stdout))
     assert with_second.get("judge_second") == 2 and with_second.get("judge_agreement") == 1
     assert "judge_second" not in without and "judge_agreement" not in without
+
+
+def test_the_estimate_counts_the_second_judges_calls_and_gpu_hours_as_their_own_row() -> None:
+    from character_em import config as cfg
+    from character_em.report.estimate import estimate, render_markdown
+
+    config = cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml")
+    result = estimate(config, None)
+    per_cell = config["judge"]["agreement_answers_per_cell"]
+    # Written out from the design: per seed, em, transfer and persona for 25 conditions and trigger for the base
+    # and 9 triggered ones, every cell larger than per_cell; 5 metrics a verdict set (alignment, coherence, three
+    # dispositions), 4 for persona (compliance, harmfulness, alignment, coherence).
+    calls_per_seed = (25 * 5 + 25 * 5 + 25 * 4 + 10 * 5) * per_cell
+    for model in config["models"]:
+        rows = [st for st in result["models"][model]["stages"] if st["stage"] == "judge_second"]
+        assert len(rows) == 1 and rows[0]["jobs"] == len(config["seeds"])
+        work = result["work"]["models"][model]["judge_second"]
+        assert work["calls"] == calls_per_seed * len(config["seeds"])
+        assert work["model"] == "google/gemma-2-27b-it" and "~27B" in rows[0]["throughput"].source
+        assert 0 < rows[0]["gpu_hours"] < result["gpu_hours"] / 20
+    text = render_markdown(result, "config.yaml")
+    assert "| judge_second | 3 |" in text and "Second judge (judge.agreement_with, `hf` google/gemma-2-27b-it)" in text
+    without = estimate(
+        cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml", {"judge": {"agreement_with": None}}), None
+    )
+    assert result["gpu_hours"] - without["gpu_hours"] == pytest.approx(
+        sum(st["gpu_hours"] for m in result["models"].values() for st in m["stages"] if st["stage"] == "judge_second")
+        + sum(2.0 / 60 * len(config["seeds"]) for _ in config["models"])  # each job's model loading
+    )
