@@ -10,9 +10,11 @@ prompts in every condition). On exactly those answers this table gives
 - ``agreement``: per model, suite and flag (misaligned, disposition expressed, attack success), the share
   each judge flags;
 
-and on every row Cohen's kappa between the two judges' flags over that row's answers, with a 95%
-percentile interval from a bootstrap over questions (answers to one question are not independent, so a
-question's answers are drawn together). The rates here are of the drawn answers, not of the whole grid:
+and on every row Cohen's kappa between the two judges' flags, with a 95% percentile interval from a
+bootstrap over questions (answers to one question are not independent, so a question's answers are drawn
+together): over the cell's answers for an ``em_rate`` row, over the answers of the conditions a contrast
+compares, in its suite, for a ``contrast`` row, and over the model's answers in the suite for an
+``agreement`` row. The rates here are of the drawn answers, not of the whole grid:
 compare a row's two columns with each other, not with ``em.csv``.
 """
 
@@ -103,13 +105,10 @@ def clustered_kappa(
 def _paired_flags(a: pl.DataFrame, b: pl.DataFrame, flag: str) -> pl.DataFrame:
     """One row per answer both judges could rule on for ``flag``: both flags and the answer's question."""
     judged = FLAGS[flag]
-    keep = [*SAMPLE_KEY, "question_id"]
     left = a.filter(pl.col(judged) & pl.col(flag).is_not_null()).select(*SAMPLE_KEY, first=pl.col(flag))
     right = b.filter(pl.col(judged) & pl.col(flag).is_not_null()).select(*SAMPLE_KEY, second=pl.col(flag))
     joined = left.join(right, on=list(SAMPLE_KEY), how="inner")
-    return joined.with_columns(cluster=pl.concat_str(pl.col("suite"), pl.lit("|"), pl.col("question_id"))).select(
-        *dict.fromkeys(keep), "first", "second", "cluster"
-    )
+    return joined.with_columns(cluster=pl.concat_str(pl.col("suite"), pl.lit("|"), pl.col("question_id")))
 
 
 def _kappa_columns(pairs: pl.DataFrame, *, n_boot: int, seed: int) -> dict[str, Any]:
