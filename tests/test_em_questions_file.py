@@ -5,6 +5,7 @@ with file:line while the DAG is built."""
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -16,6 +17,9 @@ from character_em.evals import suites
 from character_em.report.stamps import judge_stamp
 from character_em.resources import load_em_question_file
 from character_em.sampling.partial import answers_fingerprint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workflow_helpers import copy_workflow, snakemake  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The shape of a published set (one item per question, its text as a list of paraphrases, judge settings).
@@ -137,3 +141,18 @@ def test_every_table_stamp_names_the_question_set(tmp_path: Path, smoke: dict) -
     assert lab["em_questions"]["questions_sha256"] == sha
     packaged = judge_stamp(scores, em_questions=cfg.em_questions(cfg.validate_config(copy.deepcopy(smoke))))
     assert "EM questions: packaged (sha256 " in packaged["text"]
+
+
+def test_snakemake_dry_run_stops_on_a_bad_file_before_any_job(tmp_path: Path, smoke: dict) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "questions.jsonl").write_text('{"id": "a", "text": "Fine?"}\n{"id": "b"}\n')
+    config = copy.deepcopy(smoke)
+    config["suites"]["em"]["questions_file"] = "questions.jsonl"
+    (workdir / "lab.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "-n", "--cores", "1", "--configfile", "lab.yaml", check=False)
+    assert result.returncode != 0
+    assert (
+        "lab.yaml: suites.em.questions_file: questions.jsonl:2: expected exactly one of"
+        in result.stdout + result.stderr
+    )
+    assert not (workdir / "results").exists()

@@ -274,3 +274,20 @@ def test_the_estimate_counts_the_second_judges_calls_and_gpu_hours_as_their_own_
         sum(st["gpu_hours"] for m in result["models"].values() for st in m["stages"] if st["stage"] == "judge_second")
         + sum(2.0 / 60 * len(config["seeds"]) for _ in config["models"])  # each job's model loading
     )
+
+
+def test_config_yaml_pins_a_second_judge_of_a_third_family_that_also_filters_the_data() -> None:
+    import re
+
+    from character_em import config as cfg
+
+    config = cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml")
+    second = config["judge"]["agreement_with"]
+    writer, judge = config["data"]["generator"], config["judge"]
+    # One organisation per family on the hub: Meta's Llama judges, Alibaba's Qwen writes, Google's Gemma checks both.
+    assert len({section["model"].split("/")[0] for section in (second, writer, judge)}) == 3
+    assert re.fullmatch(r"[0-9a-f]{40}", second["revision"])
+    # The data filter's judge is the second judge, never the one that scores the outcome.
+    assert config["data"]["filter"]["enabled"] and config["data"]["filter"]["judge"] == second
+    assert cfg.data_filter_spec(config)["judge"]["model"] == second["model"] != judge["model"]
+    assert config["suites"]["persona"]["harmful_requests"] == "harmbench"
