@@ -9,7 +9,12 @@ from character_em.report.judge_swap import judge_swap_markdown, judge_swap_table
 
 with job_log(snakemake.log[0]) as log:
     second = pl.concat([pl.read_parquet(path) for path in snakemake.input.second], how="diagonal_relaxed")
-    primary = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
+    # Only the answers the second judge scored, file by file: the grid's whole Scores need not fit in memory.
+    drawn = second.select(*SAMPLE_KEY, "metric").unique()
+    primary = pl.concat(
+        [pl.read_parquet(path).join(drawn, on=[*SAMPLE_KEY, "metric"], how="semi") for path in snakemake.input.scores],
+        how="diagonal_relaxed",
+    )
     settings = read_param(snakemake.params.report)
     thresholds = read_param(snakemake.params.thresholds)
     table, items = grid_agreement(primary, second, thresholds=thresholds)
@@ -25,8 +30,12 @@ with job_log(snakemake.log[0]) as log:
         1,
     )
     write_text_atomic(snakemake.output.table_md, markdown)
+    answers = drawn.select(SAMPLE_KEY).unique()
     finish = pl.concat(
-        [pl.read_parquet(path, columns=[*SAMPLE_KEY, "finish_reason"]) for path in snakemake.input.samples],
+        [
+            pl.read_parquet(path, columns=[*SAMPLE_KEY, "finish_reason"]).join(answers, on=list(SAMPLE_KEY), how="semi")
+            for path in snakemake.input.samples
+        ],
         how="diagonal_relaxed",
     )
     swap = judge_swap_table(
