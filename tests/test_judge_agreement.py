@@ -83,6 +83,9 @@ def test_every_cell_draws_the_same_prompts_first_answers_first_and_a_larger_draw
     key = ["condition", "seed", "question_id", "format", "sample_index"]
     assert small.join(large, on=key, how="anti").height == 0
     assert draw_answers(samples, 1000).height == samples.height
+    # Drawn file by file (as the judge_second job reads them), or again from a draw: the same answers.
+    by_file = pl.concat([draw_answers(part, 7) for part in samples.partition_by("condition", "seed")])
+    assert by_file.sort(key).equals(small.sort(key)) and draw_answers(small, 7).equals(small)
     with pytest.raises(ValueError, match="agreement_answers_per_cell"):
         draw_answers(samples, 0)
 

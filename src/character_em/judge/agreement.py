@@ -68,7 +68,8 @@ def score_drawn(
     backend: JudgeBackend | None = None,
 ) -> pl.DataFrame:
     """The second judge's Scores of ``draw_answers(samples, per_cell)``: the suites' default metrics, the
-    ones the judge jobs score, through ``score_samples`` and the judge cache."""
+    ones the judge jobs score, through ``score_samples`` and the judge cache. Drawing again from drawn answers
+    changes nothing, so ``samples`` may already be drawn (file by file, say)."""
     return score_samples(
         draw_answers(samples, per_cell),
         judge_cfg=judge_cfg,
