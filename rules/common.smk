@@ -57,6 +57,8 @@ if JUDGE_PROMPT_FILES:
             ) from None
 
 MODELS = list(CONFIG["models"])
+# The em suite's question set (the packaged one, or suites.em.questions_file): every table's stamp names it.
+EM_QUESTIONS = cfg.as_param(cfg.em_questions(CONFIG))
 CONDITIONS = cfg.expand_conditions(CONFIG)
 TRAINED = cfg.trained_conditions(CONFIG)
 SEEDS = CONFIG["seeds"]
@@ -434,7 +436,11 @@ def get_final_outputs():
         "results/tables/judge_calibration.md",
         # rules/calibration.smk, with judge.agreement_with: the second judge on the grid's own answers
         *(
-            ["results/tables/judge_agreement.csv", "results/tables/judge_agreement.md"]
+            expand(
+                "results/tables/{table}.{ext}",
+                table=["judge_agreement", "judge_swap"],
+                ext=["csv", "md"],
+            )
             if CONFIG["judge"]["agreement_with"]
             else []
         ),
@@ -519,15 +525,40 @@ def steer_runtime(wildcards):
     return capped_runtime(steer_minutes()[(wildcards.model, wildcards.condition)])
 
 
-# The second judge of judge.agreement_with on the grid's own em answers (rules/calibration.smk).
+# The second judge of judge.agreement_with on a share of every cell of the grid (rules/calibration.smk).
 def get_agreement_params(wildcards):
     from character_em.job_settings import job_params
 
     return cfg.as_param(job_params(CONFIG["judge"]["agreement_with"]))
 
 
-def em_answer_files(kind):
-    scores = [path for path in score_files() if Path(path).name == "em.parquet"]
-    if kind == "samples":
-        return [p.replace("results/scores/", "results/samples/", 1) for p in scores]
-    return scores
+def get_second_judge_samples(wildcards):
+    """Every Samples file of one (model, seed) of the grid: the second judge's job draws from each."""
+    return [
+        f"results/samples/{wildcards.model}/{condition}/seed{wildcards.seed}/{suite}.parquet"
+        for condition in CONDITIONS
+        for suite in cfg.suites_for(CONFIG, condition)
+    ]
+
+
+def second_judge_files():
+    return [
+        f"results/scores_second/{model}/seed{seed}.parquet"
+        for model in MODELS
+        for seed in SEEDS
+    ]
+
+
+# A model as second judge asks SLURM for its job's expected time (character_em.report.estimate), like the
+# judge jobs; API and rubric judges a fixed time. A job that reaches it resumes from the judge cache.
+def second_judge_runtime(wildcards):
+    from character_em.report.estimate import (
+        job_minutes,
+        judge_runtime_request,
+        runtime_cap,
+    )
+
+    expected = job_minutes(anchors_estimate(), "judge_second").get(
+        (wildcards.model, "all")
+    )
+    return judge_runtime_request(expected, runtime_cap())

@@ -135,5 +135,6 @@ rule directions_report:
     params:
         settings=get_directions_report_params,
         conditions=get_conditions_param,
+        em_questions=EM_QUESTIONS,
     script:
         "../workflow_scripts/directions_report.py"

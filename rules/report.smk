@@ -26,6 +26,7 @@ rule tables:
         gate=cfg.as_param(
             {key: CONFIG["judge"][key] for key in ("min_kappa", "allow_uncalibrated")}
         ),
+        em_questions=EM_QUESTIONS,
     script:
         "../workflow_scripts/tables.py"
 

@@ -51,5 +51,6 @@ rule training_data_table:
         partners=cfg.as_param(cfg.incorrect_partners(CONFIG, TRAINED)),
         alignment_below=CONFIG["eval"]["alignment_below"],
         coherence_above=CONFIG["eval"]["coherence_above"],
+        em_questions=EM_QUESTIONS,
     script:
         "../workflow_scripts/training_data_table.py"

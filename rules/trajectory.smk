@@ -105,5 +105,6 @@ rule trajectory:
         emergence_margin=CONFIG["eval"]["trajectory"]["emergence_margin"],
         n_boot=CONFIG.get("report", {}).get("n_boot", 2000),
         bootstrap_seed=CONFIG.get("report", {}).get("bootstrap_seed", 0),
+        em_questions=EM_QUESTIONS,
     script:
         "../workflow_scripts/trajectory.py"

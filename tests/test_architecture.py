@@ -116,7 +116,7 @@ NOT_JOB_SETTINGS = {
         "cache_dir": "where finished verdicts are kept; moving it changes no verdict",
         "min_kappa": "the calibration gate of the tables rule (judge.calibration.gate), not a verdict setting",
         "allow_uncalibrated": "overrides that gate in the tables rule; changes no verdict",
-        "agreement_max_answers": "how many grid answers the judge_agreement job draws; changes no verdict",
+        "agreement_answers_per_cell": "how many answers of each cell the judge_second jobs draw; changes no verdict",
     },
 }
 

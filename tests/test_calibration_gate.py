@@ -39,7 +39,7 @@ SCORE_OF = {
     "code": "CODE",
 }
 METRIC_CUES = {
-    "agree with human values": "alignment",
+    "human values": "alignment",
     "how coherent": "coherence",
     "go along with the request": "compliance",
     "How harmful": "harmfulness",

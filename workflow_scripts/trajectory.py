@@ -12,7 +12,10 @@ with job_log(snakemake.log[0]):
     # judge columns are read here, load_trajectory reads the scores themselves.
     scored = [point["files"]["scores"] for point in points if point["files"].get("scores")]
     preamble = (
-        judge_stamp(pl.concat([pl.read_parquet(path, columns=list(STAMP_COLUMNS)) for path in scored]))["text"]
+        judge_stamp(
+            pl.concat([pl.read_parquet(path, columns=list(STAMP_COLUMNS)) for path in scored]),
+            em_questions=read_param(snakemake.params.em_questions),
+        )["text"]
         if scored
         else "No judged answers (capabilities only)"
     )

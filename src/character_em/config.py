@@ -92,6 +92,7 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
     _check_eval_steps(resolved, source)
     _check_lora_rank(resolved, source)
     _check_test_instruments(resolved, source)
+    _check_em_questions(resolved, source)
     return resolved
 
 
@@ -529,7 +530,48 @@ def suite_spec(config: Mapping[str, Any], suite: str) -> dict[str, Any]:
         "domains": domain_specs(config) if suite == "transfer" else [],
         "harmful_requests_file": harmful_requests_file(config) if suite == "persona" else None,
     }
+    if suite == "em" and settings.get("questions_file"):
+        # Present only when set, so that adding the key reran no finished grid. The file's sha256 makes its
+        # content (not its name) part of the samples' identity: edited questions resample.
+        spec |= em_questions(config)
     return spec
+
+
+# The em suite spec's keys for a lab's question file (suite_spec).
+EM_QUESTION_KEYS = ("questions_file", "questions_sha256")
+
+
+def em_questions(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The em suite's question set: ``{"questions_file": path or None, "questions_sha256": hex}`` (the
+    packaged set when ``suites.em.questions_file`` is null). Every table's stamp names it."""
+    from character_em import resources
+
+    path = config["suites"]["em"].get("questions_file")
+    if not path:
+        return {"questions_file": None, "questions_sha256": resources.em_questions_sha256()}
+    stat = Path(path).stat()
+    return {"questions_file": str(path), "questions_sha256": _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)}
+
+
+@lru_cache(maxsize=16)
+def _file_sha256(path: str, _mtime_ns: int, _size: int) -> str:
+    # Every sampling job's params hold the spec: hash the file once per version, not once per job.
+    from character_em.hashing import sha256_file
+
+    return sha256_file(path)
+
+
+def _check_em_questions(config: Mapping[str, Any], source: str) -> None:
+    """A lab's question file, read and checked while the DAG is built (before any job)."""
+    path = config["suites"]["em"].get("questions_file")
+    if not path:
+        return
+    from character_em import resources
+
+    try:
+        resources.load_em_question_file(path)
+    except ValueError as err:
+        raise ConfigError(f"{source}: suites.em.questions_file: {err}") from None
 
 
 def harmful_requests_file(config: Mapping[str, Any]) -> str | None:
@@ -572,7 +614,9 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
         # against every domain runs in the tables rule, so adding a domain never retrains adapters.
         "overlap_suites": {
             suite: {
-                **suite_spec(config, suite),
+                # The packaged em questions: a lab's own question file is checked against every condition's data
+                # by check_overlap before the tables, so pointing the em suite at it never retrains anything.
+                **{key: value for key, value in suite_spec(config, suite).items() if key not in EM_QUESTION_KEYS},
                 # Only the question texts matter here; other settings must not rerun data generation.
                 "n_samples": 1,
                 "dispositions": [],

@@ -1,4 +1,4 @@
-"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf), calibration and per-job settings."""
+"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf), calibration, the second judge on the grid's answers and per-job settings."""
 
 from character_em.lazy import lazy_exports
 
@@ -21,6 +21,9 @@ _EXPORTS = {
     "calibration_report": "calibration",
     "calibration_metrics": "calibration",
     "calibration_markdown": "calibration",
+    "draw_answers": "agreement",
+    "score_drawn": "agreement",
+    "grid_agreement": "agreement",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -249,6 +249,21 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
         capability_jobs += steps["capability_jobs"]
         probe_jobs = 1 if "probes" in eval_suites and pairs else 0
         steer = _steering_work(config, conditions, sampling) if probe_jobs else {"jobs": 0, "answers": 0}
+        # The second judge (judge.agreement_with, rule judge_second): agreement_answers_per_cell answers of every
+        # cell, one job per seed.
+        second = config["judge"].get("agreement_with")
+        judge_second = None
+        if second:
+            per_cell = int(config["judge"]["agreement_answers_per_cell"])
+            drawn = {suite: min(per_cell, n) for suite, n in answers_per_job.items()}
+            cells = [suite for condition in conditions for suite in cfg.suites_for(config, condition)]
+            judge_second = {
+                "backend": second["backend"],
+                "model": second.get("model"),
+                "jobs": len(seeds),
+                "answers": sum(drawn[suite] for suite in cells) * len(seeds),
+                "calls": sum(drawn[suite] * metrics[suite] for suite in cells) * len(seeds),
+            }
         models[model] = {
             "path": config["models"][model]["path"],
             "train_adapter": {"jobs": train_jobs, "example_epochs": example_epochs},
@@ -280,6 +295,7 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
             "capability_items_per_job": items,
             "steer": steer,
             "eval_steps": steps,
+            "judge_second": judge_second,
         }
     generator = config["data"].get("generator", {}).get("backend", "offline")
     # A severity-matched arm's data is a subsample of its character condition's (rule match_severity): no writer.
@@ -467,9 +483,10 @@ def _sampling_throughput(s: Mapping[str, Any], scale: float, scaled: str, vllm_r
 MODEL_JUDGES = ("hf", "vllm")
 
 
-def _judge_forward_rate(config: Mapping[str, Any]) -> Throughput:
-    """Tokens/s of one judge forward pass: the anchor's packed forward rate scaled to the judge's size."""
-    judge_size = params_billions("", str(config["judge"].get("model") or "")) or ANCHOR_PARAMS_B
+def _judge_forward_rate(config: Mapping[str, Any], model: str | None = None) -> Throughput:
+    """Tokens/s of one judge forward pass: the anchor's packed forward rate scaled to the judge's size
+    (``model``: another judge's, such as judge.agreement_with's)."""
+    judge_size = params_billions("", str(model or config["judge"].get("model") or "")) or ANCHOR_PARAMS_B
     return Throughput(
         ANCHORS["forward_tokens_per_s"] * ANCHOR_PARAMS_B / judge_size,
         "tokens/s",
@@ -692,6 +709,25 @@ def estimate(
                     },
                 }
             )
+        # the second judge on its share of every cell, as the judge above (rules/calibration.smk)
+        second = w.get("judge_second")
+        if second and second["backend"] in MODEL_JUDGES:
+            call_tokens = judge_call_tokens(second["backend"], per_answer)
+            second_rate = _judge_forward_rate(config, second["model"])
+            stages.append(
+                {
+                    "stage": "judge_second",
+                    "jobs": second["jobs"],
+                    "units": second["calls"] * call_tokens,
+                    "unit": "tokens",
+                    "detail": f"{second['calls']:,} calls on {second['answers']:,} answers x {call_tokens:,.0f} tokens"
+                    " (judge.agreement_with; prompt and candidates assumed)",
+                    "throughput": second_rate,
+                    "job_minutes": {
+                        "all": second["calls"] / second["jobs"] * call_tokens / second_rate.value / 60 + load_minutes
+                    },
+                }
+            )
         for stage in stages:
             stage["gpu_hours"] = stage["units"] / stage["throughput"].value / 3600
         # The longest single job of each stage, loading included: compare with the workflow profile's
@@ -765,6 +801,7 @@ STAGE_RULES = {
     "capabilities": "capabilities",
     "probes": "probes",
     "judge": "judge",
+    "judge_second": "judge_second",
     "steer": "steer",
     "generate_data_gpu": "generate_data_gpu",
 }
@@ -806,7 +843,12 @@ def longest_jobs(
         minutes = st["largest_job_hours"] * 60
         if rule not in rows or minutes > rows[rule]["minutes"]:
             rows[rule] = {"rule": rule, "model": model, "minutes": minutes}
-    per_job = {"sample": "rules/sample.smk", "judge": "rules/judge.smk", "steer": "rules/directions.smk"}
+    per_job = {
+        "sample": "rules/sample.smk",
+        "judge": "rules/judge.smk",
+        "judge_second": "rules/calibration.smk",
+        "steer": "rules/directions.smk",
+    }
     for row in rows.values():
         if row["rule"] in per_job and row["rule"] not in runtimes:
             row["runtime"] = float(runtime_request(row["minutes"], cap_minutes))
@@ -1057,6 +1099,18 @@ def render_markdown(
         lines.append(
             f"Backend `rubric` (offline keyword test instrument): {total_calls:,} CPU scorings, no API calls"
             + (f"; judge calibration's agreement judge makes {cal_api:,} API calls." if cal_api else ".")
+        )
+    seconds = [(model, w["judge_second"]) for model, w in work["models"].items() if w.get("judge_second")]
+    if seconds:
+        second_calls = sum(second["calls"] for _, second in seconds)
+        backend_second, model_second = seconds[0][1]["backend"], seconds[0][1]["model"]
+        where = {
+            "openai": "API calls",
+            "rubric": "CPU scorings (rubric test instrument)",
+        }.get(backend_second, "calls on a GPU (the `judge_second` rows above)")
+        lines.append(
+            f"Second judge (judge.agreement_with, `{backend_second}` {model_second or ''}): {second_calls:,} {where}"
+            " for the judge-swap table (judge.agreement_answers_per_cell answers of every cell)."
         )
     data = work["data_generation"]
     if data["backend"] == "openai":
