@@ -77,6 +77,17 @@ def test_bad_config_fails_before_any_job_with_the_key_named(tmp_path: Path) -> N
     assert not (workdir / "results").exists()
 
 
+def test_a_single_seed_grid_is_refused_at_the_dry_run(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "one-seed")
+    config = (workdir / "config.yaml").read_text().replace("seeds: [0, 1, 2]", "seeds: [0]")
+    (workdir / "one.yaml").write_text(config)
+    result = snakemake(workdir, "-n", "--cores", "1", "--configfile", "one.yaml", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "one.yaml: seeds: [0] trains each condition once" in output and "eval.allow_single_seed: true" in output
+    assert not (workdir / "results").exists()
+
+
 def test_dag_build_imports_no_torch(tmp_path: Path) -> None:
     """Every cluster job re-parses the Snakefile; a torch import there costs seconds per job."""
     workdir = copy_workflow(tmp_path / "imports")
