@@ -249,11 +249,13 @@ def test_holm_runs_over_the_headline_family_only() -> None:
     headline = claims.filter(pl.col("family") == "headline")
     tested = headline.filter(pl.col("estimate").is_not_null())
     assert set(tested["contrast"]) == {"capability_vs_base", "trigger_on_vs_off", "persona_did"}
-    assert set(headline.filter(pl.col("estimate").is_null())["reading"]) == {"not in this grid"}
-    assert set(headline.filter(pl.col("estimate").is_null())["contrast"]) == {
-        "matched_character_vs_incorrect",
-        "matched_transfer_did",
-    }
+    # Listed anyway: no matched arm and no second domain in this grid, and no claim-4 rows given.
+    untested = headline.filter(pl.col("estimate").is_null())
+    assert set(untested["reading"]) == {"not in this grid"}
+    assert set(untested["contrast"]) == {entry["contrast"] for entry in HEADLINE} - set(tested["contrast"])
+    assert {"matched_character_vs_incorrect", "matched_transfer_did", "steer_add_own_vs_controls"} <= set(
+        untested["contrast"]
+    )
     p, adjusted = tested["p_value"].to_numpy(), tested["p_holm"].to_numpy()
     assert np.allclose(adjusted, tables.holm(p))
     smallest = np.argmin(p)
@@ -481,40 +483,42 @@ def test_one_training_run_per_condition_prints_no_p_values_and_says_why() -> Non
 
 
 def test_claim_4_rows_join_the_table_and_the_holm_family_when_named() -> None:
+    """Rows as directions_report writes them: the default headline names the steering row at the chosen
+    layer pooled over dispositions (its layer is a wildcard), not the single-control or per-layer rows."""
     rows, capabilities = _planted_grid(np.random.default_rng(4))
+    contrasts = ["steer_add_own_vs_controls", "steer_add_own_vs_control", "steer_add_own_vs_controls"]
+    scopes = ["em/steering/layers 16 (chosen layer)/pooled", "em/steering/layers 16 (chosen layer)/pooled"]
+    scopes.append("em/steering/layers 12/pooled")
     direction = pl.DataFrame(
         {
-            "claim": [4, 4],
-            "contrast": ["steering_vs_control", "trigger_reading_identical_text"],
-            "model": ["m", "m"],
-            "scope": ["steering/pooled", "trigger"],
-            "a": ["own direction", "trigger on"],
-            "b": ["random direction", "trigger off"],
-            "metric": ["misaligned", "projection"],
-            "estimate": [0.2, 0.5],
-            "ci_low": [0.1, 0.2],
-            "ci_high": [0.3, 0.8],
-            "p_value": [1e-4, 0.002],
-            "n_runs": [3, 3],
-            "n_questions": [40, 40],
-            "n_answers": [1200, 1200],
-            "pairing": ["questions shared", "identical text"],
+            "claim": [4, 4, 4],
+            "contrast": contrasts,
+            "model": ["m"] * 3,
+            "scope": scopes,
+            "a": ["add own disposition's direction [base]"] * 3,
+            "b": ["add largest of random, style control at matched norm", "add random control at matched norm", "x"],
+            "metric": ["misaligned"] * 3,
+            "estimate": [0.2, 0.25, 0.1],
+            "ci_low": [0.1, 0.1, 0.0],
+            "ci_high": [0.3, 0.4, 0.2],
+            "p_value": [1e-4, 1e-3, 0.04],
+            "n_runs": [1, 1, 1],
+            "n_questions": [40, 40, 40],
+            "n_answers": [1200, 1200, 1200],
+            "pairing": ["questions shared"] * 3,
         }
     )
-    headline = [*HEADLINE, {"claim": "4", "contrast": "steering_vs_control", "scope": "steering/pooled"}]
     claims = tables.claims_table(
-        _answers(rows), CONDITIONS, capabilities, headline=headline, direction_claims=direction, n_boot=300
+        _answers(rows), CONDITIONS, capabilities, headline=HEADLINE, direction_claims=direction, n_boot=300
     )
-    four = claims.filter(pl.col("claim") == "4")
-    assert four.height == 2
-    named = four.filter(pl.col("contrast") == "steering_vs_control").row(0, named=True)
-    assert named["family"] == "headline" and named["p_holm"] is not None
+    four = claims.filter((pl.col("claim") == "4") & pl.col("estimate").is_not_null())
+    assert four.height == 3 and set(four["test"]) == {"directions_report"}
+    named = four.filter(pl.col("family") == "headline")
+    assert named.select("contrast", "scope").rows() == [("steer_add_own_vs_controls", scopes[0])]
     family = claims.filter((pl.col("family") == "headline") & pl.col("p_value").is_not_null())
-    assert named["p_holm"] == pytest.approx(
-        tables.holm(family["p_value"].to_numpy())[family["claim"].to_list().index("4")]
-    )
-    other = four.filter(pl.col("contrast") != "steering_vs_control").row(0, named=True)
-    assert other["family"] == "exploratory" and other["p_holm"] is None and other["test"] == "directions_report"
+    adjusted = dict(zip(family["contrast"], tables.holm(family["p_value"].to_numpy()), strict=True))
+    assert named["p_holm"][0] == pytest.approx(adjusted["steer_add_own_vs_controls"])
+    assert four.filter(pl.col("family") == "exploratory")["p_holm"].is_null().all()
 
 
 def test_a_direction_claims_file_without_the_claim_columns_is_refused(tmp_path) -> None:

@@ -9,6 +9,7 @@ intervals over the answers of one cell stay only as a description of that cell, 
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -908,7 +909,10 @@ def _mean_label(names: Iterable[str]) -> str:
 
 
 def _matches(row: Mapping[str, Any], selector: Mapping[str, Any]) -> bool:
-    return all(str(row[key]) == str(selector[key]) for key in HEADLINE_KEYS if selector.get(key) is not None)
+    """Whether a claims row is the one a report.headline entry names (`*` in a value matches any text)."""
+    return all(
+        fnmatch.fnmatchcase(str(row[key]), str(selector[key])) for key in HEADLINE_KEYS if selector.get(key) is not None
+    )
 
 
 def _reading(row: Mapping[str, Any], p: float, alpha: float, margin: float | None) -> str:
