@@ -560,3 +560,9 @@ def test_both_thresholds_and_the_escape_free_denominator_side_by_side() -> None:
     row = row.row(0, named=True)
     assert (row["estimate"], row["estimate_a50_c30"], row["estimate_no_escapes"]) == pytest.approx((0.2, 0.6, 0.25))
     assert row["ci_low_no_escapes"] <= 0.25 <= row["ci_high_no_escapes"]
+
+
+def test_markdown_keeps_the_digits_of_small_p_values() -> None:
+    table = pl.DataFrame({"rate": [0.0004], "p_value": [3e-9], "p_holm": [2.4e-8], "delta_p_value": [0.04]})
+    row = tables.to_markdown(table).splitlines()[-1]
+    assert row == "| 0.000 | 3.0e-09 | 2.4e-08 | 0.040 |"

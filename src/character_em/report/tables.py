@@ -1414,10 +1414,21 @@ def to_markdown(table: pl.DataFrame, float_digits: int = 3, *, preamble: str | N
     header = ("" if preamble is None else preamble.rstrip("\n") + "\n\n") + "| " + " | ".join(table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
 
-    def cell(value: Any) -> str:
+    # A p-value's size below 0.001 is what a reader checks against Holm's thresholds: keep its digits.
+    p_columns = {i for i, column in enumerate(table.columns) if column == "p_holm" or column.endswith("p_value")}
+
+    def cell(value: Any, column: int) -> str:
         if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.{float_digits}f}"
+            if math.isnan(value):
+                return ""
+            if column in p_columns and 0 < value < 10**-float_digits:
+                return f"{value:.1e}"
+            return f"{value:.{float_digits}f}"
         return "" if value is None else str(value)
 
-    lines = [header, rule, *("| " + " | ".join(cell(v) for v in row) + " |" for row in table.iter_rows())]
+    lines = [
+        header,
+        rule,
+        *("| " + " | ".join(cell(v, i) for i, v in enumerate(row)) + " |" for row in table.iter_rows()),
+    ]
     return "\n".join(lines) + "\n"
