@@ -50,6 +50,7 @@ __all__ = [
     "hierarchical_rates",
     "denominators_table",
     "claims_table",
+    "CLAIM_KEY",
     "claims_preamble",
     "claims_from_cells",
     "claim_cells",
@@ -786,6 +787,9 @@ CLAIM_SCHEMA = {
     "ci_high_no_escapes": pl.Float64,
     "note": pl.String,
 }
+# What names a claims row: the same key under two judges or two runs of the grid (the other columns,
+# reading and note included, are what may differ).
+CLAIM_KEY = ("claim", "contrast", "model", "scope", "a", "b", "metric")
 # The columns of results/tables/direction_claims.csv (rule directions_report): claim 4's rows.
 DIRECTION_CLAIM_COLUMNS = (
     "claim",
