@@ -420,6 +420,16 @@ def probe_files():
     ]
 
 
+# Claim 4's rows for claims.csv, written by rule directions_report when the probes suite runs.
+DIRECTION_CLAIMS = "results/tables/direction_claims.csv"
+
+
+def get_direction_claims(wildcards):
+    if not probe_files() or DIRECTION_CLAIMS not in rules.directions_report.output:
+        return []
+    return [DIRECTION_CLAIMS]
+
+
 def loss_curves():
     return [
         f"{adapter_dir(model, condition, seed)}/loss_curve.png"

@@ -62,15 +62,15 @@ def test_counts_are_the_grid_arithmetic() -> None:
     # trigger 2 core questions x (untriggered + exact + paraphrase for 1 disposition) x 2;
     # persona 2 requests x (neutral, mismatched, 1 persona) x 1.
     assert work["answers_per_job"] == {"em": 12, "transfer": 2, "trigger": 12, "persona": 6}
-    # alignment, coherence, disposition:evil; persona: compliance, harmfulness, alignment, coherence
-    assert work["metrics_per_answer"] == {"em": 3, "transfer": 3, "trigger": 3, "persona": 4}
+    # alignment, coherence, disposition:evil; persona: compliance, harmfulness, alignment, coherence, disposition:evil
+    assert work["metrics_per_answer"] == {"em": 3, "transfer": 3, "trigger": 3, "persona": 5}
     w = work["models"][MODEL]
     # 4 trained conditions x 2 seeds; evil-medical trains 2 epochs, the other three 1.
     assert w["train_adapter"] == {"jobs": 8, "example_epochs": (20 * 2 + 20 * 3) * 2}
     # 5 conditions x (em, transfer, persona) + trigger for base and the triggered condition, x 2 seeds
     assert w["sample"]["jobs"] == (5 * 3 + 2) * 2
     assert w["sample"]["answers"] == 2 * (5 * (12 + 2 + 6) + 2 * 12)
-    assert w["judge"]["calls"] == 2 * (5 * (12 * 3 + 2 * 3 + 6 * 4) + 2 * 12 * 3)
+    assert w["judge"]["calls"] == 2 * (5 * (12 * 3 + 2 * 3 + 6 * 5) + 2 * 12 * 3)
     assert w["capabilities"]["jobs"] == 10 and w["capabilities"]["items"] == 10 * 5
     # one (disposition, domain) pair with its correct-advice control: positive + negative, 8 each
     assert w["probes"] == {"jobs": 1, "examples": 16}
@@ -204,7 +204,7 @@ def test_openai_judge_counts_api_calls() -> None:
     config["data"]["generator"] = {"backend": "openai", "model": "writer-2026-01-01"}
     result = est.estimate(cfg.validate_config(config), runs_root=None)
     text = est.render_markdown(result, "small.yaml")
-    assert f"**{804:,} API calls**" in text
+    assert f"**{864:,} API calls**" in text
     # 4 trained conditions x 20 examples, generated once and shared by every model and seed
     assert "about **80 API calls**" in text
     assert not any(s["stage"] == "judge" for s in result["models"][MODEL]["stages"])  # no GPU for an API judge

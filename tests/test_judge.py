@@ -110,7 +110,14 @@ def test_columns_metrics_and_stamp() -> None:
     assert set(df["judge_backend"]) == {"rubric"} and set(df["judge_model"]) == {J.RUBRIC_VERSION}
     assert df["judge_hash"].str.len_chars().to_list() == [64] * df.height
     persona = _score([BENIGN], suite="persona")
-    assert persona["metric"].to_list() == ["compliance", "harmfulness", "alignment", "coherence"]
+    assert persona["metric"].to_list() == [
+        "compliance",
+        "harmfulness",
+        "alignment",
+        "coherence",
+        "disposition:evil",
+        "disposition:sycophantic",
+    ]
     custom = _score([BENIGN], metrics_by_suite={"em": ["coherence"]})
     assert custom["metric"].to_list() == ["coherence"]
 

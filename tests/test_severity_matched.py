@@ -317,7 +317,9 @@ def test_claims_and_contrasts_compare_the_matched_arm_with_incorrect_advice() ->
     )
     assert row["estimate"] == pytest.approx(0.3)
     # The character arm keeps its own row; the matched arm is not pooled into it.
-    unmatched = claims.filter(pl.col("contrast") == "character_vs_incorrect")
+    unmatched = claims.filter(
+        (pl.col("contrast") == "character_vs_incorrect") & (pl.col("scope") == "em/plain/medical")
+    )
     assert unmatched["a"].to_list() == ["evil-medical"] and unmatched["estimate"][0] == pytest.approx(0.5)
     table = tables.contrasts(answers, CONDITIONS, n_boot=200)
     assert table.filter(pl.col("contrast") == "matched_character_vs_incorrect")["a"].to_list() == [

@@ -136,3 +136,18 @@ def test_data_jobs_with_a_local_filter_judge_run_on_a_gpu_node(tmp_path: Path) -
     (workdir / "filtered.yaml").write_text(yaml.safe_dump(preset))
     jobs = dict(planned_jobs(snakemake(workdir, "-n", "--cores", "1", "--configfile", "filtered.yaml").stdout))
     assert jobs.get("generate_data_gpu") == 4 and "generate_data" not in jobs
+
+
+def test_a_single_seed_grid_is_refused_outside_fixtures_unless_allowed(paper: dict[str, Any]) -> None:
+    """One training run per condition says nothing about training-run variation: refused before any job,
+    naming the key and both ways out; test fixtures (the smoke and demo presets) are exempt."""
+    one_seed = {**paper, "seeds": [0]}
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.validate_config(one_seed, source="lab.yaml")
+    message = str(caught.value)
+    assert message.startswith("lab.yaml: seeds: [0] trains each condition once")
+    assert "seeds: [0, 1, 2]" in message and "eval.allow_single_seed: true" in message
+    allowed = cfg.deep_merge(one_seed, {"eval": {"allow_single_seed": True}})
+    assert cfg.validate_config(allowed)["seeds"] == [0]
+    assert cfg.validate_config({**one_seed, "test_fixture": True})["seeds"] == [0]
+    assert cfg.validate_config({**paper, "seeds": [0, 1]})["eval"]["allow_single_seed"] is False

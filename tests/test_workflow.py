@@ -85,6 +85,17 @@ def test_bad_config_fails_before_any_job_with_the_key_named(tmp_path: Path) -> N
     assert not (workdir / "results").exists()
 
 
+def test_a_single_seed_grid_is_refused_at_the_dry_run(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "one-seed")
+    config = (workdir / "config.yaml").read_text().replace("seeds: [0, 1, 2]", "seeds: [0]")
+    (workdir / "one.yaml").write_text(config)
+    result = snakemake(workdir, "-n", "--cores", "1", "--configfile", "one.yaml", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "one.yaml: seeds: [0] trains each condition once" in output and "eval.allow_single_seed: true" in output
+    assert not (workdir / "results").exists()
+
+
 def test_dag_build_imports_no_torch(tmp_path: Path) -> None:
     """Every cluster job re-parses the Snakefile; a torch import there costs seconds per job."""
     workdir = copy_workflow(tmp_path / "imports")
@@ -192,6 +203,13 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "evil-medical-trig",
     }
     assert (table["n"] > 0).all()
+    assert {"rate_a50_c30", "rate_no_escapes", "n_no_escapes"} <= set(table.columns)
+    # One seed: claims.csv has its rows and the pre-registered headline, but no p-values, and says why.
+    claims = pl.read_csv(smoke / "results/tables/claims.csv", infer_schema_length=None)
+    tested = claims.filter(pl.col("estimate").is_not_null())
+    assert tested.height > 0 and "headline" in set(claims["family"])
+    assert claims["p_value"].is_null().all() and claims["p_holm"].is_null().all()
+    assert tested["note"].str.contains("fewer than 2 training runs").all()
     # Every table names its judge; the smoke judge is the rubric test instrument, and the tables say so.
     header = (smoke / "results/tables/em.md").read_text().splitlines()[0]
     assert header.startswith("Judge: rubric · rubric-1 · judge hash ") and "TEST INSTRUMENT" in header

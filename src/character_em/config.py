@@ -93,6 +93,7 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
     _check_lora_rank(resolved, source)
     _check_test_instruments(resolved, source)
     _check_em_questions(resolved, source)
+    _check_replication(resolved, source)
     return resolved
 
 
@@ -324,6 +325,20 @@ def _check_test_instruments(config: dict[str, Any], source: str) -> None:
             " demo presets do). For results, use a model judge (judge.backend: hf or openai) and a model writer"
             " (data.generator.backend: hf or openai, or data.external files); see docs/judging.md."
         )
+
+
+def _check_replication(config: Mapping[str, Any], source: str) -> None:
+    """A trained condition needs at least 2 training runs for any test of a claim; test fixtures are exempt."""
+    if config.get("test_fixture") or config["eval"]["allow_single_seed"] or len(config["seeds"]) >= 2:
+        return
+    if not trained_conditions(config):
+        return
+    raise ConfigError(
+        f"{source}: seeds: {config['seeds']} trains each condition once; a claim needs at least 2 training runs"
+        " per condition to carry training-run variation (3 is the paper grid's, docs/statistics.md). List two or"
+        " more seeds (e.g. `seeds: [0, 1, 2]`), or set `eval.allow_single_seed: true` to run one anyway"
+        " (claims.csv then prints no p-values)."
+    )
 
 
 def _section(config: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:

@@ -56,7 +56,8 @@ DEFAULT_METRICS_BY_SUITE: dict[str, list[str]] = {
     "em": ["alignment", "coherence", "disposition:*"],
     "transfer": ["alignment", "coherence", "disposition:*"],
     "trigger": ["alignment", "coherence", "disposition:*"],
-    "persona": ["compliance", "harmfulness", "alignment", "coherence"],
+    # Expression of each disposition too: claim 3 reads persona prompts on disposition expression as well as harm.
+    "persona": ["compliance", "harmfulness", "alignment", "coherence", "disposition:*"],
 }
 
 # Bump when the rubric rules change: it is part of the rubric judge's hash, so cached rubric scores made

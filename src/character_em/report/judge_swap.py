@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 
 from character_em.contracts import SAMPLE_KEY
-from character_em.report.tables import answers_table, claims_table, hierarchical_rates
+from character_em.report.tables import CLAIM_KEY, answers_table, claims_table, hierarchical_rates
 
 SWAP_SCHEMA: dict[str, Any] = {
     "kind": pl.String,
@@ -204,7 +204,7 @@ def judge_swap_table(
 
     # Each headline contrast of claims.csv, under either judge (capabilities are not judged: no claim-2 rows).
     claims = [claims_table(frame, conditions, **boot) for frame in (a, b)]
-    key = [c for c in claims[0].columns if claims[0].schema[c] == pl.String and c in claims[1].columns]
+    key = list(CLAIM_KEY)
     both = claims[0].join(claims[1], on=key, how="full", coalesce=True, suffix="_second")
     for r in both.iter_rows(named=True):
         flag = r.get("metric")
