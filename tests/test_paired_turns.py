@@ -190,7 +190,8 @@ def test_every_seed_draws_the_same_turns_in_every_condition_and_other_turns_than
     # Seeds 0 .. disjoint-1 share no example; later seeds reuse lines, in a fresh order.
     assert not blocks[0] & blocks[1]
     assert all(len(b) == n for b in blocks)
-    # The old behaviour, one dataset for every seed, stays available.
+    # Redrawn per seed by default; the old behaviour, one dataset for every seed, stays available.
+    assert cfg.draw_params(smoke) == {"redraw_per_seed": True}
     fixed = {tuple(training_draw(manifest, seed=s, redraw_per_seed=False)["lines"]) for s in range(3)}
     assert fixed == {tuple(sorted(blocks[0]))}
 
@@ -208,3 +209,18 @@ def test_too_few_common_turns_fail_with_the_counts_and_the_fix(smoke: dict[str, 
     other["correct-medical"] = (examples, {**manifest, "seed": 7})
     with pytest.raises(PairingError, match="were not planned alike"):
         _select(smoke, other)
+
+
+def test_a_users_own_file_is_not_paired_and_trains_on_every_line() -> None:
+    examples = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(7)
+    ]
+    manifest = {"generator": "external", "source": "mine.jsonl", "condition": "evil-medical", "turns": None}
+    chosen, final = select_data(
+        examples, manifest, domain_manifests={}, n_examples=500, trigger_fraction=0.5, order_seed=1
+    )
+    assert chosen == examples and final["pairing"]["paired"] is False and final["turns"] is None
+    for seed in (0, 3):
+        draw = training_draw(final | {"n": 7}, seed=seed, redraw_per_seed=True)
+        assert draw["lines"] == list(range(7)) and draw["turns"] is None
