@@ -400,6 +400,7 @@ def _run_vllm(todo: Sequence[_Request], generator: Mapping[str, Any], on_result:
     # so a killed job keeps it. Seeds as in _run_hf: derived from each request's cache key.
     if not todo:
         return {}
+    from character_em.llm.chat import render_prompt
     from character_em.llm.loading import load_tokenizer
     from character_em.sampling.vllm_backend import sample_prompts_vllm, start_engine
 
@@ -420,9 +421,8 @@ def _run_vllm(todo: Sequence[_Request], generator: Mapping[str, Any], on_result:
         }
         for req in todo
     ]
-    longest = max(
-        len(tokenizer.apply_chat_template(req.messages, tokenize=True, add_generation_prompt=True)) for req in todo
-    )
+    # The KV cache per sequence is sized to the longest prompt plus the reply budget, not the full context.
+    longest = max(len(render_prompt(tokenizer, req.messages)) for req in todo)
     extra: dict[str, Any] = {}
     if str(generator.get("quantization", "none")) == "fp8":
         extra["quantization"] = "fp8"
