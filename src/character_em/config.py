@@ -204,7 +204,8 @@ def _check_references(config: dict[str, Any], source: str) -> None:
         )
     quantization = generator["quantization"]
     allowed = {"nf4": "hf", "fp8": "vllm"}.get(quantization)
-    if allowed and generator["backend"] != allowed:
+    # Only the local writers read the key (job_settings.GENERATOR_PARAM_KEYS); for the others it is inert.
+    if allowed and generator["backend"] in ("hf", "vllm") and generator["backend"] != allowed:
         raise ConfigError(
             f"{source}: data.generator.quantization: {quantization} is read by the {allowed} generator only, not"
             f" data.generator.backend: {generator['backend']}; use "
