@@ -117,7 +117,7 @@ def _alternatives(values):
 # A wildcard constraint that matches nothing (a rule-level constraint over an empty list).
 NO_MATCH = r"(?!)"
 
-# Data jobs that load a local generator model (data.generator.backend: hf) run as generate_data_gpu,
+# Data jobs that load a local generator model (data.generator.backend: hf, vllm) run as generate_data_gpu,
 # which asks for a GPU; offline, API and external-file data jobs run as generate_data on a CPU.
 # A local filter judge (data.filter with an hf or vllm judge) needs the GPU too.
 FILTER_GPUS = CONFIG["data"]["filter"]["enabled"] and job_settings.judge_gpus(
@@ -130,7 +130,7 @@ MATCHED_DATA = [
 GPU_DATA = [
     name
     for name in TRAINED
-    if (CONFIG["data"]["generator"]["backend"] == "hf" or FILTER_GPUS)
+    if (CONFIG["data"]["generator"]["backend"] in ("hf", "vllm") or FILTER_GPUS)
     and name not in CONFIG["data"]["external"]
     and name not in MATCHED_DATA
 ]
@@ -145,6 +145,8 @@ CALIBRATION_MEM_MB = 64000 if CALIBRATION_GPUS else 4000
 AGREEMENT_GPUS = job_settings.judge_gpus(CONFIG["judge"]["agreement_with"])
 AGREEMENT_MEM_MB = 64000 if AGREEMENT_GPUS else 4000
 CPU_DATA = [name for name in TRAINED if name not in GPU_DATA + MATCHED_DATA]
+# Conditions whose train.jsonl comes from their pool (select_data), i.e. all but the matched arms.
+WRITTEN_DATA = [name for name in TRAINED if name not in MATCHED_DATA]
 
 
 wildcard_constraints:
@@ -245,6 +247,21 @@ def get_matched_spec(wildcards):
     return cfg.as_param(cfg.severity_matched_spec(CONFIG, wildcards.trained))
 
 
+def get_select_spec(wildcards):
+    return cfg.as_param(cfg.select_spec(CONFIG, wildcards.trained))
+
+
+def get_domain_pools(wildcards):
+    """The pool manifests of every generated condition of this condition's domain (in select_spec's
+    order); none for a data.external file, which is not paired."""
+    spec = cfg.select_spec(CONFIG, wildcards.trained)
+    return [f"results/data/{name}/pool.json" for name in spec["paired"]]
+
+
+def get_draw_params(wildcards):
+    return cfg.as_param(cfg.draw_params(CONFIG))
+
+
 def get_matched_inputs(wildcards):
     """A matched arm's inputs: its character condition's data, and the judged alignment of that data
     and of the incorrect-advice data it is matched to (rules/training_data.smk)."""
@@ -252,6 +269,7 @@ def get_matched_inputs(wildcards):
     character, incorrect = spec["character"], spec["incorrect"]
     return {
         "data": f"results/data/{character}/train.jsonl",
+        "character_manifest": f"results/data/{character}/manifest.json",
         "character_scores": f"results/data/{character}/judged.parquet",
         "incorrect_data": f"results/data/{incorrect}/train.jsonl",
         "incorrect_scores": f"results/data/{incorrect}/judged.parquet",
@@ -266,7 +284,7 @@ def get_generation_inputs(wildcards):
         return []
     built = {spec["path"] for spec in CONFIG["models"].values() if spec["build"]}
     paths = [gen["prompts_file"]] if gen["prompts_file"] else []
-    if gen["backend"] == "hf" and gen["model"] in built:
+    if gen["backend"] in ("hf", "vllm") and gen["model"] in built:
         paths.append(gen["model"])
     return paths
 

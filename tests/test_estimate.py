@@ -205,8 +205,9 @@ def test_openai_judge_counts_api_calls() -> None:
     result = est.estimate(cfg.validate_config(config), runs_root=None)
     text = est.render_markdown(result, "small.yaml")
     assert f"**{864:,} API calls**" in text
-    # 4 trained conditions x 20 examples, generated once and shared by every model and seed
-    assert "about **80 API calls**" in text
+    # 4 trained conditions x a pool of 20 examples x data.pool_factor 2, generated once and shared by every
+    # model and seed (each seed draws its 20 from the pool)
+    assert "about **160 API calls**" in text
     assert not any(s["stage"] == "judge" for s in result["models"][MODEL]["stages"])  # no GPU for an API judge
 
 

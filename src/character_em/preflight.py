@@ -42,7 +42,7 @@ MODULES_BY_TYPE: dict[str, set[str]] = {
 GPU_BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sampling.backend": ("sample", ("vllm",)),
     "judge.backend": ("judge", ("hf", "vllm")),
-    "data.generator.backend": ("generate_data_gpu", ("hf",)),
+    "data.generator.backend": ("generate_data_gpu", ("hf", "vllm")),
 }
 
 

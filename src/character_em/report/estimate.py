@@ -309,10 +309,11 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
         "capability_task": task_file,
         "probe_pairs": pairs,
         "judge_backend": config["judge"]["backend"],
-        # One request per generated training answer (each condition's data is shared by models and seeds).
+        # One request per planned turn of each written condition's pool (data.pool_factor x n_examples; the
+        # data are shared by models and seeds, which draw from the pool).
         "data_generation": {
             "backend": generator,
-            "requests": len(generated) * int(config["data"]["n_examples"]),
+            "requests": len(generated) * cfg.pool_size(config),
             "jobs": len(generated),
             "model": config["data"].get("generator", {}).get("model"),
             "max_tokens": int(config["data"].get("generator", {}).get("max_tokens", 600)),
@@ -769,15 +770,19 @@ def estimate(
             "largest_group_hours": _group_hours(stages, w, per_example, per_answer, load_minutes),
         }
     out["gpu_hours"] = sum(m["gpu_hours"] for m in out["models"].values())
-    # Model-written training data (data.generator.backend: hf): generate_data_gpu jobs, one per
+    # Model-written training data (data.generator.backend: hf, vllm): generate_data_gpu jobs, one per
     # generated condition, shared by every model and seed.
     data = work["data_generation"]
-    if data["backend"] == "hf" and data.get("jobs"):
+    if data["backend"] in ("hf", "vllm") and data.get("jobs"):
         size = params_billions("", str(data.get("model") or "")) or ANCHOR_PARAMS_B
-        rate = Throughput(
-            _generate_anchor(data["batch_size"]) * ANCHOR_PARAMS_B / size,
-            "new tokens/s",
-            f"{ANCHOR_SOURCE}, generate batch {data['batch_size']}, generator ~{size:g}B",
+        # vllm: the sampling engine's rate (measured where there is a benchmark), at vLLM's default batch of
+        # 256 sequences; hf: the plain-generate anchor at the writer's batch_size.
+        batch = 256 if data["backend"] == "vllm" else data["batch_size"]
+        rate = _sampling_throughput(
+            {"backend": data["backend"], "batch_size": batch},
+            ANCHOR_PARAMS_B / size,
+            f", generator ~{size:g}B",
+            vllm_root,
         )
         units = data["requests"] * data["max_tokens"]
         out["data_generation"] = {
@@ -1115,11 +1120,14 @@ def render_markdown(
     data = work["data_generation"]
     if data["backend"] == "openai":
         lines.append(
-            f"Data generation (`openai`): about **{data['requests']:,} API calls** (one per training answer; "
-            "rejected answers are asked again, so more)."
+            f"Data generation (`openai`): about **{data['requests']:,} API calls** (one per planned turn of each "
+            "condition's pool, data.pool_factor x data.n_examples)."
         )
-    elif data["backend"] == "hf":
-        lines.append(f"Data generation (`hf`): {data['requests']:,} answers generated on a GPU (the section above).")
+    elif data["backend"] in ("hf", "vllm"):
+        lines.append(
+            f"Data generation (`{data['backend']}`): {data['requests']:,} answers generated on a GPU (the section"
+            " above)."
+        )
     lines += [
         "",
         "Not estimated: direction_means (forward passes over the sampled answers), judge calibration with an "
