@@ -113,6 +113,42 @@ def test_an_error_in_a_command_line_value_names_the_command_line() -> None:
     assert str(err.value).startswith("config.yaml: train.learning_rate: '2e-4' is not of type 'number'")
 
 
+# --------------------------------------------------------------------------- site resource values
+
+
+def workflow_profile() -> dict[str, Any]:
+    from snakemake.profiles import ProfileConfigFileParser
+
+    with (ROOT / "profiles" / "default" / "config.yaml").open() as handle:
+        return dict(ProfileConfigFileParser().parse(handle))
+
+
+def test_site_values_merge_into_each_rules_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CHARACTER_EM_SET_RESOURCES", raising=False)
+    plain = workflow_profile()["set-resources"]
+    table = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())["set-resources"]
+    assert len(plain) == sum(len(values) for values in table.values())
+    monkeypatch.setenv("CHARACTER_EM_SET_RESOURCES", "sample:runtime=900 *:slurm_extra='--qos=long'")
+    merged = workflow_profile()["set-resources"]
+    assert "sample:runtime=900" in merged and "sample:gpu=1" in merged and "sample:mem_mb=64000" in merged
+    assert set(plain) <= set(merged)
+    assert {entry.split(":")[0] for entry in merged if "slurm_extra" in entry} == set(table)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("sampel:runtime=900", "'sampel' is not a rule of profiles/default/config.yaml (known: build_tiny_model,"),
+        ("sample=900", "'sample=900' is not of the form rule:resource=value"),
+    ],
+)
+def test_a_bad_site_value_names_itself(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    monkeypatch.setenv("CHARACTER_EM_SET_RESOURCES", value)
+    with pytest.raises(Exception) as err:
+        workflow_profile()
+    assert message in str(err.value)
+
+
 # --------------------------------------------------------------------------- dry runs of the paper grid
 
 
