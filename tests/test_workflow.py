@@ -312,6 +312,18 @@ def test_smoke_second_run_has_nothing_to_do(smoke: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_selected_part_of_the_grid_reuses_the_full_grids_files(smoke: Path) -> None:
+    """`select` changes which cells a run builds, never what a cell's jobs do: after the full run, the
+    selected cells' adapters, samples, scores and capabilities are already there with the same settings."""
+    selection = "select={conditions: [base, evil-medical], seeds: [0]}"
+    args = ("--configfile", "presets/smoke.yaml", "--cores", "2", "-n", "stage_judge", "stage_capabilities")
+    result = snakemake(smoke, *args, "--config", selection)
+    # A target rule whose files are all up to date is not a job either.
+    assert planned_jobs(result.stdout) == {}, result.stdout[-3000:]
+    assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
+
+
+@pytest.mark.slow
 def test_smoke_report_shows_every_figure_with_its_caption(smoke: Path) -> None:
     """`snakemake --report` on the finished smoke run: one self-contained HTML file in which every
     output marked with report(..., caption=...) that the run made sits with its caption rendered."""

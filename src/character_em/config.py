@@ -79,23 +79,84 @@ def _format_error(error: Any, source: str) -> str:
     return f"{source}: {path}: {message}"
 
 
-def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+# What an error in a value given with `snakemake --config key=value` names instead of the config file.
+COMMAND_LINE_SOURCE = "the command line (--config)"
+
+
+def validate_config(
+    config: Mapping[str, Any], source: str = "config", command_line: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Validate against the JSON schema, fill defaults and check cross-references.
+
+    ``command_line``: the values given with ``snakemake --config``, already merged into ``config``.
+    Snakemake reads the scalars inside a list or mapping there as strings (``seeds=[0]`` is ``["0"]``), so
+    each one the schema refuses as a string is read again as YAML; an error in a value from the command
+    line names the command line, not ``source``.
 
     Returns a new dict; raises ConfigError naming the offending key.
     """
     resolved = copy.deepcopy(dict(config))
     validator = _validator_with_defaults()(load_schema())
+    command_line = command_line or {}
+    if command_line:
+        _type_command_line_values(resolved, command_line, validator)
     errors = sorted(validator.iter_errors(resolved), key=lambda err: list(err.absolute_path))
     if errors:
-        raise ConfigError("\n".join(_format_error(err, source) for err in errors))
-    _check_references(resolved, source)
-    _check_eval_steps(resolved, source)
-    _check_lora_rank(resolved, source)
-    _check_test_instruments(resolved, source)
-    _check_em_questions(resolved, source)
-    _check_replication(resolved, source)
+        raise ConfigError(
+            "\n".join(_format_error(err, _source_of(err.absolute_path, source, command_line)) for err in errors)
+        )
+    combined = f"{source} with --config {', '.join(command_line)}" if command_line else source
+    _check_references(resolved, combined)
+    _check_selection(resolved, _source_of(["select"], source, command_line))
+    _check_eval_steps(resolved, combined)
+    _check_lora_rank(resolved, combined)
+    _check_test_instruments(resolved, combined)
+    _check_em_questions(resolved, combined)
+    _check_replication(resolved, combined)
     return resolved
+
+
+def _from_command_line(path: Any, command_line: Mapping[str, Any]) -> bool:
+    """Whether the value at ``path`` (keys and list indices) was given with --config."""
+    parts = list(path)
+    node: Any = command_line
+    for part in parts:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    return bool(parts)
+
+
+def _source_of(path: Any, source: str, command_line: Mapping[str, Any]) -> str:
+    return COMMAND_LINE_SOURCE if _from_command_line(path, command_line) else source
+
+
+def _type_command_line_values(config: dict[str, Any], command_line: Mapping[str, Any], validator: Any) -> None:
+    """Read again as YAML each string from the command line that the schema refuses as a string, so that
+    ``--config 'seeds=[0, 1]'`` means the integers 0 and 1. A string the schema accepts stays a string."""
+    for _ in range(1000):  # every pass types at least one value, and there are finitely many
+        typed = False
+        for error in validator.iter_errors(copy.deepcopy(config)):
+            path = list(error.absolute_path)
+            if not isinstance(error.instance, str) or not _from_command_line(path, command_line):
+                continue
+            try:
+                value = yaml.safe_load(error.instance)
+            except yaml.YAMLError:
+                continue
+            if isinstance(value, str):
+                continue
+            node: Any = config
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
+            typed = True
+            break
+        if not typed:
+            return
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -362,6 +423,84 @@ def _section(config: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:
 
 def condition_info(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
     return parse_condition(condition, config["dispositions"], config["domains"])
+
+
+# --------------------------------------------------------------------------- the part of the grid a run builds
+
+# `select:` narrows the grid a run builds without changing what any cell's jobs do: the config's models,
+# dispositions and domains stay defined (persona prompts, near-miss triggers and held-out domains are the
+# full grid's), so a selected cell's files are the files the full grid makes for it.
+SELECT_AXES = ("models", "dispositions", "domains", "conditions", "seeds")
+
+
+def _selection(config: Mapping[str, Any], axis: str) -> list[Any] | None:
+    return (config.get("select") or {}).get(axis)
+
+
+def grid_models(config: Mapping[str, Any]) -> list[str]:
+    """The models this run builds: ``models`` in config order, narrowed by ``select.models``."""
+    chosen = _selection(config, "models")
+    return [name for name in config["models"] if chosen is None or name in chosen]
+
+
+def grid_seeds(config: Mapping[str, Any]) -> list[int]:
+    """The training seeds this run builds: ``seeds``, narrowed by ``select.seeds``."""
+    chosen = _selection(config, "seeds")
+    return [seed for seed in config["seeds"] if chosen is None or seed in chosen]
+
+
+def grid_conditions(config: Mapping[str, Any]) -> list[str]:
+    """The conditions this run builds: ``expand_conditions``, narrowed by ``select``. A condition is kept when
+    its disposition (if it has one) is in ``select.dispositions``, its domain (if it has one) in
+    ``select.domains``, and its name in ``select.conditions``; ``base``, ``incorrect-{domain}`` and
+    ``correct-{domain}`` have no disposition, so a choice of dispositions keeps them as the baselines."""
+    dispositions, domains = _selection(config, "dispositions"), _selection(config, "domains")
+    names = _selection(config, "conditions")
+    kept = []
+    for name in expand_conditions(config):
+        info = condition_info(config, name)
+        if dispositions is not None and info["disposition"] is not None and info["disposition"] not in dispositions:
+            continue
+        if domains is not None and info["domain"] is not None and info["domain"] not in domains:
+            continue
+        if names is not None and name not in names:
+            continue
+        kept.append(name)
+    return kept
+
+
+def grid_trained(config: Mapping[str, Any]) -> list[str]:
+    """The trained conditions this run builds (``grid_conditions`` without ``base``)."""
+    return [name for name in grid_conditions(config) if name != "base"]
+
+
+def _check_selection(config: dict[str, Any], source: str) -> None:
+    """Every name in ``select`` is one the config defines, and the selection leaves something to build."""
+    known = {
+        "models": list(config["models"]),
+        "dispositions": list(config["dispositions"]),
+        "domains": list(config["domains"]),
+        "seeds": list(config["seeds"]),
+    }
+    try:
+        known["conditions"] = expand_conditions(config)
+    except ConfigError:
+        return  # a bad `conditions` entry is reported by _check_references, naming it
+    for axis in SELECT_AXES:
+        chosen = _selection(config, axis)
+        if chosen is None:
+            continue
+        unknown = [value for value in chosen if value not in known[axis]]
+        if unknown:
+            raise ConfigError(
+                f"{source}: select.{axis}: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'}"
+                f" not among the config's {axis} (known: {', '.join(map(str, known[axis]))})"
+            )
+    if not grid_conditions(config):
+        raise ConfigError(
+            f"{source}: select: no condition of the grid matches select.dispositions, select.domains and"
+            " select.conditions together"
+        )
 
 
 def condition_families(config: Mapping[str, Any]) -> dict[str, str]:

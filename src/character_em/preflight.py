@@ -164,7 +164,7 @@ def check_gpu_resources(config: Mapping[str, Any], gpus: Mapping[str, Any]) -> l
             if count < 1:
                 errors.append(
                     f"{key}: {backend!r} runs a model on a GPU, but rule {rule} is given gpu={count} "
-                    f"(profiles/default/config.yaml or --set-resources {rule}:gpu=1)"
+                    f"(profiles/default/config.yaml, or CHARACTER_EM_SET_RESOURCES={rule}:gpu=1)"
                 )
     return errors
 
