@@ -188,7 +188,7 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
     header = (smoke / "results/tables/em.md").read_text().splitlines()[0]
     assert header.startswith("Judge: rubric · rubric-1 · judge hash ") and "TEST INSTRUMENT" in header
     stamp = json.loads((smoke / "results/tables/judge_stamp.json").read_text())
-    assert stamp["backend"] == "rubric" and stamp["calibration"]["status"] == "exempt"
+    assert stamp["backend"] == "rubric" and stamp["gate"]["status"] == "exempt"
     # ... and the engine that sampled its answers, read from the Samples files' footers.
     assert stamp["sampling"]["backends"] == {"tiny-llama": "hf"}, stamp["sampling"]
     assert "Sampling back-end: hf" in header
