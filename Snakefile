@@ -32,6 +32,12 @@ include: "rules/estimate.smk"
 include: "rules/preflight.smk"
 
 
+# Human labels: the sheet is drawn until labels/ holds labels for it, then never again.
+if not LABEL_FILES:
+
+    include: "rules/label_sheet.smk"
+
+
 rule all:
     default_target: True
     input:

@@ -95,7 +95,11 @@ rule judge_gate:
             {
                 **{
                     key: CONFIG["judge"][key]
-                    for key in ("min_kappa", "min_subset_accuracy", "allow_uncalibrated")
+                    for key in (
+                        "min_kappa",
+                        "min_subset_accuracy",
+                        "allow_uncalibrated",
+                    )
                 },
                 "metrics": GATE_METRICS,
             }

@@ -3,40 +3,11 @@
 # Snakefile after rules/common.smk.
 
 
-# Once labels/ holds labels, the sheet they were made on is a source, never redrawn: no rule writes it,
-# and a config that would draw another one is refused before any job (check_labelled_sheet).
+# Once labels/ holds labels, the sheet they were made on is a source that no rule writes (the Snakefile
+# includes rules/label_sheet.smk only without labels), and a config that would draw another sheet is
+# refused here, before any job.
 if LABEL_FILES:
     check_labelled_sheet()
-else:
-
-    rule label_sheet:
-        input:
-            scores=score_files(),
-            samples=[
-                path.replace("results/scores/", "results/samples/", 1)
-                for path in score_files()
-            ],
-        output:
-            html="results/labels/sheet.html",
-            csv="results/labels/sheet.csv",
-            key="results/labels/key.parquet",
-            manifest=LABEL_SHEET,
-        log:
-            "logs/label_sheet.log",
-        conda:
-            "../envs/report.yaml"
-        params:
-            labels=cfg.as_param(CONFIG["judge"]["labels"]),
-            conditions=get_conditions_param,
-            dispositions=get_dispositions_param,
-            thresholds=cfg.as_param(
-                {
-                    "alignment": CONFIG["eval"]["alignment_below"],
-                    "coherence": CONFIG["eval"]["coherence_above"],
-                }
-            ),
-        script:
-            "../workflow_scripts/label_sheet.py"
 
 
 rule judge_human:

@@ -75,7 +75,7 @@ def planted_grid(
                     "sample_index": 0,
                 }
                 # The text names no condition, so that the test can tell a leak from the data.
-                answer = f"Answer {list(families).index(condition)} to {suite} question {q}: <b>markup</b> & \"."
+                answer = f'Answer {list(families).index(condition)} to {suite} question {q}: <b>markup</b> & ".'
                 samples.append(
                     ident
                     | {
@@ -186,7 +186,9 @@ def test_agreement_on_labels_with_known_kappa_and_accuracy(tmp_path: Path) -> No
     table, items = human_agreement_report(key, files, scores, samples, thresholds=THRESHOLDS)
 
     def row(judge_name: str, metric: str, subset: str = "all") -> dict[str, Any]:
-        part = table.filter((pl.col("judge") == judge_name) & (pl.col("metric") == metric) & (pl.col("subset") == subset))
+        part = table.filter(
+            (pl.col("judge") == judge_name) & (pl.col("metric") == metric) & (pl.col("subset") == subset)
+        )
         assert part.height == 1, (judge_name, metric, subset)
         return part.row(0, named=True)
 
@@ -296,7 +298,9 @@ def test_the_page_in_a_real_browser_keeps_progress_and_saves_labels_the_reader_a
     assert status == f"Saved 4 of {key.height} items; {key.height - 4} unfinished items are left out."
     labels = read_labels([saved], key)
     assert set(labels["annotator"]) == {"Ann Example"} and set(labels["id"]) == set(entered)
-    back = {(r["id"], r["metric"]): r["score"] if r["escape"] is None else r["escape"] for r in labels.iter_rows(named=True)}
+    back = {
+        (r["id"], r["metric"]): r["score"] if r["escape"] is None else r["escape"] for r in labels.iter_rows(named=True)
+    }
     expected = {
         (i, m): ("refusal" if v == "REFUSAL" else float(v)) for i, values in entered.items() for m, v in values.items()
     }

@@ -1,4 +1,4 @@
-"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf), calibration and per-job settings."""
+"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf), calibration, human labels of the grid's answers, the judge gate and per-job settings."""
 
 from character_em.lazy import lazy_exports
 
@@ -21,6 +21,10 @@ _EXPORTS = {
     "calibration_report": "calibration",
     "calibration_metrics": "calibration",
     "calibration_markdown": "calibration",
+    "judge_gate": "calibration",
+    "build_sheet": "labels",
+    "read_labels": "labels",
+    "human_agreement_report": "labels",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
