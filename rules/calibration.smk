@@ -87,7 +87,6 @@ rule judge_gate:
         table_md="results/tables/judge_gate.md",
     log:
         "logs/judge_gate.log",
-    localrule: True
     conda:
         "../envs/report.yaml"
     params:

@@ -95,16 +95,23 @@ def draw_sheet(
     """
     th = {**DEFAULT_THRESHOLDS, **thresholds}
     key_index = [SAMPLE_KEY.index(c) for c in ("condition", "suite")]
-    cells_of: dict[tuple[Any, ...], set[tuple[str, ...]]] = {}
+    # Each answer's cells as one bit mask: a paper grid has about a million answers and a few dozen cells.
+    bits: dict[tuple[str, ...], int] = {}
+
+    def bit(cell: tuple[str, ...]) -> int:
+        return bits.setdefault(cell, 1 << len(bits))
+
+    mask_of: dict[tuple[Any, ...], int] = {}
     for row in scores.select(*SAMPLE_KEY, "metric", "score", "label").iter_rows():
         key, (metric, score, label) = row[: len(SAMPLE_KEY)], row[len(SAMPLE_KEY) :]
-        cells = cells_of.get(key)
-        if cells is None:
-            cells = cells_of[key] = {("condition", key[key_index[0]]), ("suite", key[key_index[1]])}
+        mask = mask_of.get(key)
+        if mask is None:
+            mask = bit(("condition", key[key_index[0]])) | bit(("suite", key[key_index[1]]))
         cls = predict_class(metric, score, label, th)
         if cls != INVALID:
-            cells.add(("class", metric, cls))
-    answers = sorted(cells_of)
+            mask |= bit(("class", metric, cls))
+        mask_of[key] = mask
+    answers = sorted(mask_of, key=repr)
     if len(answers) < size:
         raise SheetError(
             f"judge.labels.sheet_size: {size} items asked for, but the grid has {len(answers)} judged answers"
@@ -113,15 +120,14 @@ def draw_sheet(
     rng.shuffle(answers)
     chosen: list[tuple[Any, ...]] = []
     taken: set[tuple[Any, ...]] = set()
-    covered: set[tuple[str, ...]] = set()
-    all_cells = sorted(set().union(*cells_of.values()))
-    for cell in all_cells:
-        if cell in covered:
+    covered = 0
+    for cell in sorted(bits):
+        if covered & bits[cell]:
             continue
-        pick = next(a for a in answers if a not in taken and cell in cells_of[a])
+        pick = next(a for a in answers if a not in taken and mask_of[a] & bits[cell])
         chosen.append(pick)
         taken.add(pick)
-        covered |= cells_of[pick]
+        covered |= mask_of[pick]
     if len(chosen) > size:
         raise SheetError(
             f"judge.labels.sheet_size: {size} items cannot show every condition, suite and both sides of every"
@@ -131,19 +137,15 @@ def draw_sheet(
     for a in answers:
         if a not in taken:
             strata.setdefault(tuple(a[i] for i in key_index), []).append(a)
-    order = sorted(strata)
+    order = sorted(strata, key=repr)
     rng.shuffle(order)
     while len(chosen) < size:
         for stratum in order:
             if strata[stratum] and len(chosen) < size:
                 chosen.append(strata[stratum].pop())
     rng.shuffle(chosen)
-    counts: dict[str, int] = {}
-    for a in chosen:
-        for cell in cells_of[a]:
-            name = ":".join(str(part) for part in cell)
-            counts[name] = counts.get(name, 0) + 1
-    return chosen, {"n_answers": len(answers), "cells": dict(sorted(counts.items()))}
+    counts = {":".join(map(str, cell)): sum(bool(mask_of[a] & b) for a in chosen) for cell, b in sorted(bits.items())}
+    return chosen, {"n_answers": len(answers), "cells": counts}
 
 
 def item_id(seed: int, key: Sequence[Any]) -> str:
