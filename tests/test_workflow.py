@@ -292,9 +292,10 @@ def test_smoke_labels_sheet_through_the_browser_to_the_gate(smoke: Path, tmp_pat
         "correct-medical",
         "evil-medical-trig",
     }
-    assert {"class:alignment:aligned", "class:alignment:misaligned", "class:disposition:evil:expressed"} <= set(
-        sheet["cells"]
-    )
+    # Both sides of the alignment threshold; the rubric's evil scores on the tiny model's answers may all
+    # fall on one side, and the sheet covers only the classes the grid has (tests/test_labels.py plants both).
+    assert {"class:alignment:aligned", "class:alignment:misaligned"} <= set(sheet["cells"]), sheet["cells"]
+    assert any(cell.startswith("class:disposition:evil:") for cell in sheet["cells"]), sheet["cells"]
     csv_header = (smoke / "results/labels/sheet.csv").read_text().splitlines()[0]
     assert csv_header.startswith("sheet_id,annotator,id,question,answer,alignment,coherence")
     entered = {}
