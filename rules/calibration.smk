@@ -105,3 +105,34 @@ rule judge_agreement:
         em_questions=EM_QUESTIONS,
     script:
         "../workflow_scripts/judge_agreement.py"
+
+
+# The judge gate (docs/judging.md): every report rule (tables, directions_report, trajectory) takes its
+# output as an input, so no table is built from a judge that failed it unless the config says so.
+rule judge_gate:
+    input:
+        calibration="results/tables/judge_calibration.csv",
+        human=get_judge_human_table,
+    output:
+        gate="results/tables/judge_gate.json",
+        table_md="results/tables/judge_gate.md",
+    log:
+        "logs/judge_gate.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        gate=cfg.as_param(
+            {
+                **{
+                    key: CONFIG["judge"][key]
+                    for key in (
+                        "min_kappa",
+                        "min_subset_accuracy",
+                        "allow_uncalibrated",
+                    )
+                },
+                "metrics": GATE_METRICS,
+            }
+        ),
+    script:
+        "../workflow_scripts/judge_gate.py"

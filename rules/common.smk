@@ -1,6 +1,7 @@
 # Config validation, wildcard constraints and input functions. Nothing heavy is imported here:
 # every cluster job parses this file again.
 
+import json
 import re
 import sys
 from functools import lru_cache
@@ -153,6 +154,70 @@ DIRECTION_FIGURES = [
     "direction_transfer",
     "steering",
 ]
+
+
+# Human labels of the grid's own answers (rules/labels.smk): every CSV in labels/ is an annotator's file.
+LABEL_FILES = sorted(str(path) for path in Path("labels").glob("*.csv"))
+LABEL_SHEET = "results/labels/sheet.json"
+# The metrics every claim reads, which the judge gate checks (rule judge_gate).
+GATE_METRICS = [
+    "alignment",
+    "coherence",
+    *(f"disposition:{spec['name']}" for spec in cfg.disposition_specs(CONFIG)),
+    *(["compliance", "harmfulness"] if "persona" in EVAL_SUITES else []),
+]
+
+
+def check_labelled_sheet():
+    """Once labels exist, the sheet they were made on is never drawn again: a changed draw is refused
+    here, before any job, with the fix."""
+    files = ", ".join(LABEL_FILES)
+    if not Path(LABEL_SHEET).exists():
+        raise WorkflowError(
+            f"labels/ holds labels files ({files}), but {LABEL_SHEET} (the sheet they were made on) is"
+            " missing: its key maps their ids to the grid's answers. Restore results/labels/ from where it was"
+            " copied, or move the labels files out of labels/ to draw a new sheet."
+        )
+    sheet = json.loads(Path(LABEL_SHEET).read_text())
+    asked = CONFIG["judge"]["labels"]
+    changed = [
+        f"judge.labels.{name}: {sheet[name]} -> {asked[name]}"
+        for name in ("sheet_size", "seed")
+        if sheet[name] != asked[name]
+    ]
+    if changed:
+        raise WorkflowError(
+            f"{CONFIG_SOURCE}: {'; '.join(changed)}: labels/ holds labels of sheet {sheet['sheet_id']}"
+            f" ({files}), and a labelled sheet is never drawn again (its labels would no longer match it)."
+            " Set the old values back, or, to draw a new sheet, move the labels files out of labels/ and"
+            " delete results/labels/."
+        )
+
+
+def get_label_files(wildcards):
+    if not LABEL_FILES:
+        raise WorkflowError(
+            "labels/ holds no labels files (*.csv): label the sheet (results/labels/sheet.html) and put the"
+            " saved file there"
+        )
+    return LABEL_FILES
+
+
+def get_labelled_files(kind):
+    """The Scores (or Samples) files that hold the labelled answers, as the sheet lists them."""
+
+    def files(wildcards):
+        paths = json.loads(Path(LABEL_SHEET).read_text())["score_files"]
+        if kind == "samples":
+            return [p.replace("results/scores/", "results/samples/", 1) for p in paths]
+        return paths
+
+    return files
+
+
+def get_judge_human_table(wildcards):
+    """The judge gate reads human labels where labels/ holds them."""
+    return ["results/tables/judge_human.csv"] if LABEL_FILES else []
 
 
 def _alternatives(values):
@@ -530,6 +595,14 @@ def get_final_outputs():
         *expand("figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]),
         "results/tables/judge_calibration.csv",
         "results/tables/judge_calibration.md",
+        # rules/calibration.smk: the gate the report rules wait for, and (rules/labels.smk) the judge against
+        # human labels when labels/ holds them
+        "results/tables/judge_gate.md",
+        *(
+            ["results/tables/judge_human.csv", "results/tables/judge_human.md"]
+            if LABEL_FILES
+            else []
+        ),
         # rules/calibration.smk, with judge.agreement_with: the second judge on the grid's own answers
         *(
             expand(

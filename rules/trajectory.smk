@@ -81,6 +81,7 @@ rule trajectory:
         points=[
             path for point in trajectory_points() for path in point["files"].values()
         ],
+        gate="results/tables/judge_gate.json",
     output:
         tables=expand(
             "results/tables/{table}.{ext}",

@@ -114,8 +114,10 @@ NOT_JOB_SETTINGS = {
         "agreement_with": "names the second judge of the calibration job (job_settings.calibration_judges)",
         "calibration_file": "an input file of the calibration job, tracked as a file",
         "cache_dir": "where finished verdicts are kept; moving it changes no verdict",
-        "min_kappa": "the calibration gate of the tables rule (judge.calibration.gate), not a verdict setting",
-        "allow_uncalibrated": "overrides that gate in the tables rule; changes no verdict",
+        "min_kappa": "a floor of the judge gate (rule judge_gate, judge.calibration.judge_gate), not a verdict setting",
+        "min_subset_accuracy": "the judge gate's other floor; changes no verdict",
+        "allow_uncalibrated": "overrides the judge gate; changes no verdict",
+        "labels": "draws the sheet of answers for human labels (rule label_sheet); changes no verdict",
         "agreement_answers_per_cell": "how many answers of each cell the judge_second jobs draw; changes no verdict",
     },
 }

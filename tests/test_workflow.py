@@ -59,6 +59,8 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         "tables": 1,
         "figures": 1,
         "judge_calibration": 1,
+        # The judge gate every report rule waits for (no human labels in a fresh checkout).
+        "judge_gate": 1,
         # Every training set judged by the grid's judge, and one training_data table with its figure.
         "judge_training_data": trained,
         "training_data_table": 1,
@@ -216,7 +218,7 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
     header = (smoke / "results/tables/em.md").read_text().splitlines()[0]
     assert header.startswith("Judge: rubric · rubric-1 · judge hash ") and "TEST INSTRUMENT" in header
     stamp = json.loads((smoke / "results/tables/judge_stamp.json").read_text())
-    assert stamp["backend"] == "rubric" and stamp["calibration"]["status"] == "exempt"
+    assert stamp["backend"] == "rubric" and stamp["gate"]["status"] == "exempt"
     # ... and the engine that sampled its answers, read from the Samples files' footers.
     assert stamp["sampling"]["backends"] == {"tiny-llama": "hf"}, stamp["sampling"]
     assert "Sampling back-end: hf" in header
@@ -359,6 +361,73 @@ def test_smoke_report_shows_every_figure_with_its_caption(smoke: Path) -> None:
         # The caption's opening words, before any reStructuredText markup, appear in the rendered caption.
         opening = " ".join((smoke / "report" / caption).read_text().split("``")[0].split()[:5])
         assert opening and opening in " ".join(entry["caption"].split()), (path, entry["caption"][:300])
+
+
+@pytest.mark.slow
+def test_smoke_labels_sheet_through_the_browser_to_the_gate(smoke: Path, tmp_path: Path) -> None:
+    """The rules as an annotator meets them: the sheet of the grid's own answers, labels entered and saved
+    in a real browser, read back by judge_human and then by the gate; a labelled sheet is never redrawn.
+    Leaves labels/ empty again, so the later tests see the DAG they expect."""
+    from browser_support import chromium, fill_item, wait_for_file
+
+    smoke_args = ("--configfile", "presets/smoke.yaml", "--cores", "2")
+    snakemake(smoke, *smoke_args, "results/labels/sheet.html")
+    sheet = json.loads((smoke / "results/labels/sheet.json").read_text())
+    key = pl.read_parquet(smoke / "results/labels/key.parquet")
+    assert sheet["n_items"] == key.height == 24
+    assert set(key["condition"]) == {
+        "base",
+        "evil-medical",
+        "incorrect-medical",
+        "correct-medical",
+        "evil-medical-trig",
+    }
+    # Both sides of the alignment threshold; the rubric's evil scores on the tiny model's answers may all
+    # fall on one side, and the sheet covers only the classes the grid has (tests/test_labels.py plants both).
+    assert {"class:alignment:aligned", "class:alignment:misaligned"} <= set(sheet["cells"]), sheet["cells"]
+    assert any(cell.startswith("class:disposition:evil:") for cell in sheet["cells"]), sheet["cells"]
+    csv_header = (smoke / "results/labels/sheet.csv").read_text().splitlines()[0]
+    assert csv_header.startswith("sheet_id,annotator,id,question,answer,alignment,coherence")
+    entered = {}
+    for item, metrics in key.select("id", "metrics").head(6).rows():
+        entered[item] = {metric: 20 if metric == "alignment" else 80 for metric in metrics.split(",")}
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    labels = smoke / "labels"
+    labels.mkdir(exist_ok=True)
+    try:
+        with chromium(tmp_path / "profile", downloads) as driver:
+            from selenium.webdriver.common.by import By
+
+            driver.get((smoke / "results/labels/sheet.html").as_uri())
+            driver.find_element(By.ID, "annotator").send_keys("smoke")
+            for item, values in entered.items():
+                fill_item(driver, item, values)
+            driver.find_element(By.ID, "save").click()
+            saved = wait_for_file(downloads, "labels-smoke-*.csv")
+        (labels / saved.name).write_bytes(saved.read_bytes())
+        snakemake(smoke, *smoke_args, "results/tables/judge_gate.json")
+        human = pl.read_csv(smoke / "results/tables/judge_human.csv")
+        alignment = human.filter((pl.col("metric") == "alignment") & (pl.col("subset") == "all")).row(0, named=True)
+        assert (alignment["n"], alignment["n_items"], alignment["annotators"]) == (6, 6, 1)
+        assert (smoke / "results/tables/judge_human.md").read_text().startswith("# The judge against human labels")
+        gate = json.loads((smoke / "results/tables/judge_gate.json").read_text())
+        assert gate["sources"]["alignment"] == "human labels" and gate["status"] == "exempt"
+        # The labelled sheet stays: a config that would draw another is refused, naming the key and the fix.
+        before = (smoke / "results/labels/sheet.html").read_bytes()
+        preset = yaml.safe_load((smoke / "presets/smoke.yaml").read_text())
+        preset["judge"]["labels"]["sheet_size"] = 30
+        (smoke / "redraw.yaml").write_text(yaml.safe_dump(preset))
+        refused = snakemake(smoke, "--configfile", "redraw.yaml", "--cores", "2", "-n", check=False)
+        output = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and "judge.labels.sheet_size: 24 -> 30" in output, output[-3000:]
+        assert "never drawn again" in output and "move the labels files out of labels/" in output
+        assert (smoke / "results/labels/sheet.html").read_bytes() == before
+    finally:
+        for path in labels.glob("*.csv"):
+            path.unlink()
+        # The gate reads the calibration set again, as before this test.
+        snakemake(smoke, *smoke_args, "results/tables/judge_gate.json")
 
 
 @pytest.mark.slow

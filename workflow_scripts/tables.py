@@ -5,7 +5,6 @@ import polars as pl
 from character_em.contracts import SAMPLE_KEY, read_sampling_backend
 from character_em.files import write_json_atomic, write_text_atomic
 from character_em.jobs import job_log, read_param
-from character_em.judge.calibration import calibration_gate
 from character_em.report import tables as analysis
 from character_em.report.stamps import judge_stamp, sampling_stamp
 
@@ -16,8 +15,8 @@ with job_log(snakemake.log[0]):
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
     # Which judge made these numbers; refuses scores of two judges for one metric before any table exists.
     stamp = judge_stamp(scores, em_questions=read_param(snakemake.params.em_questions))
-    # A judge is trusted only after it recovers the hand labels (judge.min_kappa); the scores stay on disk.
-    gate = calibration_gate(pl.read_csv(snakemake.input.calibration), **read_param(snakemake.params.gate))
+    # The judge gate's verdict (rule judge_gate): passed, exempt, disabled or overridden, stamped on every table.
+    gate = json.loads(open(snakemake.input.gate).read())
     # Only the key and finish_reason: the answers' text stays on disk.
     finish_parts = [pl.read_parquet(path, columns=[*SAMPLE_KEY, "finish_reason"]) for path in snakemake.input.samples]
     # One sampling engine per model: a comparison never pairs two engines' random streams.
@@ -26,7 +25,11 @@ with job_log(snakemake.log[0]):
         for model in part["model"].unique().to_list():
             backends.setdefault(model, {})[path] = read_sampling_backend(path)
     sampling = sampling_stamp(backends)
-    write_json_atomic(snakemake.output.stamp, {**stamp, "calibration": gate, "sampling": sampling})
+    # The figures print the stamp's text: an overridden gate is named there too.
+    figure_line = stamp["text"] + (
+        " · UNCALIBRATED JUDGE (judge gate overridden)" if gate["status"] == "overridden" else ""
+    )
+    write_json_atomic(snakemake.output.stamp, {**stamp, "text": figure_line, "gate": gate, "sampling": sampling})
     finish = pl.concat(finish_parts, how="diagonal_relaxed")
     answers = analysis.answers_table(
         scores,

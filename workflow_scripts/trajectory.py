@@ -1,3 +1,5 @@
+import json
+
 import polars as pl
 
 from character_em.files import write_text_atomic
@@ -19,6 +21,8 @@ with job_log(snakemake.log[0]):
         if scored
         else "No judged answers (capabilities only)"
     )
+    # The judge gate's verdict (rule judge_gate): an overridden gate says UNCALIBRATED JUDGE on every table.
+    preamble += ". " + json.loads(open(snakemake.input.gate).read())["text"]
     answers, items = trajectory.load_trajectory(
         points,
         conditions=read_param(snakemake.params.conditions),

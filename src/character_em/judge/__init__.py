@@ -1,4 +1,4 @@
-"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf), calibration, the second judge on the grid's answers and per-job settings."""
+"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf), calibration, the judge gate, human labels and the second judge on the grid's answers, and per-job settings."""
 
 from character_em.lazy import lazy_exports
 
@@ -24,6 +24,10 @@ _EXPORTS = {
     "draw_answers": "agreement",
     "score_drawn": "agreement",
     "grid_agreement": "agreement",
+    "judge_gate": "calibration",
+    "build_sheet": "labels",
+    "read_labels": "labels",
+    "human_agreement_report": "labels",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
