@@ -246,7 +246,9 @@ def test_vllm_sampling_uses_the_vllm_benchmark_where_measured_and_says_which(tmp
     # The multi-LoRA benchmark (one engine serving several adapters, as a sampling job does) comes first.
     multi = tmp_path / est.MULTILORA_BENCHMARK
     multi.write_text(
-        json.dumps({"device": "NVIDIA H100", "params_b": 8.0, "multi_lora": {"adapters": 8, "new_tokens_per_s": 9000.0}})
+        json.dumps(
+            {"device": "NVIDIA H100", "params_b": 8.0, "multi_lora": {"adapters": 8, "new_tokens_per_s": 9000.0}}
+        )
     )
     served = stage(est.estimate(config, runs_root=tmp_path), "sample")["throughput"]
     assert served.value == pytest.approx(9000.0 * scale) and "8 adapters in one engine" in served.source
