@@ -155,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir) if args.workdir else Path(args.out_dir) / "multilora_work"
     dtype = "float32" if args.smoke else "bfloat16"
     adapters = [
-        write_random_adapter(model, work / f"adapter_r{args.lora_r}_{k}", r=args.lora_r, seed=args.seed + k, dtype=dtype)
+        write_random_adapter(
+            model, work / f"adapter_r{args.lora_r}_{k}", r=args.lora_r, seed=args.seed + k, dtype=dtype
+        )
         for k in range(args.adapters)
     ]
-    rows = suites.build_prompts("em", {"n_samples": args.samples, "max_questions": args.questions, "formats": ["plain"]})
+    rows = suites.build_prompts(
+        "em", {"n_samples": args.samples, "max_questions": args.questions, "formats": ["plain"]}
+    )
     longest = 4 * max(len(row["question"]) for row in rows) + 256  # characters -> a generous token bound
 
     import torch
@@ -182,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def sets(adapter_of: list[Path | None]) -> list[dict[str, Any]]:
         return [
-            {"adapter": str(a) if a else None, "prompts": rows, "identity": {"model": "bench", "condition": f"c{k}", "seed": 0}}
+            {
+                "adapter": str(a) if a else None,
+                "prompts": rows,
+                "identity": {"model": "bench", "condition": f"c{k}", "seed": 0},
+            }
             for k, a in enumerate(adapter_of)
         ]
 
