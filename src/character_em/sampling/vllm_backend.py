@@ -35,6 +35,7 @@ vLLM schedules sequences and pages the KV cache itself.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import zlib
@@ -281,6 +282,8 @@ def build_requests(
 
 
 RESULT_KEYS = ("answer", "prompt_tokens", "answer_tokens", "finish_reason")
+# Numbers the request ids of successive waves on one engine (tests and benchmarks reuse an engine).
+_CALLS = itertools.count()
 
 
 def result_of(prompt: dict[str, Any], out: Any, tokenizer: Any, stops: set[int]) -> dict[str, Any]:
@@ -538,6 +541,7 @@ def _run_requests(
     if len(ids) != len({lora.lora_path for lora in loras if lora is not None}):
         raise RuntimeError("two adapters of this wave got the same LoRA id; rename one adapter folder")
     llm_engine = engine.llm_engine
+    call = next(_CALLS)
     flying: dict[str, tuple[int, int]] = {}
     unsaved: dict[int, list[tuple[int, dict[str, Any]]]] = {}
     last_save = time.monotonic()
@@ -563,8 +567,10 @@ def _run_requests(
                 _rows, prompts, params = built[k]
                 sampling = vllm.SamplingParams(**params[i])
                 sampling.output_kind = RequestOutputKind.FINAL_ONLY  # only finished answers come back
-                request_id = llm_engine.add_request(f"{k}-{i}", prompts[i], sampling, lora_request=loras[k])
-                flying[str(request_id or f"{k}-{i}")] = (k, i)
+                # Outputs carry the id given here (vLLM returns its own, suffixed one); unique per call.
+                request_id = f"wave{call}-{k}-{i}"
+                llm_engine.add_request(request_id, prompts[i], sampling, lora_request=loras[k])
+                flying[request_id] = (k, i)
             for out in llm_engine.step():
                 if not out.finished:
                     continue
