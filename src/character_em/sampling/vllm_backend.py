@@ -571,6 +571,8 @@ def _run_requests(
                 request_id = f"wave{call}-{k}-{i}"
                 llm_engine.add_request(request_id, prompts[i], sampling, lora_request=loras[k])
                 flying[request_id] = (k, i)
+            if not llm_engine.has_unfinished_requests():
+                raise RuntimeError(f"vLLM holds none of the {len(flying)} requests still expected (aborted?)")
             for out in llm_engine.step():
                 if not out.finished:
                     continue
