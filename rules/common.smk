@@ -276,6 +276,21 @@ def adapter_dir(model, condition, seed):
     return f"results/adapters/{model}/{condition}/seed{seed}"
 
 
+def step_adapter_dir(model, condition, seed, step):
+    """An adapter saved at a train.eval_steps step, once published (rules/trajectory.smk)."""
+    return f"results/adapters_at_step/{model}/{condition}/seed{seed}/{step}"
+
+
+# Rule sample: one job per model and seed writes every Samples file of that seed (config.sampling_wave,
+# the same files for every model, which the config check ensures); {model} and {seed} stay wildcards.
+SAMPLING_WAVE = cfg.sampling_wave(CONFIG, MODELS[0])
+WAVE_SAMPLES = [
+    cfg.samples_path("{model}", f["condition"], "{seed}", f["step"], f["suite"])
+    for f in SAMPLING_WAVE
+]
+WAVE_SUITES = sorted({f["suite"] for f in SAMPLING_WAVE})
+
+
 def model_source(model):
     """What from_pretrained receives: a Hugging Face id or a local folder."""
     return CONFIG["models"][model]["path"]
@@ -421,15 +436,61 @@ def get_adapter_dir(wildcards):
     return adapter_dir(wildcards.model, wildcards.condition, wildcards.seed)
 
 
-def get_suite_spec(wildcards):
-    return cfg.as_param(cfg.suite_spec(CONFIG, wildcards.suite))
+def wave_adapter_dir(model, condition, seed, step):
+    """The adapter one file of a sampling wave answers with; none for the base model."""
+    if condition == "base":
+        return ""
+    if step == cfg.FINAL_STEP:
+        return adapter_dir(model, condition, seed)
+    return step_adapter_dir(model, condition, seed, step)
 
 
-def get_harmful_requests(wildcards):
+def get_sampling_wave(wildcards):
+    """Every file of the wave: its condition, step, suite, output path and adapter folder."""
+    model, seed = wildcards.model, wildcards.seed
+    return cfg.as_param(
+        [
+            {
+                **f,
+                "output": cfg.samples_path(
+                    model, f["condition"], seed, f["step"], f["suite"]
+                ),
+                "adapter": wave_adapter_dir(model, f["condition"], seed, f["step"]),
+            }
+            for f in SAMPLING_WAVE
+        ]
+    )
+
+
+def get_wave_adapters(wildcards):
+    """The adapter files of every trained condition of the seed, final and saved at steps."""
+    folders = {
+        wave_adapter_dir(wildcards.model, f["condition"], wildcards.seed, f["step"])
+        for f in SAMPLING_WAVE
+    }
+    return [
+        f"{folder}/{name}"
+        for folder in sorted(folders - {""})
+        for name in ("adapter_model.safetensors", "adapter_config.json")
+    ]
+
+
+def get_sample_env(wildcards):
+    """The conda environment of a model's sampling job: envs/vllm.yaml (the pinned vLLM) where the model
+    samples with vllm, else envs/sample.yaml, which a CPU can install."""
+    backend = cfg.resolve_sampling_params(CONFIG, wildcards.model).get("backend")
+    return "../envs/vllm.yaml" if backend == "vllm" else "../envs/sample.yaml"
+
+
+def get_wave_suite_specs(wildcards):
+    return cfg.as_param({suite: cfg.suite_spec(CONFIG, suite) for suite in WAVE_SUITES})
+
+
+def get_wave_harmful_requests(wildcards):
     """A fetched harmful-request set the persona suite reads (rule fetch_harmful_requests); none for
     the packaged list or a user file."""
     if (
-        wildcards.suite != "persona"
+        "persona" not in WAVE_SUITES
         or CONFIG["suites"]["persona"]["harmful_requests"] == "packaged"
     ):
         return []
@@ -625,25 +686,25 @@ def get_final_outputs():
     ]
 
 
-# Each sampling job asks SLURM for its own expected time (character_em.report.estimate: the suite's
-# answers at this model's measured or anchored speed, x1.5), rather than one runtime for every
-# model and suite: the Qwen-14B em job needs hours, a transfer job minutes. A job that still reaches
-# its limit resumes from its saved batches on the retry (results/.partial/). Sites cap the request
-# at the partition's MaxTime with CHARACTER_EM_MAX_RUNTIME (minutes); --set-resources
-# sample:runtime=N overrides it.
+# Each sampling job (one model's wave of one seed) asks SLURM for its own expected time
+# (character_em.report.estimate: the wave's answers at this model's measured or anchored speed and its
+# engine loads, x1.5), rather than one runtime for every model: the Qwen-14B wave needs far longer
+# than the 8B one. A job that still reaches its limit resumes from its saved batches on the retry
+# (results/.partial/). Sites cap the request at the partition's MaxTime with CHARACTER_EM_MAX_RUNTIME
+# (minutes); --set-resources sample:runtime=N overrides it.
 @lru_cache(maxsize=None)
 def sample_minutes():
-    from character_em.report.estimate import EstimateError, sample_job_minutes
+    from character_em.report.estimate import EstimateError, sample_wave_minutes
 
     try:
-        return sample_job_minutes(CONFIG, ".")
+        return sample_wave_minutes(CONFIG, ".")
     except EstimateError as err:
         # A half-written run.json must not stop the workflow; the anchors still give a runtime.
         print(
             f"sampling runtimes from the anchors, not earlier runs: {err}",
             file=sys.stderr,
         )
-        return sample_job_minutes(CONFIG, None)
+        return sample_wave_minutes(CONFIG, None)
 
 
 def capped_runtime(expected_minutes):
@@ -653,7 +714,7 @@ def capped_runtime(expected_minutes):
 
 
 def sample_runtime(wildcards):
-    return capped_runtime(sample_minutes()[(wildcards.model, wildcards.suite)])
+    return capped_runtime(sample_minutes()[wildcards.model])
 
 
 # Judge jobs likewise, for a judge that is a model on the job's GPU (character_em.report.estimate:

@@ -1,8 +1,9 @@
 # Misalignment over training (docs/trajectories.md). The trainer saves the adapter at train.eval_steps
 # as a by-product of its one run, into results/adapter_steps/ (outside its declared outputs, so a
 # killed run resumes with them); publish_adapter_step makes each saved step a file Snakemake tracks.
-# The em suite and the capability eval then run on each step through the {step} wildcard, with the
-# rules of the final adapter (use rule ... with:), so one step can be rerun on its own.
+# Rule sample answers the em suite on every saved step in its wave (one job per model and seed); the
+# judge and the capability eval then run on each step through the {step} wildcard, with the rules of
+# the final adapter (use rule ... with:), so one step can be rerun on its own.
 
 
 include: "trajectory_common.smk"
@@ -29,22 +30,6 @@ rule publish_adapter_step:
         saved=saved_step_dir,
     script:
         "../workflow_scripts/publish_adapter_step.py"
-
-
-use rule sample as sample_step with:
-    # `with: input:` replaces the whole input: every input of rule sample but the adapter, repeated.
-    input:
-        model=get_base_model,
-        adapter=get_step_adapter,
-        harmful=get_harmful_requests,
-    output:
-        samples="results/samples/{model}/{condition}/seed{seed}/{step}/{suite}.parquet",
-    log:
-        "logs/sample/{model}/{condition}/seed{seed}/{step}/{suite}.log",
-    benchmark:
-        "benchmarks/runs/sample/{model}/{condition}/seed{seed}/{step}/{suite}.tsv"
-    params:
-        adapter_dir=get_step_adapter_dir,
 
 
 use rule judge as judge_step with:

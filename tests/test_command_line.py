@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from test_workflow import grid_arithmetic
-from workflow_helpers import ROOT, copy_workflow, planned_jobs, planned_wildcards, snakemake
+from workflow_helpers import PLAN_ONLY, ROOT, copy_workflow, planned_jobs, planned_wildcards, snakemake
 
 from character_em import config as cfg
 
@@ -159,7 +159,7 @@ def paper(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_select_on_the_command_line_plans_the_narrowed_grid(paper: Path) -> None:
-    result = snakemake(paper, "-n", "--cores", "1", "--config", PILOT_ARG)
+    result = snakemake(paper, "-n", "--cores", "1", "--config", PILOT_ARG, env=PLAN_ONLY)
     narrowed = {
         **PAPER,
         "models": {name: PAPER["models"][name] for name in PILOT["models"]},
@@ -184,7 +184,7 @@ def test_a_stage_target_with_site_resources_keeps_the_rest_of_each_rules_resourc
     monkeypatch.setenv(
         "CHARACTER_EM_SET_RESOURCES", "sample:runtime=999 train_adapter:mem_mb=128000 train_adapter:gpu_model=h100"
     )
-    result = snakemake(paper, "-n", "--cores", "1", "stage_sample", "--config", PILOT_ARG)
+    result = snakemake(paper, "-n", "--cores", "1", "stage_sample", "--config", PILOT_ARG, env=PLAN_ONLY)
     assert dict(planned_jobs(result.stdout)) == {
         # Every written condition of the domain, selected or not (its turns pair the domain's conditions).
         "generate_data_gpu": 2 * len(PAPER["dispositions"]) + 2,
@@ -193,8 +193,8 @@ def test_a_stage_target_with_site_resources_keeps_the_rest_of_each_rules_resourc
         "judge_training_data": 2,
         "match_severity": 1,
         "train_adapter": 5,
-        # em, transfer and persona per condition (with the matched arm); trigger for base and the triggered one
-        "sample": 6 * 3 + 2,
+        # One sampling job for the seed: every selected condition's suites with one engine.
+        "sample": 1,
         "fetch_wheel": 1,
         "fetch_harmful_requests": 1,  # HarmBench for the persona suite
         "stage_sample": 1,
@@ -227,6 +227,7 @@ def test_a_model_target_builds_that_models_runs_only(paper: Path) -> None:
         "model_qwen25-14b",
         "--config",
         PILOT_ARG.replace("llama31-8b", "qwen25-14b, llama31-8b"),
+        env=PLAN_ONLY,
     )
     jobs = planned_wildcards(result.stdout)
     assert {w["model"] for _, w in jobs if "model" in w} == {"qwen25-14b"}
@@ -236,7 +237,7 @@ def test_a_model_target_builds_that_models_runs_only(paper: Path) -> None:
 
 
 def test_a_partial_set_resources_on_the_command_line_is_refused(paper: Path) -> None:
-    result = snakemake(paper, "-n", "--cores", "1", "--set-resources", "sample:runtime=50", check=False)
+    result = snakemake(paper, "-n", "--cores", "1", "--set-resources", "sample:runtime=50", check=False, env=PLAN_ONLY)
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert "would run without their gpu, mem_mb and runtime" in text, text[-3000:]
@@ -244,7 +245,7 @@ def test_a_partial_set_resources_on_the_command_line_is_refused(paper: Path) -> 
 
 
 def test_a_bad_command_line_value_fails_naming_the_command_line(paper: Path) -> None:
-    result = snakemake(paper, "-n", "--cores", "1", "--config", "select={models: [llama3]}", check=False)
+    result = snakemake(paper, "-n", "--cores", "1", "--config", "select={models: [llama3]}", check=False, env=PLAN_ONLY)
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert "the command line (--config): select.models: 'llama3' is not among the config's models" in text

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import polars as pl
 import pytest
 import yaml
 from workflow_helpers import copy_workflow, planned_jobs, snakemake
@@ -67,8 +66,10 @@ def test_counts_are_the_grid_arithmetic() -> None:
     w = work["models"][MODEL]
     # 4 trained conditions x 2 seeds; evil-medical trains 2 epochs, the other three 1.
     assert w["train_adapter"] == {"jobs": 8, "example_epochs": (20 * 2 + 20 * 3) * 2}
-    # 5 conditions x (em, transfer, persona) + trigger for base and the triggered condition, x 2 seeds
-    assert w["sample"]["jobs"] == (5 * 3 + 2) * 2
+    # One sampling job per seed (its wave) writes 5 conditions x (em, transfer, persona) + trigger for base and
+    # the triggered condition; the hf loop loads the model once per adapter and once for the base model.
+    assert w["sample"]["jobs"] == 2 and w["sample"]["files"] == (5 * 3 + 2) * 2
+    assert w["sample"]["wave_answers"] == 5 * (12 + 2 + 6) + 2 * 12 and w["sample"]["loads_per_job"] == 5
     assert w["sample"]["answers"] == 2 * (5 * (12 + 2 + 6) + 2 * 12)
     assert w["judge"]["calls"] == 2 * (5 * (12 * 3 + 2 * 3 + 6 * 5) + 2 * 12 * 3)
     assert w["capabilities"]["jobs"] == 10 and w["capabilities"]["items"] == 10 * 5
@@ -84,6 +85,7 @@ def test_job_counts_match_the_dry_run(tmp_path: Path) -> None:
     w = est.count_work(small_config())["models"][MODEL]
     for rule in ("train_adapter", "sample", "judge", "capabilities", "probes"):
         assert jobs[rule] == w[rule]["jobs"], (rule, jobs)
+    assert jobs["judge"] == w["sample"]["files"]
 
 
 @pytest.mark.slow
@@ -134,12 +136,16 @@ def write_runs(root: Path, model: str = MODEL) -> None:
             {"trained_tokens_this_run": 1000, "wall_time_s": 10.0, "n_examples": 20, "n_tokens": 1000, "device": "cuda"}
         )
     )
-    bench = root / "benchmarks" / "runs" / "sample" / model / "base" / "seed0" / "em.tsv"
-    bench.parent.mkdir(parents=True)
-    bench.write_text("s\th:m:s\tmax_rss\n6.0\t0:00:06\t100\n")
-    samples = root / "results" / "samples" / model / "base" / "seed0" / "em.parquet"
-    samples.parent.mkdir(parents=True)
-    pl.DataFrame({"answer_tokens": [10, 20, 30]}).write_parquet(samples)
+    # A sampling wave's record: 3 answers of 10, 20 and 30 tokens generated in 1 s of loading and 5 of sampling.
+    record = root / "results" / "samples" / model / "seed0.wave.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(
+        json.dumps({"answers_generated": 3, "new_tokens_generated": 60, "generate_seconds": 5.0, "load_seconds": 1.0})
+    )
+    # A rerun that restored every answer measured nothing and is left out.
+    (record.parent / "seed1.wave.json").write_text(
+        json.dumps({"answers_generated": 0, "new_tokens_generated": 0, "generate_seconds": 0.0, "load_seconds": 0.0})
+    )
 
 
 def test_measured_runs_override_the_anchors(tmp_path: Path) -> None:
@@ -172,9 +178,9 @@ def test_bad_run_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(est.EstimateError, match=f"{run}: 'wall_time_s' must be a number"):
         est.estimate(small_config(), runs_root=tmp_path)
     run.unlink()
-    bench = tmp_path / "benchmarks" / "runs" / "sample" / MODEL / "base" / "seed0" / "em.tsv"
-    bench.write_text("seconds\n6\n")
-    with pytest.raises(est.EstimateError, match=str(bench)):
+    record = tmp_path / "results" / "samples" / MODEL / "seed0.wave.json"
+    record.write_text(json.dumps({"answers_generated": 3}))
+    with pytest.raises(est.EstimateError, match=f"{record}: 'generate_seconds' must be a number"):
         est.estimate(small_config(), runs_root=tmp_path)
 
 
@@ -215,13 +221,13 @@ def test_vllm_sampling_uses_the_vllm_benchmark_where_measured_and_says_which(tmp
     config = small_config()
     config["sampling"]["backend"] = "vllm"
     config["models"][MODEL]["sampling"] = {**config["models"][MODEL].get("sampling", {}), "backend": "vllm"}
-    # No GPU measurement yet: the plain-generate anchor, named as such.
+    # No GPU measurement of ours yet: vLLM's published figure with the LoRA cost, named as such.
     result = est.estimate(config, runs_root=tmp_path)
     size = result["models"][MODEL]["params_b"]
     scale = est.ANCHOR_PARAMS_B / size if size else 1.0
     anchored = stage(result, "sample")["throughput"]
-    assert anchored.value == pytest.approx(est._generate_anchor(16) * scale)
-    assert "no GPU measurement yet" in anchored.source and "plain generate" in anchored.source
+    assert anchored.value == pytest.approx(12500.0 * 2 / 3 * scale)
+    assert anchored.source.startswith("published anchor: vLLM") and "no GPU measurement of ours yet" in anchored.source
     # benchmarks/vllm_throughput.py's JSON: its figure, scaled from its model size to this one, with its device.
     path = tmp_path / est.VLLM_BENCHMARK
     path.parent.mkdir(parents=True)
@@ -237,4 +243,19 @@ def test_vllm_sampling_uses_the_vllm_benchmark_where_measured_and_says_which(tmp
     config["sampling"]["backend"] = "vllm"
     config["models"][MODEL]["sampling"]["backend"] = "vllm"
     with pytest.raises(est.EstimateError, match="vllm_throughput_gpu.json"):
+        est.estimate(config, runs_root=tmp_path)
+    # The multi-LoRA benchmark (one engine serving several adapters, as a sampling job does) comes first.
+    multi = tmp_path / est.MULTILORA_BENCHMARK
+    multi.write_text(
+        json.dumps(
+            {"device": "NVIDIA H100", "params_b": 8.0, "multi_lora": {"adapters": 8, "new_tokens_per_s": 9000.0}}
+        )
+    )
+    served = stage(est.estimate(config, runs_root=tmp_path), "sample")["throughput"]
+    assert served.value == pytest.approx(9000.0 * scale) and "8 adapters in one engine" in served.source
+    assert est.sample_wave_minutes(config, tmp_path)[MODEL] == pytest.approx(
+        stage(est.estimate(config, runs_root=tmp_path), "sample")["largest_job_hours"] * 60
+    )
+    multi.write_text(json.dumps({"device": "x", "params_b": 8.0, "multi_lora": {}}))
+    with pytest.raises(est.EstimateError, match="multilora_throughput_gpu.json"):
         est.estimate(config, runs_root=tmp_path)

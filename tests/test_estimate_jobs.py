@@ -75,13 +75,13 @@ def test_model_written_data_and_model_judges_use_their_own_model_size() -> None:
     assert "judge ~32B" in judge["throughput"].source
     text = est.render_markdown(result, "small.yaml", {})
     assert "## Model-written training data (generate_data_gpu)" in text
-    # A vLLM writer: the same answers, at the engine's rate (no GPU measurement here: the anchor at vLLM's
-    # batch of 256 sequences, which the source says overstates the hours).
+    # A vLLM writer: the same answers, at the engine's rate (no GPU measurement here: vLLM's published figure,
+    # without the LoRA penalty since the writer serves no adapter).
     config["data"]["generator"] = {**config["data"]["generator"], "backend": "vllm"}
     data = est.estimate(config, runs_root=None)["data_generation"]
     assert data["units"] == data["jobs"] * 20 * 2 * 100
-    assert data["throughput"].value == pytest.approx(est._generate_anchor(256) * 8 / 7)
-    assert "overstates the hours" in data["throughput"].source
+    assert data["throughput"].value == pytest.approx(est.VLLM_PUBLISHED_NEW_TOKENS_PER_S * 8 / 7)
+    assert "published anchor" in data["throughput"].source and "no adapter" in data["throughput"].source
 
 
 def test_longest_job_per_rule_against_its_runtime() -> None:
@@ -106,13 +106,22 @@ def test_longest_job_per_rule_against_its_runtime() -> None:
     assert profile["train_adapter"] == 240 and "sample" not in profile
 
 
-def test_sample_job_minutes_agree_with_the_estimate() -> None:
+def test_sample_wave_minutes_agree_with_the_estimate() -> None:
     config = small_config()
-    minutes = est.sample_job_minutes(config, runs_root=None)
+    minutes = est.sample_wave_minutes(config, runs_root=None)
     result = est.estimate(config, runs_root=None)
-    # em and trigger are the longest suites here (12 answers each).
-    assert max(minutes.values()) == pytest.approx(stage(result, "sample")["largest_job_hours"] * 60)
-    assert minutes[(MODEL, "transfer")] < minutes[(MODEL, "em")]
+    sample = stage(result, "sample")
+    assert minutes[MODEL] == pytest.approx(sample["largest_job_hours"] * 60)
+    # One wave: every file's answers at the rate, and one hf load per adapter and one for the base model.
+    wave_answers = result["work"]["models"][MODEL]["sample"]["wave_answers"]
+    assert minutes[MODEL] == pytest.approx(
+        wave_answers * 40 / sample["throughput"].value / 60 + 5 * est.DEFAULT_LOAD_MINUTES
+    )
+    # A vllm model loads one engine for the whole wave, at vLLM's rate.
+    config = config_with(sampling={"backend": "vllm"})
+    vllm_rate = stage(est.estimate(config, runs_root=None), "sample")["throughput"].value
+    vllm = est.sample_wave_minutes(config, runs_root=None)
+    assert vllm[MODEL] == pytest.approx(wave_answers * 40 / vllm_rate / 60 + est.DEFAULT_LOAD_MINUTES)
     assert est.runtime_request(0.1) == est.MIN_RUNTIME_MINUTES
     assert est.runtime_request(100) == 150 and est.runtime_request(100, cap_minutes=120) == 120
 
@@ -155,12 +164,13 @@ def test_each_sampling_job_asks_for_its_own_expected_time(tmp_path: Path) -> Non
     out = snakemake(workdir, "-n", "--cores", "1", "--configfile", "small.yaml", timeout=300).stdout
     # The steering jobs the estimate counts are the DAG's.
     assert planned_jobs(out)["steer"] == stage(est.estimate(small_config(), runs_root=None), "steer")["jobs"]
-    minutes = est.sample_job_minutes(small_config(), runs_root=None)
+    minutes = est.sample_wave_minutes(small_config(), runs_root=None)
     requested = {}
     for block in out.split("\nrule sample:")[1:]:
-        suite = re.search(r"suite=(\w+)", block).group(1)
-        requested[suite] = int(re.search(r"runtime=(\d+)", block).group(1))
-    assert requested == {suite: est.runtime_request(m) for (_, suite), m in minutes.items()}, requested
+        seed = re.search(r"seed=(\d+)", block).group(1)
+        requested[seed] = int(re.search(r"runtime=(\d+)", block).group(1))
+    # One job per seed, each asking for its wave's expected time.
+    assert requested == {"0": est.runtime_request(minutes[MODEL]), "1": est.runtime_request(minutes[MODEL])}
     # The rubric judge is no model on a GPU: its jobs ask for the fixed off-GPU time.
     assert set(judge_runtimes(out).values()) == {est.OFF_GPU_JUDGE_RUNTIME}
 

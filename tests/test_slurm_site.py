@@ -54,10 +54,11 @@ def test_no_site_setting_leaves_default_resources_out(clean_env: pytest.MonkeyPa
     assert "default-resources" not in profile
     # The rest of the profile is read as before.
     assert profile["executor"] == "slurm" and profile["slurm-status-command"] == "squeue"
-    # An adapter's evaluations share a SLURM job; its training runs apart (docs/cluster.md).
+    # An adapter's capability evals share a SLURM job; its training runs apart, and sampling is one job per
+    # model and seed in no group (docs/cluster.md).
     assert profile["groups"] == [
-        "sample=eval-{model}-{condition}-seed{seed}",
         "capabilities=eval-{model}-{condition}-seed{seed}",
+        "capabilities_step=eval-{model}-{condition}-seed{seed}",
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from workflow_helpers import ROOT, TWO_JOBS_AT_ONCE, copy_workflow, planned_jobs, planned_wildcards, snakemake
+from workflow_helpers import (
+    PLAN_ONLY,
+    ROOT,
+    TWO_JOBS_AT_ONCE,
+    copy_workflow,
+    planned_jobs,
+    planned_wildcards,
+    snakemake,
+)
 
 
 def grid_arithmetic(config: dict) -> dict[str, int]:
@@ -24,7 +33,8 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     matched = character if config.get("data", {}).get("severity_matched", {}).get("enabled") else 0
     trained = character + triggered + 2 * domains + matched  # + incorrect-{domain} and correct-{domain}
     conditions = 1 + trained
-    # em, transfer and persona for every condition; trigger for base and triggered conditions.
+    # em, transfer and persona for every condition; trigger for base and triggered conditions: one judge job
+    # per Samples file, one sampling job per model and seed for all of them.
     sampled = models * seeds * (3 * conditions + 1 + triggered)
     # A local (hf, vllm) data writer runs on a GPU node, as generate_data_gpu.
     writer = config.get("data", {}).get("generator", {}).get("backend", "offline")
@@ -47,7 +57,7 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         "check_overlap": 1,
         "train_adapter": models * trained * seeds,
         "plot_loss_curve": models * trained * seeds,
-        "sample": sampled,
+        "sample": models * seeds,
         "judge": sampled,
         "capabilities": models * conditions * seeds,
         "probes": models,
@@ -70,7 +80,8 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
 
 def test_paper_grid_dry_run_has_the_grid_job_count(tmp_path: Path) -> None:
     workdir = copy_workflow(tmp_path / "paper")
-    result = snakemake(workdir, "-n", "--cores", "1")
+    # Only listing the jobs: vLLM, which the GPU rules run, need not be importable here.
+    result = snakemake(workdir, "-n", "--cores", "1", env=PLAN_ONLY)
     expected = grid_arithmetic(yaml.safe_load((ROOT / "config.yaml").read_text()))
     assert dict(planned_jobs(result.stdout)) == expected
     # The README states this count; it must be the one the dry run plans.
@@ -110,13 +121,16 @@ def test_dag_build_imports_no_torch(tmp_path: Path) -> None:
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, check=True)
-    assert "HEAVY []" in result.stdout, result.stdout[-2000:]
+    env = {**os.environ, **PLAN_ONLY}  # the whole DAG, not a stop at the vLLM import check
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True, check=True
+    )
+    assert "HEAVY []" in result.stdout and "Error" not in result.stdout + result.stderr, result.stdout[-2000:]
 
 
 def test_lint_is_clean(tmp_path: Path) -> None:
     workdir = copy_workflow(tmp_path / "lint")
-    result = snakemake(workdir, "--lint", check=False)
+    result = snakemake(workdir, "--lint", check=False, env=PLAN_ONLY)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -133,7 +147,7 @@ def test_every_rule_declares_its_resources() -> None:
     rules = set()
     for path in (ROOT / "rules").glob("*.smk"):
         rules |= {line.split()[1].rstrip(":") for line in path.read_text().splitlines() if line.startswith("rule ")}
-        # `use rule sample as sample_step with:` makes a rule of its own, with its own resources.
+        # `use rule judge as judge_step with:` makes a rule of its own, with its own resources.
         rules |= {line.split()[4] for line in path.read_text().splitlines() if line.startswith("use rule ")}
     assert rules == set(profile["set-resources"]) == set(profile["set-threads"])
     declared = {}
@@ -438,24 +452,24 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
     result = snakemake(smoke, "--configfile", "changed.yaml", "--cores", "2", "-n")
     jobs = planned_wildcards(result.stdout)
     per_condition = {(rule, wc.get("trained") or wc.get("condition")) for rule, wc in jobs}
+    conditions = ("base", "evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig")
     assert per_condition == {
         ("train_adapter", "incorrect-medical"),
         ("plot_loss_curve", "incorrect-medical"),
-        ("sample", "incorrect-medical"),
-        ("judge", "incorrect-medical"),
         ("capabilities", "incorrect-medical"),
         # Its saved steps come from the new training run and are evaluated again.
         ("publish_adapter_step", "incorrect-medical"),
-        ("sample_step", "incorrect-medical"),
-        ("judge_step", "incorrect-medical"),
         ("capabilities_step", "incorrect-medical"),
+        # The seed's sampling job writes every Samples file of the seed, so it runs again and every judge job
+        # after it; only the retrained adapter's answers are generated again (checked below), the others
+        # come back from their saved batches.
+        ("sample", None),
+        *(("judge", condition) for condition in conditions),
+        *(("judge_step", condition) for condition in conditions if condition != "base"),
         ("trajectory", None),
         # The probes learn from every condition's judged em answers, so they, the steering that
         # uses their direction, and every condition's readings at their chosen layer rerun too.
-        *(
-            ("direction_means", condition)
-            for condition in ("base", "evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig")
-        ),
+        *(("direction_means", condition) for condition in conditions),
         ("probes", None),
         ("steer", "base"),
         ("steer", "evil-medical"),
@@ -466,11 +480,23 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         ("figures", None),
         ("all", None),
     }
-    suites = sorted(wc["suite"] for rule, wc in jobs if rule == "sample")
-    assert suites == ["em", "persona", "transfer"]
+    assert [wc for rule, wc in jobs if rule == "sample"] == [{"model": "tiny-llama", "seed": "0"}]
     # And the rerun really happens and finishes.
     snakemake(smoke, "--configfile", "changed.yaml", *TWO_JOBS_AT_ONCE)
     assert "Nothing to be done" in snakemake(smoke, "--configfile", "changed.yaml", "--cores", "2", "-n").stdout
+    # Only the retrained adapter's files were sampled again: its final adapter's three suites and its two
+    # saved steps' em; every other file of the wave was restored whole from its saved batches.
+    log = (smoke / "logs/sample/tiny-llama/seed0.log").read_text().split("wave tiny-llama seed 0")[-1]
+    generated = dict(re.findall(r"(\S+): answers generated in this run: (\d+)", log))
+    assert {label for label, n in generated.items() if int(n) > 0} == {
+        "incorrect-medical/em",
+        "incorrect-medical/transfer",
+        "incorrect-medical/persona",
+        "incorrect-medical/step3/em",
+        "incorrect-medical/epoch1/em",
+    }, generated
+    # One model load per retrained adapter (final, step3, epoch1), none for the restored files.
+    assert len(generated) == 25 and len(re.findall(r"^.*loaded ", log, re.M)) == 3
 
 
 def test_a_disposition_and_a_domain_added_in_config_alone_give_a_runnable_dag(tmp_path: Path) -> None:

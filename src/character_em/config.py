@@ -110,6 +110,7 @@ def validate_config(
     _check_selection(resolved, _source_of(["select"], source, command_line))
     _check_eval_steps(resolved, combined)
     _check_lora_rank(resolved, combined)
+    _check_sampling_waves(resolved, combined)
     _check_test_instruments(resolved, combined)
     _check_em_questions(resolved, combined)
     _check_replication(resolved, combined)
@@ -573,6 +574,50 @@ def step_suites(config: Mapping[str, Any], condition: str) -> list[str]:
     final adapter also runs (eval.suites, and the suite applies to the condition)."""
     wanted = config["eval"]["trajectory"]["suites"]
     return [suite for suite in suites_for(config, condition) if suite in wanted]
+
+
+def sampling_wave(config: Mapping[str, Any], model: str) -> list[dict[str, str]]:
+    """The Samples files of one sampling job of ``model`` (rule sample: one job per model and seed, one
+    engine for all of them): every condition's suites on its final adapter (the base model's on the
+    model itself), and ``step_suites`` on each adapter saved at train.eval_steps. Each entry is
+    ``{"condition", "step", "suite"}``, ``step`` being ``FINAL_STEP`` or a saved step's label. Only the
+    conditions ``select`` keeps (``grid_conditions``): a selection samples its own part of each wave."""
+    files = []
+    for condition in grid_conditions(config):
+        files += [
+            {"condition": condition, "step": FINAL_STEP, "suite": suite} for suite in suites_for(config, condition)
+        ]
+        for label in eval_step_labels(config, model, condition):
+            files += [
+                {"condition": condition, "step": label, "suite": suite} for suite in step_suites(config, condition)
+            ]
+    return files
+
+
+def samples_path(model: str, condition: str, seed: int | str, step: str, suite: str) -> str:
+    """Where one Samples file lives: ``results/samples/{model}/{condition}/seed{seed}[/{step}]/{suite}.parquet``."""
+    seed_dir = f"results/samples/{model}/{condition}/seed{seed}"
+    return f"{seed_dir}/{suite}.parquet" if step == FINAL_STEP else f"{seed_dir}/{step}/{suite}.parquet"
+
+
+def _check_sampling_waves(config: Mapping[str, Any], source: str) -> None:
+    """Rule sample declares one list of outputs for every model (its wildcards are the model and the
+    seed), so every model's wave must write the same files: saved steps may not differ by model."""
+    models = list(config["models"])
+    first = sampling_wave(config, models[0])
+    for model in models[1:]:
+        if sampling_wave(config, model) == first:
+            continue
+        for condition in trained_conditions(config):
+            mine, theirs = eval_step_labels(config, model, condition), eval_step_labels(config, models[0], condition)
+            if mine != theirs:
+                raise ConfigError(
+                    f"{source}: {_eval_steps_key(config, model, condition)}: {model}/{condition} saves the steps "
+                    f"{mine}, {models[0]}/{condition} saves {theirs}. One sampling job per model and seed writes "
+                    "the same Samples files for every model, so every model must save the same steps: give them "
+                    "in train.eval_steps or train_overrides (as epochs, such as 0.25, where the models' steps "
+                    "per epoch differ)."
+                )
 
 
 def step_capabilities(config: Mapping[str, Any]) -> bool:

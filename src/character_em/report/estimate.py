@@ -25,7 +25,6 @@ import csv
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +58,16 @@ ANCHORS: dict[str, Any] = {
     # (forward + backward) on packed rows is slower than a forward pass, so its figure is a lower bound.
     "forward_tokens_per_s": 8333.0,
 }
+# vLLM sampling until benchmarks/multilora_throughput.py has run on a GPU (docs/vllm.md): published, not
+# ours. Third-party benchmarks: vLLM with Llama-3.1-8B bf16 on one H100, about 12,500 output tokens/s
+# offline; vLLM's own PRs: serving a LoRA adapter cost about a third of throughput (older engine).
+VLLM_PUBLISHED_NEW_TOKENS_PER_S = 12500.0
+VLLM_LORA_FACTOR = 2.0 / 3.0
+VLLM_PUBLISHED_SOURCE = (
+    "published anchor: vLLM, Llama-3.1-8B bf16, one H100, ~12,500 output tokens/s offline (third-party "
+    "benchmarks), x2/3 for serving LoRA adapters (vLLM's PRs); no GPU measurement of ours yet "
+    "(benchmarks/multilora_throughput.py)"
+)
 # Assumptions where neither a run nor an anchor says anything; each is named in the output.
 ASSUMED_TOKENS_PER_EXAMPLE = 300
 ASSUMED_JUDGE_PROMPT_TOKENS = 300  # the judge template and the question, on top of the answer
@@ -217,13 +226,18 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
             one = examples * float(params["num_epochs"])
             example_epochs += one * len(seeds)
             train_jobs += len(seeds)
-            condition_suites = cfg.suites_for(config, condition)
-            answers_one = sum(answers_per_job[suite] for suite in condition_suites)
-            gpu_jobs = 1 + len(condition_suites) + (1 if "capabilities" in eval_suites else 0)
-            group = {"example_epochs": one, "answers": answers_one, "gpu_jobs": gpu_jobs}
+            # Sampling is one job per seed (the wave), outside these groups: an adapter's group holds its
+            # capability evals, final and at each saved step (profiles/slurm/config.yaml).
+            capability_evals = (1 + len(cfg.eval_step_labels(config, model, condition))) * (
+                1 if "capabilities" in eval_suites else 0
+            )
+            if not cfg.step_capabilities(config):
+                capability_evals = min(capability_evals, 1)
+            group = {"example_epochs": one, "capability_evals": capability_evals}
             if group not in groups:
                 groups.append(group)
         sampling = cfg.resolve_sampling_params(config, model)
+        # Samples files: one judge job each; sampling is one job per seed over all of them (the wave).
         sample_jobs = 0
         answers = 0
         judge_calls: dict[str, int] = {}
@@ -264,15 +278,22 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
                 "answers": sum(drawn[suite] for suite in cells) * len(seeds),
                 "calls": sum(drawn[suite] * metrics[suite] for suite in cells) * len(seeds),
             }
+        wave = cfg.sampling_wave(config, model)
+        backend = str(sampling.get("backend", "hf"))
         models[model] = {
             "path": config["models"][model]["path"],
             "train_adapter": {"jobs": train_jobs, "example_epochs": example_epochs},
             "sample": {
-                "jobs": sample_jobs,
+                # One job per seed samples the whole wave: one vLLM engine, or the hf loop loading the base
+                # model once per adapter (and once for the base model's own files).
+                "jobs": len(seeds) if wave else 0,
+                "files": sample_jobs,
+                "wave_answers": sum(answers_per_job[f["suite"]] for f in wave),
+                "loads_per_job": 1 if backend == "vllm" else len({(f["condition"], f["step"]) for f in wave}),
                 "answers": answers,
                 "max_new_tokens": int(sampling["max_new_tokens"]),
                 "batch_size": int(sampling["batch_size"]),
-                "backend": str(sampling.get("backend", "hf")),
+                "backend": backend,
             },
             "judge": {"jobs": sample_jobs, "calls_by_suite": judge_calls, "calls": sum(judge_calls.values())},
             "capabilities": {
@@ -366,11 +387,11 @@ def measure_runs(root: str | Path, models: Sequence[str]) -> dict[str, ModelRuns
     """Throughput of earlier runs under ``root`` (a workflow directory, or its ``results/`` folder).
 
     Training: ``results/adapters/{model}/*/seed*/run.json`` (trained_tokens_this_run / wall_time_s,
-    n_tokens / n_examples). Sampling: ``benchmarks/runs/sample/{model}/...tsv`` with the matching
-    samples parquet (answer_tokens). Capabilities and probes: their benchmark files, with the item
+    n_tokens / n_examples). Sampling: each wave's record, ``results/samples/{model}/seed*.wave.json``
+    (answers and new tokens generated, seconds loading and generating). Capabilities and probes: their
+    benchmark files, with the item
     count from the capabilities JSON. Files of other models are ignored; a malformed one is an error.
     """
-    import polars as pl
 
     root = Path(root)
     if root.name == "results" and not (root / "results").is_dir():
@@ -391,17 +412,15 @@ def measure_runs(root: str | Path, models: Sequence[str]) -> dict[str, ModelRuns
             runs.train_example_tokens += int(example_tokens)
             runs.train_files += 1
             runs.train_devices.add(str(record.get("device", "unknown")))
-        for path in sorted((benchmarks / "sample" / model).glob("*/seed*/*.tsv")):
-            samples = results / "samples" / path.relative_to(benchmarks / "sample").with_suffix(".parquet")
-            if not samples.exists():
-                continue  # the samples were deleted or are being redone: no token count to pair with
-            try:
-                tokens = pl.read_parquet(samples, columns=["answer_tokens"])["answer_tokens"]
-            except Exception as err:  # polars raises several error types for bad files
-                raise EstimateError(f"{samples}: cannot read answer_tokens: {err}") from err
-            runs.sample_seconds += _benchmark_seconds(path)
-            runs.sample_new_tokens += int(tokens.sum() or 0)
-            runs.sample_answers += tokens.len()
+        # A sampling wave's record (rule sample): what it generated in its last run, engine loading included.
+        for path in sorted((results / "samples" / model).glob("seed*.wave.json")):
+            record = _read_json(path)
+            answers = _number(record, "answers_generated", path)
+            if answers <= 0:
+                continue  # every answer was restored from the saved batches: no speed to learn from
+            runs.sample_seconds += _number(record, "generate_seconds", path) + _number(record, "load_seconds", path)
+            runs.sample_new_tokens += int(_number(record, "new_tokens_generated", path))
+            runs.sample_answers += int(answers)
             runs.sample_files += 1
         for path in sorted((benchmarks / "capabilities" / model).glob("*/seed*.tsv")):
             result = results / "capabilities" / path.relative_to(benchmarks / "capabilities").with_suffix(".json")
@@ -423,12 +442,10 @@ def measure_runs(root: str | Path, models: Sequence[str]) -> dict[str, ModelRuns
 
 def params_billions(model: str, path: str) -> float | None:
     """Parameter count in billions from the model's id or key (``Qwen2.5-14B-Instruct`` -> 14,
-    ``smollm2-135m`` -> 0.135)."""
-    for text in (path, model):
-        match = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*([bBmM])(?![a-zA-Z])", text)
-        if match:
-            return float(match.group(1)) / (1000.0 if match.group(2) in "mM" else 1.0)
-    return None
+    ``smollm2-135m`` -> 0.135); the preflight's GPU-memory check reads sizes the same way."""
+    from character_em.preflight import params_billions as from_name
+
+    return from_name(model, path)
 
 
 VLLM_BENCHMARK = Path("benchmarks") / "results" / "vllm_throughput_gpu.json"
@@ -454,24 +471,66 @@ def vllm_measurement(root: str | Path | None) -> dict[str, Any] | None:
     return {"path": str(VLLM_BENCHMARK), "new_tokens_per_s": value, "params_b": params_b, "device": device}
 
 
-def _sampling_throughput(s: Mapping[str, Any], scale: float, scaled: str, vllm_root: str | Path | None) -> Throughput:
-    """Sampling speed without measured runs: vLLM's benchmark where the back-end is vllm and one exists,
-    else the plain-generate anchor (for vllm an upper bound on hours, and the source says so)."""
+MULTILORA_BENCHMARK = Path("benchmarks") / "results" / "multilora_throughput_gpu.json"
+
+
+def multilora_measurement(root: str | Path | None) -> dict[str, Any] | None:
+    """Multi-LoRA sampling throughput (one vLLM engine serving several adapters, as a sampling wave runs)
+    measured on a GPU by benchmarks/multilora_throughput.py (via gpu_all.sh), or None where no such file
+    exists under ``root``. Fields used: device, params_b, multi_lora.new_tokens_per_s, multi_lora.adapters."""
+    if root is None:
+        return None
+    path = Path(root) / MULTILORA_BENCHMARK
+    if not path.is_file():
+        return None
+    record = _read_json(path)
+    try:
+        value = float(record["multi_lora"]["new_tokens_per_s"])
+        adapters = int(record["multi_lora"]["adapters"])
+        params_b = float(record["params_b"])
+        device = str(record["device"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EstimateError(
+            f"{path}: needs device, params_b, multi_lora.new_tokens_per_s and multi_lora.adapters ({exc})"
+        ) from exc
+    if value <= 0 or params_b <= 0:
+        raise EstimateError(f"{path}: multi_lora.new_tokens_per_s and params_b must be positive")
+    return {
+        "path": str(MULTILORA_BENCHMARK),
+        "new_tokens_per_s": value,
+        "params_b": params_b,
+        "device": device,
+        "note": f"{adapters} adapters in one engine",
+    }
+
+
+def _sampling_throughput(
+    s: Mapping[str, Any], scale: float, scaled: str, vllm_root: str | Path | None, *, lora: bool = True
+) -> Throughput:
+    """Sampling speed without measured runs: vLLM's benchmark where the back-end is vllm and one exists (the
+    multi-LoRA one first: a wave serves its adapters that way), else vLLM's published figure (with the LoRA
+    penalty when adapters are served, ``lora``); for hf the plain-generate anchor."""
     if s.get("backend") == "vllm":
-        found = vllm_measurement(vllm_root)
+        found = multilora_measurement(vllm_root) or vllm_measurement(vllm_root)
         if found is not None:
             factor = found["params_b"] / ANCHOR_PARAMS_B * scale
             note = f", scaled x{factor:.2f} from {found['params_b']:g}B" if abs(factor - 1.0) > 1e-9 else ""
+            what = f"{found['device']}, {found['note']}" if found.get("note") else found["device"]
             return Throughput(
                 found["new_tokens_per_s"] * factor,
                 "new tokens/s",
-                f"measured vLLM: {found['path']} ({found['device']}){note}",
+                f"measured vLLM: {found['path']} ({what}){note}",
+            )
+        if lora:
+            return Throughput(
+                VLLM_PUBLISHED_NEW_TOKENS_PER_S * VLLM_LORA_FACTOR * scale,
+                "new tokens/s",
+                f"{VLLM_PUBLISHED_SOURCE}{scaled}",
             )
         return Throughput(
-            _generate_anchor(s["batch_size"]) * scale,
+            VLLM_PUBLISHED_NEW_TOKENS_PER_S * scale,
             "new tokens/s",
-            f"{ANCHOR_SOURCE}, plain generate batch {s['batch_size']} (interpolated){scaled}; sampling.backend "
-            f"is vllm but {VLLM_BENCHMARK} has no GPU measurement yet, so this overstates the hours",
+            f"{VLLM_PUBLISHED_SOURCE.split(', x2/3')[0]}; no adapter{scaled}",
         )
     return Throughput(
         _generate_anchor(s["batch_size"]) * scale,
@@ -585,10 +644,13 @@ def estimate(
                 "jobs": s["jobs"],
                 "units": s["answers"] * per_answer,
                 "unit": "new tokens",
-                "detail": f"{s['answers']:,} answers x {per_answer:,.0f} tokens ({answer_source})",
+                "detail": f"{s['answers']:,} answers in {s['files']:,} files x {per_answer:,.0f} tokens ({answer_source})",
                 "throughput": gen,
-                # benchmark wall times already hold the model loading
+                # measured wave records already hold the model loading
                 "loading_included": bool(runs.sample_files and runs.sample_answers),
+                "loads": s["jobs"] * s["loads_per_job"],
+                "largest_units": s["wave_answers"] * per_answer,
+                "load_minutes_per_job": s["loads_per_job"] * load_minutes,
             }
         )
 
@@ -735,7 +797,6 @@ def estimate(
         # `runtime` (minutes) for that rule, which SLURM enforces as the job's time limit.
         largest_units = {
             "train_adapter": max((g["example_epochs"] for g in w["adapter_groups"]), default=0.0) * per_example,
-            "sample": max(work["answers_per_job"].values(), default=0) * per_answer,
         }
         for stage in stages:
             if "job_minutes" in stage:
@@ -747,16 +808,17 @@ def estimate(
                 units = largest_units[stage["stage"]]
             else:
                 units = stage["units"] / stage["jobs"] if stage["jobs"] else 0.0
-            loading = 0.0 if stage.get("loading_included") else load_minutes / 60
+            loading = 0.0 if stage.get("loading_included") else stage.get("load_minutes_per_job", load_minutes) / 60
             stage["largest_job_hours"] = units / stage["throughput"].value / 3600 + loading
-        gpu_jobs = sum(stage["jobs"] for stage in stages if not stage.get("loading_included"))
+        # Model loads: one per GPU job, but a sampling wave's count (one engine, or one hf load per adapter).
+        gpu_jobs = sum(stage.get("loads", stage["jobs"]) for stage in stages if not stage.get("loading_included"))
         stages.append(
             {
                 "stage": "model loading",
                 "jobs": gpu_jobs,
                 "units": gpu_jobs * load_minutes * 60,
                 "unit": "s",
-                "detail": f"{gpu_jobs:,} GPU jobs x {load_minutes:g} min (not where a measured wall time holds it)",
+                "detail": f"{gpu_jobs:,} model loads x {load_minutes:g} min (not where a measured wall time holds it)",
                 "gpu_hours": gpu_jobs * load_minutes / 60,
                 "throughput": Throughput(1.0, "", "assumed (--load-minutes)"),
                 "largest_job_hours": None,
@@ -783,6 +845,7 @@ def estimate(
             ANCHOR_PARAMS_B / size,
             f", generator ~{size:g}B",
             vllm_root,
+            lora=False,
         )
         units = data["requests"] * data["max_tokens"]
         out["data_generation"] = {
@@ -870,18 +933,16 @@ def longest_jobs(
 def _group_hours(
     stages: list[dict[str, Any]], w: Mapping[str, Any], per_example: float, per_answer: float, load_minutes: float
 ) -> float:
-    """Hours of the longest SLURM group job: one adapter's evaluations (its samples and capabilities).
-    Training is a job of its own (profiles/slurm/config.yaml), so a failed evaluation never removes it."""
+    """Hours of the longest SLURM group job: one adapter's capability evals (final and at saved steps).
+    Training is a job of its own (profiles/slurm/config.yaml), so a failed evaluation never removes it;
+    sampling is one job per seed, outside the groups."""
     rate = {stage["stage"]: stage["throughput"] for stage in stages}
-    capability_seconds = 0.0
-    if "capabilities" in rate:
-        per_item = 1.0 if rate["capabilities"].unit == "items/s" else w["capabilities"]["tokens_per_item"]
-        capability_seconds = w["capability_items_per_job"] * per_item / rate["capabilities"].value
-    longest = 0.0
-    for group in w["adapter_groups"]:
-        seconds = group["answers"] * per_answer / rate["sample"].value + capability_seconds
-        longest = max(longest, seconds / 3600 + (group["gpu_jobs"] - 1) * load_minutes / 60)
-    return longest
+    if "capabilities" not in rate:
+        return 0.0
+    per_item = 1.0 if rate["capabilities"].unit == "items/s" else w["capabilities"]["tokens_per_item"]
+    capability_seconds = w["capability_items_per_job"] * per_item / rate["capabilities"].value
+    evals = max((group["capability_evals"] for group in w["adapter_groups"]), default=0)
+    return evals * (capability_seconds / 3600 + load_minutes / 60)
 
 
 # --------------------------------------------------------------------------- per-job time limits
@@ -905,13 +966,14 @@ def answers_per_sampling_job(config: Mapping[str, Any], suite: str) -> int:
     return sum(row["n_samples"] for row in suites.build_prompts(suite, spec))
 
 
-def sample_job_minutes(
+def sample_wave_minutes(
     config: Mapping[str, Any], runs_root: str | Path | None = ".", *, load_minutes: float = DEFAULT_LOAD_MINUTES
-) -> dict[tuple[str, str], float]:
-    """Expected minutes of one sampling job per (model, suite), model loading included: the
-    answers of the suite x tokens per answer / new tokens per second, measured on this model by
-    earlier runs where they exist (as in ``estimate``), the scaled anchor otherwise. Cheap enough
-    to run while Snakemake builds the DAG."""
+) -> dict[str, float]:
+    """Expected minutes of one sampling job (one model's wave of one seed), model loading included, by
+    model: the wave's answers x tokens per answer / new tokens per second, measured on this model by
+    earlier waves where they exist (as in ``estimate``), else vLLM's GPU benchmark for a vllm model, else
+    the scaled anchor; plus one load per engine (vllm) or per adapter (hf). Cheap enough to run while
+    Snakemake builds the DAG."""
 
     measured = measure_runs(runs_root, list(config["models"])) if runs_root is not None else {}
     answers = {
@@ -919,20 +981,22 @@ def sample_job_minutes(
         for suite in cfg.SAMPLED_SUITES
         if suite in config["eval"]["suites"]
     }
-    minutes: dict[tuple[str, str], float] = {}
+    minutes: dict[str, float] = {}
     for model, spec in config["models"].items():
         sampling = cfg.resolve_sampling_params(config, model)
+        wave = cfg.sampling_wave(config, model)
         runs = measured.get(model, ModelRuns())
         if runs.sample_files and runs.sample_answers:
             per_answer = min(runs.sample_new_tokens / runs.sample_answers, sampling["max_new_tokens"])
             rate, loading = runs.sample_new_tokens / runs.sample_seconds, 0.0
         else:
             size = params_billions(model, spec["path"])
+            scale = ANCHOR_PARAMS_B / size if size else 1.0
             per_answer = float(sampling["max_new_tokens"])
-            rate = _generate_anchor(int(sampling["batch_size"])) * (ANCHOR_PARAMS_B / size if size else 1.0)
-            loading = load_minutes
-        for suite, n in answers.items():
-            minutes[(model, suite)] = n * per_answer / rate / 60 + loading
+            rate = _sampling_throughput(sampling, scale, "", runs_root).value
+            loads = 1 if sampling.get("backend") == "vllm" else len({(f["condition"], f["step"]) for f in wave})
+            loading = loads * load_minutes
+        minutes[model] = sum(answers[f["suite"]] for f in wave) * per_answer / rate / 60 + loading
     return minutes
 
 
@@ -1023,14 +1087,14 @@ def render_markdown(
         steps = result["work"]["models"][model].get("eval_steps") or {}
         if steps.get("saved_adapters"):
             lines += [
-                f"Saved training steps (train.eval_steps): {steps['saved_adapters']:,} adapters, evaluated by "
-                f"{steps['sample_jobs']:,} sampling and as many judge jobs and {steps['capability_jobs']:,} "
-                "capability jobs; included in the rows above.",
+                f"Saved training steps (train.eval_steps): {steps['saved_adapters']:,} adapters, sampled in "
+                f"their seed's sampling job ({steps['sample_jobs']:,} files), judged by as many judge jobs and "
+                f"evaluated by {steps['capability_jobs']:,} capability jobs; included in the rows above.",
                 "",
             ]
         if m["largest_group_hours"]:
             lines += [
-                f"Longest SLURM group job (one adapter's evaluations: its samples and capabilities): "
+                f"Longest SLURM group job (one adapter's capability evals, final and at saved steps): "
                 f"{m['largest_group_hours']:,.1f} h; it must fit the partition's time limit.",
                 "",
             ]
@@ -1077,7 +1141,7 @@ def render_markdown(
         f"{suite}: {n:,} answers x {work['metrics_per_answer'][suite]} metrics"
         for suite, n in work["answers_per_job"].items()
     )
-    lines += [f"Per sampling job: {per_job}.", ""]
+    lines += [f"Per Samples file: {per_job}.", ""]
     lines += [
         "| model | " + " | ".join(work["answers_per_job"]) + " | total |",
         "|---|" + "---:|" * (len(work["answers_per_job"]) + 1),
