@@ -13,6 +13,7 @@ from workflow_helpers import ROOT, copy_workflow, snakemake
 
 from character_em import config as cfg
 from character_em import preflight
+from character_em.llm import tiny
 
 MODEL = "tiny-llama"
 
@@ -90,16 +91,33 @@ def test_dry_run_fails_when_a_gpu_back_end_gets_no_gpu(tmp_path: Path, tiny_mode
     assert "sampling.backend: 'vllm' runs a model on a GPU, but rule sample is given gpu=0" in text, text[-3000:]
 
 
-def test_without_the_model_on_disk_the_first_job_checks_before_training(tmp_path: Path) -> None:
+def test_in_a_fresh_clone_the_dry_run_checks_the_tiny_model_from_its_spec(tmp_path: Path) -> None:
+    """The tiny model is built by the workflow, so a fresh clone has no config.json: the dry run checks
+    the config.json its build will write (llm.tiny.planned_config) instead of letting the job find out."""
     workdir = copy_workflow(tmp_path / "wf")
-    (workdir / "check.yaml").write_text(yaml.safe_dump(smoke(**{"train.max_seq_length": 4096}), sort_keys=False))
-    # The tiny model is built by the workflow: nothing to check against at DAG time.
+    changes = {f"models.{MODEL}.probe_layers": [1, 99], "train.max_seq_length": 4096}
+    (workdir / "check.yaml").write_text(yaml.safe_dump(smoke(**changes), sort_keys=False))
     assert not (workdir / "resources" / "models" / MODEL).exists()
-    snakemake(workdir, "--configfile", "check.yaml", "-n", timeout=300)
-    adapter = f"results/adapters/{MODEL}/evil-medical/seed0/adapter_model.safetensors"
-    result = snakemake(workdir, "--configfile", "check.yaml", "--cores", "1", adapter, check=False, timeout=900)
+    result = snakemake(workdir, "--configfile", "check.yaml", "-n", check=False, timeout=300)
     assert result.returncode != 0
-    log = (workdir / f"logs/train_adapter/{MODEL}/evil-medical/seed0.log").read_text()
-    assert "train.max_seq_length (or models.tiny-llama.train.max_seq_length): 4096 is longer than" in log, log[-3000:]
-    # It failed before any training: no checkpoint, no step logged.
-    assert not (workdir / f"results/checkpoints/{MODEL}/evil-medical/seed0").exists()
+    text = result.stdout + result.stderr
+    assert f"models.{MODEL}.probe_layers: layer(s) [99] do not exist" in text, text[-3000:]
+    assert "the config.json its build rule will write" in text and "layers 0..3" in text, text[-3000:]
+    assert "train.max_seq_length (or models.tiny-llama.train.max_seq_length): 4096 is longer than" in text
+    assert not (workdir / "resources" / "models" / MODEL).exists()  # nothing was built to find out
+
+
+def test_the_tiny_spec_is_the_config_json_the_build_writes(tiny_model_dir: Path) -> None:
+    written = json.loads((tiny_model_dir / "config.json").read_text())
+    planned = tiny.planned_config()
+    assert {key: written.get(key) for key in planned} == planned
+
+
+def test_a_job_checks_its_model_before_loading_the_weights(tiny_model_dir: Path) -> None:
+    """Where no config.json is known at the dry run (a hub model not in the cache), the first job that
+    loads the model runs the same check on the config.json it reads first."""
+    raw = smoke(**{"train.max_seq_length": 4096})
+    raw["models"][MODEL] = {"path": str(tiny_model_dir)}
+    with pytest.raises(preflight.PreflightError, match=r"train.max_seq_length .*: 4096 is longer than"):
+        preflight.check_in_job(raw, MODEL)
+    preflight.check_in_job(smoke() | {"models": {MODEL: {"path": str(tiny_model_dir)}}}, MODEL)
