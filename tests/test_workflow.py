@@ -57,6 +57,8 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         "directions_report": 1,
         "tables": 1,
         "figures": 1,
+        # The claims, denominators and calibration tables as pages of `snakemake --report`.
+        "report_tables": 1,
         "judge_calibration": 1,
         # Every training set judged by the grid's judge, and one training_data table with its figure.
         "judge_training_data": trained,

@@ -56,7 +56,7 @@ __all__ = [
 
 # A job's stage is the first whose path prefixes one of its outputs; a figure is the report's.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("models", ("resources/",)),
+    ("resources", ("resources/",)),
     ("data", ("results/data/",)),
     ("train", ("results/adapters/", "results/adapter_steps/", "results/adapters_at_step/")),
     ("sample", ("results/samples/",)),
@@ -264,9 +264,8 @@ def _planned(workdir: Path, args: Sequence[str]) -> tuple[list[Job], list[Job]]:
     for forceall, run in runs.items():
         stdout, stderr = run.communicate()
         if run.returncode != 0:
-            raise ProgressError(
-                f"snakemake -n {' '.join(args)} failed in {workdir} (exit {run.returncode}):\n{stderr[-3000:]}"
-            )
+            shown = " ".join(["snakemake -n", *args])
+            raise ProgressError(f"{shown} failed in {workdir} (exit {run.returncode}):\n{(stdout + stderr)[-3000:]}")
         jobs[forceall] = parse_dry_run(stdout)
     return jobs[True], jobs[False]
 
