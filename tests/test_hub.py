@@ -187,6 +187,10 @@ def test_the_plan_counts_only_what_the_cache_lacks_at_that_revision(cache: Path)
     assert [name for name, _ in plan.missing] == ["model-00001-of-00001.safetensors", "tokenizer.json"]
     line = hub.check_disk([plan], cache, free=6 * GB)
     assert "to download: 5.0 GB" in line and "free on the filesystem of" in line and "6.0 GB" in line
+    # main has moved past the commit the cache holds for it: that snapshot does not count.
+    unpinned = {"repo_id": JUDGE, "revision": None, "keys": ["models.judge-as-trained"]}
+    plan = hub.plan_model(unpinned, model_info(JUDGE, "f" * 40, files), cache=cache)
+    assert plan.commit == "f" * 40 and plan.requested == "main" and len(plan.missing) == 3
 
 
 @pytest.mark.usefixtures("online")

@@ -168,14 +168,15 @@ def plan_model(model: Mapping[str, Any], info: Any, *, cache: Path | None = None
             f"{model.get('revision') or 'main'}; the jobs load safetensors only. Name a revision (or a converted "
             "copy of the model) that has them."
         )
-    requested = model.get("revision") or "main"
+    # The commit the revision names now: a branch (main) may have moved past what the cache holds.
+    commit = str(info.sha or model.get("revision") or "main")
     return ModelPlan(
         repo_id=model["repo_id"],
         revision=model.get("revision"),
         keys=list(model["keys"]),
-        commit=str(info.sha or requested),
+        commit=commit,
         files=files,
-        missing=[(name, size) for name, size in files if not _cached(model["repo_id"], name, requested, cache)],
+        missing=[(name, size) for name, size in files if not _cached(model["repo_id"], name, commit, cache)],
     )
 
 
