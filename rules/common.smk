@@ -138,6 +138,8 @@ FIGURES = [
     "persona",
     "threshold_sensitivity",
 ]
+# Tables shown as pages of `snakemake --report` (rule report_tables).
+REPORT_PAGES = ["claims", "denominators", "judge_calibration"]
 # Made by rule directions_report (rules/directions.smk) when `probes` is among eval.suites.
 DIRECTION_TABLES = [
     "probe_auroc",
@@ -664,6 +666,8 @@ def get_final_outputs():
             if LABEL_FILES
             else []
         ),
+        # rules/report.smk: the claims, denominators and calibration tables as pages of `snakemake --report`
+        *expand("results/report/{page}.html", page=REPORT_PAGES),
         # rules/calibration.smk, with judge.agreement_with: the second judge on the grid's own answers
         *(
             expand(

@@ -2,9 +2,11 @@
 # (probe layers, max_seq_length, LoRA targets), the GPU resources of GPU back-ends, whether vLLM can be
 # imported where the jobs that run it will run, and whether each model a GPU job loads fits its GPU
 # (cluster.gpu_memory_gb). Included after every rule, so that the resources the profiles and
-# --set-resources gave each rule, and each rule's conda environment, are known. A model whose
-# config.json is not on disk yet (a hub model not downloaded) is checked by the first job that loads it,
-# before the weights (workflow_scripts/train_adapter.py, sample.py).
+# --set-resources gave each rule, and each rule's conda environment, are known. A tiny test model not
+# built yet is checked against the config.json its build will write (llm.tiny.planned_config); a hub
+# model, against its config.json in the Hugging Face cache (filled by `snakemake prefetch_models`). One
+# whose config.json is nowhere yet is checked by the first job that loads it, before the weights
+# (workflow_scripts/train_adapter.py, sample.py).
 
 import os
 
@@ -12,6 +14,7 @@ from snakemake.iocontainers import Wildcards
 from snakemake.settings.types import DeploymentMethod
 
 from character_em import preflight
+from character_em.llm import tiny
 
 _checked_rules = {rule for rule, _ in preflight.GPU_BACKENDS.values()} | set(
     preflight.MODEL_SECTIONS.values()
@@ -50,6 +53,11 @@ _conda_envs = (
     if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
     else None
 )
-_errors, _unchecked = preflight.check_all(CONFIG, _gpus, _conda_envs)
+_planned = {
+    model: tiny.planned_config()
+    for model, spec in CONFIG["models"].items()
+    if (spec["build"] or "").startswith("tiny-")
+}
+_errors, _unchecked = preflight.check_all(CONFIG, _gpus, _conda_envs, planned=_planned)
 if _errors:
     raise WorkflowError(f"{CONFIG_SOURCE}: {preflight.format_errors(_errors)}")

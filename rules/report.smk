@@ -83,3 +83,36 @@ rule figures:
         "../envs/report.yaml"
     script:
         "../workflow_scripts/figures.py"
+
+
+# The tables a reader needs beside the figures, as pages of `snakemake --report` (which shows HTML
+# inline and a .csv only as a download): rendered from their .md files, judge stamp included.
+rule report_tables:
+    input:
+        claims="results/tables/claims.md",
+        denominators="results/tables/denominators.md",
+        judge_calibration="results/tables/judge_calibration.md",
+    output:
+        claims=report(
+            "results/report/claims.html",
+            caption="../report/tables/claims.rst",
+            category="0. Tables",
+        ),
+        denominators=report(
+            "results/report/denominators.html",
+            caption="../report/tables/denominators.rst",
+            category="0. Tables",
+        ),
+        judge_calibration=report(
+            "results/report/judge_calibration.html",
+            caption="../report/tables/judge_calibration.rst",
+            category="0. Tables",
+        ),
+    log:
+        "logs/report_tables.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        pages=REPORT_PAGES,
+    script:
+        "../workflow_scripts/report_tables.py"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -68,6 +69,8 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         "directions_report": 1,
         "tables": 1,
         "figures": 1,
+        # The claims, denominators and calibration tables as pages of `snakemake --report`.
+        "report_tables": 1,
         "judge_calibration": 1,
         # The judge gate every report rule waits for (no human labels in a fresh checkout).
         "judge_gate": 1,
@@ -339,10 +342,42 @@ def test_a_selected_part_of_the_grid_reuses_the_full_grids_files(smoke: Path) ->
     assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
 
 
+def test_smoke_progress_says_every_stage_is_done(smoke: Path) -> None:
+    """The progress command on the finished smoke run: every job of every stage done, none failed, and
+    the GPU-hours of the jobs that ask for a GPU (here they ran on CPU) read from their benchmark files."""
+    result = subprocess.run(
+        [sys.executable, "-m", "character_em.report.progress", "--configfile", "presets/smoke.yaml"],
+        cwd=smoke,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {
+        line.split()[0]: [int(v) for v in line.split()[1:]]
+        for line in result.stdout.split("Jobs.", 1)[1].split("GPU-hours")[0].splitlines()
+        if line.split() and line.split()[-1].isdigit()
+    }
+    assert {"data", "train", "sample", "judge", "capabilities", "directions", "report"} <= set(rows)
+    assert all(
+        done == jobs and failed == started == waiting == 0 for jobs, done, failed, started, waiting in rows.values()
+    )
+    assert (
+        rows["total"][0]
+        == sum(planned_jobs(snakemake(smoke, "--configfile", "presets/smoke.yaml", "-n", "--forceall").stdout).values())
+        - 1
+    )
+    train = next(line for line in result.stdout.splitlines() if line.startswith("train ") and "." in line)
+    assert float(train.split()[1]) > 0, train
+    assert "Failed jobs: 0" in result.stdout
+
+
 @pytest.mark.slow
 def test_smoke_report_shows_every_figure_with_its_caption(smoke: Path) -> None:
-    """`snakemake --report` on the finished smoke run: one self-contained HTML file in which every
-    output marked with report(..., caption=...) that the run made sits with its caption rendered."""
+    """`snakemake --report` on the finished smoke run: one self-contained HTML file that opens with the
+    workflow's description, in which every output marked with report(..., caption=...) that the run made
+    (figures, and the claims, denominators and calibration tables as pages) sits with its caption
+    rendered, and no caption or description carries a reStructuredText error."""
     result = snakemake(smoke, "--configfile", "presets/smoke.yaml", "--report", "report.html")
     html = (smoke / "report.html").read_text()
     # The html reporter embeds its results as one JSON object, `var results = {...};`, in the script
@@ -375,6 +410,21 @@ def test_smoke_report_shows_every_figure_with_its_caption(smoke: Path) -> None:
         # The caption's opening words, before any reStructuredText markup, appear in the rendered caption.
         opening = " ".join((smoke / "report" / caption).read_text().split("``")[0].split()[:5])
         assert opening and opening in " ".join(entry["caption"].split()), (path, entry["caption"][:300])
+        # docutils prints its errors into the rendered text (an empty ``literal``, an unknown |substitution|).
+        assert "system-message" not in entry["caption"], (path, entry["caption"])
+    # The tables a reader needs, as pages with the stamp of the judge that made them.
+    for page in ("claims", "denominators", "judge_calibration"):
+        entry = results[f"results/report/{page}.html"]
+        shown = base64.b64decode(entry["data_uri"].split("base64,", 1)[1]).decode()
+        assert entry["mime_type"] == "text/html" and "<table>" in shown and "rubric" in shown, page
+    claims = base64.b64decode(results["results/report/claims.html"]["data_uri"].split("base64,", 1)[1]).decode()
+    assert "character_vs_incorrect" in claims and "Judge: rubric" in claims
+    # The workflow description: what the run measures and this run's grid, read from its config.
+    start = html.index("var workflow_desc = ", html.index('<script id="workflow-desc">')) + len("var workflow_desc = ")
+    description, _ = json.JSONDecoder().raw_decode(html, start)
+    assert "character as a latent variable" in description and "Claim 1" in description
+    assert "Models: tiny-llama" in description and "Training seeds: 0" in description
+    assert "system-message" not in description
 
 
 @pytest.mark.slow

@@ -355,6 +355,11 @@ def test_instruments_in_use(config: Mapping[str, Any]) -> list[tuple[str, str]]:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face id (``org/name``) rather than a local path."""
+    return bool(_HUB_ID.match(name))
+
+
 def unpinned_hub_models(config: Mapping[str, Any]) -> list[str]:
     """Config keys of local-model judges (hf) and writers (hf, vllm) that name a hub id without a ``revision``."""
     built = {spec["path"] for spec in config["models"].values() if spec.get("build")}

@@ -3,9 +3,10 @@
 A probe layer beyond the model's depth, a ``max_seq_length`` longer than the model's context, or a
 LoRA target module the architecture does not have would otherwise pass ``snakemake -n`` and fail
 hours later on a GPU node. Everything here needs only the config and the model's ``config.json``
-(plain JSON, no torch), so Snakemake runs it while it builds the DAG whenever that file is on disk:
-a local folder, or a Hugging Face cache that already holds the model. Where it is not (a hub model
-not downloaded yet), the first job that loads the model runs the same check right after it reads
+(plain JSON, no torch), so Snakemake runs it while it builds the DAG whenever that file is known: a
+local folder, a Hugging Face cache that already holds the model (``snakemake prefetch_models`` fills
+it), or, for a tiny test model not built yet, the config.json its build will write. Where it is not (a
+hub model not downloaded yet), the first job that loads the model runs the same check right after it reads
 ``config.json`` and before it loads the weights (``check_in_job``).
 
 Two more checks need no model folder and also run at ``snakemake -n``: that a GPU back-end (vLLM) can
@@ -84,9 +85,10 @@ class PreflightError(ValueError):
     """The config asks for something the model or the job's resources cannot give."""
 
 
-def read_model_config(path: str) -> dict[str, Any] | None:
-    """The model's config.json from a local folder or an already filled Hugging Face cache; None if
-    neither has it (no network is used)."""
+def read_model_config(path: str, revision: str | None = None) -> dict[str, Any] | None:
+    """The model's config.json from a local folder or an already filled Hugging Face cache, at
+    ``revision`` (a commit, tag or branch; None: main, as ``from_pretrained`` resolves it); None if
+    neither has it. No network is used: ``snakemake prefetch_models`` fills the cache."""
     local = Path(path) / "config.json"
     if local.is_file():
         return json.loads(local.read_text(encoding="utf-8"))
@@ -96,7 +98,7 @@ def read_model_config(path: str) -> dict[str, Any] | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    cached = try_to_load_from_cache(path, "config.json")
+    cached = try_to_load_from_cache(path, "config.json", revision=revision)
     if isinstance(cached, str) and Path(cached).is_file():
         return json.loads(Path(cached).read_text(encoding="utf-8"))
     return None
@@ -129,14 +131,17 @@ def model_settings(config: Mapping[str, Any], model: str) -> dict[str, Any]:
     }
 
 
-def check_model(settings: Mapping[str, Any], model_config: Mapping[str, Any]) -> list[str]:
-    """Errors of one model's settings (``model_settings``) against its config.json, each naming the key."""
+def check_model(
+    settings: Mapping[str, Any], model_config: Mapping[str, Any], *, source: str = "config.json"
+) -> list[str]:
+    """Errors of one model's settings (``model_settings``) against its config.json, each naming the key.
+    ``source``: where that config comes from, for the messages."""
     model = settings["model"]
     errors: list[str] = []
     text = model_config.get("text_config") or {}
     n_layers = model_config.get("num_hidden_layers", text.get("num_hidden_layers"))
     context = model_config.get("max_position_embeddings", text.get("max_position_embeddings"))
-    where = f"{settings['path']} (config.json)"
+    where = f"{settings['path']} ({source})"
     if isinstance(n_layers, int):
         valid = f"the model has layers 0..{n_layers - 1}"
         for key, layers in (
@@ -444,18 +449,25 @@ def check_all(
     config: Mapping[str, Any],
     gpus: Mapping[str, Any] | None = None,
     conda_envs: Mapping[str, Callable[[str | None], str | None]] | None = None,
+    *,
+    planned: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[list[str], list[str]]:
     """(errors, models whose config.json is not on disk yet) for a validated config. ``gpus``: rule -> its
-    `gpu` resource; ``conda_envs``: with ``--sdm conda``, rule -> its environment file by model."""
+    `gpu` resource; ``conda_envs``: with ``--sdm conda``, rule -> its environment file by model; ``planned``:
+    model -> the config.json a rule of this workflow will build for it (a tiny-* test model,
+    ``llm.tiny.planned_config``), used until the folder exists."""
     errors: list[str] = []
     unchecked: list[str] = []
     for model in config["models"]:
         settings = model_settings(config, model)
         model_config = read_model_config(settings["path"])
+        source = "config.json"
+        if model_config is None and planned and model in planned:
+            model_config, source = dict(planned[model]), "the config.json its build rule will write"
         if model_config is None:
             unchecked.append(model)
             continue
-        errors += check_model(settings, model_config)
+        errors += check_model(settings, model_config, source=source)
     errors += check_gpu_resources(config, gpus or {})
     errors += check_gpu_imports(config, conda_envs=conda_envs)
     errors += check_gpu_memory(config, gpus or {})

@@ -1,4 +1,4 @@
-"""Models and model calls shared by every stage: loading (4-bit, adapters), chat rendering and end-of-turn tokens, the OpenAI-compatible client, the content-addressed cache, and tiny test models."""
+"""Models and model calls shared by every stage: loading (4-bit, adapters), chat rendering and end-of-turn tokens, the OpenAI-compatible client, the content-addressed cache, tiny test models, and hub models fetched at their revisions."""
 
 from character_em.lazy import lazy_exports
 
@@ -20,6 +20,9 @@ _EXPORTS = {
     "ContentCache": "cache",
     "content_key": "cache",
     "build_tiny_model": "tiny",
+    "planned_config": "tiny",
+    "hub_models": "hub",
+    "prefetch": "hub",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

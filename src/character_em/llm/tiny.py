@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-__all__ = ["OUTPUT_SCALE", "STYLES", "build_tiny_model", "builtin_corpus", "main"]
+__all__ = ["OUTPUT_SCALE", "STYLES", "build_tiny_model", "builtin_corpus", "main", "planned_config"]
 
 OUTPUT_SCALE = 20.0
 
@@ -228,6 +228,23 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list
     return tok
 
 
+def planned_config(*, hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4) -> dict[str, Any]:
+    """The shape fields of the config.json that ``build_tiny_model`` writes for these arguments (its
+    defaults are the workflow's tiny-* builds), known without building: ``snakemake -n`` checks probe
+    layers and context lengths against them before the model exists (character_em.preflight)."""
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": max(1, num_heads // 2),  # GQA like the real families
+        "head_dim": hidden_size // num_heads,
+        "max_position_embeddings": 2048,
+    }
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
@@ -291,16 +308,10 @@ def build_tiny_model(
     bos_id_cfg = ids[spec["bos"]] if spec["bos"] else None
     stop_ids = [eos_id] + [ids[t] for t in spec["extra_stop"]]
 
-    head_dim = hidden_size // num_heads
+    shape = planned_config(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads)
     config = LlamaConfig(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),  # GQA like the real families
-        head_dim=head_dim,
-        max_position_embeddings=2048,
+        **{key: value for key, value in shape.items() if key not in ("model_type", "architectures")},
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=bos_id_cfg,

@@ -33,6 +33,7 @@ _EXPORTS = {
     "bootstrap_contrast": "hierarchical",
     "bootstrap_statistic": "hierarchical",
     "holm": "hierarchical",
+    "write_markdown_pages": "pages",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

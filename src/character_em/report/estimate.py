@@ -37,6 +37,7 @@ __all__ = [
     "ANCHORS",
     "EstimateError",
     "Throughput",
+    "benchmark_seconds",
     "count_work",
     "estimate",
     "measure_runs",
@@ -1199,6 +1200,12 @@ def render_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def benchmark_seconds(path: str | Path) -> float:
+    """Wall seconds of one Snakemake benchmark file, read as the estimate reads them (report.progress
+    sums them into the GPU-hours a grid has spent)."""
+    return _benchmark_seconds(Path(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,9 +40,61 @@ def stamp_figures(text: str) -> None:
     FIGURE_STAMP[:] = [text]
 
 
-def save_figure(fig: Any, *paths: str | Path) -> None:
-    for text in FIGURE_STAMP:
-        fig.text(0.0, -0.02, text, fontsize=6, ha="left", va="top", transform=fig.transFigure)
+STAMP_FONTSIZE = 6
+# Between the lowest other text (tick labels, axis label, legend) and the stamp, in points.
+STAMP_GAP_POINTS = 6.0
+
+
+def place_stamp(fig: Any, text: str) -> Any:
+    """Print ``text`` under everything else on ``fig``, wrapped to the figure's width, and return it.
+
+    A fixed position under the axes collides with whatever reaches lower: condition names rotated 60
+    degrees reached a stamp at y=-0.02 in every bar chart. So the figure is laid out first and the stamp
+    goes below the lowest point of its tight bounding box (ticks, labels and legends included)."""
+    import textwrap
+
+    renderer = fig.canvas.get_renderer()
+    bottom_inches = fig.get_tightbbox(renderer).y0
+    height = fig.get_figheight()
+    y = (bottom_inches - STAMP_GAP_POINTS / 72) / height
+    # About 0.55 em per character of a sans-serif font.
+    per_line = max(40, int(fig.get_figwidth() * 72 / (STAMP_FONTSIZE * 0.55)))
+    return fig.text(
+        0.0,
+        y,
+        textwrap.fill(text, per_line),
+        fontsize=STAMP_FONTSIZE,
+        ha="left",
+        va="top",
+        transform=fig.transFigure,
+    )
+
+
+def separate_point_labels(fig: Any) -> None:
+    """Move point labels (annotations offset from their point) that would cover one another: two
+    conditions at the same point (incorrect and correct advice at zero harm) otherwise print their
+    names on top of each other. Each label is tried one line higher, then lower, then two lines..."""
+    from matplotlib.text import Annotation
+
+    renderer = fig.canvas.get_renderer()
+    for axis in fig.axes:
+        placed: list[Any] = []
+        for label in [t for t in axis.texts if isinstance(t, Annotation) and t.get_anncoords() == "offset points"]:
+            x, y = label.xyann
+            line = label.get_window_extent(renderer).height * 72 / fig.dpi + 1
+            for step in (0, 1, -1, 2, -2, 3, -3, 4, -4):
+                label.xyann = (x, y + step * line)
+                if not any(label.get_window_extent(renderer).overlaps(box) for box in placed):
+                    break
+            placed.append(label.get_window_extent(renderer))
+
+
+def save_figure(fig: Any, *paths: str | Path, stamp: str | None = None) -> None:
+    """Save ``fig`` to each path, point labels kept apart and the judge stamp under it (``stamp``,
+    else the one set by ``stamp_figures``)."""
+    separate_point_labels(fig)
+    for text in [stamp] if stamp else FIGURE_STAMP:
+        place_stamp(fig, text)
     for path in paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")

@@ -250,8 +250,6 @@ def harm_figure(
         ax.set_ylabel("misaligned share on the em suite after training")
         ax.set_title(model)
         ax.legend(fontsize=7)
-    if stamp:
-        fig.text(0.0, -0.02, stamp, fontsize=6, ha="left", va="top")
     fig.suptitle("Harm in the training data vs the misalignment it induces")
-    save_figure(fig, *outputs)
+    save_figure(fig, *outputs, stamp=stamp)
     plt.close(fig)
