@@ -153,6 +153,40 @@ wildcard_constraints:
     suite=_alternatives(cfg.SAMPLED_SUITES),
 
 
+# --------------------------------------------------------------------------- waves
+# A wave is everything one (model, seed) samples and judges: every condition's suites and every saved
+# step's (config.wave_runs). The judge job of a wave loads its judge once for all of it (rules/judge.smk),
+# so a wave's files are the outputs of one job; they are the same list for every model, since one rule
+# declares them with only {model} and {seed} left open.
+WAVE_RUNS = cfg.wave_runs(CONFIG, MODELS[0]) if MODELS else []
+for _model in MODELS[1:]:
+    if cfg.wave_runs(CONFIG, _model) != WAVE_RUNS:
+        raise WorkflowError(
+            f"Invalid configuration:\n{CONFIG_SOURCE}: models.{_model}.train.eval_steps: the saved steps of "
+            f"{_model} differ from those of {MODELS[0]}, but one judge job per (model, seed) judges every "
+            "step of its wave and declares the same files for every model. Give every model the same "
+            "train.eval_steps (set it under train: or train_overrides:, not under models.<model>.train)."
+        )
+
+
+def wave_files(kind, model="{model}", seed="{seed}"):
+    """The files of one wave, in wave order: samples, scores or summary (`.judge.json`); with the
+    defaults, as patterns of the judge rule's {model} and {seed} wildcards."""
+    return [cfg.wave_path(kind, model, seed, run) for run in WAVE_RUNS]
+
+
+def get_wave_samples(wildcards):
+    return wave_files("samples", wildcards.model, wildcards.seed)
+
+
+# The exact audit of a first-token judge's verdicts (rules/judge.smk), for a model judge only.
+JUDGE_AUDIT = (
+    CONFIG["judge"]["audit_fraction"]
+    if CONFIG["judge"]["backend"] in job_settings.GPU_JUDGE_BACKENDS
+    else 0.0
+)
+
+
 # --------------------------------------------------------------------------- paths
 
 
@@ -438,6 +472,12 @@ def get_final_outputs():
             if CONFIG["judge"]["agreement_with"]
             else []
         ),
+        # rules/judge.smk: the exact audit of a first-token model judge, when there are waves to audit
+        *(
+            ["results/tables/judge_audit.csv", "results/tables/judge_audit.md"]
+            if JUDGE_AUDIT and score_files()
+            else []
+        ),
         # rules/training_data.smk: every training set judged, beside the misalignment it induces
         "results/tables/training_data.csv",
         "results/tables/training_data.md",
@@ -481,10 +521,9 @@ def sample_runtime(wildcards):
     return capped_runtime(sample_minutes()[(wildcards.model, wildcards.suite)])
 
 
-# Judge jobs likewise, for a judge that is a model on the job's GPU (character_em.report.estimate:
-# the job's verdicts at the anchor's forward rate scaled to the judge's size, x1.5): a 70B judge needs
-# hours for an em job and minutes for a transfer job. API and rubric judges ask for a fixed time. A
-# job that reaches its limit resumes from the judge cache on the retry.
+# Judge jobs likewise, for a judge that is a model on the job's GPU (character_em.report.estimate: the
+# wave's prompt tokens at the judge engine's rate, its loading, x1.5). API and rubric judges ask for a
+# fixed time. A job that reaches its limit resumes from the judge cache on the retry.
 @lru_cache(maxsize=None)
 def anchors_estimate():
     from character_em.report.estimate import estimate
@@ -502,7 +541,7 @@ def judge_minutes():
 def judge_runtime(wildcards):
     from character_em.report.estimate import judge_runtime_request, runtime_cap
 
-    expected = judge_minutes().get((wildcards.model, wildcards.suite))
+    expected = judge_minutes().get((wildcards.model, "wave"))
     return judge_runtime_request(expected, runtime_cap())
 
 

@@ -2,7 +2,8 @@
 # as a by-product of its one run, into results/adapter_steps/ (outside its declared outputs, so a
 # killed run resumes with them); publish_adapter_step makes each saved step a file Snakemake tracks.
 # The em suite and the capability eval then run on each step through the {step} wildcard, with the
-# rules of the final adapter (use rule ... with:), so one step can be rerun on its own.
+# rules of the final adapter (use rule ... with:), so one step can be rerun on its own; the step's
+# answers are judged by its wave's judge job (rules/judge.smk).
 
 
 include: "trajectory_common.smk"
@@ -45,20 +46,6 @@ use rule sample as sample_step with:
         "benchmarks/runs/sample/{model}/{condition}/seed{seed}/{step}/{suite}.tsv"
     params:
         adapter_dir=get_step_adapter_dir,
-
-
-use rule judge as judge_step with:
-    # `with: input:` replaces the whole input section, so the judge prompts are named again.
-    input:
-        samples="results/samples/{model}/{condition}/seed{seed}/{step}/{suite}.parquet",
-        prompts=MAIN_JUDGE_PROMPTS,
-    output:
-        scores="results/scores/{model}/{condition}/seed{seed}/{step}/{suite}.parquet",
-        summary="results/scores/{model}/{condition}/seed{seed}/{step}/{suite}.judge.json",
-    log:
-        "logs/judge/{model}/{condition}/seed{seed}/{step}/{suite}.log",
-    benchmark:
-        "benchmarks/runs/judge/{model}/{condition}/seed{seed}/{step}/{suite}.tsv"
 
 
 use rule capabilities as capabilities_step with:

@@ -117,6 +117,7 @@ NOT_JOB_SETTINGS = {
         "min_kappa": "the calibration gate of the tables rule (judge.calibration.gate), not a verdict setting",
         "allow_uncalibrated": "overrides that gate in the tables rule; changes no verdict",
         "agreement_max_answers": "how many grid answers the judge_agreement job draws; changes no verdict",
+        "audit_fraction": "the grid judge job's exact audit (rules/judge.smk passes it apart); changes no verdict",
     },
 }
 

@@ -91,6 +91,7 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
     _check_references(resolved, source)
     _check_eval_steps(resolved, source)
     _check_lora_rank(resolved, source)
+    _check_judge_quantization(resolved, source)
     _check_test_instruments(resolved, source)
     return resolved
 
@@ -408,6 +409,30 @@ def step_suites(config: Mapping[str, Any], condition: str) -> list[str]:
     return [suite for suite in suites_for(config, condition) if suite in wanted]
 
 
+def wave_runs(config: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
+    """What one (model, seed) wave samples and judges, in a fixed order: every condition's suites on its
+    final adapter (``step`` None), then each saved step's suites (``step_suites``). The paths under
+    results/samples/ and results/scores/ follow from each entry (``wave_path``)."""
+    runs: list[dict[str, Any]] = []
+    for condition in expand_conditions(config):
+        runs += [{"condition": condition, "step": None, "suite": suite} for suite in suites_for(config, condition)]
+    for condition in expand_conditions(config):
+        for step in eval_step_labels(config, model, condition):
+            runs += [{"condition": condition, "step": step, "suite": suite} for suite in step_suites(config, condition)]
+    return runs
+
+
+def wave_path(kind: str, model: str, seed: int | str, run: Mapping[str, Any]) -> str:
+    """The file of one wave entry: ``samples``, ``scores`` (results/{kind}/...parquet) or ``summary`` (the
+    scores' ``.judge.json``)."""
+    folder = f"{model}/{run['condition']}/seed{seed}" + (f"/{run['step']}" if run.get("step") else "")
+    if kind == "summary":
+        return f"results/scores/{folder}/{run['suite']}.judge.json"
+    if kind not in ("samples", "scores"):
+        raise ValueError(f"unknown wave file kind {kind!r}")
+    return f"results/{kind}/{folder}/{run['suite']}.parquet"
+
+
 def step_capabilities(config: Mapping[str, Any]) -> bool:
     """Whether the capability eval runs on every saved step too."""
     return "capabilities" in config["eval"]["suites"] and "capabilities" in config["eval"]["trajectory"]["suites"]
@@ -502,6 +527,17 @@ def _check_lora_rank(config: Mapping[str, Any], source: str) -> None:
                     f"sampling.max_lora_rank = {limit}, the largest rank the vllm sampling back-end serves. "
                     f"Set sampling.max_lora_rank (or models.{model}.sampling.max_lora_rank) to at least {rank}."
                 )
+
+
+def _check_judge_quantization(config: Mapping[str, Any], source: str) -> None:
+    """A judge whose back-end cannot load its quantization (NF4 on vLLM, FP8 on transformers) would fail
+    on its GPU node, after sampling."""
+    sections = [("judge", config["judge"]), ("judge.agreement_with", config["judge"].get("agreement_with"))]
+    sections.append(("data.filter.judge", config["data"]["filter"].get("judge")))
+    for key, section in sections:
+        problem = job_settings.judge_quantization_problem(section, key) if section else None
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
 
 
 def resolve_sampling_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:
