@@ -161,3 +161,37 @@ def test_a_first_token_hf_wave_is_audited_exactly_and_a_rerun_loads_nothing(numb
     )
     assert again["judged"] == 0 and fresh._loaded is None and fresh.stats["requests"] == 0
     assert pl.read_parquet(tmp_path / "audit2.parquet").equals(audit)
+
+
+def test_a_quantization_the_judges_back_end_cannot_load_is_refused_at_the_config_check() -> None:
+    import copy
+
+    from character_em import config as cfg
+    from character_em.judge.verdicts import JudgeConfigError
+    from character_em.judge.vllm_backend import VLLMJudge
+
+    raw = cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml")
+    assert raw["judge"]["backend"] == "vllm" and raw["judge"]["quantization"] == "fp8"
+    cfg.validate_config(raw, source="x.yaml")  # fp8 on the vllm judge: the paper grid's own setting
+    bad = copy.deepcopy(raw)
+    bad["judge"]["quantization"] = "nf4"
+    with pytest.raises(
+        cfg.ConfigError, match=r"x.yaml: judge.quantization: 'nf4' cannot be loaded by the vllm judge"
+    ) as err:
+        cfg.validate_config(bad, source="x.yaml")
+    assert "use fp8 on GPUs with FP8 (H100, H200), or none with a pre-quantized checkpoint" in str(err.value)
+    bad = copy.deepcopy(raw)
+    bad["judge"]["agreement_with"] = {
+        "backend": "hf",
+        "model": "org/other-judge",
+        "revision": "a" * 40,
+        "quantization": "fp8",
+    }
+    with pytest.raises(
+        cfg.ConfigError,
+        match="judge.agreement_with.quantization: 'fp8' cannot be loaded by the hf judge.*fp8 needs judge.backend: vllm",
+    ):
+        cfg.validate_config(bad, source="x.yaml")
+    # The back-end refuses it too, before anything loads.
+    with pytest.raises(JudgeConfigError, match="judge.quantization: 'nf4' cannot be loaded by the vllm judge"):
+        VLLMJudge(model="org/judge", quantization="nf4")

@@ -28,6 +28,8 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     sampled = models * seeds * (3 * conditions + 1 + triggered)
     # A local (hf) data writer runs on a GPU node, as generate_data_gpu.
     writer = config.get("data", {}).get("generator", {}).get("backend", "offline")
+    # One judge job per wave (model, seed); a model judge's first-token verdicts get an exact audit table.
+    model_judge = config.get("judge", {}).get("backend") in ("hf", "vllm")
     # The full MMLU test set comes out of a pinned wheel: one download, one extraction.
     mmlu = config.get("eval", {}).get("capabilities", {}).get("task_file") == "resources/tasks/mmlu.jsonl"
     return {
@@ -38,7 +40,8 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         "train_adapter": models * trained * seeds,
         "plot_loss_curve": models * trained * seeds,
         "sample": sampled,
-        "judge": sampled,
+        "judge": models * seeds,
+        **({"judge_audit": 1} if model_judge else {}),
         "capabilities": models * conditions * seeds,
         "probes": models,
         # Character direction: mean activations of every condition (all of them answer em), the
@@ -216,15 +219,17 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
 
 @pytest.mark.slow
 def test_smoke_one_saved_step_reruns_alone(smoke: Path) -> None:
-    """A step is a value of the {step} wildcard: one step's scores are remade by that step's judge job
-    alone (no training, no other step); the same verdicts (judge cache) leave the report as it is."""
+    """A step's scores are made by its wave's judge job (model, seed), with no training and no sampling;
+    the judge cache answers every verdict, so the rerun loads no judge and the report stays as it is."""
     target = "results/scores/tiny-llama/evil-medical/seed0/step3/em.parquet"
     (smoke / target).unlink()
     result = snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", "-n", target)
-    jobs = {(rule, wc.get("step"), wc.get("condition")) for rule, wc in planned_wildcards(result.stdout)}
-    assert jobs == {("judge_step", "step3", "evil-medical")}, jobs
+    jobs = {(rule, wc.get("model"), wc.get("seed")) for rule, wc in planned_wildcards(result.stdout)}
+    assert jobs == {("judge", "tiny-llama", "0")}, jobs
     snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", target)
     assert (smoke / target).is_file()
+    wave = json.loads((smoke / "results/judge_waves/tiny-llama/seed0.json").read_text())
+    assert wave["judged"] == 0 and wave["cache_hits"] == wave["rows"] > 0, wave
 
 
 @pytest.mark.slow
@@ -283,12 +288,12 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         ("train_adapter", "incorrect-medical"),
         ("plot_loss_curve", "incorrect-medical"),
         ("sample", "incorrect-medical"),
-        ("judge", "incorrect-medical"),
+        # The wave's judge job: the new answers judged, every other verdict from the judge cache.
+        ("judge", None),
         ("capabilities", "incorrect-medical"),
         # Its saved steps come from the new training run and are evaluated again.
         ("publish_adapter_step", "incorrect-medical"),
         ("sample_step", "incorrect-medical"),
-        ("judge_step", "incorrect-medical"),
         ("capabilities_step", "incorrect-medical"),
         ("trajectory", None),
         # The probes learn from every condition's judged em answers, so they, the steering that
