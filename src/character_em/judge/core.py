@@ -756,6 +756,7 @@ class _Judged:
     """One judging pass over several Samples frames: every Scores row and its verdict, and what was sent."""
 
     backend: JudgeBackend
+    judge_cfg: Mapping[str, Any]
     model_name: str
     cache: JudgeCache | None
     max_failure_fraction: float
@@ -850,7 +851,7 @@ class _Judged:
         if fraction <= 0 or not callable(with_scoring) or not callable(resolved) or resolved() != FIRST_TOKEN:
             return pl.DataFrame(schema=AUDIT_SCHEMA)
         exact = with_scoring(EXACT_SCORING)
-        identity = judge_identity({"model": self.model_name}, exact)
+        identity = judge_identity(self.judge_cfg, exact)
         chosen: dict[str, tuple[str, str]] = {}  # first-token key -> (exact key, exact judge hash)
         todo: dict[str, _Pending] = {}
         exact_results: dict[str, JudgeResult] = {}
@@ -914,6 +915,7 @@ def _judge_frames(
     cache = JudgeCache(cache_dir) if cache_dir else None
     judged = _Judged(
         backend=backend,
+        judge_cfg=judge_cfg,
         model_name=model_name,
         cache=cache,
         max_failure_fraction=float(judge_cfg.get("max_failure_fraction", 0.05)),

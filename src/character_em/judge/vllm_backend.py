@@ -291,16 +291,21 @@ class VLLMJudge:
             spellings[key] = continuation_ids(self._tokenizer(), prompt_text, prompt_ids, candidate_strings(metric))
         return spellings[key]
 
-    def _render(self, request: JudgeRequest) -> tuple[list[int], list[list[int]]]:
+    def _render(self, requests: Sequence[JudgeRequest]) -> list[tuple[list[int], list[list[int]]]]:
+        """(prompt ids, candidate spellings) of each request; the prompts tokenized as one batch."""
         tok = self._tokenizer()
-        text = tok.apply_chat_template(request.messages(), add_generation_prompt=True, tokenize=False)
-        ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
-        conts = self._spellings(request.metric, text, ids)
-        if len(ids) + max(len(c) for c in conts) + 1 > self.max_model_len:
-            raise ValueError(
-                f"judge prompt of {len(ids)} tokens does not fit the vLLM judge's max_model_len {self.max_model_len}"
-            )
-        return ids, conts
+        texts = [tok.apply_chat_template(r.messages(), add_generation_prompt=True, tokenize=False) for r in requests]
+        encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        out = []
+        for r, text, row in zip(requests, texts, encoded, strict=True):
+            ids = [int(i) for i in row]
+            conts = self._spellings(r.metric, text, ids)
+            if len(ids) + max(len(c) for c in conts) + 1 > self.max_model_len:
+                raise ValueError(
+                    f"judge prompt of {len(ids)} tokens does not fit the vLLM judge's max_model_len {self.max_model_len}"
+                )
+            out.append((ids, conts))
+        return out
 
     def _generate(self, prompts: list[dict[str, list[int]]], params: Any) -> list[Any]:
         outputs = list(self._engine().generate(prompts, params, use_tqdm=False))
@@ -323,8 +328,7 @@ class VLLMJudge:
         prompts: list[dict[str, list[int]]] = []
         params: list[Any] = []
         by_plan: dict[FirstTokenPlan, Any] = {}
-        for r in requests:
-            ids, conts = self._render(r)
+        for r, (ids, conts) in zip(requests, self._render(requests), strict=True):
             plan = FirstTokenPlan.from_continuations(r.metric, conts)
             if plan not in by_plan:
                 by_plan[plan] = SamplingParams(
@@ -357,8 +361,7 @@ class VLLMJudge:
         plans = []
         prompts: list[dict[str, list[int]]] = []
         params: list[Any] = []
-        for r in requests:
-            ids, conts = self._render(r)
+        for r, (ids, conts) in zip(requests, self._render(requests), strict=True):
             # prefix (tokens after the prompt) -> the ids whose probability is read after it
             reads: dict[tuple[int, ...], set[int]] = {}
             for c in conts:

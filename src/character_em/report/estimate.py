@@ -495,7 +495,7 @@ def judge_tokens(
             # One request at a time, the whole prompt each time; the exact path adds its candidate tree.
             tree = (101 if scoring == "first-token" else DIGIT_SPLIT_NUMBER_TOKENS) + ESCAPE_TOKENS * escapes
             out["sent"] += prompt
-            out["computed"] += prompt + (tree if scoring == "exact" else 0.0) + audit * tree
+            out["computed"] += prompt + (tree if scoring == "exact" else audit * (prompt + tree))
             out["requests"] += 1
             continue
         # vLLM: the shared part once per answer (the first metric), then each metric's rest and the
