@@ -282,7 +282,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def unpinned_hub_models(config: Mapping[str, Any]) -> list[str]:
-    """Config keys of local-model (hf) judges and writers that name a hub id without a ``revision``."""
+    """Config keys of local-model judges and writers (hf, vllm) that name a hub id without a ``revision``."""
     built = {spec["path"] for spec in config["models"].values() if spec.get("build")}
     sections = [
         ("judge", config["judge"]),
@@ -292,7 +292,7 @@ def unpinned_hub_models(config: Mapping[str, Any]) -> list[str]:
     ]
     keys = []
     for key, section in sections:
-        if not section or section.get("backend") != "hf" or section.get("revision"):
+        if not section or section.get("backend") not in ("hf", "vllm") or section.get("revision"):
             continue
         model = str(section.get("model") or "")
         if _HUB_ID.match(model) and model not in built and not Path(model).exists():
