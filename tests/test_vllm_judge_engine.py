@@ -163,3 +163,13 @@ def test_a_finished_wave_sends_nothing_and_starts_no_engine(
     assert again["judged"] == 0 and again["cache_hits"] == again["rows"] == first["rows"]
     assert not fresh.started and set(fresh.stats.values()) == {0}
     assert pl.read_parquet(tmp_path / "audit2.parquet").equals(audit)
+
+
+def test_fp8_weights_on_a_node_without_a_gpu_are_refused_before_any_engine_starts(number_model: Path) -> None:
+    from character_em.judge.verdicts import JudgeConfigError
+
+    judge = VLLMJudge(model=str(number_model), quantization="fp8", scoring="auto")
+    assert judge.effective_params()["quantization"] == "fp8"  # an FP8 judge is another judge
+    with pytest.raises(JudgeConfigError, match=r"judge.quantization: fp8 needs a GPU with FP8 \(H100, H200\)"):
+        judge.score_batch(_requests()[:1])
+    assert not judge.started
