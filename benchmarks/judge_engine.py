@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.out_dir) / name).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
-    # float32 (smoke) must agree to rounding; bf16 batches of another shape may round differently.
-    tolerance = 0.5 if args.gpu else 1e-5
+    # Points on the 0..100 scale: float32 (smoke) agrees to rounding (~1e-4 points); bf16 batches of another
+    # shape round differently.
+    tolerance = 0.5 if args.gpu else 1e-3
     if worst > tolerance or (args.smoke and labels < 1.0):
         raise SystemExit(f"prefix cache on vs off: scores differ by {worst:.2e}, labels agree on {labels:.1%}")
 

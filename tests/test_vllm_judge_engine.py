@@ -3,9 +3,13 @@ tiny float32 model whose tokenizer spells 0..100 as single tokens (as Llama 3's 
 scores by first token (judge.scoring: auto).
 
 One engine serves the whole module (an engine start costs ~40 s on a CPU):
-- first-token verdicts equal the hf judge's first-token probabilities within 1e-5, and the exact
-  definition (the prefix-tree requests of the audit) the hf judge's exact one;
-- prefix sharing changes no score: the same verdicts with and without prefix-cache reads;
+- first-token verdicts read the hf judge's first-token probabilities: every one of the 101 numbers' and
+  the escapes' probabilities within 1e-5, the same labels, and expected scores within 1e-3 points on the
+  0..100 scale (float32 kernels of another batch shape move a probability by ~1e-7, which an expectation
+  over 0..100 turns into up to ~5e-5 points); the exact definition (the prefix-tree requests of the audit)
+  equals the hf judge's exact one as closely;
+- prefix sharing changes no score: the same probabilities, labels and scores, to the same tolerances,
+  with and without prefix-cache reads;
 - a wave through score_wave writes its Scores, its audit and its engine counts; rerunning the finished
   wave sends no request and starts no engine.
 """
@@ -74,6 +78,15 @@ def _requests() -> list[JudgeRequest]:
     return out
 
 
+def _max_probability_difference(a: list[Any], b: list[Any]) -> float:
+    """Largest |p - p'| over every token two lists of (plan, log-probabilities) read; the plans must agree."""
+    worst = 0.0
+    for (plan_a, lp_a), (plan_b, lp_b) in zip(a, b, strict=True):
+        assert plan_a == plan_b and set(lp_a) == set(lp_b) == set(plan_a.token_ids)
+        worst = max(worst, max(abs(math.exp(lp_a[t]) - math.exp(lp_b[t])) for t in lp_a))
+    return worst
+
+
 def _compare(a: list[JudgeResult], b: list[JudgeResult]) -> float:
     """Largest |score difference|; labels must agree, NaN only together."""
     diffs = []
@@ -97,16 +110,19 @@ def test_first_token_verdicts_equal_the_hf_judges(engine_judge: VLLMJudge, numbe
     assert engine_judge.stats["generated_tokens"] - before["generated_tokens"] == len(requests)
     assert {r.method for r in fast} == {"first-token"}
     hf = HFJudge(model=str(number_model), dtype="fp32", device="cpu", scoring="first-token", min_numeric_mass=0.0)
+    probabilities = _max_probability_difference(
+        engine_judge.first_token_logprobs(requests), [hf.first_token_logprobs(r) for r in requests]
+    )
     diff = _compare(fast, [hf.score_one(r) for r in requests])
-    print(f"\nfirst-token: {len(requests)} verdicts, max |vllm - hf| = {diff:.2e}")
-    assert diff < 1e-5
+    print(f"\nfirst-token, {len(requests)} verdicts: max |p_vllm - p_hf| = {probabilities:.2e}, score {diff:.2e}")
+    assert probabilities < 1e-5 and diff < 1e-3
     # The exact definition on the same engine (a request per node of each candidate tree), against the
     # hf judge's candidate tree: the same numbers, and not the first-token ones.
     exact = engine_judge.with_scoring("exact").score_batch(requests[:3])
     hf_exact = [hf.with_scoring("exact").score_one(r) for r in requests[:3]]
     diff = _compare(exact, hf_exact)
-    print(f"exact: 3 verdicts, max |vllm - hf| = {diff:.2e}")
-    assert diff < 1e-4 and {r.method for r in exact} == {"exact"}
+    print(f"exact, 3 verdicts: max |vllm - hf| = {diff:.2e}")
+    assert diff < 1e-3 and {r.method for r in exact} == {"exact"}
     assert engine_judge.stats["exact_verdicts"] - before["exact_verdicts"] == 3
 
 
@@ -122,13 +138,17 @@ def test_prefix_sharing_changes_no_score(engine_judge: VLLMJudge) -> None:
     unshared = alone.score_batch(requests)
     assert engine_judge.stats["cached_prompt_tokens"] == before["cached_prompt_tokens"]
     diff = _compare(shared, unshared)
-    print(f"\nprefix cache on vs off: max |difference| = {diff:.2e} ({cached:,} of {sent:,} prompt tokens cached)")
-    assert diff < 1e-5
-    exact = engine_judge.with_scoring("exact")
-    diff = _compare(
-        exact.score_batch(requests[:2]), dataclasses.replace(exact, read_prefix_cache=False).score_batch(requests[:2])
+    probabilities = _max_probability_difference(
+        engine_judge.first_token_logprobs(requests), alone.first_token_logprobs(requests)
     )
-    assert diff < 1e-5
+    print(
+        f"\nprefix cache on vs off: max |p difference| = {probabilities:.2e}, score {diff:.2e} "
+        f"({cached:,} of {sent:,} prompt tokens from the cache)"
+    )
+    assert probabilities < 1e-5 and diff < 1e-3
+    exact = engine_judge.with_scoring("exact")
+    uncached = dataclasses.replace(exact, read_prefix_cache=False)
+    assert _compare(exact.score_batch(requests[:2]), uncached.score_batch(requests[:2])) < 1e-3
 
 
 def _write(tmp_path: Path, name: str, frame: pl.DataFrame) -> J.WaveFile:
@@ -149,7 +169,7 @@ def test_a_finished_wave_sends_nothing_and_starts_no_engine(
     wave = {"judge_cfg": cfg, "dispositions": DISPOSITIONS, "cache_dir": str(tmp_path / "cache"), "audit_fraction": 0.5}
     before = dict(engine_judge.stats)
     first = J.score_wave(files, **wave, audit=str(tmp_path / "audit.parquet"), backend=engine_judge)
-    verdicts = 4 * 3 + 2 * 4 - 2  # persona's first two answers share alignment and coherence with em's
+    verdicts = 4 * 3 + 2 * 4 - 2 * 2  # persona's two answers share alignment and coherence with em's
     assert first["judged"] == verdicts and first["methods"] == {"first-token": verdicts}
     assert engine_judge.stats["first_token_verdicts"] - before["first_token_verdicts"] == verdicts
     audit = pl.read_parquet(tmp_path / "audit.parquet")

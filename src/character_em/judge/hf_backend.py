@@ -594,27 +594,31 @@ class HFJudge:
         return self._cont_cache[key]
 
     def score_one(self, request: JudgeRequest) -> JudgeResult:
+        if self.resolved_scoring() == FIRST_TOKEN:
+            plan, logprobs = self.first_token_logprobs(request)
+            return verdict_from_first_token(request.metric, plan, logprobs, min_mass=self.min_numeric_mass)
         model, tok = self._load()
         text = tok.apply_chat_template(request.messages(), add_generation_prompt=True, tokenize=False)
         ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
         strings = candidate_strings(request.metric)
         conts = self._continuations(tok, request.metric, text, ids)
-        if self.resolved_scoring() == FIRST_TOKEN:
-            plan = FirstTokenPlan.from_continuations(request.metric, conts)
-            self.stats["requests"] += 1
-            self.stats["forward_passes"] += 1
-            return verdict_from_first_token(
-                request.metric,
-                plan,
-                first_token_logprobs(model, ids, plan.token_ids),
-                min_mass=self.min_numeric_mass,
-            )
         logps = sequence_logprobs(
             model, ids, conts, self._terminators, use_cache=self.use_cache, chunk_size=self.chunk_size
         )
         self.stats["requests"] += 1
         self.stats["forward_passes"] += 1 + math.ceil(len(conts) / self.chunk_size)
         return verdict_from_sequence_logprobs(request.metric, strings, logps, min_mass=self.min_numeric_mass)
+
+    def first_token_logprobs(self, request: JudgeRequest) -> tuple[FirstTokenPlan, dict[int, float]]:
+        """The tokens a first-token verdict reads and their log-probabilities at the reply's first
+        position: one forward pass of the prompt."""
+        model, tok = self._load()
+        text = tok.apply_chat_template(request.messages(), add_generation_prompt=True, tokenize=False)
+        ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+        plan = FirstTokenPlan.from_continuations(request.metric, self._continuations(tok, request.metric, text, ids))
+        self.stats["requests"] += 1
+        self.stats["forward_passes"] += 1
+        return plan, first_token_logprobs(model, ids, plan.token_ids)
 
     def generate_replies(self, chats: Sequence[list[dict[str, str]]]) -> list[tuple[str, bool]]:
         """Greedy replies to chats, one ``generate`` call for all: (reply text, ended by the judge

@@ -320,8 +320,9 @@ class VLLMJudge:
 
     # ----------------------------------------------------------------------------- first-token path
 
-    def score_first_token(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
-        """One engine request per verdict, all in one ``generate`` call."""
+    def first_token_logprobs(self, requests: Sequence[JudgeRequest]) -> list[tuple[FirstTokenPlan, dict[int, float]]]:
+        """Per request, the tokens a first-token verdict reads and their log-probabilities at the reply's
+        first position: one engine request each, all in one ``generate`` call."""
         from vllm import SamplingParams
 
         plans: list[FirstTokenPlan] = []
@@ -342,11 +343,13 @@ class VLLMJudge:
             prompts.append({"prompt_token_ids": ids})
             params.append(by_plan[plan])
         outputs = self._generate(prompts, params) if prompts else []
+        return [(plan, first_step_logprobs(out, plan.token_ids)) for plan, out in zip(plans, outputs, strict=True)]
+
+    def score_first_token(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
+        """One engine request per verdict, all in one ``generate`` call."""
         results = [
-            verdict_from_first_token(
-                r.metric, plan, first_step_logprobs(out, plan.token_ids), min_mass=self.min_numeric_mass
-            )
-            for r, plan, out in zip(requests, plans, outputs, strict=True)
+            verdict_from_first_token(r.metric, plan, logprobs, min_mass=self.min_numeric_mass)
+            for r, (plan, logprobs) in zip(requests, self.first_token_logprobs(requests), strict=True)
         ]
         self.stats["first_token_verdicts"] += len(results)
         return results
@@ -357,11 +360,12 @@ class VLLMJudge:
         """One engine request per node of each verdict's candidate tree, all in one ``generate`` call."""
         from vllm import SamplingParams
 
-        terminators = self._shared.terminators
+        rendered = self._render(requests)
+        terminators = self._shared.terminators  # read with the tokenizer, which _render loads
         plans = []
         prompts: list[dict[str, list[int]]] = []
         params: list[Any] = []
-        for r, (ids, conts) in zip(requests, self._render(requests), strict=True):
+        for r, (ids, conts) in zip(requests, rendered, strict=True):
             # prefix (tokens after the prompt) -> the ids whose probability is read after it
             reads: dict[tuple[int, ...], set[int]] = {}
             for c in conts:
