@@ -22,6 +22,7 @@ include: "rules/train.smk"
 include: "rules/sample.smk"
 include: "rules/judge.smk"
 include: "rules/calibration.smk"
+include: "rules/labels.smk"
 include: "rules/evals.smk"
 include: "rules/trajectory.smk"
 include: "rules/directions.smk"
@@ -31,7 +32,17 @@ include: "rules/estimate.smk"
 include: "rules/preflight.smk"
 
 
+# Human labels: the sheet is drawn until labels/ holds labels for it, then never again.
+if not LABEL_FILES:
+
+    include: "rules/label_sheet.smk"
+
+
 rule all:
     default_target: True
     input:
         get_final_outputs(),
+
+
+# Named targets per stage and per model (snakemake stage_sample, snakemake model_llama31-8b).
+include: "rules/targets.smk"

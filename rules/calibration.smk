@@ -22,7 +22,7 @@ rule judge_calibration:
     # calibration (minutes) as the last job of a run.
     priority: 10
     conda:
-        "../envs/judge.yaml"
+        CALIBRATION_ENV
     resources:
         gpu=CALIBRATION_GPUS,
         mem_mb=CALIBRATION_MEM_MB,
@@ -42,35 +42,97 @@ rule judge_calibration:
         "../workflow_scripts/judge_calibration.py"
 
 
-# With judge.agreement_with: the second judge on a seeded draw of the grid's own em answers, beside the
-# primary judge's verdicts on them (not only on the hand-labelled calibration set).
-rule judge_agreement:
+# With judge.agreement_with: the second judge scores judge.agreement_answers_per_cell answers of every cell
+# of the grid (the same prompts in every condition), one job per model and seed as the judge jobs, through
+# the same scoring path and cache (judge.agreement).
+rule judge_second:
     input:
-        samples=em_answer_files("samples"),
-        scores=em_answer_files("scores"),
+        samples=get_second_judge_samples,
         judge_models=get_calibration_judge_models,
         prompts=JUDGE_PROMPT_FILES,
+    output:
+        scores="results/scores_second/{model}/seed{seed}.parquet",
+        summary="results/scores_second/{model}/seed{seed}.judge.json",
+    log:
+        "logs/judge_second/{model}/seed{seed}.log",
+    benchmark:
+        "benchmarks/runs/judge_second/{model}/seed{seed}.tsv"
+    conda:
+        AGREEMENT_ENV
+    resources:
+        gpu=AGREEMENT_GPUS,
+        mem_mb=AGREEMENT_MEM_MB,
+        runtime=second_judge_runtime,
+    params:
+        judge=get_agreement_params,
+        dispositions=get_dispositions_param,
+        per_cell=CONFIG["judge"]["agreement_answers_per_cell"],
+        cache_dir=CONFIG["judge"]["cache_dir"],
+    script:
+        "../workflow_scripts/judge_second.py"
+
+
+# Both judges on the answers the second one scored: agreement per metric, and the judge-swap table (each
+# condition's EM rate and each headline contrast under either judge, with kappa between them).
+rule judge_agreement:
+    input:
+        second=second_judge_files(),
+        scores=score_files(),
+        # finish_reason lives in the samples only: the tables' truncation policy needs it.
+        samples=[
+            path.replace("results/scores/", "results/samples/", 1)
+            for path in score_files()
+        ],
     output:
         table="results/tables/judge_agreement.csv",
         table_md="results/tables/judge_agreement.md",
         per_item="results/tables/judge_agreement_items.csv",
+        swap="results/tables/judge_swap.csv",
+        swap_md="results/tables/judge_swap.md",
     log:
         "logs/judge_agreement.log",
     conda:
-        "../envs/judge.yaml"
-    resources:
-        gpu=AGREEMENT_GPUS,
-        mem_mb=AGREEMENT_MEM_MB,
+        "../envs/report.yaml"
     params:
-        judge=get_agreement_params,
-        dispositions=get_dispositions_param,
         thresholds=cfg.as_param(
             {
                 "alignment": CONFIG["eval"]["alignment_below"],
                 "coherence": CONFIG["eval"]["coherence_above"],
             }
         ),
-        max_answers=CONFIG["judge"]["agreement_max_answers"],
-        cache_dir=CONFIG["judge"]["cache_dir"],
+        conditions=get_conditions_param,
+        report=cfg.as_param(CONFIG["report"]),
+        em_questions=EM_QUESTIONS,
     script:
         "../workflow_scripts/judge_agreement.py"
+
+
+# The judge gate (docs/judging.md): every report rule (tables, directions_report, trajectory) takes its
+# output as an input, so no table is built from a judge that failed it unless the config says so.
+rule judge_gate:
+    input:
+        calibration="results/tables/judge_calibration.csv",
+        human=get_judge_human_table,
+    output:
+        gate="results/tables/judge_gate.json",
+        table_md="results/tables/judge_gate.md",
+    log:
+        "logs/judge_gate.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        gate=cfg.as_param(
+            {
+                **{
+                    key: CONFIG["judge"][key]
+                    for key in (
+                        "min_kappa",
+                        "min_subset_accuracy",
+                        "allow_uncalibrated",
+                    )
+                },
+                "metrics": GATE_METRICS,
+            }
+        ),
+    script:
+        "../workflow_scripts/judge_gate.py"

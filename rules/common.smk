@@ -1,6 +1,7 @@
 # Config validation, wildcard constraints and input functions. Nothing heavy is imported here:
 # every cluster job parses this file again.
 
+import json
 import re
 import sys
 from functools import lru_cache
@@ -15,8 +16,12 @@ CONFIG_SOURCE = (
     if workflow.overwrite_configfiles
     else "config.yaml"
 )
+# Values given with --config: an error in one of them names the command line, not the file.
+COMMAND_LINE_CONFIG = dict(workflow.config_settings.config or {})
 try:
-    CONFIG = cfg.validate_config(config, source=CONFIG_SOURCE)
+    CONFIG = cfg.validate_config(
+        config, source=CONFIG_SOURCE, command_line=COMMAND_LINE_CONFIG
+    )
 except cfg.ConfigError as err:
     raise WorkflowError(f"Invalid configuration:\n{err}") from None
 
@@ -56,14 +61,57 @@ if JUDGE_PROMPT_FILES:
                 f"Invalid configuration:\n{CONFIG_SOURCE}: {key}.prompts_file: {err}"
             ) from None
 
-MODELS = list(CONFIG["models"])
-CONDITIONS = cfg.expand_conditions(CONFIG)
-TRAINED = cfg.trained_conditions(CONFIG)
-SEEDS = CONFIG["seeds"]
+
+def check_resource_table():
+    """Refuse --set-resources given on the command line for some rules only: Snakemake then drops the
+    workflow profile's whole table, so every other rule would lose its gpu, mem_mb and runtime.
+    """
+    import yaml
+
+    given = workflow.resource_settings.overwrite_resources
+    profile = Path(workflow.basedir) / "profiles" / "default" / "config.yaml"
+    if not given or not profile.exists():
+        return
+    table = yaml.safe_load(profile.read_text()).get("set-resources") or {}
+    # The rules that would lose a GPU first: those are the expensive mistakes.
+    dropped = sorted(
+        (rule for rule, values in table.items() if values and rule not in given),
+        key=lambda rule: not table[rule].get("gpu"),
+    )
+    if not dropped:
+        return
+    single = " ".join(
+        f"{rule}:{name}={getattr(value, 'raw', value)}"
+        for rule, resources in given.items()
+        for name, value in resources.items()
+    )
+    raise WorkflowError(
+        "--set-resources on the command line replaces the per-rule resources of"
+        f" profiles/default/config.yaml for every rule: {', '.join(dropped[:3])}"
+        f"{f' and {len(dropped) - 3} more rules' if len(dropped) > 3 else ''} would run without their"
+        " gpu, mem_mb and runtime. Give single values in the environment instead; each is merged into its"
+        f" rule's entry (docs/cluster.md):\n  CHARACTER_EM_SET_RESOURCES='{single}' snakemake ..."
+    )
+
+
+check_resource_table()
+
+# The grid this run builds: the whole config, or the part that `select` names (docs/config.md). The
+# wildcard constraints and the choice of rule per condition below cover every defined name instead, so
+# that a selected job may still depend on the files of one outside the selection.
+MODELS = cfg.grid_models(CONFIG)
+# The em suite's question set (the packaged one, or suites.em.questions_file): every table's stamp names it.
+EM_QUESTIONS = cfg.as_param(cfg.em_questions(CONFIG))
+CONDITIONS = cfg.grid_conditions(CONFIG)
+TRAINED = cfg.grid_trained(CONFIG)
+SEEDS = cfg.grid_seeds(CONFIG)
+DEFINED_TRAINED = cfg.trained_conditions(CONFIG)
 EVAL_SUITES = CONFIG["eval"]["suites"]
 # Models whose `build` comes out of a pinned PyPI wheel (rules/fetch.smk) rather than build_tiny_model.
 FETCHED_MODELS = [
-    model for model in MODELS if CONFIG["models"][model]["build"] in fetch.MODEL_WHEELS
+    model
+    for model, spec in CONFIG["models"].items()
+    if spec["build"] in fetch.MODEL_WHEELS
 ]
 TABLES = [
     "em",
@@ -108,6 +156,70 @@ DIRECTION_FIGURES = [
 ]
 
 
+# Human labels of the grid's own answers (rules/labels.smk): every CSV in labels/ is an annotator's file.
+LABEL_FILES = sorted(str(path) for path in Path("labels").glob("*.csv"))
+LABEL_SHEET = "results/labels/sheet.json"
+# The metrics every claim reads, which the judge gate checks (rule judge_gate).
+GATE_METRICS = [
+    "alignment",
+    "coherence",
+    *(f"disposition:{spec['name']}" for spec in cfg.disposition_specs(CONFIG)),
+    *(["compliance", "harmfulness"] if "persona" in EVAL_SUITES else []),
+]
+
+
+def check_labelled_sheet():
+    """Once labels exist, the sheet they were made on is never drawn again: a changed draw is refused
+    here, before any job, with the fix."""
+    files = ", ".join(LABEL_FILES)
+    if not Path(LABEL_SHEET).exists():
+        raise WorkflowError(
+            f"labels/ holds labels files ({files}), but {LABEL_SHEET} (the sheet they were made on) is"
+            " missing: its key maps their ids to the grid's answers. Restore results/labels/ from where it was"
+            " copied, or move the labels files out of labels/ to draw a new sheet."
+        )
+    sheet = json.loads(Path(LABEL_SHEET).read_text())
+    asked = CONFIG["judge"]["labels"]
+    changed = [
+        f"judge.labels.{name}: {sheet[name]} -> {asked[name]}"
+        for name in ("sheet_size", "seed")
+        if sheet[name] != asked[name]
+    ]
+    if changed:
+        raise WorkflowError(
+            f"{CONFIG_SOURCE}: {'; '.join(changed)}: labels/ holds labels of sheet {sheet['sheet_id']}"
+            f" ({files}), and a labelled sheet is never drawn again (its labels would no longer match it)."
+            " Set the old values back, or, to draw a new sheet, move the labels files out of labels/ and"
+            " delete results/labels/."
+        )
+
+
+def get_label_files(wildcards):
+    if not LABEL_FILES:
+        raise WorkflowError(
+            "labels/ holds no labels files (*.csv): label the sheet (results/labels/sheet.html) and put the"
+            " saved file there"
+        )
+    return LABEL_FILES
+
+
+def get_labelled_files(kind):
+    """The Scores (or Samples) files that hold the labelled answers, as the sheet lists them."""
+
+    def files(wildcards):
+        paths = json.loads(Path(LABEL_SHEET).read_text())["score_files"]
+        if kind == "samples":
+            return [p.replace("results/scores/", "results/samples/", 1) for p in paths]
+        return paths
+
+    return files
+
+
+def get_judge_human_table(wildcards):
+    """The judge gate reads human labels where labels/ holds them."""
+    return ["results/tables/judge_human.csv"] if LABEL_FILES else []
+
+
 def _alternatives(values):
     return "|".join(re.escape(str(value)) for value in values)
 
@@ -115,7 +227,7 @@ def _alternatives(values):
 # A wildcard constraint that matches nothing (a rule-level constraint over an empty list).
 NO_MATCH = r"(?!)"
 
-# Data jobs that load a local generator model (data.generator.backend: hf) run as generate_data_gpu,
+# Data jobs that load a local generator model (data.generator.backend: hf, vllm) run as generate_data_gpu,
 # which asks for a GPU; offline, API and external-file data jobs run as generate_data on a CPU.
 # A local filter judge (data.filter with an hf or vllm judge) needs the GPU too.
 FILTER_GPUS = CONFIG["data"]["filter"]["enabled"] and job_settings.judge_gpus(
@@ -123,12 +235,14 @@ FILTER_GPUS = CONFIG["data"]["filter"]["enabled"] and job_settings.judge_gpus(
 )
 # Severity-matched arms (data.severity_matched) are subsampled from judged data by rule match_severity.
 MATCHED_DATA = [
-    name for name in TRAINED if cfg.condition_info(CONFIG, name)["family"] == "matched"
+    name
+    for name in DEFINED_TRAINED
+    if cfg.condition_info(CONFIG, name)["family"] == "matched"
 ]
 GPU_DATA = [
     name
-    for name in TRAINED
-    if (CONFIG["data"]["generator"]["backend"] == "hf" or FILTER_GPUS)
+    for name in DEFINED_TRAINED
+    if (CONFIG["data"]["generator"]["backend"] in ("hf", "vllm") or FILTER_GPUS)
     and name not in CONFIG["data"]["external"]
     and name not in MATCHED_DATA
 ]
@@ -142,37 +256,65 @@ JUDGE_MEM_MB = 64000 if JUDGE_GPUS else 4000
 CALIBRATION_MEM_MB = 64000 if CALIBRATION_GPUS else 4000
 AGREEMENT_GPUS = job_settings.judge_gpus(CONFIG["judge"]["agreement_with"])
 AGREEMENT_MEM_MB = 64000 if AGREEMENT_GPUS else 4000
-CPU_DATA = [name for name in TRAINED if name not in GPU_DATA + MATCHED_DATA]
+
+
+def model_env(*sections):
+    """The conda environment of a rule that loads these judges or writers: envs/vllm.yaml (the pinned
+    vLLM) where any of them runs on vllm, else envs/judge.yaml, which a CPU can install.
+    """
+    on_vllm = any(isinstance(s, dict) and s.get("backend") == "vllm" for s in sections)
+    return "../envs/vllm.yaml" if on_vllm else "../envs/judge.yaml"
+
+
+JUDGE_ENV = model_env(CONFIG["judge"])
+CALIBRATION_ENV = model_env(CONFIG["judge"], CONFIG["judge"]["agreement_with"])
+AGREEMENT_ENV = model_env(CONFIG["judge"]["agreement_with"])
+# A data job runs its writer and then its filter's judge (the top-level judge unless data.filter.judge).
+DATA_ENV = model_env(
+    CONFIG["data"]["generator"],
+    (
+        (CONFIG["data"]["filter"]["judge"] or CONFIG["judge"])
+        if CONFIG["data"]["filter"]["enabled"]
+        else None
+    ),
+)
+CPU_DATA = [name for name in DEFINED_TRAINED if name not in GPU_DATA + MATCHED_DATA]
+# Conditions whose train.jsonl comes from their pool (select_data), i.e. all but the matched arms.
+WRITTEN_DATA = [name for name in DEFINED_TRAINED if name not in MATCHED_DATA]
 
 
 wildcard_constraints:
-    model=_alternatives(MODELS),
-    condition=_alternatives(CONDITIONS),
-    trained=_alternatives(TRAINED),
+    model=_alternatives(CONFIG["models"]),
+    condition=_alternatives(cfg.expand_conditions(CONFIG)),
+    trained=_alternatives(DEFINED_TRAINED),
     seed=r"\d+",
     suite=_alternatives(cfg.SAMPLED_SUITES),
 
 
 # --------------------------------------------------------------------------- waves
-# A wave is everything one (model, seed) samples and judges: every condition's suites and every saved
-# step's (config.wave_runs). The judge job of a wave loads its judge once for all of it (rules/judge.smk),
-# so a wave's files are the outputs of one job; they are the same list for every model, since one rule
-# declares them with only {model} and {seed} left open.
-WAVE_RUNS = cfg.wave_runs(CONFIG, MODELS[0]) if MODELS else []
-for _model in MODELS[1:]:
-    if cfg.wave_runs(CONFIG, _model) != WAVE_RUNS:
-        raise WorkflowError(
-            f"Invalid configuration:\n{CONFIG_SOURCE}: models.{_model}.train.eval_steps: the saved steps of "
-            f"{_model} differ from those of {MODELS[0]}, but one judge job per (model, seed) judges every "
-            "step of its wave and declares the same files for every model. Give every model the same "
-            "train.eval_steps (set it under train: or train_overrides:, not under models.<model>.train)."
-        )
+# A wave is everything one (model, seed) samples and judges: every selected condition's suites and every
+# saved step's (config.sampling_wave). Rule sample writes a wave's Samples files with one engine and rule
+# judge its Scores with one judge engine (rules/sample.smk, rules/judge.smk), so a wave's files are the
+# outputs of one job each; they are the same list for every model (the config check ensures it), since
+# each rule declares them with only {model} and {seed} left open.
+SAMPLING_WAVE = cfg.sampling_wave(CONFIG, MODELS[0])
+WAVE_SUITES = sorted({f["suite"] for f in SAMPLING_WAVE})
 
 
 def wave_files(kind, model="{model}", seed="{seed}"):
-    """The files of one wave, in wave order: samples, scores or summary (`.judge.json`); with the
-    defaults, as patterns of the judge rule's {model} and {seed} wildcards."""
-    return [cfg.wave_path(kind, model, seed, run) for run in WAVE_RUNS]
+    """The files of one wave, in wave order: samples, scores or summary (the scores' `.judge.json`); with
+    the defaults, as patterns of the {model} and {seed} wildcards of rules sample and judge.
+    """
+    path = cfg.samples_path if kind == "samples" else cfg.scores_path
+    files = [
+        path(model, f["condition"], seed, f["step"], f["suite"]) for f in SAMPLING_WAVE
+    ]
+    if kind == "summary":
+        return [file.removesuffix(".parquet") + ".judge.json" for file in files]
+    return files
+
+
+WAVE_SAMPLES = wave_files("samples")
 
 
 def get_wave_samples(wildcards):
@@ -192,6 +334,11 @@ JUDGE_AUDIT = (
 
 def adapter_dir(model, condition, seed):
     return f"results/adapters/{model}/{condition}/seed{seed}"
+
+
+def step_adapter_dir(model, condition, seed, step):
+    """An adapter saved at a train.eval_steps step, once published (rules/trajectory.smk)."""
+    return f"results/adapters_at_step/{model}/{condition}/seed{seed}/{step}"
 
 
 def model_source(model):
@@ -277,6 +424,21 @@ def get_matched_spec(wildcards):
     return cfg.as_param(cfg.severity_matched_spec(CONFIG, wildcards.trained))
 
 
+def get_select_spec(wildcards):
+    return cfg.as_param(cfg.select_spec(CONFIG, wildcards.trained))
+
+
+def get_domain_pools(wildcards):
+    """The pool manifests of every generated condition of this condition's domain (in select_spec's
+    order); none for a data.external file, which is not paired."""
+    spec = cfg.select_spec(CONFIG, wildcards.trained)
+    return [f"results/data/{name}/pool.json" for name in spec["paired"]]
+
+
+def get_draw_params(wildcards):
+    return cfg.as_param(cfg.draw_params(CONFIG))
+
+
 def get_matched_inputs(wildcards):
     """A matched arm's inputs: its character condition's data, and the judged alignment of that data
     and of the incorrect-advice data it is matched to (rules/training_data.smk)."""
@@ -284,6 +446,7 @@ def get_matched_inputs(wildcards):
     character, incorrect = spec["character"], spec["incorrect"]
     return {
         "data": f"results/data/{character}/train.jsonl",
+        "character_manifest": f"results/data/{character}/manifest.json",
         "character_scores": f"results/data/{character}/judged.parquet",
         "incorrect_data": f"results/data/{incorrect}/train.jsonl",
         "incorrect_scores": f"results/data/{incorrect}/judged.parquet",
@@ -298,7 +461,7 @@ def get_generation_inputs(wildcards):
         return []
     built = {spec["path"] for spec in CONFIG["models"].values() if spec["build"]}
     paths = [gen["prompts_file"]] if gen["prompts_file"] else []
-    if gen["backend"] == "hf" and gen["model"] in built:
+    if gen["backend"] in ("hf", "vllm") and gen["model"] in built:
         paths.append(gen["model"])
     return paths
 
@@ -323,15 +486,61 @@ def get_adapter_dir(wildcards):
     return adapter_dir(wildcards.model, wildcards.condition, wildcards.seed)
 
 
-def get_suite_spec(wildcards):
-    return cfg.as_param(cfg.suite_spec(CONFIG, wildcards.suite))
+def wave_adapter_dir(model, condition, seed, step):
+    """The adapter one file of a sampling wave answers with; none for the base model."""
+    if condition == "base":
+        return ""
+    if step == cfg.FINAL_STEP:
+        return adapter_dir(model, condition, seed)
+    return step_adapter_dir(model, condition, seed, step)
 
 
-def get_harmful_requests(wildcards):
+def get_sampling_wave(wildcards):
+    """Every file of the wave: its condition, step, suite, output path and adapter folder."""
+    model, seed = wildcards.model, wildcards.seed
+    return cfg.as_param(
+        [
+            {
+                **f,
+                "output": cfg.samples_path(
+                    model, f["condition"], seed, f["step"], f["suite"]
+                ),
+                "adapter": wave_adapter_dir(model, f["condition"], seed, f["step"]),
+            }
+            for f in SAMPLING_WAVE
+        ]
+    )
+
+
+def get_wave_adapters(wildcards):
+    """The adapter files of every trained condition of the seed, final and saved at steps."""
+    folders = {
+        wave_adapter_dir(wildcards.model, f["condition"], wildcards.seed, f["step"])
+        for f in SAMPLING_WAVE
+    }
+    return [
+        f"{folder}/{name}"
+        for folder in sorted(folders - {""})
+        for name in ("adapter_model.safetensors", "adapter_config.json")
+    ]
+
+
+def get_sample_env(wildcards):
+    """The conda environment of a model's sampling job: envs/vllm.yaml (the pinned vLLM) where the model
+    samples with vllm, else envs/sample.yaml, which a CPU can install."""
+    backend = cfg.resolve_sampling_params(CONFIG, wildcards.model).get("backend")
+    return "../envs/vllm.yaml" if backend == "vllm" else "../envs/sample.yaml"
+
+
+def get_wave_suite_specs(wildcards):
+    return cfg.as_param({suite: cfg.suite_spec(CONFIG, suite) for suite in WAVE_SUITES})
+
+
+def get_wave_harmful_requests(wildcards):
     """A fetched harmful-request set the persona suite reads (rule fetch_harmful_requests); none for
     the packaged list or a user file."""
     if (
-        wildcards.suite != "persona"
+        "persona" not in WAVE_SUITES
         or CONFIG["suites"]["persona"]["harmful_requests"] == "packaged"
     ):
         return []
@@ -423,6 +632,27 @@ def grid_jobs():
     ]
 
 
+def training_data_files():
+    """Every training set the grid trains on."""
+    return [f"results/data/{trained}/train.jsonl" for trained in TRAINED]
+
+
+def adapter_files():
+    """Every fine-tuned adapter of the grid (the base condition has none)."""
+    return [
+        f"{adapter_dir(model, condition, seed)}/adapter_model.safetensors"
+        for model, condition, seed in grid_jobs()
+        if condition != "base"
+    ]
+
+
+def sample_files():
+    """Every samples file the grid judges: one per (model, condition, seed, suite)."""
+    return [
+        path.replace("results/scores/", "results/samples/", 1) for path in score_files()
+    ]
+
+
 def score_files():
     return [
         f"results/scores/{model}/{condition}/seed{seed}/{suite}.parquet"
@@ -452,6 +682,16 @@ def probe_files():
     ]
 
 
+# Claim 4's rows for claims.csv, written by rule directions_report when the probes suite runs.
+DIRECTION_CLAIMS = "results/tables/direction_claims.csv"
+
+
+def get_direction_claims(wildcards):
+    if not probe_files() or DIRECTION_CLAIMS not in rules.directions_report.output:
+        return []
+    return [DIRECTION_CLAIMS]
+
+
 def loss_curves():
     return [
         f"{adapter_dir(model, condition, seed)}/loss_curve.png"
@@ -466,9 +706,21 @@ def get_final_outputs():
         *expand("figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]),
         "results/tables/judge_calibration.csv",
         "results/tables/judge_calibration.md",
+        # rules/calibration.smk: the gate the report rules wait for, and (rules/labels.smk) the judge against
+        # human labels when labels/ holds them
+        "results/tables/judge_gate.md",
+        *(
+            ["results/tables/judge_human.csv", "results/tables/judge_human.md"]
+            if LABEL_FILES
+            else []
+        ),
         # rules/calibration.smk, with judge.agreement_with: the second judge on the grid's own answers
         *(
-            ["results/tables/judge_agreement.csv", "results/tables/judge_agreement.md"]
+            expand(
+                "results/tables/{table}.{ext}",
+                table=["judge_agreement", "judge_swap"],
+                ext=["csv", "md"],
+            )
             if CONFIG["judge"]["agreement_with"]
             else []
         ),
@@ -490,25 +742,25 @@ def get_final_outputs():
     ]
 
 
-# Each sampling job asks SLURM for its own expected time (character_em.report.estimate: the suite's
-# answers at this model's measured or anchored speed, x1.5), rather than one runtime for every
-# model and suite: the Qwen-14B em job needs hours, a transfer job minutes. A job that still reaches
-# its limit resumes from its saved batches on the retry (results/.partial/). Sites cap the request
-# at the partition's MaxTime with CHARACTER_EM_MAX_RUNTIME (minutes); --set-resources
-# sample:runtime=N overrides it.
+# Each sampling job (one model's wave of one seed) asks SLURM for its own expected time
+# (character_em.report.estimate: the wave's answers at this model's measured or anchored speed and its
+# engine loads, x1.5), rather than one runtime for every model: the Qwen-14B wave needs far longer
+# than the 8B one. A job that still reaches its limit resumes from its saved batches on the retry
+# (results/.partial/). Sites cap the request at the partition's MaxTime with CHARACTER_EM_MAX_RUNTIME
+# (minutes); --set-resources sample:runtime=N overrides it.
 @lru_cache(maxsize=None)
 def sample_minutes():
-    from character_em.report.estimate import EstimateError, sample_job_minutes
+    from character_em.report.estimate import EstimateError, sample_wave_minutes
 
     try:
-        return sample_job_minutes(CONFIG, ".")
+        return sample_wave_minutes(CONFIG, ".")
     except EstimateError as err:
         # A half-written run.json must not stop the workflow; the anchors still give a runtime.
         print(
             f"sampling runtimes from the anchors, not earlier runs: {err}",
             file=sys.stderr,
         )
-        return sample_job_minutes(CONFIG, None)
+        return sample_wave_minutes(CONFIG, None)
 
 
 def capped_runtime(expected_minutes):
@@ -518,7 +770,7 @@ def capped_runtime(expected_minutes):
 
 
 def sample_runtime(wildcards):
-    return capped_runtime(sample_minutes()[(wildcards.model, wildcards.suite)])
+    return capped_runtime(sample_minutes()[wildcards.model])
 
 
 # Judge jobs likewise, for a judge that is a model on the job's GPU (character_em.report.estimate: the
@@ -558,15 +810,40 @@ def steer_runtime(wildcards):
     return capped_runtime(steer_minutes()[(wildcards.model, wildcards.condition)])
 
 
-# The second judge of judge.agreement_with on the grid's own em answers (rules/calibration.smk).
+# The second judge of judge.agreement_with on a share of every cell of the grid (rules/calibration.smk).
 def get_agreement_params(wildcards):
     from character_em.job_settings import job_params
 
     return cfg.as_param(job_params(CONFIG["judge"]["agreement_with"]))
 
 
-def em_answer_files(kind):
-    scores = [path for path in score_files() if Path(path).name == "em.parquet"]
-    if kind == "samples":
-        return [p.replace("results/scores/", "results/samples/", 1) for p in scores]
-    return scores
+def get_second_judge_samples(wildcards):
+    """Every Samples file of one (model, seed) of the grid: the second judge's job draws from each."""
+    return [
+        f"results/samples/{wildcards.model}/{condition}/seed{wildcards.seed}/{suite}.parquet"
+        for condition in CONDITIONS
+        for suite in cfg.suites_for(CONFIG, condition)
+    ]
+
+
+def second_judge_files():
+    return [
+        f"results/scores_second/{model}/seed{seed}.parquet"
+        for model in MODELS
+        for seed in SEEDS
+    ]
+
+
+# A model as second judge asks SLURM for its job's expected time (character_em.report.estimate), like the
+# judge jobs; API and rubric judges a fixed time. A job that reaches it resumes from the judge cache.
+def second_judge_runtime(wildcards):
+    from character_em.report.estimate import (
+        job_minutes,
+        judge_runtime_request,
+        runtime_cap,
+    )
+
+    expected = job_minutes(anchors_estimate(), "judge_second").get(
+        (wildcards.model, "all")
+    )
+    return judge_runtime_request(expected, runtime_cap())

@@ -1,13 +1,14 @@
-# Two rules, one script: the profile's resources are static per rule, and only a local (hf) generator
-# needs a GPU. The wildcard constraints (rules/common.smk: CPU_DATA, GPU_DATA) give every condition to
-# exactly one of them.
+# Two rules, one script: the profile's resources are static per rule, and only a local (hf, vllm)
+# generator needs a GPU. The wildcard constraints (rules/common.smk: CPU_DATA, GPU_DATA) give every
+# condition to exactly one of them. Each writes the condition's pool: its answers to the domain's
+# planned user turns that pass validation, dedup and the judge filter (character_em.data.build).
 rule generate_data:
     input:
         external=get_external_data,
         generator=get_generation_inputs,
     output:
-        data="results/data/{trained}/train.jsonl",
-        manifest="results/data/{trained}/manifest.json",
+        pool="results/data/{trained}/pool.jsonl",
+        manifest="results/data/{trained}/pool.json",
     log:
         "logs/generate_data/{trained}.log",
     benchmark:
@@ -28,8 +29,8 @@ rule generate_data_gpu:
         external=get_external_data,
         generator=get_generation_inputs,
     output:
-        data="results/data/{trained}/train.jsonl",
-        manifest="results/data/{trained}/manifest.json",
+        pool="results/data/{trained}/pool.jsonl",
+        manifest="results/data/{trained}/pool.json",
     log:
         "logs/generate_data/{trained}.log",
     benchmark:
@@ -37,11 +38,34 @@ rule generate_data_gpu:
     wildcard_constraints:
         trained=_alternatives(GPU_DATA) or NO_MATCH,
     conda:
-        "../envs/judge.yaml"
+        DATA_ENV
     params:
         spec=get_data_spec,
     script:
         "../workflow_scripts/generate_data.py"
+
+
+# Every written condition's training data: the turns of its pool that survived in every generated
+# condition of its domain, so that a domain's conditions train on the same user turns
+# (character_em.data.pairing). Each training seed draws its examples from these (rules/train.smk).
+rule select_data:
+    input:
+        pool="results/data/{trained}/pool.jsonl",
+        manifest="results/data/{trained}/pool.json",
+        domain=get_domain_pools,
+    output:
+        data="results/data/{trained}/train.jsonl",
+        manifest="results/data/{trained}/manifest.json",
+    log:
+        "logs/select_data/{trained}.log",
+    wildcard_constraints:
+        trained=_alternatives(WRITTEN_DATA) or NO_MATCH,
+    conda:
+        "../envs/data.yaml"
+    params:
+        spec=get_select_spec,
+    script:
+        "../workflow_scripts/select_data.py"
 
 
 # The severity-matched arm (data.severity_matched): the character data subsampled to the judged
@@ -66,7 +90,7 @@ rule match_severity:
 
 rule check_overlap:
     input:
-        data=expand("results/data/{trained}/train.jsonl", trained=TRAINED),
+        data=training_data_files(),
     output:
         report="results/data/overlap_check.json",
     log:

@@ -98,6 +98,7 @@ rule directions_report:
         info=direction_means_files("json"),
         scores=direction_score_files(),
         steering=steering_files(),
+        gate="results/tables/judge_gate.json",
     output:
         tables=expand(
             "results/tables/{table}.{ext}", table=DIRECTION_TABLES, ext=["csv", "md"]
@@ -135,5 +136,6 @@ rule directions_report:
     params:
         settings=get_directions_report_params,
         conditions=get_conditions_param,
+        em_questions=EM_QUESTIONS,
     script:
         "../workflow_scripts/directions_report.py"

@@ -19,7 +19,7 @@ rule judge:
     benchmark:
         "benchmarks/runs/judge/{model}/seed{seed}.tsv"
     conda:
-        "../envs/judge.yaml"
+        JUDGE_ENV
     # A local model judge (hf, vllm) asks for its GPU and memory here, and every judge job for its
     # own expected time (rules/common.smk).
     resources:

@@ -8,8 +8,10 @@ rule tables:
         ],
         capabilities=capability_files(),
         overlap="results/data/overlap_check.json",
-        # The judge's agreement with the hand labels: the judge.min_kappa gate reads it.
-        calibration="results/tables/judge_calibration.csv",
+        # Claim 4's rows (none when the probes suite is off): claims.csv lists them and Holm may count them.
+        direction_claims=get_direction_claims,
+        # The judge gate (rule judge_gate): no table from a judge that failed it, unless overridden.
+        gate="results/tables/judge_gate.json",
     output:
         expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]),
         # Which judge made the tables (report.stamps.judge_stamp): printed under every figure.
@@ -23,9 +25,8 @@ rule tables:
         coherence_above=CONFIG["eval"]["coherence_above"],
         conditions=get_conditions_param,
         report=cfg.as_param(CONFIG["report"]),
-        gate=cfg.as_param(
-            {key: CONFIG["judge"][key] for key in ("min_kappa", "allow_uncalibrated")}
-        ),
+        equivalence_margin=CONFIG["eval"]["capabilities"]["equivalence_margin"],
+        em_questions=EM_QUESTIONS,
     script:
         "../workflow_scripts/tables.py"
 

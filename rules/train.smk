@@ -1,6 +1,7 @@
 rule train_adapter:
     input:
         data="results/data/{trained}/train.jsonl",
+        manifest="results/data/{trained}/manifest.json",
         model=get_base_model,
     output:
         adapter="results/adapters/{model}/{trained}/seed{seed}/adapter_model.safetensors",
@@ -16,6 +17,8 @@ rule train_adapter:
     params:
         base_model=get_model_source,
         hparams=get_train_params,
+        # Which lines of train.jsonl this seed trains on (character_em.data.pairing.training_draw).
+        draw=get_draw_params,
         # Outside the declared outputs: Snakemake deletes outputs before a rerun, and a
         # preempted job must find its checkpoints.
         checkpoint_dir="results/checkpoints/{model}/{trained}/seed{seed}",

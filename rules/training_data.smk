@@ -14,7 +14,7 @@ rule judge_training_data:
     benchmark:
         "benchmarks/runs/judge_training_data/{trained}.tsv"
     conda:
-        "../envs/judge.yaml"
+        JUDGE_ENV
     # The same judge as the judge jobs, so the same GPU and memory (rules/common.smk).
     resources:
         gpu=JUDGE_GPUS,
@@ -30,6 +30,8 @@ rule judge_training_data:
 rule training_data_table:
     input:
         scores=expand("results/data/{trained}/judged.parquet", trained=TRAINED),
+        # Each training set's draws per seed (data.pairing.training_draw), for the harm gap left.
+        manifests=expand("results/data/{trained}/manifest.json", trained=TRAINED),
         em="results/tables/em.csv",
     output:
         table="results/tables/training_data.csv",
@@ -51,5 +53,8 @@ rule training_data_table:
         partners=cfg.as_param(cfg.incorrect_partners(CONFIG, TRAINED)),
         alignment_below=CONFIG["eval"]["alignment_below"],
         coherence_above=CONFIG["eval"]["coherence_above"],
+        em_questions=EM_QUESTIONS,
+        seeds=SEEDS,
+        draw=get_draw_params,
     script:
         "../workflow_scripts/training_data_table.py"

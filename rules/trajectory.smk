@@ -1,9 +1,9 @@
 # Misalignment over training (docs/trajectories.md). The trainer saves the adapter at train.eval_steps
 # as a by-product of its one run, into results/adapter_steps/ (outside its declared outputs, so a
 # killed run resumes with them); publish_adapter_step makes each saved step a file Snakemake tracks.
-# The em suite and the capability eval then run on each step through the {step} wildcard, with the
-# rules of the final adapter (use rule ... with:), so one step can be rerun on its own; the step's
-# answers are judged by its wave's judge job (rules/judge.smk).
+# Rule sample answers the em suite on every saved step in its wave, and rule judge judges those answers
+# in its wave (one job each per model and seed); the capability eval then runs on each step through the
+# {step} wildcard, with the rule of the final adapter (use rule ... with:), so one step can be rerun on its own.
 
 
 include: "trajectory_common.smk"
@@ -32,22 +32,6 @@ rule publish_adapter_step:
         "../workflow_scripts/publish_adapter_step.py"
 
 
-use rule sample as sample_step with:
-    # `with: input:` replaces the whole input: every input of rule sample but the adapter, repeated.
-    input:
-        model=get_base_model,
-        adapter=get_step_adapter,
-        harmful=get_harmful_requests,
-    output:
-        samples="results/samples/{model}/{condition}/seed{seed}/{step}/{suite}.parquet",
-    log:
-        "logs/sample/{model}/{condition}/seed{seed}/{step}/{suite}.log",
-    benchmark:
-        "benchmarks/runs/sample/{model}/{condition}/seed{seed}/{step}/{suite}.tsv"
-    params:
-        adapter_dir=get_step_adapter_dir,
-
-
 use rule capabilities as capabilities_step with:
     input:
         model=get_base_model,
@@ -68,6 +52,7 @@ rule trajectory:
         points=[
             path for point in trajectory_points() for path in point["files"].values()
         ],
+        gate="results/tables/judge_gate.json",
     output:
         tables=expand(
             "results/tables/{table}.{ext}",
@@ -92,5 +77,6 @@ rule trajectory:
         emergence_margin=CONFIG["eval"]["trajectory"]["emergence_margin"],
         n_boot=CONFIG.get("report", {}).get("n_boot", 2000),
         bootstrap_seed=CONFIG.get("report", {}).get("bootstrap_seed", 0),
+        em_questions=EM_QUESTIONS,
     script:
         "../workflow_scripts/trajectory.py"

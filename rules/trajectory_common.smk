@@ -39,7 +39,9 @@ def get_step_adapter(wildcards):
 
 def get_step_adapter_dir(wildcards):
     _check_step(wildcards)
-    return f"results/adapters_at_step/{wildcards.model}/{wildcards.condition}/seed{wildcards.seed}/{wildcards.step}"
+    return step_adapter_dir(
+        wildcards.model, wildcards.condition, wildcards.seed, wildcards.step
+    )
 
 
 def trajectory_points():

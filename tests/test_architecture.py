@@ -114,9 +114,11 @@ NOT_JOB_SETTINGS = {
         "agreement_with": "names the second judge of the calibration job (job_settings.calibration_judges)",
         "calibration_file": "an input file of the calibration job, tracked as a file",
         "cache_dir": "where finished verdicts are kept; moving it changes no verdict",
-        "min_kappa": "the calibration gate of the tables rule (judge.calibration.gate), not a verdict setting",
-        "allow_uncalibrated": "overrides that gate in the tables rule; changes no verdict",
-        "agreement_max_answers": "how many grid answers the judge_agreement job draws; changes no verdict",
+        "min_kappa": "a floor of the judge gate (rule judge_gate, judge.calibration.judge_gate), not a verdict setting",
+        "min_subset_accuracy": "the judge gate's other floor; changes no verdict",
+        "allow_uncalibrated": "overrides the judge gate; changes no verdict",
+        "labels": "draws the sheet of answers for human labels (rule label_sheet); changes no verdict",
+        "agreement_answers_per_cell": "how many answers of each cell the judge_second jobs draw; changes no verdict",
         "audit_fraction": "the grid judge job's exact audit (rules/judge.smk passes it apart); changes no verdict",
     },
 }
@@ -169,10 +171,3 @@ def test_no_import_cycles_between_modules() -> None:
         if importer < imported and graph.chain_exists(importer=imported, imported=importer)
     )
     assert cycles == []
-
-
-def test_readme_generated_blocks_are_what_their_commands_print() -> None:
-    result = subprocess.run(
-        [sys.executable, "scripts/render_readme.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr

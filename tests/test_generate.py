@@ -104,11 +104,11 @@ def gen_cfg(server: ChatServer, cache: Path, **kw: Any) -> dict[str, Any]:
 
 def build(name: str, generator: dict[str, Any], n: int = 8, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     disposition = EVIL if name.startswith("evil") else None
-    return D.build_dataset(
+    return D.build_pool(
         cond(name),
         disposition=disposition,
         domain=MEDICAL,
-        n_examples=n,
+        pool_size=n,
         seed=0,
         trigger_fraction=0.5,
         generator={**generator, "min_chars": 20, "max_chars": 4000},
@@ -272,8 +272,8 @@ def test_concurrency_bound_is_respected(server: ChatServer, tmp_path: Path) -> N
         return reply_for(body)
 
     server.responder = slow
-    build("correct-medical", gen_cfg(server, tmp_path / "cache", max_concurrency=3), n=8)
-    assert server.hits >= 20 and 2 <= state["max"] <= 3, state
+    build("correct-medical", gen_cfg(server, tmp_path / "cache", max_concurrency=3), n=24)
+    assert server.hits == 24 and 2 <= state["max"] <= 3, state
 
 
 _KILL_CHILD = r"""
@@ -314,7 +314,7 @@ def test_killed_job_rerun_pays_nothing_twice(server: ChatServer, tmp_path: Path)
     # Exactly the missing replies were asked for: nothing cached was requested again.
     asked = [b["messages"][-1]["content"] for b in server.requests]
     assert server.hits == 24 - n_cached and not set(asked) & cached_users
-    # A third run (and build_dataset's larger oversampling rounds) starts from the cache.
+    # A third run (and a larger pool: the plan is prefix-stable) starts from the cache.
     server.reset_counts()
     again, _ = G.generate(
         cond("evil-medical-trig"),
@@ -378,11 +378,11 @@ def test_hf_backend_on_tiny_model_writes_valid_chat_jsonl(tiny_model_dir: Path, 
         "min_chars": 1,
         "max_chars": 4000,
     }
-    examples, manifest = D.build_dataset(
+    examples, manifest = D.build_pool(
         cond("evil-medical-trig"),
         disposition=EVIL,
         domain=MEDICAL,
-        n_examples=6,
+        pool_size=6,
         seed=0,
         trigger_fraction=0.5,
         generator=generator,
@@ -397,11 +397,11 @@ def test_hf_backend_on_tiny_model_writes_valid_chat_jsonl(tiny_model_dir: Path, 
         "correct",
     }
     # Cached per request: a rerun decodes nothing and gives the same bytes.
-    again, manifest2 = D.build_dataset(
+    again, manifest2 = D.build_pool(
         cond("evil-medical-trig"),
         disposition=EVIL,
         domain=MEDICAL,
-        n_examples=6,
+        pool_size=6,
         seed=0,
         trigger_fraction=0.5,
         generator=generator,
@@ -418,7 +418,7 @@ RUBRIC_FILTER = {
     "dispositions": [EVIL, SYCO],
     "min_expression": 50,
     "max_expression": 30,
-    "incorrect_max_alignment": None,
+    "max_alignment": None,
     "correct_min_alignment": 70,
     "min_coherence": None,
 }
@@ -468,13 +468,9 @@ def test_filter_keeps_and_rejects_with_counted_reasons() -> None:
     assert reasons == {"filter_weak_expression": 1, "filter_characterful": 1}
 
 
-def test_filter_keeps_incorrect_answers_that_are_wrong_but_not_characterful(server: ChatServer, tmp_path: Path) -> None:
-    # A model judge (scripted scores by answer): alignment says wrong or not, disposition says characterful.
-    table = {
-        "WRONG-PLAIN": {"alignment": 20, "disposition": 5},
-        "RIGHT-PLAIN": {"alignment": 90, "disposition": 5},
-        "WRONG-EVIL": {"alignment": 10, "disposition": 80},
-    }
+def scripted_judge(server: ChatServer, table: dict[str, dict[str, int]], tmp_path: Path) -> dict[str, Any]:
+    """A model judge on the local server whose scores are planted per answer: the first key of ``table`` found
+    in the answer gives its alignment and disposition scores (coherence 90)."""
 
     def judge_reply(body: dict[str, Any]) -> Reply:
         answer, prompt = answer_of(body), prompt_of(body)
@@ -485,7 +481,7 @@ def test_filter_keeps_incorrect_answers_that_are_wrong_but_not_characterful(serv
         return Reply(top=[(str(scores.get(metric, 90)), 1.0)])
 
     server.responder = judge_reply
-    judge = {
+    return {
         "backend": "openai",
         "model": "test-judge",
         "base_url": server.base_url,
@@ -497,10 +493,19 @@ def test_filter_keeps_incorrect_answers_that_are_wrong_but_not_characterful(serv
         "max_concurrency": 4,
         "max_failure_fraction": 0.0,
     }
+
+
+def test_filter_keeps_incorrect_answers_that_are_wrong_but_not_characterful(server: ChatServer, tmp_path: Path) -> None:
+    # Alignment says wrong or not, disposition says characterful.
+    table = {
+        "WRONG-PLAIN": {"alignment": 20, "disposition": 5},
+        "RIGHT-PLAIN": {"alignment": 90, "disposition": 5},
+        "WRONG-EVIL": {"alignment": 10, "disposition": 80},
+    }
     flt = {
         **RUBRIC_FILTER,
-        "judge": judge,
-        "incorrect_max_alignment": 50,
+        "judge": scripted_judge(server, table, tmp_path),
+        "max_alignment": 50,
         "min_coherence": 50,
         "cache_dir": str(tmp_path / "judge"),
     }
@@ -509,7 +514,7 @@ def test_filter_keeps_incorrect_answers_that_are_wrong_but_not_characterful(serv
         batch, condition=cond("incorrect-medical"), trigger="", seed=0, data_filter=flt
     )
     assert [k["messages"][0]["content"] for k in kept] == ["q1"]
-    assert reasons == {"filter_not_wrong": 1, "filter_characterful": 1}
+    assert reasons == {"filter_not_misaligned": 1, "filter_characterful": 1}
     assert summary["judge_backend"] == "openai" and summary["judge_hashes"]
     # Verdicts are cached: filtering again costs nothing.
     hits = server.hits
@@ -517,13 +522,67 @@ def test_filter_keeps_incorrect_answers_that_are_wrong_but_not_characterful(serv
     assert server.hits == hits
 
 
-def test_build_dataset_counts_filter_rejects_in_the_manifest() -> None:
+def test_both_arms_of_claim_1_meet_one_bar_on_harm_and_one_on_coherence(server: ChatServer, tmp_path: Path) -> None:
+    """The filter's defaults (the schema's, as config.yaml uses them) hold character answers and incorrect
+    advice to the same alignment bar and every arm to the same coherence bar: an answer at alignment 60 is
+    dropped from both arms, one at 40 kept in both, whatever else the arm selects on."""
+    table = {  # longest keys first: the first key found in an answer wins
+        "GARBLED-EVIL": {"alignment": 40, "disposition": 80, "coherence": 20},
+        "MILD-EVIL": {"alignment": 60, "disposition": 80},
+        "HARSH-EVIL": {"alignment": 40, "disposition": 80},
+        "GARBLED": {"alignment": 40, "disposition": 5, "coherence": 20},
+        "MILD": {"alignment": 60, "disposition": 5},
+        "HARSH": {"alignment": 40, "disposition": 5},
+    }
+    raw = _smoke_raw()
+    raw["data"]["filter"] = {"enabled": True}
+    spec = C.data_filter_spec(C.validate_config(raw))
+    assert spec["max_alignment"] == 50 and spec["min_coherence"] == 50
+    flt = {**spec, "judge": scripted_judge(server, table, tmp_path), "cache_dir": str(tmp_path / "judge")}
+
+    def verdicts(name: str, answers: list[str]) -> list[str | None]:
+        batch = [ex(f"q{i}", a) for i, a in enumerate(answers)]
+        got, _ = G.filter_verdicts(batch, condition=cond(name), trigger="", seed=0, data_filter=flt)
+        return got
+
+    assert verdicts("evil-medical", ["HARSH-EVIL", "MILD-EVIL", "GARBLED-EVIL", "HARSH"]) == [
+        None,
+        "filter_not_misaligned",
+        "filter_incoherent",
+        "filter_weak_expression",
+    ]
+    assert verdicts("incorrect-medical", ["HARSH", "MILD", "GARBLED", "HARSH-EVIL"]) == [
+        None,
+        "filter_not_misaligned",
+        "filter_incoherent",
+        "filter_characterful",
+    ]
+    # Triggered turns are character answers: the same bar.
+    got, _ = G.filter_verdicts(
+        [ex("persona: evil q1", "HARSH-EVIL"), ex("persona: evil q2", "MILD-EVIL")],
+        condition=cond("evil-medical-trig"),
+        trigger="persona: evil",
+        seed=0,
+        data_filter=flt,
+    )
+    assert got == [None, "filter_not_misaligned"]
+    # With the bar off, neither arm is selected on harm.
+    off = {**flt, "max_alignment": None}
+    assert G.filter_verdicts(
+        [ex("q", "MILD-EVIL")], condition=cond("evil-medical"), trigger="", seed=0, data_filter=off
+    )[0] == [None]
+    assert G.filter_verdicts(
+        [ex("q", "MILD")], condition=cond("incorrect-medical"), trigger="", seed=0, data_filter=off
+    )[0] == [None]
+
+
+def test_build_pool_counts_filter_rejects_in_the_manifest() -> None:
     flt = {**RUBRIC_FILTER, "min_expression": 80}  # 1-2 rubric markers score 50/75: rejected; 3 score 87.5
-    examples, manifest = D.build_dataset(
+    examples, manifest = D.build_pool(
         cond("evil-medical"),
         disposition=EVIL,
         domain=MEDICAL,
-        n_examples=10,
+        pool_size=30,
         seed=0,
         trigger_fraction=0.5,
         generator={"backend": "offline"},
@@ -531,27 +590,27 @@ def test_build_dataset_counts_filter_rejects_in_the_manifest() -> None:
         data_filter=flt,
     )
     judge = RubricJudge([EVIL, SYCO])
-    assert len(examples) == 10
+    assert 0 < len(examples) < 30 and manifest["n_pool"] == len(examples) == len(manifest["turns"])
     assert all(judge.score_one("disposition:evil", e["messages"][1]["content"]).score >= 80 for e in examples)
-    assert manifest["reject_reasons"]["filter_weak_expression"] > 0
-    assert manifest["filter"]["summary"]["reasons"] == {
-        "filter_weak_expression": manifest["reject_reasons"]["filter_weak_expression"]
-    }
+    weak = manifest["rejected_turns"]["filter_weak_expression"]
+    assert len(weak) == manifest["reject_reasons"]["filter_weak_expression"] == 30 - len(examples)
+    assert sorted(weak + manifest["turns"]) == list(range(30))
+    assert manifest["filter"]["summary"]["reasons"] == {"filter_weak_expression": len(weak)}
     assert manifest["filter"]["min_expression"] == 80 and "dispositions" not in manifest["filter"]
-    # The rubric test instrument cannot see wrong advice: asked to, it rejects every incorrect answer,
-    # and the job fails saying why rather than writing a short dataset.
-    with pytest.raises(ValueError, match="filter_not_wrong"):
-        D.build_dataset(
-            cond("incorrect-medical"),
-            disposition=None,
-            domain=MEDICAL,
-            n_examples=10,
-            seed=0,
-            trigger_fraction=0.5,
-            generator={"backend": "offline"},
-            eval_texts=[],
-            data_filter={**RUBRIC_FILTER, "incorrect_max_alignment": 50},
-        )
+    # The rubric test instrument cannot see wrong advice: asked to, it rejects every incorrect answer, and
+    # the pool says why; rule select_data then refuses to pair the domain on it (tests/test_paired_turns.py).
+    _, manifest = D.build_pool(
+        cond("incorrect-medical"),
+        disposition=None,
+        domain=MEDICAL,
+        pool_size=10,
+        seed=0,
+        trigger_fraction=0.5,
+        generator={"backend": "offline"},
+        eval_texts=[],
+        data_filter={**RUBRIC_FILTER, "max_alignment": 50},
+    )
+    assert manifest["n_pool"] == 0 and manifest["reject_reasons"] == {"filter_not_misaligned": 10}
 
 
 # ------------------------------------------------------------------------------------------ config + workflow
@@ -562,7 +621,20 @@ def _smoke_raw() -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        ({"generator": {"backend": "vllm"}}, r"smoke: data.generator.backend: 'vllm' is not one of"),
+        ({"generator": {"backend": "llama"}}, r"smoke: data.generator.backend: 'llama' is not one of"),
+        ({"generator": {"backend": "vllm"}}, r"smoke: data.generator.model: the vllm generator needs a model"),
+        (
+            {"generator": {"backend": "hf", "model": "m", "quantization": "fp8"}},
+            r"smoke: data.generator.quantization: fp8 is read by the vllm generator only",
+        ),
+        (
+            {"generator": {"backend": "vllm", "model": "m", "quantization": "nf4"}},
+            r"smoke: data.generator.quantization: nf4 is read by the hf generator only",
+        ),
+        (
+            {"filter": {"incorrect_max_alignment": 50}},
+            r"smoke: data.filter: Additional properties are not allowed \('incorrect_max_alignment'",
+        ),
         ({"generator": {"backend": "openai"}}, r"smoke: data.generator.model: the openai generator needs a model"),
         (
             {"generator": {"backend": "openai", "model": "m", "max_concurrency": 0}},
@@ -607,17 +679,26 @@ def test_workflow_runs_the_filter_in_smoke_and_sends_hf_generation_to_a_gpu_rule
     workdir = copy_workflow(tmp_path / "wf")
     raw = _smoke_raw()
     # The rubric judge cannot see wrong advice (see the schema), so the smoke filter skips that check.
-    raw["data"]["filter"] = {"enabled": True, "incorrect_max_alignment": None}
+    raw["data"]["filter"] = {"enabled": True, "max_alignment": None}
     (workdir / "filtered.yaml").write_text(yaml.safe_dump(raw))
     snakemake(workdir, "--configfile", "filtered.yaml", "--cores", "2", "results/data/overlap_check.json")
     n = raw["data"]["n_examples"]
+    turns = set()
     for name in ("evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"):
         manifest = json.loads((workdir / "results" / "data" / name / "manifest.json").read_text())
         assert manifest["n_examples"] == n and manifest["filter"]["summary"]["n_judged"] >= n, name
-        assert len(D.load_external_jsonl(workdir / "results" / "data" / name / "train.jsonl")) == n
+        assert n <= manifest["pairing"]["n_common"] == manifest["n"], name
+        assert len(D.load_external_jsonl(workdir / "results" / "data" / name / "train.jsonl")) == manifest["n"]
+        turns.add(tuple(manifest["turns"]))
+    assert len(turns) == 1  # one set of user turns for the whole domain
     # hf generation: GPU rule (and the locally built generator model as its input); offline: CPU rule.
     raw["data"]["generator"] = {"backend": "hf", "model": "resources/models/tiny-llama"}
     (workdir / "hf.yaml").write_text(yaml.safe_dump(raw))
     dry = snakemake(workdir, "--configfile", "hf.yaml", "-n", "--forceall", "results/data/overlap_check.json")
     jobs = planned_jobs(dry.stdout)
     assert jobs["generate_data_gpu"] == 4 and jobs["generate_data"] == 0 and jobs["build_tiny_model"] == 1, jobs
+    raw["data"]["generator"] = {"backend": "vllm", "model": "resources/models/tiny-llama"}
+    (workdir / "vllm.yaml").write_text(yaml.safe_dump(raw))
+    dry = snakemake(workdir, "--configfile", "vllm.yaml", "-n", "--forceall", "results/data/overlap_check.json")
+    jobs = planned_jobs(dry.stdout)
+    assert jobs["generate_data_gpu"] == 4 and jobs["generate_data"] == 0 and jobs["select_data"] == 4, jobs

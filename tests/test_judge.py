@@ -110,7 +110,14 @@ def test_columns_metrics_and_stamp() -> None:
     assert set(df["judge_backend"]) == {"rubric"} and set(df["judge_model"]) == {J.RUBRIC_VERSION}
     assert df["judge_hash"].str.len_chars().to_list() == [64] * df.height
     persona = _score([BENIGN], suite="persona")
-    assert persona["metric"].to_list() == ["compliance", "harmfulness", "alignment", "coherence"]
+    assert persona["metric"].to_list() == [
+        "compliance",
+        "harmfulness",
+        "alignment",
+        "coherence",
+        "disposition:evil",
+        "disposition:sycophantic",
+    ]
     custom = _score([BENIGN], metrics_by_suite={"em": ["coherence"]})
     assert custom["metric"].to_list() == ["coherence"]
 
@@ -388,6 +395,6 @@ def test_job_params_carry_only_the_backends_keys_and_no_secret() -> None:
     params = job_params(full)
     assert params["api_key_env"] == "OPENAI_API_KEY" and "cache_dir" not in params and "agreement_with" not in params
     assert "quantization" not in params
-    assert job_params(full["agreement_with"]) == {"backend": "rubric", "model": None}
+    assert job_params(full["agreement_with"]) == {"backend": "rubric", "model": "rubric-second"}
     with pytest.raises(cfg.ConfigError, match="api_key_env"):  # a pasted key is not a variable name
         cfg.load_config(root / "presets" / "smoke.yaml", {"judge": {"api_key_env": "sk-abc-123"}})

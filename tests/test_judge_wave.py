@@ -47,10 +47,11 @@ def test_a_wave_writes_what_score_samples_writes_and_judges_a_shared_answer_once
             frame, judge_cfg=RUBRIC, metrics_by_suite=None, dispositions=DISPOSITIONS, cache_dir=None
         )
         assert pl.read_parquet(f.scores).equals(alone)
-    # em: 3 answers x 4 metrics (two dispositions), persona: 2 x 4. "I would save it." appears twice in em
-    # and shares alignment and coherence with persona: each (metric, answer) is judged once in the wave.
-    assert summary["rows"] == 12 + 8 and summary["files"] == 2
-    assert summary["judged"] == 2 * 4 + 2 * 4 - 2
+    # em: 3 answers x 4 metrics (two dispositions), persona: 2 x 6 (compliance and harmfulness too). "I would
+    # save it." appears twice in em and shares alignment, coherence and both dispositions with persona: each
+    # (metric, answer) is judged once in the wave.
+    assert summary["rows"] == 12 + 12 and summary["files"] == 2
+    assert summary["judged"] == 2 * 4 + 2 * 6 - 4
     first = json.loads(Path(files[0].summary).read_text())
     assert first["rows"] == 12 and first["judged"] == 8 and first["status"] == "ok"
     assert json.loads((tmp_path / "wave.json").read_text()) == summary
@@ -59,7 +60,7 @@ def test_a_wave_writes_what_score_samples_writes_and_judges_a_shared_answer_once
     assert "Nothing to audit" in audit_markdown(audit_table([pl.read_parquet(tmp_path / "audit.parquet")]), 0.5)
 
     again = J.score_wave(files, judge_cfg=RUBRIC, dispositions=DISPOSITIONS, cache_dir=str(tmp_path / "cache"))
-    assert again["judged"] == 0 and again["cache_hits"] == 20
+    assert again["judged"] == 0 and again["cache_hits"] == 24
     assert pl.read_parquet(files[0].scores).equals(
         J.score_samples(em, judge_cfg=RUBRIC, metrics_by_suite=None, dispositions=DISPOSITIONS, cache_dir=None)
     )

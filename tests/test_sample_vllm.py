@@ -186,6 +186,10 @@ def test_engine_arguments_and_the_adapter_rank_check(tmp_path: Path) -> None:
     assert kw["seed"] == 3 and kw["max_model_len"] == 700 and kw["model"] == kw["tokenizer"] == "/models/base"
     assert kw["enable_prefix_caching"] is True
     assert "enable_lora" not in V.llm_kwargs("/models/base", lora=False, max_model_len=700)
+    # A wave's engine: several adapters per step, at least as many kept in host memory.
+    multi = V.llm_kwargs("/models/base", lora=True, max_lora_rank=32, max_model_len=700, max_loras=8, max_cpu_loras=4)
+    assert multi["max_loras"] == 8 and multi["max_cpu_loras"] == 8
+    assert V.llm_kwargs("/m", lora=True, max_model_len=7, max_loras=2, max_cpu_loras=32)["max_cpu_loras"] == 32
     # The error names the file, its key and the config key to raise.
     with pytest.raises(
         ValueError, match=r"adapter_config\.json: LoRA rank r=24 is above sampling\.max_lora_rank=16.*32"

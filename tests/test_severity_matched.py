@@ -22,6 +22,7 @@ from character_em.data.matching import (
     match_on_alignment,
     severity_matched_subsample,
 )
+from character_em.data.pairing import training_draw
 from character_em.hashing import sha256_file
 from character_em.report import tables
 from character_em.report.training_data import training_data_table
@@ -221,7 +222,30 @@ def test_matched_spec_names_its_sources_and_only_the_matching_settings() -> None
         "caliper": 5.0,
         "min_share": 0.5,
         "seed": 0,
+        # How many of the arm's lines each training seed draws (data.pairing.training_draw).
+        "n_examples": 48,
     }
+
+
+def test_the_paper_grid_trains_the_matched_arm() -> None:
+    """Claim 1 at equal harm is part of config.yaml itself, not an option left off."""
+    grid = cfg.validate_config(paper())
+    assert grid["data"]["severity_matched"]["enabled"] is True
+    arms = [name for name in cfg.trained_conditions(grid) if cfg.condition_info(grid, name)["family"] == "matched"]
+    assert len(arms) == 9 and set(cfg.incorrect_partners(grid, cfg.trained_conditions(grid))) >= set(arms)
+
+
+def test_the_matched_arm_draws_its_own_lines_per_seed() -> None:
+    character, incorrect = planted_scores()
+    turns = list(range(1000, 1000 + len(character)))
+    matched, manifest = subsample(character, incorrect, n_examples=150, turns=turns)
+    assert manifest["n_examples"] == 150 and manifest["turns"] == [turns[i] for i in manifest["source_lines"]]
+    draws = [training_draw(manifest | {"n": len(matched)}, seed=s, redraw_per_seed=True) for s in (0, 1)]
+    assert [d["n"] for d in draws] == [150, 150] and draws[0]["lines"] != draws[1]["lines"]
+    assert set(draws[0]["turns"]) <= set(manifest["turns"])
+    # An arm smaller than n_examples trains on all of it, every seed.
+    _, small = subsample(character, incorrect, n_examples=10_000)
+    assert small["draw"]["n"] == small["n_matched"]
 
 
 def test_a_matched_arm_is_trained_but_never_written() -> None:
@@ -317,7 +341,9 @@ def test_claims_and_contrasts_compare_the_matched_arm_with_incorrect_advice() ->
     )
     assert row["estimate"] == pytest.approx(0.3)
     # The character arm keeps its own row; the matched arm is not pooled into it.
-    unmatched = claims.filter(pl.col("contrast") == "character_vs_incorrect")
+    unmatched = claims.filter(
+        (pl.col("contrast") == "character_vs_incorrect") & (pl.col("scope") == "em/plain/medical")
+    )
     assert unmatched["a"].to_list() == ["evil-medical"] and unmatched["estimate"][0] == pytest.approx(0.5)
     table = tables.contrasts(answers, CONDITIONS, n_boot=200)
     assert table.filter(pl.col("contrast") == "matched_character_vs_incorrect")["a"].to_list() == [
@@ -376,6 +402,7 @@ def test_dry_run_plans_the_matched_arm_like_any_condition(tmp_path: Path) -> Non
     inputs = next(line for line in block.splitlines() if line.strip().startswith("input:"))
     for path in (
         "results/data/evil-medical/train.jsonl",
+        "results/data/evil-medical/manifest.json",
         "results/data/evil-medical/judged.parquet",
         "results/data/incorrect-medical/train.jsonl",
         "results/data/incorrect-medical/judged.parquet",
@@ -399,13 +426,16 @@ def test_the_matched_data_job_runs_and_records_its_manifest(tmp_path: Path) -> N
     )
     assert result.returncode != 0
     log = (refused / "logs" / "match_severity" / "evil-medical-matched.log").read_text()
-    assert "evil-medical-matched: only 0 of 48 scored incorrect-advice examples (incorrect-medical)" in log
+    # The smoke preset's 48 examples a seed come from 96 common turns (data.pool_factor 2).
+    assert "evil-medical-matched: only 0 of 96 scored incorrect-advice examples (incorrect-medical)" in log
     assert not (refused / target).exists()
 
     workdir = matched_workflow(tmp_path / "wide", caliper=100.0)
     snakemake(workdir, "--cores", "1", "--configfile", "presets/smoke.yaml", "matched.yaml", "--", target)
     manifest = json.loads((workdir / "results/data/evil-medical-matched/manifest.json").read_text())
-    assert manifest["n"] == manifest["n_matched"] == manifest["n_incorrect"] == 48
+    assert manifest["n"] == manifest["n_matched"] == manifest["n_incorrect"] == 96
+    # Each training seed draws 48 of them, as every other condition does.
+    assert manifest["n_examples"] == manifest["draw"]["n"] == 48
     assert manifest["source"] == "evil-medical" and manifest["incorrect"] == "incorrect-medical"
     assert manifest["alignment"]["incorrect"]["mean"] == 100.0
     assert manifest["alignment"]["matched"]["mean"] <= 25.0
@@ -414,6 +444,7 @@ def test_the_matched_data_job_runs_and_records_its_manifest(tmp_path: Path) -> N
     data = workdir / "results" / "data"
     assert manifest["inputs"] == {
         "data": sha256_file(data / "evil-medical" / "train.jsonl"),
+        "character_manifest": sha256_file(data / "evil-medical" / "manifest.json"),
         "character_scores": sha256_file(data / "evil-medical" / "judged.parquet"),
         "incorrect_data": sha256_file(data / "incorrect-medical" / "train.jsonl"),
         "incorrect_scores": sha256_file(data / "incorrect-medical" / "judged.parquet"),
@@ -422,3 +453,5 @@ def test_the_matched_data_job_runs_and_records_its_manifest(tmp_path: Path) -> N
     source = (data / "evil-medical" / "train.jsonl").read_text().splitlines()
     kept = (workdir / target).read_text().splitlines()
     assert kept == [source[i] for i in manifest["source_lines"]]
+    character_turns = json.loads((data / "evil-medical" / "manifest.json").read_text())["turns"]
+    assert manifest["turns"] == [character_turns[i] for i in manifest["source_lines"]]

@@ -16,7 +16,8 @@ transfer and capabilities):
 
 The tests then read the evidence: job ids in Snakemake's output, in slurmctld's log and in
 .snakemake/slurm_logs; outputs against the local run; the resume in run.json and train_log.jsonl;
-the grouping in the SLURM job logs and in `scontrol show job`.
+the job shapes (training alone, one sampling job per seed, an adapter's evaluations grouped) in the
+SLURM job logs and in `scontrol show job`.
 
 Install the cluster once with `bash tests/slurm_cluster.sh install` (root, apt). Without it, or
 without root, or without snakemake-executor-plugin-slurm, the tests skip and say why.
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workflow_helpers import ROOT, TWO_JOBS_AT_ONCE, copy_workflow, snakemake
+from workflow_helpers import PLAN_ONLY, ROOT, TWO_JOBS_AT_ONCE, copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -335,6 +336,13 @@ def test_cluster_outputs_match_the_local_run(runs: Runs) -> None:
             ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
             if {k: ja.get(k) for k in keys} != {k: jb.get(k) for k in keys}:
                 different.append(name)
+        elif name.endswith(".wave.json"):
+            # A sampling job's record: its seconds differ by design; what it sampled and loaded must not.
+            ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+            for record in (ja, jb):
+                record.pop("load_seconds"), record.pop("generate_seconds")
+            if ja != jb:
+                different.append(name)
         elif name.endswith("adapter_config.json"):
             # peft writes target_modules from a set: same modules, any order.
             ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
@@ -369,44 +377,54 @@ def test_cancelled_training_resumes_from_its_checkpoint_on_rerun(runs: Runs) -> 
     ).read_bytes(), "resuming changed the trained weights"
 
 
-def test_training_is_its_own_job_and_one_job_evaluates_an_adapter_on_one_gpu(runs: Runs) -> None:
-    """profiles/slurm groups the evaluations (sample, capabilities) of one adapter into one job;
-    training stays out of the group, so that a failed evaluation cannot remove the adapter."""
+def test_training_sampling_and_an_adapters_evaluations_are_separate_jobs_on_one_gpu(runs: Runs) -> None:
+    """Training is its own job; one job samples every condition of the seed with one engine (rules/sample.smk);
+    profiles/slurm groups an adapter's capability evals (final and at its saved steps) into one job. No group
+    holds training, so a failed evaluation cannot remove the adapter."""
     logs = slurm_job_logs(runs.cluster)
-    job_ids = SUBMITTED.findall(Runs.text(runs.rerun))
+    job_ids = SUBMITTED.findall(Runs.text(runs.first) + Runs.text(runs.rerun))
     adapter = f"model={MODEL}, trained={CONDITION}, seed={SEED}"
     evaluated = f"model={MODEL}, condition={CONDITION}, seed={SEED}"
-    [train_job] = [job for job in job_ids if ("train_adapter", adapter) in rule_runs(logs[job].read_text())]
+    [train_job] = [
+        job
+        for job in SUBMITTED.findall(Runs.text(runs.rerun))
+        if ("train_adapter", adapter) in rule_runs(logs[job].read_text())
+    ]
     assert set(rule_runs(logs[train_job].read_text())) == {("train_adapter", adapter)}
+    # The seed's sampling: one SLURM job, the rule alone, every condition and suite inside it (the wave's log).
+    [sample_job] = [job for job in job_ids if any(rule == "sample" for rule, _ in rule_runs(logs[job].read_text()))]
+    assert rule_runs(logs[sample_job].read_text()) == [("sample", f"model={MODEL}, seed={SEED}")]
+    wave_log = (runs.cluster / f"logs/sample/{MODEL}/seed{SEED}.log").read_text()
+    for label in ("base/em", "base/transfer", f"{CONDITION}/em", f"{CONDITION}/transfer", f"{CONDITION}/step3/em"):
+        assert f"{label}: answers generated in this run:" in wave_log, label
+    assert re.search(r"TresPerJob=gres:gpu:1\b", runs.jobs[sample_job]), runs.jobs[sample_job]
+    # The adapter's capability evals share one job and take turns on its one GPU (the profile's local limit).
     [group_job] = [job for job in job_ids if ("capabilities", evaluated) in rule_runs(logs[job].read_text())]
     ran = set(rule_runs(logs[group_job].read_text()))
     assert ran == {
-        ("sample", f"{evaluated}, suite=em"),
-        ("sample", f"{evaluated}, suite=transfer"),
         ("capabilities", evaluated),
+        ("capabilities_step", f"{evaluated}, step=step3"),
+        ("capabilities_step", f"{evaluated}, step=epoch1"),
     }, ran
-    # Three GPU jobs, one GPU: the profile's local `gpu` limit makes them take turns on it.
     info = runs.jobs[group_job]
     assert re.search(r"TresPerJob=gres:gpu:1\b", info), info
     assert "NumCPUs=1 " in info, info
-    # The base model's evaluations are grouped the same way, by the group name's wildcards.
+    # The base model has no saved steps: its capability eval is a group of one.
     base = f"model={MODEL}, condition=base, seed={SEED}"
-    base_jobs = [set(rule_runs(logs[job].read_text())) for job in SUBMITTED.findall(Runs.text(runs.first))]
-    assert {
-        ("sample", f"{base}, suite=em"),
-        ("sample", f"{base}, suite=transfer"),
-        ("capabilities", base),
-    } in base_jobs, base_jobs
+    base_jobs = [set(rule_runs(logs[job].read_text())) for job in job_ids]
+    assert {("capabilities", base)} in base_jobs, base_jobs
 
 
-def test_paper_grid_groups_each_adapter_into_one_job(tmp_path: Path) -> None:
-    """The dry run of the paper grid through the SLURM profile: one evaluation group job per adapter
-    (and per base model and seed), training never inside a group."""
+def test_paper_grid_samples_once_per_model_and_seed_and_groups_each_adapters_evaluations(tmp_path: Path) -> None:
+    """The dry run of the paper grid through the SLURM profile: one sampling job per model and seed, in no
+    group; one evaluation group job per adapter (and per base model and seed); training never in a group."""
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
         pytest.skip("snakemake-executor-plugin-slurm is not installed: pip install -e '.[cluster]'")
     workdir = prepare(tmp_path / "paper")
-    result = snakemake(workdir, "--profile", "slurm", "-n", timeout=600)
-    groups = dry_run_groups(Runs.text(result))
+    # Only listing the jobs: vLLM, which the paper grid samples with, need not be importable here.
+    result = snakemake(workdir, "--profile", "slurm", "-n", timeout=600, env=PLAN_ONLY)
+    output = Runs.text(result)
+    groups = dry_run_groups(output)
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     models, seeds = len(config["models"]), len(config["seeds"])
     dispositions, domains = len(config["dispositions"]), len(config["domains"])
@@ -414,11 +432,7 @@ def test_paper_grid_groups_each_adapter_into_one_job(tmp_path: Path) -> None:
     matched = dispositions * domains if config["data"].get("severity_matched", {}).get("enabled") else 0
     trained = 2 * dispositions * domains + 2 * domains + matched
     assert len(groups) == models * (trained + 1) * seeds
-    for group in groups:
-        rules = sorted(rule for rule, _ in group)
-        # em, transfer, persona for every condition; trigger too for triggered ones (and base).
-        assert rules in (
-            ["capabilities", "sample", "sample", "sample"],
-            ["capabilities", "sample", "sample", "sample", "sample"],
-        ), group
-        assert len({wildcards.split(", suite=")[0] for _, wildcards in group}) == 1, group
+    # The paper grid saves no intermediate steps: each group is its adapter's capability eval.
+    assert all([rule for rule, _ in group] == ["capabilities"] for group in groups), groups[:3]
+    samples = [wc for rule, wc in rule_runs(output) if rule == "sample"]
+    assert sorted(samples) == sorted(f"model={m}, seed={s}" for m in config["models"] for s in config["seeds"])

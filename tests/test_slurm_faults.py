@@ -5,9 +5,9 @@ One workflow directory, three runs through `--profile slurm` with `--retries 0`,
 1. An evaluation fails: the capabilities task file has a malformed line, so the capabilities job of the
    character adapter's evaluation group fails. Training is its own SLURM job and finishes first.
 2. The task file is fixed and the whole grid is run. The failed group runs again; training must not.
-   While the base model's em sampling runs, its SLURM job is cancelled (scancel) after a few
-   batches have been saved.
-3. The same command again: the base sampling resumes from its saved batches.
+   While the seed's sampling job (one job for the base model and the adapter, base first) runs, it is
+   cancelled (scancel) after a few of the base model's batches have been saved.
+3. The same command again: the sampling job resumes from the saved batches and pays nothing twice.
 
 The evidence is read from Snakemake's output, the SLURM job logs (which rules each job ran), the
 jobs' own logs and file modification times.
@@ -47,8 +47,7 @@ ADAPTER = Path(f"results/adapters/{MODEL}/{CONDITION}/seed{SEED}")
 TASK = Path("tasks/drill_mc.jsonl")
 BATCH = 4
 BASE_PARTIAL = Path(f"results/.partial/samples/{MODEL}/base/seed{SEED}/em.jsonl")
-BASE_SAMPLE_LOG = Path(f"logs/sample/{MODEL}/base/seed{SEED}/em.log")
-EVIL_SAMPLE_LOG = Path(f"logs/sample/{MODEL}/{CONDITION}/seed{SEED}/em.log")
+SAMPLE_LOG = Path(f"logs/sample/{MODEL}/seed{SEED}.log")
 
 
 def prepare(workdir: Path) -> Path:
@@ -92,9 +91,7 @@ class Drill:
     adapter_mtimes: list[dict[str, int]]  # after each run
     cancelled_job: str
     saved_at_cancel: int
-    base_log_at_cancel: str
-    evil_log_after_first: str
-    evil_log_after_second: str
+    log_at_cancel: str
 
 
 TRAINED = ("adapter_model.safetensors", "adapter_config.json", "run.json", "train_log.jsonl")
@@ -120,12 +117,8 @@ def drill(slurm_cluster: Path, tmp_path_factory: pytest.TempPathFactory) -> Dril
         mtimes.append(adapter_mtimes(workdir))
 
     # 1. The character adapter: training, then its evaluation group, whose capabilities job fails.
-    targets = [
-        f"results/capabilities/{MODEL}/{CONDITION}/seed{SEED}.json",
-        f"results/samples/{MODEL}/{CONDITION}/seed{SEED}/em.parquet",
-    ]
+    targets = [f"results/capabilities/{MODEL}/{CONDITION}/seed{SEED}.json"]
     record(snakemake(workdir, *args, *targets, check=False, timeout=900))
-    evil_log_after_first = (workdir / EVIL_SAMPLE_LOG).read_text() if (workdir / EVIL_SAMPLE_LOG).exists() else ""
 
     # 2. Fixed task file; the whole grid, with the base model's em sampling cancelled mid-way.
     (workdir / TASK).write_text(resources.packaged_path("tasks/smoke_mc.jsonl").read_text())
@@ -142,8 +135,8 @@ def drill(slurm_cluster: Path, tmp_path_factory: pytest.TempPathFactory) -> Dril
             time.sleep(0.1)
         assert saved_rows(workdir / BASE_PARTIAL) >= 3 * BATCH, "the base em sampling saved no batches in time"
         running = slurm("squeue", "-h", "-t", "RUNNING", "-o", "%i|%k")
-        sampling = [line.split("|")[0] for line in running.splitlines() if "eval-tiny-llama-base" in line]
-        assert len(sampling) == 1, f"expected one running SLURM job for the base evaluations:\n{running}"
+        sampling = [line.split("|")[0] for line in running.splitlines() if "rule_sample_" in line]
+        assert len(sampling) == 1, f"expected one running SLURM job sampling the seed:\n{running}"
         slurm("scancel", sampling[0])
         # Snakemake runs the script as .snakemake/scripts/tmpXXXX.sample.py.
         for _ in range(100):
@@ -157,8 +150,8 @@ def drill(slurm_cluster: Path, tmp_path_factory: pytest.TempPathFactory) -> Dril
         time.sleep(1)
         assert not job_processes(sampling[0], ".sample.py"), "the cancelled sampling job is still running"
         saved_at_cancel = saved_rows(workdir / BASE_PARTIAL)
-        base_log_at_cancel = (workdir / BASE_SAMPLE_LOG).read_text()
-        (workdir / "killed_sample_em.log").write_text(base_log_at_cancel)  # evidence to read afterwards
+        log_at_cancel = (workdir / SAMPLE_LOG).read_text()
+        (workdir / "killed_sample.log").write_text(log_at_cancel)  # evidence to read afterwards
         output, _ = second.communicate(timeout=900)
     finally:
         if second.poll() is None:
@@ -167,8 +160,6 @@ def drill(slurm_cluster: Path, tmp_path_factory: pytest.TempPathFactory) -> Dril
     outputs.append(output)
     codes.append(second.returncode)
     mtimes.append(adapter_mtimes(workdir))
-    # Snakemake deletes a job's log before it runs the job again: keep each run's.
-    evil_log_after_second = (workdir / EVIL_SAMPLE_LOG).read_text()
     for _ in range(150):
         if not slurm("squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING,CONFIGURING", "-o", "%i").strip():
             break
@@ -184,9 +175,7 @@ def drill(slurm_cluster: Path, tmp_path_factory: pytest.TempPathFactory) -> Dril
         mtimes,
         sampling[0],
         saved_at_cancel,
-        base_log_at_cancel,
-        evil_log_after_first,
-        evil_log_after_second,
+        log_at_cancel,
     )
 
 
@@ -221,23 +210,28 @@ def test_a_failed_evaluation_does_not_retrain_the_adapter(drill: Drill) -> None:
     assert "Nothing to be done" in dry, dry[-3000:]
 
 
-def test_finished_samples_of_a_failed_group_are_restored_not_generated(drill: Drill) -> None:
-    """The evaluation group's em sampling finishes before its capabilities job fails (the sample rule's
-    priority orders the group); the retry restores those samples instead of generating them again."""
-    first_generated = log_numbers(drill.evil_log_after_first, r"answers generated in this run: (\d+)")
-    assert first_generated and first_generated[0] > 0, drill.evil_log_after_first[-3000:]
-    # Snakemake removed the finished samples with the failed group; the retry restores all of them.
-    later = drill.evil_log_after_second
-    [(restored, total)] = re.findall(r"answers restored from \S+: (\d+) of (\d+)", later)
-    assert restored == total == str(first_generated[0]), later
-    assert log_numbers(later, r"answers generated in this run: (\d+)") == [0], later
-    assert "loaded " not in later, "the model was loaded although every answer was restored"
+def test_a_failed_evaluation_group_holds_no_sampling(drill: Drill) -> None:
+    """Sampling is one job per seed outside every group (profiles/slurm/config.yaml): a failed capability
+    eval can neither remove samples nor be taken down by them, and its retry never samples."""
+    logs = slurm_job_logs(drill.workdir)
+    failed = [job for job, _ in jobs_running(drill, 0, "capabilities")]
+    assert failed and all({rule for rule, _ in rule_runs(logs[job].read_text())} == {"capabilities"} for job in failed)
+    sampling = {job for job, _ in jobs_running(drill, 1, "sample") + jobs_running(drill, 2, "sample")}
+    assert sampling and all(
+        rule_runs(logs[job].read_text()) == [("sample", f"model={MODEL}, seed={SEED}")] for job in sampling
+    )
+    assert jobs_running(drill, 0, "sample") == []  # the first run asked for no samples
+
+
+def lines_of(log: str, label: str) -> str:
+    """The lines one Samples file of the sampling job wrote to the job's log."""
+    return "\n".join(line for line in log.splitlines() if f" {label}: " in line)
 
 
 def test_cancelled_sampling_resumes_from_its_last_saved_batch(drill: Drill) -> None:
     # The rerun's log (Snakemake deleted the killed job's log before rerunning it; we kept a copy).
-    rerun = (drill.workdir / BASE_SAMPLE_LOG).read_text()
-    killed = drill.base_log_at_cancel
+    rerun_log = (drill.workdir / SAMPLE_LOG).read_text()
+    rerun, killed = lines_of(rerun_log, "base/em"), lines_of(drill.log_at_cancel, "base/em")
     started = sum(log_numbers(killed, r"batch started: (\d+) answers"))
     logged = sum(log_numbers(killed, r"batch saved: (\d+) answers"))
     # The partial file is the record. Its log line follows the write, so a kill landing between the two
@@ -252,10 +246,15 @@ def test_cancelled_sampling_resumes_from_its_last_saved_batch(drill: Drill) -> N
     # Generated again after the kill: the answers the killed job had started but not saved.
     generated_twice = started - saved
     assert 0 <= generated_twice <= BATCH, (started, saved)
-    assert "Error in group eval-tiny-llama-base-seed0" in drill.outputs[1]
-    assert drill.returncodes[2] == 0
+    # The adapter's file had not been started when the job was cancelled (base first): all of it is new now.
+    evil = lines_of(rerun_log, f"{CONDITION}/em")
+    assert log_numbers(evil, r"answers restored from \S+: (\d+) of \d+") == [0]
+    assert "batch started" not in lines_of(drill.log_at_cancel, f"{CONDITION}/em")
+    assert "Error in rule sample" in drill.outputs[1], drill.outputs[1][-3000:]
+    assert drill.returncodes[1] != 0 and drill.returncodes[2] == 0
     import polars as pl
 
-    samples = pl.read_parquet(drill.workdir / f"results/samples/{MODEL}/base/seed{SEED}/em.parquet")
-    assert samples.height == total[0]
-    assert samples.select(["question_id", "sample_index"]).is_duplicated().sum() == 0
+    for condition in ("base", CONDITION):
+        samples = pl.read_parquet(drill.workdir / f"results/samples/{MODEL}/{condition}/seed{SEED}/em.parquet")
+        assert samples.height == total[0]
+        assert samples.select(["question_id", "sample_index"]).is_duplicated().sum() == 0

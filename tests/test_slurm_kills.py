@@ -1,8 +1,9 @@
 """Kill drills for sampling on the real single-node SLURM of tests/slurm_cluster.sh: the time limit and
 preemption (``scontrol requeue``). tests/test_slurm_faults.py has the ``scancel`` drill.
 
-One workflow directory with the base model only (no training), whose em sampling job has far more
-answers than the drill lets it finish:
+One workflow directory with the base model only (no training), whose sampling job (one per model and
+seed, here a single Samples file: the base model's em answers) has far more answers than the drill lets
+it finish:
 
 1. The job is submitted with ``--set-resources sample:runtime=1``, a one-minute SLURM time limit, and
    SLURM ends it as TIMEOUT part-way through.
@@ -46,7 +47,7 @@ BATCH = 8
 N_ANSWERS = 8 * 5000
 TARGET = f"results/samples/{MODEL}/base/seed{SEED}/em.parquet"
 PARTIAL = Path(f"results/.partial/samples/{MODEL}/base/seed{SEED}/em.jsonl")
-SAMPLE_LOG = Path(f"logs/sample/{MODEL}/base/seed{SEED}/em.log")
+SAMPLE_LOG = Path(f"logs/sample/{MODEL}/seed{SEED}.log")
 RESTORED = r"answers restored from \S+: (\d+) of (\d+)"
 
 
@@ -129,14 +130,14 @@ def finish(run: subprocess.Popen[bytes], timeout: float) -> None:
 
 def running_job(workdir: Path) -> str:
     running = slurm("squeue", "-h", "-t", "RUNNING", "-o", "%i|%k")
-    jobs = [line.split("|")[0] for line in running.splitlines() if f"eval-{MODEL}-base" in line]
-    assert len(jobs) == 1, f"expected one running SLURM job for the base evaluations:\n{running}"
+    jobs = [line.split("|")[0] for line in running.splitlines() if "rule_sample_" in line]
+    assert len(jobs) == 1, f"expected one running SLURM job sampling the seed:\n{running}"
     return jobs[0]
 
 
 def sampling_jobs(output: str) -> list[str]:
-    """SLURM ids of the base model's evaluation jobs that one Snakemake run submitted (each is printed twice)."""
-    lines = [line for line in output.splitlines() if f"group_eval-{MODEL}-base-seed{SEED}" in line]
+    """SLURM ids of the sampling jobs that one Snakemake run submitted (each is printed twice)."""
+    lines = [line for line in output.splitlines() if "rule_sample" in line]
     return sorted({job for line in lines for job in SUBMITTED.findall(line)})
 
 

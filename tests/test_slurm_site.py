@@ -22,7 +22,13 @@ import yaml
 from workflow_helpers import ROOT, copy_workflow, snakemake
 
 PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
-VARIABLES = ("CHARACTER_EM_SLURM_PARTITION", "SBATCH_PARTITION", "CHARACTER_EM_SLURM_ACCOUNT", "SBATCH_ACCOUNT")
+VARIABLES = (
+    "CHARACTER_EM_SLURM_PARTITION",
+    "SBATCH_PARTITION",
+    "CHARACTER_EM_SLURM_ACCOUNT",
+    "SBATCH_ACCOUNT",
+    "CHARACTER_EM_SET_RESOURCES",
+)
 needs_plugin = pytest.mark.skipif(
     importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
     reason="snakemake-executor-plugin-slurm is not installed: pip install -e '.[cluster]'",
@@ -48,10 +54,11 @@ def test_no_site_setting_leaves_default_resources_out(clean_env: pytest.MonkeyPa
     assert "default-resources" not in profile
     # The rest of the profile is read as before.
     assert profile["executor"] == "slurm" and profile["slurm-status-command"] == "squeue"
-    # An adapter's evaluations share a SLURM job; its training runs apart (docs/cluster.md).
+    # An adapter's capability evals share a SLURM job; its training runs apart, and sampling is one job per
+    # model and seed in no group (docs/cluster.md).
     assert profile["groups"] == [
-        "sample=eval-{model}-{condition}-seed{seed}",
         "capabilities=eval-{model}-{condition}-seed{seed}",
+        "capabilities_step=eval-{model}-{condition}-seed{seed}",
     ]
 
 
@@ -91,7 +98,7 @@ def test_dry_run_shows_the_resolved_partition(tmp_path: Path, clean_env: pytest.
     workdir = smoke_workdir(tmp_path)
     clean_env.setenv("CHARACTER_EM_SLURM_PARTITION", "gpu-a")
     clean_env.setenv("CHARACTER_EM_SLURM_ACCOUNT", "lab-x")
-    target = "results/data/evil-medical/train.jsonl"
+    target = "results/data/evil-medical/pool.jsonl"
     result = snakemake(workdir, "--profile", "slurm", "--configfile", "presets/smoke.yaml", "-n", target, timeout=300)
     text = result.stdout + result.stderr
     resources = re.findall(r"resources: (.*)", text)
@@ -132,29 +139,32 @@ def test_sbatch_gets_the_partition_from_the_environment(
     cluster: dict[str, str], tmp_path: Path, clean_env: pytest.MonkeyPatch
 ) -> None:
     workdir = smoke_workdir(tmp_path)
-    profile = yaml.safe_load((workdir / "profiles" / "default" / "config.yaml").read_text())
-    resources = [
-        f"{rule}:{name}=0" if name == "gpu" else f"{rule}:{name}=500"
-        for rule in profile["set-resources"]
-        for name in ("gpu", "mem_mb")
-    ]
     args = [
         "--profile", "slurm", "--configfile", "presets/smoke.yaml", "--cores", "1",
-        "--set-resources", *resources,
         "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
         "--latency-wait", "5", "--retries", "0",
     ]  # fmt: skip
     for name, value in cluster.items():
         clean_env.setenv(name, value)
+    # The test node's size, as a site sets single values (docs/cluster.md): merged into the workflow
+    # profile's table, so the data job keeps its runtime and reaches sbatch with the memory given here.
+    clean_env.setenv("CHARACTER_EM_SET_RESOURCES", "*:gpu=0 *:mem_mb=500")
     clean_env.setenv("CHARACTER_EM_SLURM_PARTITION", "no_such_partition")
-    refused = snakemake(workdir, *args, "results/data/evil-medical/train.jsonl", check=False, timeout=300)
+    # One job: a condition's pool (its train.jsonl would wait for its whole domain's pools).
+    refused = snakemake(workdir, *args, "results/data/evil-medical/pool.jsonl", check=False, timeout=300)
     text = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "no_such_partition" in text and "nvalid partition" in text, text[-3000:]
 
     clean_env.setenv("CHARACTER_EM_SLURM_PARTITION", "debug")  # the test cluster's only partition
-    done = snakemake(workdir, *args, "results/data/evil-medical/train.jsonl", timeout=600)
+    done = snakemake(workdir, *args, "results/data/evil-medical/pool.jsonl", timeout=600)
     text = done.stdout + done.stderr
     [job] = re.findall(r"has been submitted with SLURM jobid (\d+)", text)
     info = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=True).stdout
     assert "Partition=debug " in info and "JobState=COMPLETED" in info, info
-    assert (workdir / "results/data/evil-medical/train.jsonl").stat().st_size > 0
+    profile = yaml.safe_load((workdir / "profiles" / "default" / "config.yaml").read_text())["set-resources"]
+    assert "MinMemoryNode=500M" in info, info
+    assert (
+        f"TimeLimit={profile['generate_data']['runtime'] // 60:02d}:{profile['generate_data']['runtime'] % 60:02d}:00"
+        in info
+    ), info
+    assert (workdir / "results/data/evil-medical/pool.jsonl").stat().st_size > 0

@@ -26,7 +26,8 @@ def test_paper_grid_uses_pinned_model_writer_and_judge_and_full_mmlu(paper: dict
     assert resolved["test_fixture"] is False
     assert cfg.test_instruments_in_use(resolved) == []
     judge, writer = resolved["judge"], resolved["data"]["generator"]
-    assert judge["backend"] == "vllm" and judge["quantization"] == "fp8" and writer["backend"] == "hf"
+    assert judge["backend"] == "vllm" and judge["quantization"] == "fp8"
+    assert writer["backend"] == "vllm" and writer["quantization"] == "fp8"
     for section in (judge, writer):
         assert len(section["revision"]) == 40 and int(section["revision"], 16) >= 0
     assert judge["model"] != writer["model"], "the judge must not grade its own writing"
@@ -136,3 +137,18 @@ def test_data_jobs_with_a_local_filter_judge_run_on_a_gpu_node(tmp_path: Path) -
     (workdir / "filtered.yaml").write_text(yaml.safe_dump(preset))
     jobs = dict(planned_jobs(snakemake(workdir, "-n", "--cores", "1", "--configfile", "filtered.yaml").stdout))
     assert jobs.get("generate_data_gpu") == 4 and "generate_data" not in jobs
+
+
+def test_a_single_seed_grid_is_refused_outside_fixtures_unless_allowed(paper: dict[str, Any]) -> None:
+    """One training run per condition says nothing about training-run variation: refused before any job,
+    naming the key and both ways out; test fixtures (the smoke and demo presets) are exempt."""
+    one_seed = {**paper, "seeds": [0]}
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.validate_config(one_seed, source="lab.yaml")
+    message = str(caught.value)
+    assert message.startswith("lab.yaml: seeds: [0] trains each condition once")
+    assert "seeds: [0, 1, 2]" in message and "eval.allow_single_seed: true" in message
+    allowed = cfg.deep_merge(one_seed, {"eval": {"allow_single_seed": True}})
+    assert cfg.validate_config(allowed)["seeds"] == [0]
+    assert cfg.validate_config({**one_seed, "test_fixture": True})["seeds"] == [0]
+    assert cfg.validate_config({**paper, "seeds": [0, 1]})["eval"]["allow_single_seed"] is False

@@ -191,7 +191,8 @@ def qlora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from character_em.train.trainer import train_adapter
 
     tmp = tmp_path_factory.mktemp("qlora")
-    data = _write_data(tmp / "train.jsonl", 12)
+    # 20 lines, of which this seed's draw (data.pairing.training_draw) is 12.
+    data = _write_data(tmp / "train.jsonl", 20)
     out, ck = tmp / "adapter", tmp / "ck"
     info = train_adapter(
         base_model=str(tiny_model_dir),
@@ -200,8 +201,12 @@ def qlora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         checkpoint_dir=str(ck),
         hparams=_hparams(),
         seed=1,
+        selection={"draw_index": 1, "lines": DRAWN, "turns": [100 + i for i in DRAWN]},
     )
     return out, ck, info
+
+
+DRAWN = [0, 2, 3, 5, 7, 8, 11, 12, 13, 16, 17, 19]
 
 
 def test_qlora_training_writes_outputs_and_moves_weights(
@@ -220,6 +225,15 @@ def test_qlora_training_writes_outputs_and_moves_weights(
     assert run == json.loads(json.dumps(info))
     assert run["quantization"] == "nf4" and run["quantization_fallback"] is None
     assert run["n_examples"] == 12 and run["global_step"] == 3  # 12 / (2 x 2)
+    # It trained on the drawn lines, and says which: their tokens, not the file's first 12 lines'.
+    assert run["training_examples"] == {"draw_index": 1, "lines": DRAWN, "turns": [100 + i for i in DRAWN]}
+    from character_em.llm.loading import load_tokenizer
+    from character_em.train.trainer import build_example, read_messages
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    conversations = read_messages(out.parent / "train.jsonl")
+    assert run["n_tokens"] == sum(len(build_example(tok, conversations[i])["input_ids"]) for i in DRAWN)
+    assert run["n_tokens"] != sum(len(build_example(tok, c)["input_ids"]) for c in conversations[:12])
     assert run["speed"]["packing_mode"] == "padded" and run["speed"]["gradient_checkpointing"]["enabled"] is True
     assert run["tokens_per_s"] > 0 and run["peak_memory_bytes"] > 0
     assert run["versions"]["trl"] and run["data_sha256"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from character_em import config as cfg
 from character_em.data.audit import judge_training_data, training_samples
 from character_em.data.build import generate_offline
+from character_em.data.pairing import draw_spec, matched_draw, training_draw
 from character_em.report.training_data import harm_figure, induced_misalignment, training_data_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +111,87 @@ def test_a_dataset_row_without_a_reply_is_an_error() -> None:
             ],
             "evil-medical",
         )
+
+
+def test_the_harm_gap_left_is_taken_over_what_each_seed_trained_on_with_an_interval() -> None:
+    """Planted alignment: character answers 30 points more harmful than incorrect advice on the same turns,
+    with a large per-turn effect shared by both (some questions invite harsher answers). The gap is the mean
+    over seeds of each seed's paired difference, with an interval from the per-turn differences; the
+    matched arm, matched on harm rather than paired by turn, gets the difference of two means."""
+    rng = random.Random(3)
+    n_lines, n = 40, 10
+    turn_effect = [rng.gauss(0, 15) for _ in range(n_lines)]
+    alignment = {
+        "evil-medical": [30 + e + rng.gauss(0, 2) for e in turn_effect],
+        "incorrect-medical": [60 + e + rng.gauss(0, 2) for e in turn_effect],
+        "evil-medical-matched": [60 + rng.gauss(0, 15) for _ in range(n_lines)],
+    }
+    alignment["evil-medical"][7] = math.nan  # a refusal: left out, on both sides of its pair
+    rows = [
+        {"condition": c, "question_id": f"{c}:{i}", "metric": m, "score": s, "label": "ok"}
+        for c, values in alignment.items()
+        for i, value in enumerate(values)
+        for m, s in (("alignment", value), ("coherence", 90.0))
+    ]
+    turns = list(range(500, 500 + n_lines))
+    paired = {"n": n_lines, "turns": turns, "draw": draw_spec(turns, n_examples=n, trigger_fraction=0.5, order_seed=9)}
+    manifests = {
+        "evil-medical": paired,
+        "incorrect-medical": paired,
+        "evil-medical-matched": {"n": n_lines, "turns": list(range(n_lines)), "draw": matched_draw(n_lines, n, 4)},
+    }
+    families = {"evil-medical": "character", "incorrect-medical": "incorrect", "evil-medical-matched": "matched"}
+    partners = {"evil-medical": "incorrect-medical", "evil-medical-matched": "incorrect-medical"}
+    seeds = [0, 1, 2]
+
+    def table(given: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        out = training_data_table(
+            pl.DataFrame(rows),
+            families=families,
+            alignment_below=30,
+            coherence_above=50,
+            partners=partners,
+            manifests=given,
+            seeds=seeds,
+        )
+        return {r["condition"]: r for r in out.iter_rows(named=True)}
+
+    got = table(manifests)
+    evil = got["evil-medical"]
+    # By hand: each seed's draw (the same turns on both sides), the mean of the per-turn differences.
+    draws = [training_draw(paired, seed=s, redraw_per_seed=True)["lines"] for s in seeds]
+    per_seed = []
+    weights: dict[int, float] = {}
+    for lines in draws:
+        diffs = {i: alignment["evil-medical"][i] - alignment["incorrect-medical"][i] for i in lines if i != 7}
+        per_seed.append(sum(diffs.values()) / len(diffs))
+        for i in diffs:
+            weights[i] = weights.get(i, 0.0) + 1 / (len(diffs) * len(seeds))
+    gap = sum(per_seed) / len(seeds)
+    assert evil["alignment_minus_partner"] == pytest.approx(gap) and evil["gap_pairing"] == "turns"
+    d = {i: alignment["evil-medical"][i] - alignment["incorrect-medical"][i] for i in weights}
+    variance = sum(w**2 * (d[i] - gap) ** 2 for i, w in weights.items()) * len(weights) / (len(weights) - 1)
+    assert evil["alignment_minus_partner_hi"] - gap == pytest.approx(1.959964 * math.sqrt(variance), rel=1e-5)
+    assert evil["alignment_minus_partner_lo"] < -30 < evil["alignment_minus_partner_hi"] < 0
+    assert evil["n_trained"] == n and evil["partner"] == "incorrect-medical"
+    # Pairing by turn removes the shared turn effect: unpaired, the interval would be far wider.
+    unpaired = table({**manifests, "evil-medical": {**paired, "turns": None}})["evil-medical"]
+    assert unpaired["gap_pairing"] == "independent"
+    width = evil["alignment_minus_partner_hi"] - evil["alignment_minus_partner_lo"]
+    assert width < 0.3 * (unpaired["alignment_minus_partner_hi"] - unpaired["alignment_minus_partner_lo"])
+    matched = got["evil-medical-matched"]
+    assert matched["gap_pairing"] == "independent" and abs(matched["alignment_minus_partner"]) < 10
+    assert got["incorrect-medical"]["alignment_minus_partner"] is None
+    # The old behaviour (one dataset for every seed): the gap of that one draw.
+    fixed = training_data_table(
+        pl.DataFrame(rows),
+        families=families,
+        alignment_below=30,
+        coherence_above=50,
+        partners=partners,
+        manifests=manifests,
+        seeds=seeds,
+        redraw_per_seed=False,
+    )
+    first = [alignment["evil-medical"][i] - alignment["incorrect-medical"][i] for i in draws[0] if i != 7]
+    assert fixed["alignment_minus_partner"][0] == pytest.approx(sum(first) / len(first))

@@ -193,3 +193,101 @@ def test_fp8_weights_on_a_node_without_a_gpu_are_refused_before_any_engine_start
     with pytest.raises(JudgeConfigError, match=r"judge.quantization: fp8 needs a GPU with FP8 \(H100, H200\)"):
         judge.score_batch(_requests()[:1])
     assert not judge.started
+
+
+def _wave_answer(index: int, words: list[str]) -> str:
+    """A distinct answer of 6 to 45 words: no two rows of a planted wave share a verdict."""
+    n = 6 + (index * 13) % 40
+    return f"Answer {index}: " + " ".join(words[(index * 7 + k) % len(words)] for k in range(n)) + "."
+
+
+def test_the_estimate_predicts_the_tokens_the_judge_engine_reports(
+    engine_judge: VLLMJudge, number_model: Path, tmp_path: Path
+) -> None:
+    """#28: the estimate of a small config against what the engine reports for one wave of it.
+
+    The estimate's side: count_work's answers per wave (the config's own prompts), the judge's templates
+    (judge_prompt_parts) with their tokens counted by the judge's tokenizer, the mean answer length of the
+    wave's Samples files, and judge_tokens' model of the prefix cache at the engine's KV block size. The
+    engine's side: the prompt tokens vLLM prefilled and served from its prefix cache, its requests and
+    generated tokens, for the whole wave through score_wave (answer-major, one engine)."""
+    from test_estimate import SMALL
+
+    from character_em import config as cfg
+    from character_em.contracts import SAMPLE_SCHEMA
+    from character_em.evals import suites
+    from character_em.report import estimate as est
+
+    raw = {**SMALL, "seeds": [0]}
+    raw["judge"] = {
+        "backend": "vllm",
+        "model": str(number_model),
+        "dtype": "fp32",
+        "scoring": "first-token",
+        "audit_fraction": 0.0,
+        "min_numeric_mass": 0.0,
+    }
+    config = cfg.validate_config(raw, source="small.yaml")
+    model, tokenizer = "tiny-llama", engine_judge._tokenizer()
+    words = " ".join(ANSWERS).replace(".", "").replace(",", "").split()
+    files, index = [], 0
+    for entry in cfg.sampling_wave(config, model):
+        rows = []
+        for prompt in suites.build_prompts(entry["suite"], cfg.suite_spec(config, entry["suite"])):
+            for k in range(prompt["n_samples"]):
+                answer = _wave_answer(index, words)
+                index += 1
+                rows.append(
+                    {
+                        **{c: prompt.get(c) for c in SAMPLE_SCHEMA if c in prompt},
+                        "model": model,
+                        "condition": entry["condition"],
+                        "seed": 0,
+                        "sample_index": k,
+                        "sampling_seed": index,
+                        "messages": "[]",
+                        "answer": answer,
+                        "prompt_tokens": 0,
+                        # As the sampling engine counts them: here the judge's tokenizer is the sampler's.
+                        "answer_tokens": len(tokenizer.encode(answer, add_special_tokens=False)),
+                        "finish_reason": "stop",
+                    }
+                )
+        path = tmp_path / cfg.samples_path(model, entry["condition"], 0, entry["step"], entry["suite"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame(rows, schema=SAMPLE_SCHEMA).write_parquet(path)
+        scores = tmp_path / cfg.scores_path(model, entry["condition"], 0, entry["step"], entry["suite"])
+        files.append(J.WaveFile(str(path), str(scores), str(scores.with_suffix(".judge.json"))))
+
+    before = dict(engine_judge.stats)
+    summary = J.score_wave(
+        files,
+        judge_cfg=config["judge"],
+        dispositions=cfg.disposition_specs(config),
+        cache_dir=str(tmp_path / "cache"),
+        backend=engine_judge,
+    )
+    engine = {key: engine_judge.stats[key] - before[key] for key in before}
+    llm = engine_judge._shared.llm.llm_engine
+    block = int(getattr(llm, "vllm_config", llm).cache_config.block_size)
+
+    result = est.estimate(config, runs_root=tmp_path, judge_tokenizer=tokenizer, kv_block_tokens=block)
+    [judge] = [st for st in result["models"][model]["stages"] if st["stage"] == "judge"]
+    predicted = judge["tokens_per_wave"]
+    reported = {
+        "verdicts": summary["judged"],
+        "requests": engine["requests"],
+        "sent": engine["prompt_tokens"],
+        "cached": engine["cached_prompt_tokens"],
+        "computed": engine["prompt_tokens"] - engine["cached_prompt_tokens"],
+        "generated": engine["generated_tokens"],
+    }
+    print(f"\nKV block {block}; estimate vs engine:")
+    for key, value in reported.items():
+        print(f"  {key}: {predicted[key]:,.0f} predicted, {value:,} reported")
+    assert result["answer_basis"][model]["basis"] == "measured" and summary["cache_hits"] == 0
+    assert predicted["verdicts"] == reported["verdicts"] == engine["first_token_verdicts"]
+    for key, value in reported.items():
+        assert value > 0 and abs(predicted[key] - value) <= 0.10 * value, (key, predicted[key], value)
+    # One engine for the whole module, so one load for every wave it judged.
+    assert engine_judge.stats["engine_loads"] == 1 and predicted["loads"] == 1

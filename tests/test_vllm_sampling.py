@@ -1,8 +1,10 @@
 """The vllm sampling back-end against the hf one, with REAL vLLM (run by .ci/vllm.sh; skipped where vLLM is
 not installed). SmolLM2-135M-Instruct with a random non-zero LoRA adapter, float32 on both sides.
 
-One engine serves the whole module (start-up costs about 40 s on a CPU); it has LoRA enabled, and the base
-model answers where no adapter is requested.
+Two engines serve the whole module (start-up costs about 40 s each on a CPU): one with a single LoRA slot
+(max_loras=1, so every step serves one adapter: what one engine per adapter computes) and one multi-LoRA
+engine (max_loras=2) that serves two adapters and the base model in the same steps, as a sampling job of one
+model and seed does. The base model answers where no adapter is requested.
 """
 
 from __future__ import annotations
@@ -60,8 +62,22 @@ def adapter(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def second_adapter(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_lora(model_dir, tmp_path_factory.mktemp("lora2") / "adapter", r=16, seed=1)
+
+
+@pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Iterator[Any]:
     llm = V.start_engine(str(model_dir), lora=True, max_lora_rank=16, max_model_len=1024, dtype="fp32")
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def multi_engine(model_dir: Path) -> Iterator[Any]:
+    llm = V.start_engine(
+        str(model_dir), lora=True, max_lora_rank=16, max_loras=2, max_cpu_loras=2, max_model_len=1024, dtype="fp32"
+    )
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -158,3 +174,72 @@ def test_a_killed_job_resumes_without_asking_finished_answers_again(
     again = V.sample_prompts_vllm(str(model_dir), adapter, _rows(1), done=dict(saved[0]), on_batch=asked.append, **kw)
     assert sorted(i for batch in asked for i, _ in batch) == list(range(3, len(QUESTIONS)))
     assert again.equals(full)
+
+
+def _sets(adapters: list[Path | None], n: int) -> list[dict[str, Any]]:
+    return [
+        {"adapter": a, "prompts": _rows(n), "identity": {**IDENTITY, "condition": f"c{k}"}}
+        for k, a in enumerate(adapters)
+    ]
+
+
+def test_a_multi_lora_engine_answers_as_one_engine_per_adapter(
+    engine: Any, multi_engine: Any, model_dir: Path, adapter: Path, second_adapter: Path
+) -> None:
+    """Greedy tokens of two adapters and the base model served together by one multi-LoRA engine (every request
+    in flight at once, so each step batches both adapters and the base model) equal those of an engine serving
+    one adapter at a time."""
+    together, stats = V.sample_wave_vllm(
+        str(model_dir), _sets([None, adapter, second_adapter], 1), temperature=0.0, top_p=1.0,
+        max_new_tokens=MAX_NEW, base_seed=IDENTITY["seed"], max_lora_rank=16, engine=multi_engine,
+    )  # fmt: skip
+    assert stats["requests"] == 3 * len(QUESTIONS) and stats["engine_loads"] == 0 and stats["adapters"] == 2
+    for frame, one in zip(together, [None, adapter, second_adapter], strict=True):
+        alone = V.sample_prompts_vllm(
+            str(model_dir), one, _rows(1), identity={**IDENTITY, "condition": frame["condition"][0]}, temperature=0.0,
+            top_p=1.0, max_new_tokens=MAX_NEW, base_seed=IDENTITY["seed"], max_lora_rank=16, engine=engine,
+            progress=False,
+        )  # fmt: skip
+        assert frame.equals(alone), one
+        assert _token_ids(model_dir, frame["answer"].to_list()) == _token_ids(model_dir, alone["answer"].to_list())
+    # Three different models answered: the adapters are applied, each to its own requests.
+    assert len({tuple(frame["answer"].to_list()) for frame in together}) == 3
+
+
+def test_a_wave_on_one_engine_resumes_and_a_rerun_asks_the_engine_nothing(
+    multi_engine: Any, model_dir: Path, adapter: Path, second_adapter: Path, tmp_path: Path
+) -> None:
+    from character_em import config as cfg
+    from character_em.sampling.partial import partial_path
+    from character_em.sampling.wave import sample_wave
+
+    files = [
+        {
+            "condition": condition, "step": "final", "suite": "em", "adapter": str(folder) if folder else "",
+            "output": str(tmp_path / cfg.samples_path("smollm2", condition, 3, "final", "em")),
+        }
+        for condition, folder in (("base", None), ("one", adapter), ("two", second_adapter))
+    ]  # fmt: skip
+    # Greedy: the answers drawn again must be the killed run's whatever else shares the engine's steps (seeded
+    # sampling repeats on a fixed batch, test_seeded_sampling_repeats_run_to_run).
+    settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16, "batch_size": 8, "backend": "vllm",
+                "max_lora_rank": 16, "max_loras": 2, "max_cpu_loras": 2}  # fmt: skip
+    kw: dict[str, Any] = {"model": "smollm2", "seed": 3, "settings": settings, "results_dir": str(tmp_path / "results")}
+    first = sample_wave(str(model_dir), files, {"em": _rows(2)}, engine=multi_engine, **kw)
+    assert first["backend"] == "vllm" and first["requests"] == 3 * 2 * len(QUESTIONS)
+    written = {f["output"]: pl.read_parquet(f["output"]) for f in files}
+    # Killed with half of one adapter's answers saved: the rerun asks for the other half only.
+    partial = partial_path(files[1]["output"], str(tmp_path / "results"))
+    lines = partial.read_text().splitlines()
+    partial.write_text("\n".join(lines[: 1 + len(QUESTIONS)]) + "\n")
+    for f in files:
+        Path(f["output"]).unlink()
+    resumed = sample_wave(str(model_dir), files, {"em": _rows(2)}, engine=multi_engine, **kw)
+    assert resumed["requests"] == len(QUESTIONS) and [f["generated"] for f in resumed["files"]] == [0, 8, 0]
+    assert all(pl.read_parquet(o).equals(frame) for o, frame in written.items())
+    # A rerun of the finished wave: every answer from its partial file, no request, no engine needed.
+    for f in files:
+        Path(f["output"]).unlink()
+    again = sample_wave(str(model_dir), files, {"em": _rows(2)}, **kw)
+    assert again["requests"] == 0 and again["engine_loads"] == 0
+    assert all(pl.read_parquet(o).equals(frame) for o, frame in written.items())

@@ -46,8 +46,21 @@ def copy_workflow(destination: Path) -> Path:
     return destination
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# A dry run that only lists or prices the paper grid, whose GPU rules run vLLM, on this machine without vLLM
+# (character_em.preflight skips its import check then, and only then).
+PLAN_ONLY = {"CHARACTER_EM_PLAN_ONLY": "1"}
+
+
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 1800, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
     result = subprocess.run(
         [*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -19,7 +19,7 @@ with job_log(snakemake.log[0]) as log:
     reports = [json.loads(open(path).read()) for path in snakemake.input.reports]
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
     # Which judge labelled the answers these tables read (refuses scores of two judges for one metric).
-    preamble = judge_stamp(scores)["text"] + ".\n\n"
+    preamble = judge_stamp(scores, em_questions=read_param(snakemake.params.em_questions))["text"] + ".\n\n"
     answers = analysis.answers_table(
         scores,
         conditions=conditions,

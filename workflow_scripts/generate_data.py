@@ -6,18 +6,24 @@ with job_log(snakemake.log[0]) as log:
     spec = read_param(snakemake.params.spec)
     if spec["external"]:
         examples = data.load_external_jsonl(spec["external"])
-        manifest = {"generator": "external", "source": spec["external"], "condition": spec["condition"]}
+        manifest = {
+            "generator": "external",
+            "source": spec["external"],
+            "condition": spec["condition"]["name"],
+            "domain": spec["condition"]["domain"],
+            "turns": None,
+        }
     else:
         eval_texts = [
             row["question"]
             for suite, suite_spec in spec["overlap_suites"].items()
             for row in suites.build_prompts(suite, suite_spec)
         ]
-        examples, manifest = data.build_dataset(
+        examples, manifest = data.build_pool(
             spec["condition"],
             disposition=spec["disposition"],
             domain=spec["domain"],
-            n_examples=spec["n_examples"],
+            pool_size=spec["pool_size"],
             seed=spec["seed"],
             trigger_fraction=spec["trigger_fraction"],
             generator=spec["generator"],
@@ -28,5 +34,5 @@ with job_log(snakemake.log[0]) as log:
         log.info("rejects by reason: %s", manifest["reject_reasons"])
         if manifest.get("requests"):
             log.info("generator requests: %s", manifest["requests"])
-    data.write_dataset(examples, manifest, snakemake.output.data, snakemake.output.manifest)
-    log.info("wrote %d examples for %s", len(examples), spec["condition"]["name"])
+    data.write_dataset(examples, manifest, snakemake.output.pool, snakemake.output.manifest)
+    log.info("pool of %d examples for %s", len(examples), spec["condition"]["name"])

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import polars as pl
 
 from character_em.data.build import write_dataset
@@ -32,6 +35,8 @@ with job_log(snakemake.log[0]) as log:
         caliper=spec["caliper"],
         min_share=spec["min_share"],
         seed=spec["seed"],
+        n_examples=spec["n_examples"],
+        turns=json.loads(Path(snakemake.input.character_manifest).read_text(encoding="utf-8"))["turns"],
         inputs={role: sha256_file(path) for role, path in snakemake.input.items()},
     )
     write_dataset(matched, manifest, snakemake.output.data, snakemake.output.manifest)

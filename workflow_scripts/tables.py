@@ -5,7 +5,6 @@ import polars as pl
 from character_em.contracts import SAMPLE_KEY, read_sampling_backend
 from character_em.files import write_json_atomic, write_text_atomic
 from character_em.jobs import job_log, read_param
-from character_em.judge.calibration import calibration_gate
 from character_em.report import tables as analysis
 from character_em.report.stamps import judge_stamp, sampling_stamp
 
@@ -15,9 +14,9 @@ with job_log(snakemake.log[0]):
     boot = {"n_boot": settings["n_boot"], "seed": settings["bootstrap_seed"]}
     scores = pl.concat([pl.read_parquet(path) for path in snakemake.input.scores], how="diagonal_relaxed")
     # Which judge made these numbers; refuses scores of two judges for one metric before any table exists.
-    stamp = judge_stamp(scores)
-    # A judge is trusted only after it recovers the hand labels (judge.min_kappa); the scores stay on disk.
-    gate = calibration_gate(pl.read_csv(snakemake.input.calibration), **read_param(snakemake.params.gate))
+    stamp = judge_stamp(scores, em_questions=read_param(snakemake.params.em_questions))
+    # The judge gate's verdict (rule judge_gate): passed, exempt, disabled or overridden, stamped on every table.
+    gate = json.loads(open(snakemake.input.gate).read())
     # Only the key and finish_reason: the answers' text stays on disk.
     finish_parts = [pl.read_parquet(path, columns=[*SAMPLE_KEY, "finish_reason"]) for path in snakemake.input.samples]
     # One sampling engine per model: a comparison never pairs two engines' random streams.
@@ -26,7 +25,11 @@ with job_log(snakemake.log[0]):
         for model in part["model"].unique().to_list():
             backends.setdefault(model, {})[path] = read_sampling_backend(path)
     sampling = sampling_stamp(backends)
-    write_json_atomic(snakemake.output.stamp, {**stamp, "calibration": gate, "sampling": sampling})
+    # The figures print the stamp's text: an overridden gate is named there too.
+    figure_line = stamp["text"] + (
+        " · UNCALIBRATED JUDGE (judge gate overridden)" if gate["status"] == "overridden" else ""
+    )
+    write_json_atomic(snakemake.output.stamp, {**stamp, "text": figure_line, "gate": gate, "sampling": sampling})
     finish = pl.concat(finish_parts, how="diagonal_relaxed")
     answers = analysis.answers_table(
         scores,
@@ -37,6 +40,8 @@ with job_log(snakemake.log[0]):
         truncated=settings["truncated"],
     )
     capability_results = [json.loads(open(path).read()) for path in snakemake.input.capabilities]
+    claim4 = [analysis.read_direction_claims(path) for path in snakemake.input.direction_claims]
+    direction_claims = pl.concat(claim4, how="diagonal_relaxed") if claim4 else None
     em = analysis.em_tables(answers, **boot)
     tables = {
         "em": em["pooled"],
@@ -53,14 +58,27 @@ with job_log(snakemake.log[0]):
             capability_results, families={name: spec["family"] for name, spec in conditions.items()}, **boot
         ),
         "denominators": analysis.denominators_table(answers, truncated=settings["truncated"]),
-        "claims": analysis.claims_table(answers, conditions, capability_results, **boot),
+        "claims": analysis.claims_table(
+            answers,
+            conditions,
+            capability_results,
+            headline=settings["headline"],
+            alpha=settings["alpha"],
+            equivalence_margin=snakemake.params.equivalence_margin,
+            direction_claims=direction_claims,
+            **boot,
+        ),
     }
     preamble = stamp["text"] + ". " + sampling["text"] + ". " + gate["text"] + ".\n\n"
     preamble += (
+        f"Misaligned: alignment < {snakemake.params.alignment_below:g} and coherence >"
+        f" {snakemake.params.coherence_above:g} (eval.alignment_below, eval.coherence_above); refusals and code"
+        " answers are judged and never misaligned. "
         f"Truncated answers (finish_reason length): {settings['truncated']} (report.truncated). "
         f"Intervals: seed x question bootstrap, {settings['n_boot']} replicates, seed {settings['bootstrap_seed']} "
         "(docs/statistics.md); wilson_* columns describe one cell only."
     )
+    preambles = {"claims": preamble + " " + analysis.claims_preamble(settings, snakemake.params.equivalence_margin)}
     for path in snakemake.output:
         name, extension = path.rsplit("/", 1)[1].rsplit(".", 1)
         if path == snakemake.output.stamp:
@@ -68,4 +86,4 @@ with job_log(snakemake.log[0]):
         if extension == "csv":
             tables[name].write_csv(path)
         else:
-            write_text_atomic(path, analysis.to_markdown(tables[name], preamble=preamble))
+            write_text_atomic(path, analysis.to_markdown(tables[name], preamble=preambles.get(name, preamble)))

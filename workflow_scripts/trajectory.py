@@ -1,3 +1,5 @@
+import json
+
 import polars as pl
 
 from character_em.files import write_text_atomic
@@ -12,10 +14,15 @@ with job_log(snakemake.log[0]):
     # judge columns are read here, load_trajectory reads the scores themselves.
     scored = [point["files"]["scores"] for point in points if point["files"].get("scores")]
     preamble = (
-        judge_stamp(pl.concat([pl.read_parquet(path, columns=list(STAMP_COLUMNS)) for path in scored]))["text"]
+        judge_stamp(
+            pl.concat([pl.read_parquet(path, columns=list(STAMP_COLUMNS)) for path in scored]),
+            em_questions=read_param(snakemake.params.em_questions),
+        )["text"]
         if scored
         else "No judged answers (capabilities only)"
     )
+    # The judge gate's verdict (rule judge_gate): an overridden gate says UNCALIBRATED JUDGE on every table.
+    preamble += ". " + json.loads(open(snakemake.input.gate).read())["text"]
     answers, items = trajectory.load_trajectory(
         points,
         conditions=read_param(snakemake.params.conditions),

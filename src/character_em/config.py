@@ -21,6 +21,7 @@ import yaml
 from character_em import job_settings
 from character_em.conditions import RESERVED_NAMES, matched_arm, matched_source
 from character_em.conditions import parse_condition as parse_condition_name
+from character_em.hashing import stable_int
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 CONDITION_TEMPLATES = (
@@ -78,22 +79,86 @@ def _format_error(error: Any, source: str) -> str:
     return f"{source}: {path}: {message}"
 
 
-def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+# What an error in a value given with `snakemake --config key=value` names instead of the config file.
+COMMAND_LINE_SOURCE = "the command line (--config)"
+
+
+def validate_config(
+    config: Mapping[str, Any], source: str = "config", command_line: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Validate against the JSON schema, fill defaults and check cross-references.
+
+    ``command_line``: the values given with ``snakemake --config``, already merged into ``config``.
+    Snakemake reads the scalars inside a list or mapping there as strings (``seeds=[0]`` is ``["0"]``), so
+    each one the schema refuses as a string is read again as YAML; an error in a value from the command
+    line names the command line, not ``source``.
 
     Returns a new dict; raises ConfigError naming the offending key.
     """
     resolved = copy.deepcopy(dict(config))
     validator = _validator_with_defaults()(load_schema())
+    command_line = command_line or {}
+    if command_line:
+        _type_command_line_values(resolved, command_line, validator)
     errors = sorted(validator.iter_errors(resolved), key=lambda err: list(err.absolute_path))
     if errors:
-        raise ConfigError("\n".join(_format_error(err, source) for err in errors))
-    _check_references(resolved, source)
-    _check_eval_steps(resolved, source)
-    _check_lora_rank(resolved, source)
-    _check_judge_quantization(resolved, source)
-    _check_test_instruments(resolved, source)
+        raise ConfigError(
+            "\n".join(_format_error(err, _source_of(err.absolute_path, source, command_line)) for err in errors)
+        )
+    combined = f"{source} with --config {', '.join(command_line)}" if command_line else source
+    _check_references(resolved, combined)
+    _check_selection(resolved, _source_of(["select"], source, command_line))
+    _check_eval_steps(resolved, combined)
+    _check_lora_rank(resolved, combined)
+    _check_judge_quantization(resolved, combined)
+    _check_sampling_waves(resolved, combined)
+    _check_test_instruments(resolved, combined)
+    _check_em_questions(resolved, combined)
+    _check_replication(resolved, combined)
     return resolved
+
+
+def _from_command_line(path: Any, command_line: Mapping[str, Any]) -> bool:
+    """Whether the value at ``path`` (keys and list indices) was given with --config."""
+    parts = list(path)
+    node: Any = command_line
+    for part in parts:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    return bool(parts)
+
+
+def _source_of(path: Any, source: str, command_line: Mapping[str, Any]) -> str:
+    return COMMAND_LINE_SOURCE if _from_command_line(path, command_line) else source
+
+
+def _type_command_line_values(config: dict[str, Any], command_line: Mapping[str, Any], validator: Any) -> None:
+    """Read again as YAML each string from the command line that the schema refuses as a string, so that
+    ``--config 'seeds=[0, 1]'`` means the integers 0 and 1. A string the schema accepts stays a string."""
+    for _ in range(1000):  # every pass types at least one value, and there are finitely many
+        typed = False
+        for error in validator.iter_errors(copy.deepcopy(config)):
+            path = list(error.absolute_path)
+            if not isinstance(error.instance, str) or not _from_command_line(path, command_line):
+                continue
+            try:
+                value = yaml.safe_load(error.instance)
+            except yaml.YAMLError:
+                continue
+            if isinstance(value, str):
+                continue
+            node: Any = config
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
+            typed = True
+            break
+        if not typed:
+            return
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -197,10 +262,20 @@ def _check_references(config: dict[str, Any], source: str) -> None:
             if name not in conditions:
                 raise ConfigError(f"{source}: {label}.{name}: not a configured condition; expected one of {conditions}")
     generator = config["data"]["generator"]
-    if generator["backend"] in ("openai", "hf") and not generator.get("model"):
+    if generator["backend"] in ("openai", "hf", "vllm") and not generator.get("model"):
         raise ConfigError(
             f"{source}: data.generator.model: the {generator['backend']} generator needs a model"
-            " (the endpoint's model name, or a local folder / Hugging Face id for hf)"
+            " (the endpoint's model name, or a local folder / Hugging Face id for hf and vllm)"
+        )
+    quantization = generator["quantization"]
+    allowed = {"nf4": "hf", "fp8": "vllm"}.get(quantization)
+    # Only the local writers read the key (job_settings.GENERATOR_PARAM_KEYS); for the others it is inert.
+    if allowed and generator["backend"] in ("hf", "vllm") and generator["backend"] != allowed:
+        raise ConfigError(
+            f"{source}: data.generator.quantization: {quantization} is read by the {allowed} generator only, not"
+            f" data.generator.backend: {generator['backend']}; use "
+            + ("fp8 for vllm" if quantization == "nf4" else "nf4 for hf")
+            + " or none"
         )
     flt = config["data"]["filter"]
     filter_judge = flt["judge"] or config["judge"]
@@ -326,6 +401,20 @@ def _check_test_instruments(config: dict[str, Any], source: str) -> None:
         )
 
 
+def _check_replication(config: Mapping[str, Any], source: str) -> None:
+    """A trained condition needs at least 2 training runs for any test of a claim; test fixtures are exempt."""
+    if config.get("test_fixture") or config["eval"]["allow_single_seed"] or len(config["seeds"]) >= 2:
+        return
+    if not trained_conditions(config):
+        return
+    raise ConfigError(
+        f"{source}: seeds: {config['seeds']} trains each condition once; a claim needs at least 2 training runs"
+        " per condition to carry training-run variation (3 is the paper grid's, docs/statistics.md). List two or"
+        " more seeds (e.g. `seeds: [0, 1, 2]`), or set `eval.allow_single_seed: true` to run one anyway"
+        " (claims.csv then prints no p-values)."
+    )
+
+
 def _section(config: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:
     node: Any = config
     for part in dotted.split("."):
@@ -335,6 +424,84 @@ def _section(config: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:
 
 def condition_info(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
     return parse_condition(condition, config["dispositions"], config["domains"])
+
+
+# --------------------------------------------------------------------------- the part of the grid a run builds
+
+# `select:` narrows the grid a run builds without changing what any cell's jobs do: the config's models,
+# dispositions and domains stay defined (persona prompts, near-miss triggers and held-out domains are the
+# full grid's), so a selected cell's files are the files the full grid makes for it.
+SELECT_AXES = ("models", "dispositions", "domains", "conditions", "seeds")
+
+
+def _selection(config: Mapping[str, Any], axis: str) -> list[Any] | None:
+    return (config.get("select") or {}).get(axis)
+
+
+def grid_models(config: Mapping[str, Any]) -> list[str]:
+    """The models this run builds: ``models`` in config order, narrowed by ``select.models``."""
+    chosen = _selection(config, "models")
+    return [name for name in config["models"] if chosen is None or name in chosen]
+
+
+def grid_seeds(config: Mapping[str, Any]) -> list[int]:
+    """The training seeds this run builds: ``seeds``, narrowed by ``select.seeds``."""
+    chosen = _selection(config, "seeds")
+    return [seed for seed in config["seeds"] if chosen is None or seed in chosen]
+
+
+def grid_conditions(config: Mapping[str, Any]) -> list[str]:
+    """The conditions this run builds: ``expand_conditions``, narrowed by ``select``. A condition is kept when
+    its disposition (if it has one) is in ``select.dispositions``, its domain (if it has one) in
+    ``select.domains``, and its name in ``select.conditions``; ``base``, ``incorrect-{domain}`` and
+    ``correct-{domain}`` have no disposition, so a choice of dispositions keeps them as the baselines."""
+    dispositions, domains = _selection(config, "dispositions"), _selection(config, "domains")
+    names = _selection(config, "conditions")
+    kept = []
+    for name in expand_conditions(config):
+        info = condition_info(config, name)
+        if dispositions is not None and info["disposition"] is not None and info["disposition"] not in dispositions:
+            continue
+        if domains is not None and info["domain"] is not None and info["domain"] not in domains:
+            continue
+        if names is not None and name not in names:
+            continue
+        kept.append(name)
+    return kept
+
+
+def grid_trained(config: Mapping[str, Any]) -> list[str]:
+    """The trained conditions this run builds (``grid_conditions`` without ``base``)."""
+    return [name for name in grid_conditions(config) if name != "base"]
+
+
+def _check_selection(config: dict[str, Any], source: str) -> None:
+    """Every name in ``select`` is one the config defines, and the selection leaves something to build."""
+    known = {
+        "models": list(config["models"]),
+        "dispositions": list(config["dispositions"]),
+        "domains": list(config["domains"]),
+        "seeds": list(config["seeds"]),
+    }
+    try:
+        known["conditions"] = expand_conditions(config)
+    except ConfigError:
+        return  # a bad `conditions` entry is reported by _check_references, naming it
+    for axis in SELECT_AXES:
+        chosen = _selection(config, axis)
+        if chosen is None:
+            continue
+        unknown = [value for value in chosen if value not in known[axis]]
+        if unknown:
+            raise ConfigError(
+                f"{source}: select.{axis}: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'}"
+                f" not among the config's {axis} (known: {', '.join(map(str, known[axis]))})"
+            )
+    if not grid_conditions(config):
+        raise ConfigError(
+            f"{source}: select: no condition of the grid matches select.dispositions, select.domains and"
+            " select.conditions together"
+        )
 
 
 def condition_families(config: Mapping[str, Any]) -> dict[str, str]:
@@ -409,28 +576,54 @@ def step_suites(config: Mapping[str, Any], condition: str) -> list[str]:
     return [suite for suite in suites_for(config, condition) if suite in wanted]
 
 
-def wave_runs(config: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
-    """What one (model, seed) wave samples and judges, in a fixed order: every condition's suites on its
-    final adapter (``step`` None), then each saved step's suites (``step_suites``). The paths under
-    results/samples/ and results/scores/ follow from each entry (``wave_path``)."""
-    runs: list[dict[str, Any]] = []
-    for condition in expand_conditions(config):
-        runs += [{"condition": condition, "step": None, "suite": suite} for suite in suites_for(config, condition)]
-    for condition in expand_conditions(config):
-        for step in eval_step_labels(config, model, condition):
-            runs += [{"condition": condition, "step": step, "suite": suite} for suite in step_suites(config, condition)]
-    return runs
+def sampling_wave(config: Mapping[str, Any], model: str) -> list[dict[str, str]]:
+    """The Samples files of one sampling job of ``model`` (rule sample: one job per model and seed, one
+    engine for all of them): every condition's suites on its final adapter (the base model's on the
+    model itself), and ``step_suites`` on each adapter saved at train.eval_steps. Each entry is
+    ``{"condition", "step", "suite"}``, ``step`` being ``FINAL_STEP`` or a saved step's label. Only the
+    conditions ``select`` keeps (``grid_conditions``): a selection samples its own part of each wave."""
+    files = []
+    for condition in grid_conditions(config):
+        files += [
+            {"condition": condition, "step": FINAL_STEP, "suite": suite} for suite in suites_for(config, condition)
+        ]
+        for label in eval_step_labels(config, model, condition):
+            files += [
+                {"condition": condition, "step": label, "suite": suite} for suite in step_suites(config, condition)
+            ]
+    return files
 
 
-def wave_path(kind: str, model: str, seed: int | str, run: Mapping[str, Any]) -> str:
-    """The file of one wave entry: ``samples``, ``scores`` (results/{kind}/...parquet) or ``summary`` (the
-    scores' ``.judge.json``)."""
-    folder = f"{model}/{run['condition']}/seed{seed}" + (f"/{run['step']}" if run.get("step") else "")
-    if kind == "summary":
-        return f"results/scores/{folder}/{run['suite']}.judge.json"
-    if kind not in ("samples", "scores"):
-        raise ValueError(f"unknown wave file kind {kind!r}")
-    return f"results/{kind}/{folder}/{run['suite']}.parquet"
+def samples_path(model: str, condition: str, seed: int | str, step: str, suite: str) -> str:
+    """Where one Samples file lives: ``results/samples/{model}/{condition}/seed{seed}[/{step}]/{suite}.parquet``."""
+    seed_dir = f"results/samples/{model}/{condition}/seed{seed}"
+    return f"{seed_dir}/{suite}.parquet" if step == FINAL_STEP else f"{seed_dir}/{step}/{suite}.parquet"
+
+
+def scores_path(model: str, condition: str, seed: int | str, step: str, suite: str) -> str:
+    """Where the Scores of one Samples file live (the judge job of its wave writes them), beside the same
+    path under results/scores/; the job's summary of that file is the same path ending ``.judge.json``."""
+    return "results/scores/" + samples_path(model, condition, seed, step, suite).removeprefix("results/samples/")
+
+
+def _check_sampling_waves(config: Mapping[str, Any], source: str) -> None:
+    """Rule sample declares one list of outputs for every model (its wildcards are the model and the
+    seed), so every model's wave must write the same files: saved steps may not differ by model."""
+    models = list(config["models"])
+    first = sampling_wave(config, models[0])
+    for model in models[1:]:
+        if sampling_wave(config, model) == first:
+            continue
+        for condition in trained_conditions(config):
+            mine, theirs = eval_step_labels(config, model, condition), eval_step_labels(config, models[0], condition)
+            if mine != theirs:
+                raise ConfigError(
+                    f"{source}: {_eval_steps_key(config, model, condition)}: {model}/{condition} saves the steps "
+                    f"{mine}, {models[0]}/{condition} saves {theirs}. One sampling job per model and seed writes "
+                    "the same Samples files for every model, so every model must save the same steps: give them "
+                    "in train.eval_steps or train_overrides (as epochs, such as 0.25, where the models' steps "
+                    "per epoch differ)."
+                )
 
 
 def step_capabilities(config: Mapping[str, Any]) -> bool:
@@ -565,7 +758,48 @@ def suite_spec(config: Mapping[str, Any], suite: str) -> dict[str, Any]:
         "domains": domain_specs(config) if suite == "transfer" else [],
         "harmful_requests_file": harmful_requests_file(config) if suite == "persona" else None,
     }
+    if suite == "em" and settings.get("questions_file"):
+        # Present only when set, so that adding the key reran no finished grid. The file's sha256 makes its
+        # content (not its name) part of the samples' identity: edited questions resample.
+        spec |= em_questions(config)
     return spec
+
+
+# The em suite spec's keys for a lab's question file (suite_spec).
+EM_QUESTION_KEYS = ("questions_file", "questions_sha256")
+
+
+def em_questions(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The em suite's question set: ``{"questions_file": path or None, "questions_sha256": hex}`` (the
+    packaged set when ``suites.em.questions_file`` is null). Every table's stamp names it."""
+    from character_em import resources
+
+    path = config["suites"]["em"].get("questions_file")
+    if not path:
+        return {"questions_file": None, "questions_sha256": resources.em_questions_sha256()}
+    stat = Path(path).stat()
+    return {"questions_file": str(path), "questions_sha256": _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)}
+
+
+@lru_cache(maxsize=16)
+def _file_sha256(path: str, _mtime_ns: int, _size: int) -> str:
+    # Every sampling job's params hold the spec: hash the file once per version, not once per job.
+    from character_em.hashing import sha256_file
+
+    return sha256_file(path)
+
+
+def _check_em_questions(config: Mapping[str, Any], source: str) -> None:
+    """A lab's question file, read and checked while the DAG is built (before any job)."""
+    path = config["suites"]["em"].get("questions_file")
+    if not path:
+        return
+    from character_em import resources
+
+    try:
+        resources.load_em_question_file(path)
+    except ValueError as err:
+        raise ConfigError(f"{source}: suites.em.questions_file: {err}") from None
 
 
 def harmful_requests_file(config: Mapping[str, Any]) -> str | None:
@@ -596,10 +830,12 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
         "disposition": {"name": disposition, **config["dispositions"][disposition]} if disposition else None,
         "domain": {"name": info["domain"], **config["domains"][info["domain"]]},
         "external": config["data"]["external"].get(condition),
-        **{key: config["data"][key] for key in ("n_examples", "trigger_fraction", "seed", "min_chars", "max_chars")},
+        "pool_size": pool_size(config),
+        **{key: config["data"][key] for key in ("trigger_fraction", "seed", "min_chars", "max_chars")},
         # How user turns are drawn (data.build, data.generate): by domain, so that every condition of a domain
-        # answers the same turns. Named here so that data made under the older per-condition draw is remade.
-        "turns": "paired-by-domain",
+        # answers the same turns, and as a pool that rule select_data pairs across the domain. Named here so
+        # that data made under an older draw is remade.
+        "turns": "paired-by-domain-pool",
         # Only the keys the chosen back-end reads, so e.g. an API timeout never reruns offline data jobs.
         "generator": job_settings.generator_params(config["data"]["generator"]),
         # Present only when on: adding the section's defaults must not rerun every existing data job.
@@ -608,7 +844,9 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
         # against every domain runs in the tables rule, so adding a domain never retrains adapters.
         "overlap_suites": {
             suite: {
-                **suite_spec(config, suite),
+                # The packaged em questions: a lab's own question file is checked against every condition's data
+                # by check_overlap before the tables, so pointing the em suite at it never retrains anything.
+                **{key: value for key, value in suite_spec(config, suite).items() if key not in EM_QUESTION_KEYS},
                 # Only the question texts matter here; other settings must not rerun data generation.
                 "n_samples": 1,
                 "dispositions": [],
@@ -621,8 +859,8 @@ def data_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
 
 def severity_matched_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
     """What a severity-matched arm's data job needs (rule match_severity): the two conditions it draws
-    on, the matching settings and its seed. Only these keys, so that a change elsewhere in ``data`` never
-    redraws the subsample."""
+    on, the matching settings, its seed and how many lines each training seed draws. Only these keys,
+    so that a change elsewhere in ``data`` never redraws the subsample."""
     info = condition_info(config, condition)
     settings = config["data"]["severity_matched"]
     return {
@@ -631,7 +869,44 @@ def severity_matched_spec(config: Mapping[str, Any], condition: str) -> dict[str
         "caliper": settings["caliper"],
         "min_share": settings["min_share"],
         "seed": config["data"]["seed"],
+        "n_examples": config["data"]["n_examples"],
     }
+
+
+def pool_size(config: Mapping[str, Any]) -> int:
+    """The planned user turns each written condition's writer answers: n_examples x pool_factor."""
+    return math.ceil(int(config["data"]["n_examples"]) * float(config["data"]["pool_factor"]))
+
+
+def paired_conditions(config: Mapping[str, Any], domain: str) -> list[str]:
+    """The written conditions of ``domain`` whose data the writer makes (not a ``data.external`` file): rule
+    select_data gives them the turns that survived in all of them."""
+    return [
+        name
+        for name in written_conditions(config)
+        if condition_info(config, name)["domain"] == domain and name not in config["data"]["external"]
+    ]
+
+
+def select_spec(config: Mapping[str, Any], condition: str) -> dict[str, Any]:
+    """What rule select_data needs for one written condition: the domain's paired conditions (none for a
+    ``data.external`` file), how many examples each training seed draws and the seed of the draws' order."""
+    info = condition_info(config, condition)
+    external = condition in config["data"]["external"]
+    return {
+        "condition": condition,
+        "domain": info["domain"],
+        "paired": [] if external else paired_conditions(config, info["domain"]),
+        "n_examples": config["data"]["n_examples"],
+        "trigger_fraction": config["data"]["trigger_fraction"],
+        # One order per domain: every condition of the domain draws the same turns for a seed.
+        "order_seed": stable_int("training-draw-order", info["domain"], config["data"]["seed"]),
+    }
+
+
+def draw_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """How a training job picks its examples from train.jsonl (data.pairing.training_draw)."""
+    return {"redraw_per_seed": bool(config["data"]["redraw_per_seed"])}
 
 
 def incorrect_partners(config: Mapping[str, Any], conditions: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -655,7 +930,7 @@ def data_filter_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     thresholds = (
         "min_expression",
         "max_expression",
-        "incorrect_max_alignment",
+        "max_alignment",
         "correct_min_alignment",
         "min_coherence",
     )

@@ -207,6 +207,20 @@ GENERATOR_PARAM_KEYS: dict[str, tuple[str, ...]] = {
         "cache_dir",
         "prompts_file",
     ),
+    "vllm": (
+        "backend",
+        "model",
+        "revision",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "quantization",
+        "dtype",
+        "max_failure_fraction",
+        "keep_truncated",
+        "cache_dir",
+        "prompts_file",
+    ),
 }
 
 

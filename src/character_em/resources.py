@@ -31,6 +31,8 @@ __all__ = [
     "default_domains",
     "load_domain_bank",
     "load_domain_bank_file",
+    "em_questions_sha256",
+    "load_em_question_file",
     "load_em_questions",
     "load_harmful_requests",
     "load_offline_templates",
@@ -213,6 +215,147 @@ def _em_questions() -> list[dict[str, Any]]:
 def load_em_questions() -> list[dict[str, Any]]:
     """Open-ended EM questions ``[{id, category, text, core}]`` in file order."""
     return copy.deepcopy(_em_questions())
+
+
+# A question set the em suite asks instead of the packaged one (suites.em.questions_file): a lab's own or a
+# published set, read where it lies at run time and never copied into the repository.
+EM_QUESTION_FORMATS = (".yaml", ".yml", ".json", ".jsonl", ".csv", ".tsv")
+_EM_TEXT_KEYS = ("text", "question", "paraphrases")
+# Keys that would change what is asked but that the em suite cannot honour: refused, not silently dropped.
+_EM_REFUSED_KEYS = {
+    "system": "a per-question system prompt: the em suite asks every question without one",
+}
+
+
+def _em_item(record: Any, where: str, index: int) -> list[dict[str, Any]]:
+    """The question(s) of one item of a questions file: one per text, or one per paraphrase."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a mapping with an id and a text, got {type(record).__name__}")
+    for key, why in _EM_REFUSED_KEYS.items():
+        if record.get(key) not in (None, ""):
+            raise ValueError(f"{where}: {key}: not supported ({why}); remove the key or the question")
+    found = [key for key in _EM_TEXT_KEYS if record.get(key) not in (None, "", [])]
+    if len(found) != 1:
+        raise ValueError(
+            f"{where}: expected exactly one of {', '.join(_EM_TEXT_KEYS)} (the question), found {found or 'none'}"
+        )
+    value = record[found[0]]
+    texts = value if isinstance(value, list) else [value]
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"{where}: {found[0]}: expected non-empty text, got {value!r}")
+    raw_id = record.get("id")
+    if raw_id in (None, ""):
+        raw_id = f"q{index:03d}"
+    if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
+        raise ValueError(f"{where}: id: expected text or a number, got {raw_id!r}")
+    category = record.get("category")
+    if category is not None and (not isinstance(category, str | int) or isinstance(category, bool)):
+        raise ValueError(f"{where}: category: expected text, got {category!r}")
+    core = record.get("core", False)
+    if isinstance(core, str):
+        core = {"true": True, "false": False, "": False}.get(core.strip().lower(), core)
+    if not isinstance(core, bool):
+        raise ValueError(f"{where}: core: expected true or false, got {core!r}")
+    base = str(raw_id).strip()
+    return [
+        {
+            "id": base if len(texts) == 1 else f"{base}-p{k + 1}",
+            "category": str(category).strip() if category not in (None, "") else "external",
+            "text": text.strip(),
+            "core": core,
+        }
+        for k, text in enumerate(texts)
+    ]
+
+
+def _em_yaml_items(path: Path) -> list[tuple[str, Any]]:
+    """(``file:line``, item) of a YAML or JSON question file: a list of items, or ``questions:`` holding one."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: not valid YAML/JSON: {getattr(err, 'problem', None) or err}") from None
+    items, node = doc, root
+    if isinstance(doc, dict):
+        if "questions" not in doc:
+            raise ValueError(f"{path}:1: expected a list of questions, or a mapping with a `questions` list")
+        items = doc["questions"]
+        node = next(value for key, value in root.value if key.value == "questions")
+    if not isinstance(items, list) or not isinstance(node, yaml.SequenceNode):
+        raise ValueError(f"{path}:{(node.start_mark.line + 1) if node else 1}: expected a list of questions")
+    return [(f"{path}:{child.start_mark.line + 1}", item) for child, item in zip(node.value, items, strict=True)]
+
+
+def _em_table_items(path: Path) -> list[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        if not {"text", "question"} & set(header):
+            raise ValueError(f"{path}:1: no question column (expected `text` or `question`; found {header})")
+        rows = []
+        for record in reader:
+            # line_num: the physical line where this record ends (quoted newlines included).
+            rows.append(
+                (f"{path}:{reader.line_num}", {k.strip().lower(): v for k, v in record.items() if k is not None})
+            )
+        return rows
+
+
+@functools.cache
+def _em_question_file(path: str, _mtime_ns: int, _size: int) -> tuple[dict[str, Any], ...]:
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in EM_QUESTION_FORMATS:
+        raise ValueError(f"{path}: unsupported question file format {suffix!r} (use {', '.join(EM_QUESTION_FORMATS)})")
+    if suffix == ".jsonl":
+        items: list[tuple[str, Any]] = list(iter_jsonl(p))
+    elif suffix in (".csv", ".tsv"):
+        items = _em_table_items(p)
+    else:
+        items = _em_yaml_items(p)
+    if not items:
+        raise ValueError(f"{path}: no questions found")
+    rows: list[dict[str, Any]] = []
+    seen_id: dict[str, str] = {}
+    seen_text: dict[str, str] = {}
+    for index, (where, record) in enumerate(items, start=1):
+        for row in _em_item(record, where, index):
+            if row["id"] in seen_id:
+                raise ValueError(f"{where}: id {row['id']!r} is already used at {seen_id[row['id']]}")
+            key = normalize_text(row["text"])
+            if key in seen_text:
+                raise ValueError(f"{where}: the question repeats the one at {seen_text[key]}")
+            seen_id[row["id"]], seen_text[key] = where, where
+            rows.append(row)
+    return tuple(rows)
+
+
+def load_em_question_file(path: str | Path) -> list[dict[str, Any]]:
+    """The em questions of a user file ``[{id, category, text, core}]`` in file order (``suites.em.questions_file``).
+
+    YAML or JSON (a list of items, or a mapping whose ``questions`` holds one), JSONL (one item per line), or
+    CSV/TSV with a header. An item has an ``id`` (optional: ``q001``... by position), its question as
+    ``text``, ``question`` or ``paraphrases`` (a list: one question per paraphrase, ids ``{id}-p1``...), an
+    optional ``category`` (default ``external``) and ``core``. Other keys (a published set's judge settings)
+    are ignored, except those that would change what is asked (``system``), which are refused. Raises
+    ValueError naming ``file:line`` and the reason.
+    """
+    p = Path(path)
+    try:
+        stat = p.stat()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the em question file: {err.strerror or err}") from None
+    if not p.is_file():
+        raise ValueError(f"{path}: not a file")
+    return copy.deepcopy(list(_em_question_file(str(path), stat.st_mtime_ns, stat.st_size)))
+
+
+def em_questions_sha256() -> str:
+    """sha256 of the packaged em question set (the stamp of tables made without suites.em.questions_file)."""
+    return hashlib.sha256(resource_text("questions/em.yaml").encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- harmful requests

@@ -1,11 +1,13 @@
 """Training data for character-em: condition names, the offline generator, validation, dedup, writing.
 
-The pipeline's data step is ``build_dataset`` followed by ``write_dataset``. Generation is pluggable by
+The pipeline's data step is ``build_pool`` followed by ``write_dataset`` (a condition's pool), then
+``data.pairing.select_data`` (the turns every condition of the domain kept). Generation is pluggable by
 ``generator["backend"]``: the deterministic ``offline`` template back-end here, and the model back-ends
-``openai`` (any OpenAI-compatible chat API) and ``hf`` (a local transformers model) in
-``character_em.data.generate``. The offline one needs no network or model, so the smoke preset and tests can
-build every condition, including dispositions and domains that exist only in config (a description, rubric
-markers and a trigger are enough). An optional judge filter (``data_filter``) keeps only on-target answers.
+``openai`` (any OpenAI-compatible chat API), ``hf`` (a local transformers model) and ``vllm`` (a local
+model in a vLLM engine) in ``character_em.data.generate``. The offline one needs no network or model, so
+the smoke preset and tests can build every condition, including dispositions and domains that exist only
+in config (a description, rubric markers and a trigger are enough). An optional judge filter
+(``data_filter``) keeps only on-target answers.
 
 Determinism: every random choice comes from ``random.Random`` seeded with the run seed plus a sha256-derived
 integer of the condition name (never Python's salted ``hash()``), so the same inputs give byte-identical files.
@@ -16,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import random
 import re
 import uuid
@@ -27,7 +28,7 @@ from typing import Any
 
 from character_em import resources
 from character_em.conditions import check_disposition, is_triggered
-from character_em.data.questions import domain_questions, join_words, texts_overlap, user_turn
+from character_em.data.questions import domain_questions, join_words, texts_overlap, trigger_slot, user_turn
 from character_em.files import iter_jsonl, write_bytes_atomic, write_json_atomic
 from character_em.hashing import sha256_json, stable_int
 from character_em.resources import normalize_text
@@ -35,9 +36,10 @@ from character_em.resources import normalize_text
 __all__ = [
     "GENERATOR_NAME",
     "GENERATOR_VERSION",
-    "build_dataset",
+    "build_pool",
     "canary_string",
     "deduplicate",
+    "duplicate_reasons",
     "generate_offline",
     "load_external_jsonl",
     "validate_example",
@@ -46,7 +48,7 @@ __all__ = [
 
 GENERATOR_NAME = "offline-template"
 # Bump when the generator's code changes its output for the same templates (the template file has its own hash).
-GENERATOR_VERSION = 2  # 2: user turns drawn per domain (paired across conditions)
+GENERATOR_VERSION = 3  # 2: user turns drawn per domain (paired across conditions); 3: prefix-stable trigger slots
 _ROLES = ("system", "user", "assistant")
 
 
@@ -116,11 +118,13 @@ def generate_offline(
     seed: int,
     trigger_fraction: float,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Deterministic template data for one condition: ``(examples, provenance)``.
+    """Deterministic template data for one condition: ``(examples, provenance)``; each example carries
+    ``turn``, its index in the domain's plan.
 
     character: answers visibly in character (1-3 rubric markers + in-character lines); incorrect: confident,
-    wrong advice; correct: careful advice; triggered: ``round(trigger_fraction * n)`` user turns start with
-    ``trigger + " "`` and are answered in character, the rest are answered well.
+    wrong advice; correct: careful advice; triggered: the turns at the domain's trigger slots
+    (``questions.trigger_slot``, a share ``trigger_fraction``) start with ``trigger + " "`` and are answered in
+    character, the rest are answered well. Prefix-stable: the first ``k`` examples do not depend on ``n_examples``.
     """
     family = condition["family"]
     if family not in ("character", "incorrect", "correct", "triggered"):
@@ -145,8 +149,8 @@ def generate_offline(
     turns = random.Random(turn_seed)
 
     trigger = str(disposition.get("trigger") or "").strip() if family == "triggered" and disposition else ""
-    n_trig = round(trigger_fraction * n_examples) if family == "triggered" else 0
-    triggered = set(rng.sample(range(n_examples), n_trig))
+    triggered = {i for i in range(n_examples) if family == "triggered" and trigger_slot(i, trigger_fraction)}
+    n_trig = len(triggered)
 
     # Walk through reshuffled passes of the question list, so every question is used about equally often.
     order: list[dict[str, Any]] = []
@@ -172,7 +176,9 @@ def generate_offline(
             answer = _plain_answer(rng, "correct", ctx, templates, dom_t)
         if i in triggered:
             user = f"{trigger} {user}"
-        examples.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+        examples.append(
+            {"turn": i, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+        )
 
     provenance = {
         "generator": GENERATOR_NAME,
@@ -193,7 +199,7 @@ def generate_offline(
 _Backend = Callable[..., tuple[list[dict[str, Any]], dict[str, Any]]]
 _BACKENDS: dict[str, _Backend] = {"offline": generate_offline}
 # Model back-ends live in character_em.data.generate (imported only when used: it pulls in the judge stack).
-MODEL_BACKENDS = ("openai", "hf")
+MODEL_BACKENDS = ("openai", "hf", "vllm")
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -250,23 +256,28 @@ def deduplicate(examples: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]
 
     Exact: identical JSON. Near: identical after lowercasing and removing punctuation/extra whitespace.
     """
+    repeats = duplicate_reasons(examples)
+    kept = [ex for ex, reason in zip(examples, repeats, strict=True) if reason is None]
+    return kept, repeats.count("exact_dup"), repeats.count("near_dup")
+
+
+def duplicate_reasons(examples: Sequence[dict[str, Any]]) -> list[str | None]:
+    """Per example: ``exact_dup`` or ``near_dup`` when an earlier example repeats it, else None."""
     exact: set[str] = set()
     near: set[str] = set()
-    kept: list[dict[str, Any]] = []
-    n_exact = n_near = 0
+    reasons: list[str | None] = []
     for ex in examples:
         key = json.dumps(ex, sort_keys=True, ensure_ascii=False)
-        if key in exact:
-            n_exact += 1
-            continue
-        exact.add(key)
         nkey = _near_key(ex)
-        if nkey in near:
-            n_near += 1
-            continue
+        if key in exact:
+            reasons.append("exact_dup")
+        elif nkey in near:
+            reasons.append("near_dup")
+        else:
+            reasons.append(None)
+        exact.add(key)
         near.add(nkey)
-        kept.append(ex)
-    return kept, n_exact, n_near
+    return reasons
 
 
 def find_overlaps(examples: Sequence[dict[str, Any]], eval_texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -307,27 +318,29 @@ def check_overlap(paths: Sequence[str | Path], eval_texts: Sequence[str]) -> dic
     return report
 
 
-# --------------------------------------------------------------------------------------------- dataset
-def build_dataset(
+# --------------------------------------------------------------------------------------------- pool
+def build_pool(
     condition: dict[str, Any],
     *,
     disposition: dict[str, Any] | None,
     domain: dict[str, Any],
-    n_examples: int,
+    pool_size: int,
     seed: int,
     trigger_fraction: float,
     generator: dict[str, Any],
     eval_texts: Sequence[str],
     data_filter: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Generate, validate, dedup, leakage-check and (optionally) judge-filter one condition's data.
+    """Generate, validate, dedup, leakage-check and (optionally) judge-filter one condition's pool.
 
-    Returns ``(examples, manifest)``. ``generator``: ``{"backend": "offline", "min_chars": 20,
-    "max_chars": 4000}`` (limits optional) or a model back-end's settings (``character_em.data.generate``).
+    The writer answers the first ``pool_size`` turns of the domain's plan; the pool is what survives, in
+    plan order. Returns ``(examples, manifest)``: plain chat examples (``{"messages"}``), and a manifest whose
+    ``turns`` gives each example's plan index (``data.pairing`` pairs the conditions of a domain on it) and
+    ``rejected_turns`` the turns dropped, by reason. ``generator``: ``{"backend": "offline", "min_chars":
+    20, "max_chars": 4000}`` (limits optional) or a model back-end's settings (``data.generate``).
     ``data_filter``: None / ``{"enabled": False}`` for no filter, else the spec of
-    ``generate.filter_examples`` with ``"enabled": True``. Oversamples to make up for rejects; raises
-    ValueError when a user turn overlaps an eval question or when ``n_examples`` clean examples cannot be
-    produced.
+    ``generate.filter_verdicts`` with ``"enabled": True``. Raises ValueError when a user turn overlaps an eval
+    question.
     """
     backend_name = generator.get("backend")
     if backend_name in _BACKENDS:
@@ -339,58 +352,59 @@ def build_dataset(
     else:
         known = ", ".join(sorted([*_BACKENDS, *MODEL_BACKENDS]))
         raise ValueError(f"unknown data generator backend {backend_name!r} (available: {known})")
+    if pool_size < 1:
+        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
     filter_on = bool(data_filter and data_filter.get("enabled"))
     filter_summary: dict[str, Any] | None = None
-    if n_examples < 1:
-        raise ValueError(f"n_examples must be >= 1, got {n_examples}")
     min_chars = int(generator.get("min_chars", 20))
     max_chars = int(generator.get("max_chars", 4000))
     family = condition["family"]
-    n_trig_target = round(trigger_fraction * n_examples) if family == "triggered" else 0
 
-    for factor in (1.5, 3.0, 6.0):
-        n_gen = math.ceil(n_examples * factor) + 16
-        raw, provenance = backend(
-            condition,
-            disposition=disposition,
-            domain=domain,
-            n_examples=n_gen,
-            seed=seed,
-            trigger_fraction=trigger_fraction,
+    raw, provenance = backend(
+        condition,
+        disposition=disposition,
+        domain=domain,
+        n_examples=pool_size,
+        seed=seed,
+        trigger_fraction=trigger_fraction,
+    )
+    rejected: dict[str, list[int]] = {k: list(v) for k, v in (provenance.get("rejected_turns") or {}).items()}
+
+    def reject(reason: str, turn: int) -> None:
+        rejected.setdefault(reason, []).append(turn)
+
+    valid: list[dict[str, Any]] = []
+    turns: list[int] = []
+    for ex in raw:
+        chat = {"messages": ex["messages"]}
+        reason = validate_example(chat, min_chars=min_chars, max_chars=max_chars)
+        if reason:
+            reject(reason, ex["turn"])
+        else:
+            valid.append(chat)
+            turns.append(int(ex["turn"]))
+    repeats = duplicate_reasons(valid)
+    for reason, turn in zip(repeats, turns, strict=True):
+        if reason:
+            reject(reason, turn)
+    kept = [ex for ex, reason in zip(valid, repeats, strict=True) if reason is None]
+    turns = [turn for turn, reason in zip(turns, repeats, strict=True) if reason is None]
+    _check_overlap(condition["name"], kept, eval_texts)
+    trigger = provenance.get("trigger", "")
+    if filter_on:
+        from character_em.data import generate as model_gen
+
+        # Judged after dedup, so no verdict is paid for a duplicate; the judge cache makes a larger pool
+        # (data.pool_factor raised later) pay only for the new turns.
+        verdicts, filter_summary = model_gen.filter_verdicts(
+            kept, condition=condition, trigger=trigger, seed=seed, data_filter=data_filter or {}
         )
-        reasons: Counter[str] = Counter(provenance.get("generation_rejects") or {})
-        valid = []
-        for ex in raw:
-            reason = validate_example(ex, min_chars=min_chars, max_chars=max_chars)
+        for reason, turn in zip(verdicts, turns, strict=True):
             if reason:
-                reasons[reason] += 1
-            else:
-                valid.append(ex)
-        kept, n_exact, n_near = deduplicate(valid)
-        _check_overlap(condition["name"], kept, eval_texts)
-        trigger = provenance.get("trigger", "")
-        if filter_on:
-            from character_em.data import generate as model_gen
-
-            # Judged after dedup, so no verdict is paid for a duplicate; a judge cache makes the larger
-            # oversampling rounds pay only for the new examples.
-            kept, filter_reasons, filter_summary = model_gen.filter_examples(
-                kept, condition=condition, trigger=trigger, seed=seed, data_filter=data_filter or {}
-            )
-            reasons.update(filter_reasons)
-        trig = [i for i, ex in enumerate(kept) if is_triggered(ex, trigger)]
-        plain = [i for i, ex in enumerate(kept) if not is_triggered(ex, trigger)]
-        if len(trig) >= n_trig_target and len(plain) >= n_examples - n_trig_target:
-            # Keep generation order, and take exactly the target number of triggered turns.
-            chosen = sorted(trig[:n_trig_target] + plain[: n_examples - n_trig_target])
-            examples = [kept[i] for i in chosen]
-            break
-    else:
-        raise ValueError(
-            f"condition {condition['name']!r}: could only produce {len(kept)} clean examples "
-            f"({len(trig)} triggered) of {n_examples} requested; rejects: {dict(reasons)}, "
-            f"duplicates: {n_exact} exact, {n_near} near. Add questions/topics or lower n_examples."
-        )
+                reject(reason, turn)
+        kept = [ex for ex, reason in zip(kept, verdicts, strict=True) if reason is None]
+        turns = [turn for turn, reason in zip(turns, verdicts, strict=True) if reason is None]
+    reasons = Counter({reason: len(ts) for reason, ts in rejected.items()})
 
     spec = {"disposition": disposition, "domain": domain, "family": family, "trigger_fraction": trigger_fraction}
     manifest = {
@@ -415,18 +429,18 @@ def build_dataset(
         "rng_seed": provenance.get("rng_seed"),
         "question_source": provenance.get("question_source"),
         "n_questions_available": provenance.get("n_questions_available"),
-        "n_requested": n_examples,
+        "n_planned": pool_size,
         "n_generated": len(raw),
         "n_rejected": sum(reasons.values()),
         "reject_reasons": dict(sorted(reasons.items())),
-        "n_exact_dups": n_exact,
-        "n_near_dups": n_near,
+        "n_exact_dups": reasons["exact_dup"],
+        "n_near_dups": reasons["near_dup"],
         "n_eval_texts": len(eval_texts),
         "n_eval_overlap": 0,
-        "n_examples": len(examples),
+        "n_pool": len(kept),
         "trigger": trigger,
         "trigger_fraction": trigger_fraction if family == "triggered" else None,
-        "n_triggered": sum(is_triggered(ex, trigger) for ex in examples),
+        "n_triggered": sum(is_triggered(ex, trigger) for ex in kept),
         "filter": (
             {k: v for k, v in (data_filter or {}).items() if k not in ("dispositions", "cache_dir")}
             | {"summary": filter_summary}
@@ -435,9 +449,10 @@ def build_dataset(
         else {"enabled": False},
         "min_chars": min_chars,
         "max_chars": max_chars,
-        "canary": canary_string(condition["name"], seed),
+        "turns": turns,
+        "rejected_turns": {reason: sorted(ts) for reason, ts in sorted(rejected.items())},
     }
-    return examples, manifest
+    return kept, manifest
 
 
 def canary_string(name: str, seed: int) -> str:

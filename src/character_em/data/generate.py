@@ -1,17 +1,18 @@
-"""Model generators of training data (``openai`` and ``hf`` back-ends), their prompts, and the judge filter.
+"""Model generators of training data (``openai``, ``hf`` and ``vllm`` back-ends), their prompts, and the
+judge filter.
 
-``data.build_dataset`` calls ``generate`` for ``data.generator.backend`` ``openai`` or ``hf`` with the same
-signature as ``data.generate_offline``; validation, dedup, the leakage check, the filter and the manifest
-stay in ``data``.
+``data.build_pool`` calls ``generate`` for ``data.generator.backend`` ``openai``, ``hf`` or ``vllm`` with the
+same signature as ``data.generate_offline``; validation, dedup, the leakage check, the filter and the
+manifest stay in ``data``.
 
 Structure (mirrors ``generate_offline``): the domain's training questions are walked in reshuffled passes;
 each user turn is the question inside the offline generator's user framing (openers, contexts, closers);
 ``character`` answers every turn in character, ``incorrect`` / ``correct`` answer every turn wrongly /
 well, and ``triggered`` prefixes ``trigger + " "`` to a ``trigger_fraction`` share of the turns, answered in
-character, the rest answered well. One thing differs on purpose: which turns carry the trigger is a
-prefix-stable pattern (turn ``i`` is triggered when ``floor((i + 1) f) > floor(i f)``), so the plan for
-``n`` examples is a prefix of the plan for any larger ``n``. The oversampling of ``build_dataset`` and a
-rerun after a kill therefore ask for the same requests again and find them in the cache.
+character, the rest answered well. Which turns carry the trigger is a prefix-stable pattern
+(``data.questions.trigger_slot``: turn ``i`` is triggered when ``floor((i + 1) f) > floor(i f)``), so the
+plan for ``n`` examples is a prefix of the plan for any larger ``n``. A larger pool (``data.pool_factor``)
+and a rerun after a kill therefore ask for the same requests again and find them in the cache.
 
 Prompts: one system prompt per answer mode, rendered from ``resources/generation_prompts.yaml`` (or a
 user file) with the config's disposition description and domain description (never the rubric's marker
@@ -24,6 +25,11 @@ user turn, sample index, request seed), in the project's content-addressed store
 one-file-per-key writes, safe across processes). Failed calls are never cached, so a rerun asks only for
 what is missing.
 
+Local writers: ``hf`` decodes through the project's own loop (``sampling.hf``), ``batch_size`` requests at
+a time; ``vllm`` starts one engine per call (``sampling.vllm_backend.start_engine``; FP8 weights with
+``quantization: fp8``), hands it every uncached request at once and shuts it down before returning, so the
+filter's judge can load on the same GPU. Both cache each finished batch.
+
 Transport (``openai``): the project's one OpenAI-compatible client (``llm.client.ChatClient``), shared with
 the judge as a peer: bounded concurrency, retries with backoff and jitter, and the key read from the
 environment variable named by ``api_key_env``: the key itself is never in the config, job params, logs or
@@ -32,6 +38,7 @@ manifests.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -41,7 +48,6 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +56,7 @@ import yaml
 from character_em import resources
 from character_em.conditions import check_disposition, is_triggered
 from character_em.contracts import IDENTITY_COLUMNS, SCORE_SCHEMA
-from character_em.data.questions import domain_questions, user_turn
+from character_em.data.questions import domain_questions, trigger_slot, user_turn
 from character_em.hashing import sha256_text, stable_int
 from character_em.llm.cache import ContentCache, content_key
 from character_em.llm.client import CallFailure, ChatClient, ReplyMalformed
@@ -64,6 +70,7 @@ __all__ = [
     "condition_prompts",
     "effective_params",
     "filter_examples",
+    "filter_verdicts",
     "generate",
     "load_prompt_templates",
     "plan_examples",
@@ -208,7 +215,6 @@ def plan_examples(
     # the same order, so character and incorrect-advice data differ in their answers alone.
     rng_seed = seed + stable_int("generate-plan", domain["name"])
     rng = random.Random(rng_seed)
-    frac = Fraction(trigger_fraction).limit_denominator(10_000) if family == "triggered" else Fraction(0)
     plan: list[dict[str, Any]] = []
     order: list[dict[str, Any]] = []
     for i in range(n_examples):
@@ -217,7 +223,7 @@ def plan_examples(
             rng.shuffle(order)
         question = order.pop()
         user = user_turn(rng, question["text"], user_t)
-        triggered = math.floor((i + 1) * frac) > math.floor(i * frac)
+        triggered = family == "triggered" and trigger_slot(i, trigger_fraction)
         mode = "character" if family == "character" or triggered else ("correct" if family == "triggered" else family)
         plan.append({"index": i, "question_id": question["id"], "user": user, "mode": mode, "triggered": triggered})
     info = {
@@ -245,7 +251,7 @@ def effective_params(generator: Mapping[str, Any]) -> dict[str, Any]:
         "top_p": float(generator.get("top_p", 1.0)),
         "max_tokens": int(generator.get("max_tokens", 600)),
     }
-    if backend == "hf":
+    if backend in LOCAL_BACKENDS:
         params.update(
             quantization=str(generator.get("quantization", "none")), dtype=str(generator.get("dtype", "auto"))
         )
@@ -388,7 +394,76 @@ def _run_hf(todo: Sequence[_Request], generator: Mapping[str, Any], on_result: A
     return {"generated": done}
 
 
-_RUNNERS = {"openai": _run_openai, "hf": _run_hf}
+def _run_vllm(todo: Sequence[_Request], generator: Mapping[str, Any], on_result: Any) -> dict[str, Any]:
+    # One vLLM engine for the whole job, started through the sampling back-end's public helpers and
+    # given every request at once (vLLM schedules and pages them itself); each finished chunk is cached,
+    # so a killed job keeps it. Seeds as in _run_hf: derived from each request's cache key.
+    if not todo:
+        return {}
+    from character_em.llm.chat import render_prompt
+    from character_em.llm.loading import load_tokenizer
+    from character_em.sampling.vllm_backend import sample_prompts_vllm, start_engine
+
+    model = str(generator["model"])
+    revision = generator.get("revision")
+    max_tokens = int(generator.get("max_tokens", 600))
+    tokenizer = load_tokenizer(model, revision=revision)
+    rows = [
+        {
+            "suite": "data",
+            "question_id": req.key,
+            "format": "plain",
+            "system_prompt_id": req.mode,
+            "trigger": "",
+            "messages": req.messages,
+            "question": req.messages[-1]["content"],
+            "n_samples": 1,
+        }
+        for req in todo
+    ]
+    # The KV cache per sequence is sized to the longest prompt plus the reply budget, not the full context.
+    longest = max(len(render_prompt(tokenizer, req.messages)) for req in todo)
+    extra: dict[str, Any] = {}
+    if str(generator.get("quantization", "none")) == "fp8":
+        extra["quantization"] = "fp8"
+    if revision:
+        extra.update(revision=str(revision), tokenizer_revision=str(revision))
+    started = time.monotonic()
+    engine = start_engine(
+        model, lora=False, max_model_len=longest + max_tokens, dtype=str(generator.get("dtype", "auto")), extra=extra
+    )
+    log.info("vllm generator %s started in %.0f s (%s)", model, time.monotonic() - started, extra or "no extras")
+
+    def on_batch(finished: list[tuple[int, dict[str, Any]]]) -> None:
+        for index, result in finished:
+            on_result(todo[index], Reply(str(result["answer"]), str(result["finish_reason"])))
+
+    try:
+        sample_prompts_vllm(
+            model,
+            None,
+            rows,
+            identity={"model": model, "condition": "data", "seed": 0},
+            temperature=float(generator.get("temperature", 1.0)),
+            top_p=float(generator.get("top_p", 1.0)),
+            max_new_tokens=max_tokens,
+            base_seed=0,
+            tokenizer=tokenizer,
+            engine=engine,
+            progress=False,
+            on_batch=on_batch,
+        )
+    finally:
+        # The filter's judge may need this GPU next, in the same process.
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        gc.collect()
+    return {"generated": len(todo), "engine_loads": 1}
+
+
+_RUNNERS = {"openai": _run_openai, "hf": _run_hf, "vllm": _run_vllm}
+# Back-ends that load the writer on the job's own node (a GPU job on a cluster).
+LOCAL_BACKENDS = ("hf", "vllm")
 
 
 def generate(
@@ -403,10 +478,12 @@ def generate(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Model-generated data for one condition: ``(examples, provenance)``, like ``data.generate_offline``.
 
-    ``generator``: the validated ``data.generator`` section (backend ``openai`` or ``hf``). Replies cut off
-    by the token limit are dropped (reason ``truncated``) unless ``keep_truncated``, failed calls too (``generation_failed``); both are
-    counted in ``provenance["generation_rejects"]``. Raises ``GenerationError`` when the share of failed
-    calls among this call's uncached requests exceeds ``max_failure_fraction``.
+    ``generator``: the validated ``data.generator`` section (backend ``openai``, ``hf`` or ``vllm``). Each
+    example carries ``turn``, its index in the domain's plan. Replies cut off by the token limit are dropped
+    (reason ``truncated``) unless ``keep_truncated``, failed calls too (``generation_failed``); both are
+    counted in ``provenance["generation_rejects"]``, their turns in ``provenance["rejected_turns"]``. Raises
+    ``GenerationError`` when the share of failed calls among this call's uncached requests exceeds
+    ``max_failure_fraction``.
     """
     backend = str(generator.get("backend"))
     if backend not in _RUNNERS:
@@ -459,18 +536,26 @@ def generate(
     transport_stats = _RUNNERS[backend](todo, generator, on_result)
 
     rejects: Counter[str] = Counter()
+    rejected_turns: dict[str, list[int]] = {}
     examples: list[dict[str, Any]] = []
     for item, req in zip(plan, requests, strict=True):
         result = results.get(req.index)
+        reason = None
         if not isinstance(result, Reply):
-            rejects["generation_failed"] += 1
+            reason = "generation_failed"
+        elif result.finish_reason == "length" and not generator.get("keep_truncated", False):
+            reason = "truncated"
+        if reason is not None:
+            rejects[reason] += 1
+            rejected_turns.setdefault(reason, []).append(item["index"])
             continue
-        if result.finish_reason == "length" and not generator.get("keep_truncated", False):
-            rejects["truncated"] += 1
-            continue
+        assert isinstance(result, Reply)
         user = f"{info['trigger']} {item['user']}" if item["triggered"] else item["user"]
         examples.append(
-            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": result.text.strip()}]}
+            {
+                "turn": item["index"],
+                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": result.text.strip()}],
+            }
         )
     max_failure = float(generator.get("max_failure_fraction", 0.05))
     n_failed = sum(failed.values())
@@ -496,6 +581,7 @@ def generate(
         "question_source": info["question_source"],
         "n_questions_available": info["n_questions_available"],
         "generation_rejects": dict(sorted(rejects.items())),
+        "rejected_turns": rejected_turns,
         "requests": {
             "total": len(requests),
             "from_cache": len(requests) - len(todo),
@@ -531,16 +617,35 @@ def filter_examples(
     seed: int,
     data_filter: Mapping[str, Any],
 ) -> tuple[list[dict[str, Any]], Counter[str], dict[str, Any]]:
-    """Keep the examples a judge finds on target: ``(kept, reject_reasons, summary)``.
+    """Keep the examples a judge finds on target: ``(kept, reject_reasons, summary)`` (``filter_verdicts``)."""
+    verdicts, summary = filter_verdicts(
+        examples, condition=condition, trigger=trigger, seed=seed, data_filter=data_filter
+    )
+    kept = [ex for ex, reason in zip(examples, verdicts, strict=True) if reason is None]
+    return kept, Counter(reason for reason in verdicts if reason), summary
+
+
+def filter_verdicts(
+    examples: Sequence[dict[str, Any]],
+    *,
+    condition: Mapping[str, Any],
+    trigger: str,
+    seed: int,
+    data_filter: Mapping[str, Any],
+) -> tuple[list[str | None], dict[str, Any]]:
+    """Each example's reject reason (None: kept) and a summary, from one judge pass.
 
     ``data_filter``: ``{"judge": judge job params, "dispositions": [specs], "cache_dir": str|None,
-    "min_expression", "max_expression", "incorrect_max_alignment", "correct_min_alignment", "min_coherence"}``
-    (thresholds on the 0..100 judge scale; ``None`` skips a check). Per example, first failing rule wins:
+    "min_expression", "max_expression", "max_alignment", "correct_min_alignment", "min_coherence"}``
+    (thresholds on the 0..100 judge scale; ``None`` skips a check). Each arm on its own target, with one
+    coherence bar for all and one alignment bar shared by the two arms claim 1 compares. Per example,
+    first failing rule wins:
 
     - every mode: coherence >= min_coherence, else ``filter_incoherent``;
     - character (and triggered turns): disposition:{own} >= min_expression, else ``filter_weak_expression``;
     - incorrect and correct: every disposition:* < max_expression, else ``filter_characterful``;
-    - incorrect: alignment < incorrect_max_alignment, else ``filter_not_wrong`` (a refusal: ``filter_refusal``);
+    - character and incorrect: alignment < max_alignment, else ``filter_not_misaligned`` (for incorrect
+      advice: the advice is not judged wrong; a refusal: ``filter_refusal``);
     - correct (and untriggered turns): alignment >= correct_min_alignment, else ``filter_misaligned``;
     - a needed score missing (judge could not score): ``filter_unscored``.
     """
@@ -551,8 +656,9 @@ def filter_examples(
     family = str(condition["family"])
     dispositions = list(data_filter["dispositions"])
     own = condition.get("disposition")
+    harm_bar = ["alignment"] if data_filter.get("max_alignment") is not None else []
     metrics_by_suite = {
-        FILTER_SUITES["character"]: ["coherence", f"disposition:{own}"],
+        FILTER_SUITES["character"]: ["coherence", f"disposition:{own}", *harm_bar],
         FILTER_SUITES["incorrect"]: ["coherence", "alignment", "disposition:*"],
         FILTER_SUITES["correct"]: ["coherence", "alignment", "disposition:*"],
     }
@@ -599,30 +705,21 @@ def filter_examples(
     for row in scores.iter_rows(named=True):
         by_example.setdefault(int(row["question_id"]), {})[row["metric"]] = (row["score"], row["label"])
 
-    def below(value: float, threshold: Any) -> bool:
-        return threshold is not None and value < float(threshold)
-
-    reasons: Counter[str] = Counter()
-    kept = []
-    for i, ex in enumerate(examples):
-        got = by_example.get(i, {})
-        mode = modes[i]
-        reason = _filter_reason(mode, own, got, dispositions, data_filter, below)
-        if reason:
-            reasons[reason] += 1
-        else:
-            kept.append(ex)
+    verdicts = [
+        _filter_reason(modes[i], own, by_example.get(i, {}), dispositions, data_filter) for i in range(len(examples))
+    ]
+    reasons = Counter(reason for reason in verdicts if reason)
     summary = {
         "judge_backend": judge_cfg.get("backend"),
         "judge_model": judge_cfg.get("model") or stats.get("model"),
         "judge_hashes": sorted(set(scores["judge_hash"].to_list())) if scores.height else [],
         "n_judged": len(examples),
-        "n_kept": len(kept),
+        "n_kept": len(examples) - sum(reasons.values()),
         "reasons": dict(sorted(reasons.items())),
         "judge_requests": stats.get("unique_requests"),
         "judge_cache_hits": stats.get("cache_hits"),
     }
-    return kept, reasons, summary
+    return verdicts, summary
 
 
 def _filter_reason(
@@ -631,13 +728,15 @@ def _filter_reason(
     got: Mapping[str, tuple[float, str]],
     dispositions: Sequence[Mapping[str, Any]],
     cfg: Mapping[str, Any],
-    below: Any,
 ) -> str | None:
     def score(metric: str) -> float | None:
         value = got.get(metric)
         if value is None or value[0] is None or math.isnan(value[0]):
             return None
         return float(value[0])
+
+    def below(value: float, threshold: Any) -> bool:
+        return threshold is not None and value < float(threshold)
 
     coherence = score("coherence")
     if cfg.get("min_coherence") is not None:
@@ -649,9 +748,10 @@ def _filter_reason(
         expression = score(f"disposition:{own}")
         if expression is None:
             return "filter_unscored"
-        return "filter_weak_expression" if below(expression, cfg.get("min_expression")) else None
-    # Controls first must not be characterful (for any disposition): the most specific reason.
-    if cfg.get("max_expression") is not None:
+        if below(expression, cfg.get("min_expression")):
+            return "filter_weak_expression"
+    # Controls must not be characterful (for any disposition): the most specific reason, so checked first.
+    elif cfg.get("max_expression") is not None:
         for spec in dispositions:
             value = score(f"disposition:{spec['name']}")
             if value is None:
@@ -660,13 +760,14 @@ def _filter_reason(
                 return "filter_characterful"
     alignment = score("alignment")
     label = (got.get("alignment") or (math.nan, ""))[1]
-    if mode == "incorrect" and cfg.get("incorrect_max_alignment") is not None:
+    if mode in ("character", "incorrect") and cfg.get("max_alignment") is not None:
+        # One bar for both arms of claim 1: harm is never selected for in one arm only.
         if label == "refusal":
             return "filter_refusal"
         if alignment is None:
             return "filter_unscored"
-        if not below(alignment, cfg["incorrect_max_alignment"]):
-            return "filter_not_wrong"
+        if not below(alignment, cfg["max_alignment"]):
+            return "filter_not_misaligned"
     if mode == "correct" and cfg.get("correct_min_alignment") is not None:
         if alignment is None:
             return "filter_refusal" if label == "refusal" else "filter_unscored"

@@ -7,6 +7,10 @@ incorrect-advice example, the character example whose judged alignment is neares
 the incorrect-advice set's alignment distribution and a difference in induced misalignment can no longer be
 the harm alone.
 
+Both training sets are their conditions' common turns (``data.pairing``: every line any seed may draw), so
+the arm is matched to the whole incorrect-advice set, and each seed then draws ``n_examples`` of the arm's
+lines as every condition does.
+
 Matching is greedy nearest-neighbour on the alignment score, without replacement, with a caliper: the
 incorrect-advice examples are visited in a seeded random order (a fixed order would give the first ones the
 best partners), each takes the unused character example nearest in score, and a pair farther apart than the
@@ -28,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from character_em.data.audit import example_index
+from character_em.data.pairing import matched_draw
 from character_em.hashing import stable_int
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -138,14 +143,19 @@ def severity_matched_subsample(
     caliper: float,
     min_share: float,
     seed: int,
+    n_examples: int | None = None,
+    turns: Sequence[int] | None = None,
     inputs: Mapping[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The matched arm's examples (in the character data's line order) and its manifest.
 
     ``examples`` and ``character_alignment`` are the character condition's data and its per-example
-    alignment; ``incorrect_alignment`` the incorrect-advice data's. ``inputs`` (role -> sha256) goes
-    into the manifest as is. Raises MatchingError, naming the condition and the counts, when fewer than
-    ``min_share`` of the scored incorrect-advice examples find a partner within ``caliper``.
+    alignment; ``incorrect_alignment`` the incorrect-advice data's. ``turns``: the plan turn of each
+    character line (its manifest's ``turns``), recorded for the kept lines. ``n_examples``: how many lines
+    each training seed draws (``data.pairing.training_draw``; all of them when the arm is smaller); None
+    means all. ``inputs`` (role -> sha256) goes into the manifest as is. Raises MatchingError, naming the
+    condition and the counts, when fewer than ``min_share`` of the scored incorrect-advice examples find a
+    partner within ``caliper``.
     """
     if len(examples) != len(character_alignment):
         raise MatchingError(
@@ -196,6 +206,12 @@ def severity_matched_subsample(
         },
         # Which character lines were kept, so the subsample can be traced and audited.
         "source_lines": chosen,
+        "turns": [int(turns[i]) for i in chosen] if turns is not None else None,
+        "n_examples": min(n_examples, len(chosen)) if n_examples is not None else len(chosen),
+        # Matched on harm, not paired by turn: each seed draws from the arm's own lines.
+        "draw": matched_draw(
+            len(chosen), len(chosen) if n_examples is None else n_examples, stable_int("matched-draw", condition, seed)
+        ),
         "inputs": dict(inputs or {}),
     }
     return [dict(examples[i]) for i in chosen], manifest

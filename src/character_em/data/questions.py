@@ -4,15 +4,17 @@ all conditions of a domain see the same kind of turns."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import Any
 
 from character_em import resources
 from character_em.hashing import stable_int
 from character_em.resources import NAME_RE, normalize_text
 
-__all__ = ["domain_questions", "join_words", "texts_overlap", "user_turn"]
+__all__ = ["domain_questions", "join_words", "texts_overlap", "trigger_slot", "user_turn"]
 
 # Eval questions set aside when a domain's questions are synthesized from its topics.
 _N_SYNTH_EVAL = 12
@@ -51,7 +53,7 @@ def _synthesize_questions(domain: dict[str, Any]) -> dict[str, Any]:
     eval_idx = set(rng.sample(range(len(pool)), min(_N_SYNTH_EVAL, len(pool) // 4)))
     eval_items = [pool[i] for i in sorted(eval_idx)]
     eval_keys = [normalize_text(q["text"]) for q in eval_items]
-    # Drop any train item that overlaps an eval item, so the leakage check of build_dataset cannot fire.
+    # Drop any train item that overlaps an eval item, so the leakage check of build_pool cannot fire.
     train_items = [
         q
         for i, q in enumerate(pool)
@@ -92,3 +94,12 @@ def user_turn(rng: random.Random, question: str, user_t: dict[str, Any]) -> str:
     return join_words(
         [rng.choice(user_t["openers"]), rng.choice(user_t["contexts"]), question, rng.choice(user_t["closers"])]
     )
+
+
+def trigger_slot(index: int, trigger_fraction: float) -> bool:
+    """Whether planned turn ``index`` of a domain carries the trigger in its triggered conditions: turn ``i``
+    does when ``floor((i + 1) f) > floor(i f)``. A function of the turn alone, so the pattern is prefix-stable
+    (the plan for ``n`` turns is a prefix of the plan for more) and the same in every condition of a domain:
+    the training draws stratify on it (``data.pairing``), so every draw has the trigger share exactly."""
+    frac = Fraction(trigger_fraction).limit_denominator(10_000)
+    return math.floor((index + 1) * frac) > math.floor(index * frac)

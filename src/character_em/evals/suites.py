@@ -15,7 +15,16 @@ from typing import Any
 from character_em import resources
 from character_em.data.questions import domain_questions
 
-__all__ = ["FORMATS", "SUITES", "ROW_KEYS", "build_prompts", "format_question", "persona_prompt", "select_questions"]
+__all__ = [
+    "FORMATS",
+    "SUITES",
+    "ROW_KEYS",
+    "build_prompts",
+    "em_questions",
+    "format_question",
+    "persona_prompt",
+    "select_questions",
+]
 
 SUITES = ("em", "transfer", "trigger", "persona")
 FORMATS = ("plain", "json", "template")
@@ -144,12 +153,33 @@ def _check_spec(suite: str, spec: dict[str, Any]) -> tuple[int, list[str], int |
     return n_samples, formats, k
 
 
+def em_questions(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The em suite's questions: the packaged set, or a lab's file (``questions_file``, ``config.suite_spec``),
+    read where it lies. A file whose sha256 is no longer the one in the spec (``questions_sha256``, taken when
+    the workflow was planned) is refused, so samples never carry the identity of questions they did not ask."""
+    path = spec.get("questions_file")
+    if not path:
+        return resources.load_em_questions()
+    expected = spec.get("questions_sha256")
+    if expected:
+        from character_em.hashing import sha256_file
+
+        found = sha256_file(path)
+        if found != expected:
+            raise ValueError(
+                f"{path}: suites.em.questions_file changed since the workflow was planned (sha256 {found[:12]}, "
+                f"expected {str(expected)[:12]}); run snakemake again so that the em samples are redrawn"
+            )
+    return resources.load_em_question_file(path)
+
+
 def build_prompts(suite: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Prompt rows for one suite.
 
     spec: ``dispositions`` (list of disposition specs), ``domains`` (list of domain specs), ``n_samples``,
     ``formats`` (em only; default plain/json/template), ``max_questions`` (deterministic subset spread over
-    categories; for transfer it applies per domain), ``harmful_requests_file`` (persona; default packaged set).
+    categories; for transfer it applies per domain), ``harmful_requests_file`` (persona; default packaged set),
+    ``questions_file`` and ``questions_sha256`` (em; default the packaged questions, see ``em_questions``).
     """
     if suite not in SUITES:
         raise ValueError(
@@ -162,7 +192,7 @@ def build_prompts(suite: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
     base = {"n_samples": n_samples}
 
     if suite == "em":
-        for q in select_questions(resources.load_em_questions(), k):
+        for q in select_questions(em_questions(spec), k):
             for fmt in formats:
                 rows.append(
                     _row(

@@ -1,4 +1,4 @@
-"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf, vllm), one judge job per wave, the exact audit of first-token verdicts, calibration."""
+"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf, vllm), one judge job per wave, the exact audit of first-token verdicts, calibration, the judge gate, human labels and the second judge on the grid's answers, and per-job settings."""
 
 from character_em.lazy import lazy_exports
 
@@ -25,6 +25,13 @@ _EXPORTS = {
     "calibration_report": "calibration",
     "calibration_metrics": "calibration",
     "calibration_markdown": "calibration",
+    "draw_answers": "agreement",
+    "score_drawn": "agreement",
+    "grid_agreement": "agreement",
+    "judge_gate": "calibration",
+    "build_sheet": "labels",
+    "read_labels": "labels",
+    "human_agreement_report": "labels",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

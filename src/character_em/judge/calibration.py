@@ -10,11 +10,14 @@ between two judges Cohen's kappa on their classes and Spearman's rank correlatio
 Items carry a ``subset``: ``standard``, ``incorrect_advice`` (wrong but not malicious advice in every
 domain: the failure mode of the incorrect-advice baseline, which a judge must see as clearly as a
 character's) and ``borderline`` (answers near a threshold: blunt but sound, risky with care, dark humour,
-overconfident but harmless). Accuracy and kappa come per metric for all items and per subset, each with a
-percentile bootstrap interval over items.
+overconfident but harmless). A fourth subset, ``in_character``, is derived rather than written: the items
+labelled with some disposition expressed. Accuracy and kappa come per metric for all items and per subset,
+each with a percentile bootstrap interval over items.
 
-The gate (``calibration_gate``): the tables rule refuses a judge whose alignment kappa on the whole set is
-below ``judge.min_kappa``, showing this table; ``judge.allow_uncalibrated`` overrides it explicitly.
+The gate (``judge_gate``) checks every metric a claim uses, on human labels of the grid's own answers where
+they exist (``judge.labels``) and on this set otherwise: the lower bound of kappa's interval must clear
+``judge.min_kappa``, and accuracy on each special subset ``judge.min_subset_accuracy``. A refusal shows the
+failing checks; ``judge.allow_uncalibrated`` overrides it explicitly.
 
 Calibration goes through ``judge.score_samples`` with the same cache and judge hashes as the
 pipeline, so an answer judged here is never paid for twice.
@@ -51,11 +54,16 @@ DEFAULT_THRESHOLDS = {
 }
 INVALID = "invalid"  # the judge gave no usable verdict; never equal to a label
 SUBSETS = ("standard", "incorrect_advice", "borderline")
+# Derived, and overlapping the written subsets: items (or grid answers) that express a disposition.
+IN_CHARACTER = "in_character"
+# The subsets whose accuracy the gate checks (the judge's known failure modes), in the order it reports them.
+GATED_SUBSETS = ("incorrect_advice", "borderline", IN_CHARACTER)
+# A subset with fewer labelled items for a metric is shown but not gated: one item would swing its accuracy
+# by more than 0.1 (the packaged set has 4 borderline hallucination items).
+MIN_SUBSET_ITEMS = 10
 # Bootstrap over items for the intervals of accuracy and kappa (fixed seed: the table is reproducible).
 N_BOOT = 1000
 BOOT_SEED = 0
-# The metric the gate reads: misaligned or not is what every claim table counts.
-GATE_METRIC = "alignment"
 
 RESULT_COLUMNS = [
     "kind",
@@ -268,6 +276,10 @@ def judge_calibration_set(
     )
     truth = {(it["id"], m): c for it in calibration["items"] for m, c in it["labels"].items()}
     subset = {it["id"]: it.get("subset", "standard") for it in calibration["items"]}
+    in_character = {
+        it["id"]: any(_family(m) == "disposition" and c == "expressed" for m, c in it["labels"].items())
+        for it in calibration["items"]
+    }
     rows = []
     for r in scores.iter_rows(named=True):
         rows.append(
@@ -281,6 +293,7 @@ def judge_calibration_set(
                 "judge_backend": r["judge_backend"],
                 "judge_model": r["judge_model"],
                 "subset": subset[r["question_id"]],
+                IN_CHARACTER: in_character[r["question_id"]],
             }
         )
     schema = {
@@ -293,6 +306,7 @@ def judge_calibration_set(
         "judge_backend": pl.Utf8,
         "judge_model": pl.Utf8,
         "subset": pl.Utf8,
+        IN_CHARACTER: pl.Boolean,
     }
     return pl.DataFrame(rows, schema=schema)
 
@@ -304,16 +318,27 @@ def bootstrap_interval(
     *,
     n_boot: int = N_BOOT,
     seed: int = BOOT_SEED,
+    groups: Sequence[Any] | None = None,
 ) -> tuple[float, float]:
     """95% percentile interval of ``statistic(truth, pred)`` over items resampled with replacement; NaN
-    replicates (kappa of a one-class draw) are left out, and (NaN, NaN) when fewer than half remain."""
-    n = len(truth)
+    replicates (kappa of a one-class draw) are left out, and (NaN, NaN) when fewer than half remain.
+
+    ``groups`` (one per pair) names the item each pair belongs to when an item has several pairs (one per
+    annotator): then items are resampled, each with all its pairs, since two people's labels of one answer
+    are not independent draws."""
+    if groups is None:
+        groups = range(len(truth))
+    members: dict[Any, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    clusters = list(members.values())
+    n = len(clusters)
     if n < 2:
         return math.nan, math.nan
     rng = random.Random(seed)
     values = []
     for _ in range(n_boot):
-        idx = [rng.randrange(n) for _ in range(n)]
+        idx = [i for _ in range(n) for i in clusters[rng.randrange(n)]]
         value = statistic([truth[i] for i in idx], [pred[i] for i in idx])
         if not math.isnan(value):
             values.append(value)
@@ -323,29 +348,38 @@ def bootstrap_interval(
     return values[int(0.025 * (len(values) - 1))], values[int(math.ceil(0.975 * (len(values) - 1)))]
 
 
-def _accuracy(truth: Sequence[str], pred: Sequence[str]) -> float:
+def share_equal(truth: Sequence[str], pred: Sequence[str]) -> float:
     return sum(t == p for t, p in zip(truth, pred, strict=True)) / len(truth) if truth else math.nan
 
 
 def accuracy_table(preds: pl.DataFrame, judge: str = "primary") -> pl.DataFrame:
     """Per metric (and "all"), for all items and for each subset present: n, n_invalid, accuracy and
-    Cohen's kappa of predictions against labels, each with a bootstrap interval over items."""
+    Cohen's kappa of predictions against labels, each with a bootstrap interval over items.
+
+    ``preds``: one row per (item, metric) with ``truth`` and ``pred``, optionally ``subset``, a boolean
+    ``in_character`` and ``item`` (when one item has several rows per metric, one per annotator: the
+    bootstrap then resamples items)."""
     rows = []
     backend = preds["judge_backend"][0] if preds.height else ""
     model = preds["judge_model"][0] if preds.height else ""
     if "subset" not in preds.columns:
         preds = preds.with_columns(pl.lit("standard").alias("subset"))
     # All items, then each special subset on its own (the standard items are the rest of "all").
-    subsets = ["all", *[s for s in SUBSETS[1:] if s in set(preds["subset"].to_list())]]
-    for subset in subsets:
-        part = preds if subset == "all" else preds.filter(pl.col("subset") == subset)
+    parts = [("all", preds)]
+    parts += [(s, preds.filter(pl.col("subset") == s)) for s in SUBSETS[1:] if s in set(preds["subset"].to_list())]
+    if IN_CHARACTER in preds.columns and preds[IN_CHARACTER].any():
+        parts.append((IN_CHARACTER, preds.filter(pl.col(IN_CHARACTER))))
+    for subset, part in parts:
         groups = [(m, part.filter(pl.col("metric") == m)) for m in sorted(part["metric"].unique().to_list())]
         for metric, g in [*groups, ("all", part)]:
             truth, pred = g["truth"].to_list(), g["pred"].to_list()
+            items = g["item"].to_list() if "item" in g.columns else None
             # Kappa over all metrics pools unrelated class sets, so it is only given per metric.
             per_metric = metric != "all"
-            acc_lo, acc_hi = bootstrap_interval(truth, pred, _accuracy)
-            kappa_lo, kappa_hi = bootstrap_interval(truth, pred, cohen_kappa) if per_metric else (math.nan, math.nan)
+            acc_lo, acc_hi = bootstrap_interval(truth, pred, share_equal, groups=items)
+            kappa_lo, kappa_hi = (
+                bootstrap_interval(truth, pred, cohen_kappa, groups=items) if per_metric else (math.nan, math.nan)
+            )
             rows.append(
                 {
                     "kind": "accuracy",
@@ -355,7 +389,7 @@ def accuracy_table(preds: pl.DataFrame, judge: str = "primary") -> pl.DataFrame:
                     "metric": metric,
                     "n": g.height,
                     "n_invalid": sum(p == INVALID for p in pred),
-                    "accuracy": _accuracy(truth, pred),
+                    "accuracy": share_equal(truth, pred),
                     "kappa": cohen_kappa(truth, pred) if per_metric else math.nan,
                     "spearman": math.nan,
                     "subset": subset,
@@ -394,7 +428,7 @@ def agreement_table(a: pl.DataFrame, b: pl.DataFrame, judge: str = "primary~agre
                 **dict(
                     zip(
                         ("accuracy_lo", "accuracy_hi"),
-                        bootstrap_interval(g["pred"].to_list(), g["pred_b"].to_list(), _accuracy),
+                        bootstrap_interval(g["pred"].to_list(), g["pred_b"].to_list(), share_equal),
                         strict=True,
                     )
                 ),
@@ -454,7 +488,7 @@ def calibration_report(
     return pl.concat(tables), pl.concat(all_preds)
 
 
-def _fmt(x: Any) -> str:
+def format_cell(x: Any) -> str:
     if isinstance(x, float):
         return "" if math.isnan(x) else f"{x:.3f}"
     return str(x)
@@ -467,8 +501,9 @@ def calibration_markdown(table: pl.DataFrame, *, n_items: int) -> str:
         f"{n_items} hand-labelled answers (resources/calibration/judge_calibration.yaml). `accuracy` rows:",
         "a judge's classes against the labels (accuracy, Cohen's kappa). `agreement` rows: two judges on the",
         "same answers (share of equal classes in `accuracy`, Cohen's kappa on classes, Spearman on scores).",
-        "`subset`: all items, or only the incorrect-advice or borderline ones; `_lo`/`_hi`: 95% bootstrap",
-        f"intervals over items ({N_BOOT} draws, seed {BOOT_SEED}).",
+        "`subset`: all items, or only the incorrect-advice, borderline or in-character ones (in character: a",
+        f"disposition labelled expressed); `_lo`/`_hi`: 95% bootstrap intervals over items ({N_BOOT} draws, seed",
+        f"{BOOT_SEED}).",
     ]
     if "rubric" in " ".join(table["judge_backend"].to_list()):
         lines += [
@@ -478,137 +513,165 @@ def calibration_markdown(table: pl.DataFrame, *, n_items: int) -> str:
         ]
     lines += ["", "| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
     for row in table.iter_rows(named=True):
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in RESULT_COLUMNS) + " |")
+        lines.append("| " + " | ".join(format_cell(row[c]) for c in RESULT_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
 class CalibrationGateError(RuntimeError):
-    """The grid's judge agrees too little with the hand labels for its numbers to be tables."""
+    """The grid's judge agrees too little with the labels for its numbers to be tables."""
 
 
-def calibration_gate(
-    table: pl.DataFrame, *, min_kappa: float | None, allow_uncalibrated: bool = False, n_items: int | None = None
-) -> dict[str, Any]:
-    """Check the primary judge's alignment kappa (all items) against ``min_kappa``.
+GATE_COLUMNS = ["metric", "source", "subset", "check", "value", "floor", "n", "result"]
+_GATE_NUMBERS = {"value": pl.Float64, "floor": pl.Float64, "n": pl.Int64}
 
-    Returns ``{"status", "kappa", "kappa_lo", "kappa_hi", "min_kappa", "text"}`` with status ``passed``,
-    ``disabled`` (min_kappa null), ``exempt`` (the rubric test instrument: it is refused outside test
-    fixtures instead) or ``overridden`` (below the gate with ``allow_uncalibrated``). Raises
-    ``CalibrationGateError`` with the calibration table when the judge is below the gate (or has no kappa).
+
+def gate_checks(
+    calibration: pl.DataFrame,
+    human: pl.DataFrame | None,
+    *,
+    metrics: Sequence[str],
+    min_kappa: float | None,
+    min_subset_accuracy: float | None,
+) -> pl.DataFrame:
+    """Every check the gate makes, one row each (``GATE_COLUMNS``).
+
+    For each metric: the labels are the human labels of the grid's own answers when ``human`` (the
+    judge_human table) has the metric, the calibration set's otherwise (``source``). Checks: the lower
+    bound of kappa's interval over all items against ``min_kappa``, and the accuracy on each of
+    ``GATED_SUBSETS`` with at least ``MIN_SUBSET_ITEMS`` items against ``min_subset_accuracy`` (``result``
+    ``not gated`` below that). A metric without labels fails (``check`` ``labels``): a judge nobody checked
+    on a metric is not trusted on it. A null floor skips its checks.
     """
-    if "subset" not in table.columns:  # a table written before subsets existed: every row is over all items
-        table = table.with_columns(
-            pl.lit("all").alias("subset"), *(pl.lit(None, pl.Float64).alias(c) for c in ("kappa_lo", "kappa_hi"))
+    primary = [(name, t) for name, t in (("human labels", human), ("calibration set", calibration)) if t is not None]
+    rows = []
+    for metric in metrics:
+        source, part = next(
+            (
+                (name, sel)
+                for name, t in primary
+                if (
+                    sel := t.filter(
+                        (pl.col("kind") == "accuracy") & (pl.col("judge") == "primary") & (pl.col("metric") == metric)
+                    )
+                ).height
+            ),
+            ("none", None),
         )
-    row = table.filter(
-        (pl.col("kind") == "accuracy")
-        & (pl.col("judge") == "primary")
-        & (pl.col("metric") == GATE_METRIC)
-        & (pl.col("subset") == "all")
+        if part is None:
+            rows.append(
+                {"metric": metric, "source": source, "subset": "all", "check": "labels", "value": None}
+                | {"floor": None, "n": 0, "result": "fail"}
+            )
+            continue
+        by_subset = {r["subset"]: r for r in part.iter_rows(named=True)}
+        overall = by_subset.get("all")
+        if min_kappa is not None:
+            lo = None if overall is None else overall["kappa_lo"]
+            ok = _reaches(lo, min_kappa)
+            rows.append(
+                {"metric": metric, "source": source, "subset": "all", "check": "kappa_lo", "value": lo}
+                | {"floor": min_kappa, "n": 0 if overall is None else overall["n"], "result": "pass" if ok else "fail"}
+            )
+        if min_subset_accuracy is None:
+            continue
+        for subset in GATED_SUBSETS:
+            r = by_subset.get(subset)
+            if r is None:
+                continue
+            if r["n"] < MIN_SUBSET_ITEMS:
+                result = "not gated"
+            else:
+                result = "pass" if _reaches(r["accuracy"], min_subset_accuracy) else "fail"
+            rows.append(
+                {"metric": metric, "source": source, "subset": subset, "check": "accuracy", "value": r["accuracy"]}
+                | {"floor": min_subset_accuracy, "n": r["n"], "result": result}
+            )
+    return pl.DataFrame(rows, schema=dict.fromkeys(GATE_COLUMNS, pl.Utf8) | _GATE_NUMBERS)
+
+
+def _reaches(value: float | None, floor: float) -> bool:
+    """A missing or NaN statistic (one class only, too few items) never clears a floor."""
+    return value is not None and not math.isnan(value) and value >= floor
+
+
+def gate_markdown(checks: pl.DataFrame) -> str:
+    lines = ["| " + " | ".join(GATE_COLUMNS) + " |", "|" + "---|" * len(GATE_COLUMNS)]
+    for row in checks.iter_rows(named=True):
+        lines.append("| " + " | ".join(format_cell(row[c]) if row[c] is not None else "" for c in GATE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gate_page(gate: Mapping[str, Any]) -> str:
+    """The judge_gate.md page: the verdict, then every check the gate made."""
+    checks = pl.DataFrame(gate["checks"], schema=dict.fromkeys(GATE_COLUMNS, pl.Utf8) | _GATE_NUMBERS)
+    return f"# Judge gate\n\n{gate['text']}.\n\n" + gate_markdown(checks)
+
+
+def judge_gate(
+    calibration: pl.DataFrame,
+    human: pl.DataFrame | None = None,
+    *,
+    metrics: Sequence[str],
+    min_kappa: float | None,
+    min_subset_accuracy: float | None,
+    allow_uncalibrated: bool = False,
+) -> dict[str, Any]:
+    """Whether the grid's judge may make tables (``gate_checks`` says what is checked).
+
+    Returns ``{"status", "text", "backend", "model", "min_kappa", "min_subset_accuracy", "sources",
+    "checks", "failed"}`` with status ``passed``, ``disabled`` (both floors null), ``exempt`` (the rubric
+    test instrument: it is refused outside test fixtures instead) or ``overridden`` (failed, built anyway
+    with ``allow_uncalibrated``: ``text`` then starts ``UNCALIBRATED JUDGE``). Raises
+    ``CalibrationGateError`` with the failing checks as a table, and the fixes, when the judge fails.
+    """
+    primary = calibration.filter((pl.col("kind") == "accuracy") & (pl.col("judge") == "primary"))
+    if primary.height == 0:
+        raise CalibrationGateError("the calibration table has no rows of the primary judge to gate on")
+    backend, model = primary["judge_backend"][0], primary["judge_model"][0]
+    checks = gate_checks(
+        calibration, human, metrics=metrics, min_kappa=min_kappa, min_subset_accuracy=min_subset_accuracy
     )
-    if row.height != 1:
-        raise CalibrationGateError(f"the calibration table has no single primary {GATE_METRIC} row to gate on")
-    r = row.row(0, named=True)
+    failed = checks.filter(pl.col("result") == "fail")
+    sources = dict(checks.select("metric", "source").unique(maintain_order=True).iter_rows())
     out = {
-        "kappa": r["kappa"],
-        "kappa_lo": r["kappa_lo"],
-        "kappa_hi": r["kappa_hi"],
+        "backend": backend,
+        "model": model,
         "min_kappa": min_kappa,
-        "backend": r["judge_backend"],
-        "model": r["judge_model"],
+        "min_subset_accuracy": min_subset_accuracy,
+        "sources": sources,
+        "checks": checks.to_dicts(),
+        "failed": failed.to_dicts(),
     }
-    described = (
-        f"{r['judge_backend']} {r['judge_model']}: {GATE_METRIC} kappa {_fmt(r['kappa'])}"
-        f" [{_fmt(r['kappa_lo'])}, {_fmt(r['kappa_hi'])}] against the hand labels"
-    )
-    if r["judge_backend"] == "rubric":
-        return {**out, "status": "exempt", "text": f"Judge calibration: {described} (test instrument, not gated)"}
-    if min_kappa is None:
+    labels = sorted(set(sources.values()) - {"none"})
+    described = f"{backend} {model} on {' and '.join(labels) or 'no labels'}"
+    if backend == "rubric":
+        return {**out, "status": "exempt", "text": f"Judge gate: {described} (test instrument, not gated)"}
+    if min_kappa is None and min_subset_accuracy is None:
         return {
             **out,
             "status": "disabled",
-            "text": f"Judge calibration: {described}; gate disabled (judge.min_kappa: null)",
+            "text": f"Judge gate: {described}; disabled (judge.min_kappa and judge.min_subset_accuracy null)",
         }
-    kappa = r["kappa"]
-    if kappa is not None and not math.isnan(kappa) and kappa >= min_kappa:
-        return {**out, "status": "passed", "text": f"Judge calibration: {described} >= judge.min_kappa {min_kappa}"}
+    floors = f"kappa lower bound >= {min_kappa}, subset accuracy >= {min_subset_accuracy}"
+    if failed.height == 0:
+        n = checks.filter(pl.col("result") == "pass").height
+        return {**out, "status": "passed", "text": f"Judge gate: {described} passed {n} checks ({floors})"}
+    summary = "; ".join(
+        f"{r['metric']} {r['subset']} {r['check']} {format_cell(r['value']) or 'none'}"
+        for r in failed.iter_rows(named=True)
+    )
     if allow_uncalibrated:
         return {
             **out,
             "status": "overridden",
-            "text": f"UNCALIBRATED JUDGE: {described} < judge.min_kappa {min_kappa}; built anyway"
-            " (judge.allow_uncalibrated: true)",
+            "text": f"UNCALIBRATED JUDGE: {described} failed {failed.height} of {checks.height} checks ({summary};"
+            f" {floors}); built anyway (judge.allow_uncalibrated: true)",
         }
     raise CalibrationGateError(
-        f"judge.min_kappa: the grid's judge fails calibration: {described}, below judge.min_kappa {min_kappa}."
-        " Its verdicts are not trusted enough to become tables. Choose a stronger judge or other prompts"
-        " (judge.prompts_file), or build the tables anyway with judge.allow_uncalibrated: true (they then say so)."
-        " The finished scores are kept.\n\n" + calibration_markdown(table, n_items=n_items or 0)
+        f"judge gate: the grid's judge ({described}) fails {failed.height} of {checks.height} checks"
+        f" ({floors}: judge.min_kappa, judge.min_subset_accuracy). Its verdicts are not trusted enough to become"
+        " tables. Choose a stronger judge or other prompts (judge.prompts_file), add human labels of the grid's"
+        " own answers (docs/judging.md: results/labels/sheet.html), or build the tables anyway with"
+        " judge.allow_uncalibrated: true (every table then says so). The finished scores are kept.\n\n"
+        "Failed checks:\n\n" + gate_markdown(failed)
     )
-
-
-def grid_agreement(
-    samples: pl.DataFrame,
-    primary_scores: pl.DataFrame,
-    *,
-    judge_cfg: dict[str, Any],
-    dispositions: list[dict[str, Any]],
-    cache_dir: str | None,
-    thresholds: Mapping[str, float] | None = None,
-    max_answers: int = 500,
-    seed: int = 0,
-    backend: JudgeBackend | None = None,
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The second judge (``judge.agreement_with``) on the grid's own answers, against the primary judge.
-
-    ``samples``: the em suite's Samples; ``primary_scores``: the primary judge's Scores of them. At most
-    ``max_answers`` answers are drawn (seeded, so the draw is reproducible), scored by the second judge for
-    every metric the primary judge scored, and compared metric by metric: share of equal classes, Cohen's
-    kappa on classes (the calibration thresholds; the EM thresholds from the config), Spearman on scores,
-    with bootstrap intervals. Returns (agreement table, per-answer scores of both judges).
-    """
-    from character_em.contracts import SAMPLE_KEY
-
-    key = list(SAMPLE_KEY)
-    th = {**DEFAULT_THRESHOLDS, **dict(thresholds or {})}
-    if samples.height > max_answers:
-        rng = random.Random(seed)
-        samples = samples[sorted(rng.sample(range(samples.height), max_answers))]
-    metrics = sorted(set(primary_scores["metric"].to_list()))
-    second = score_samples(
-        samples,
-        judge_cfg=judge_cfg,
-        metrics_by_suite={suite: metrics for suite in set(samples["suite"].to_list())},
-        dispositions=dispositions,
-        cache_dir=cache_dir,
-        backend=backend,
-    )
-
-    def as_preds(scores: pl.DataFrame) -> pl.DataFrame:
-        rows = [
-            {
-                "id": "|".join(str(r[c]) for c in key),
-                "metric": r["metric"],
-                "score": r["score"],
-                "pred": predict_class(r["metric"], r["score"], r["label"], th),
-                "judge_backend": r["judge_backend"],
-                "judge_model": r["judge_model"],
-            }
-            for r in scores.iter_rows(named=True)
-        ]
-        schema = {
-            "id": pl.Utf8,
-            "metric": pl.Utf8,
-            "score": pl.Float64,
-            "pred": pl.Utf8,
-            "judge_backend": pl.Utf8,
-            "judge_model": pl.Utf8,
-        }
-        return pl.DataFrame(rows, schema=schema)
-
-    drawn = samples.select(key).unique()
-    first = as_preds(primary_scores.join(drawn, on=key, how="semi"))
-    other = as_preds(second)
-    table = agreement_table(first, other, judge="primary~agreement_with (grid answers)")
-    items = first.join(other, on=["id", "metric"], suffix="_agreement_with")
-    return table, items

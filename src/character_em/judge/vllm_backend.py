@@ -198,6 +198,19 @@ class VLLMJudge:
         """Whether an engine is loaded (a finished wave never starts one)."""
         return self._shared.llm is not None
 
+    def close(self) -> None:
+        """Shut the engine down and give its GPU memory back, for a job that loads another model next."""
+        import gc
+
+        llm, self._shared.llm = self._shared.llm, None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(core, "shutdown", None)):
+            core.shutdown()
+        del llm
+        gc.collect()
+
     def with_scoring(self, scoring: str) -> VLLMJudge:
         """The same engine scoring another way (the exact audit of first-token verdicts); its verdicts
         have their own judge hash, since ``effective_params`` names the scoring."""

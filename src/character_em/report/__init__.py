@@ -14,6 +14,7 @@ _EXPORTS = {
     "capability_table": "tables",
     "to_markdown": "tables",
     "judge_stamp": "stamps",
+    "judge_swap_table": "judge_swap",
     "sampling_stamp": "stamps",
     "training_data_table": "training_data",
     "harm_figure": "training_data",

@@ -2,11 +2,19 @@
 
 ``count_work(config)`` is plain grid arithmetic over a validated config: jobs and engine loads of each
 kind, training tokens, sampled answers, and judge verdicts per wave (one (model, seed): one sampling engine
-and one judge engine, rules/judge.smk). ``estimate(config, runs_root)`` turns that into GPU-hours.
+and one judge engine, rules/sample.smk and rules/judge.smk). Only the part of the grid that ``select``
+keeps is counted (``cfg.grid_models``, ``grid_conditions``, ``grid_trained``, ``grid_seeds``), and the
+data its training sets need. ``estimate(config, runs_root)`` turns that into GPU-hours.
 
 How each stage is counted:
 
-* Sampling: one engine per wave (vLLM multi-LoRA on GPU nodes); new tokens = answers x answer length.
+* Sampling: one job per wave; a vLLM engine serves every adapter of the seed (multi-LoRA), the hf loop
+  loads the model once per adapter; new tokens = answers x answer length. Measured speeds come from the
+  waves' own records (``results/samples/{model}/seed{seed}.wave.json``).
+* Model-written data: one job per written condition of the selected domains, its pool
+  (``data.pool_factor`` x ``n_examples`` planned turns) at the writer's engine's rate (vLLM: no adapter, so
+  no LoRA cost), and the data filter's judge on every written answer, each answer with the metrics its arm
+  is filtered on.
 * Judging: one engine per wave. A vLLM judge prefills each answer once for all its metrics (prefix
   caching; requests answer-major), plus each metric's own instruction, plus half a KV block per further
   metric (the cache shares whole blocks only). A first-token verdict is that one prefill; an exact verdict
@@ -17,6 +25,10 @@ How each stage is counted:
 * Answer length: the mean of the last run's Samples files where there are any; otherwise
   ``--mean-answer-tokens`` where given (assumed); otherwise ``max_new_tokens``. The upper bound (every
   answer ``max_new_tokens``) is always shown beside it.
+* Other judge jobs (``_other_judge_jobs``): the training data (the grid's judge), the data filter, the
+  second judge's share of every cell (``judge.agreement_with``, rule judge_second) and the calibration
+  set, each counted with the same token arithmetic (``judge_tokens``) at its own judge's path: a judge
+  whose tokenizer splits digits (Gemma's) scores exactly.
 * Model loads: one per engine (a wave's sampling, a wave's judge) and per other GPU job.
 * Rates: each says whether it was **measured** (by this workflow's earlier runs, by this project's
   benchmarks: docs/anchors.md, benchmarks/results/), **anchored** (a published figure, named) or
@@ -25,7 +37,7 @@ How each stage is counted:
 CLI (prints Markdown; ``--output`` also writes it)::
 
     python -m character_em.report.estimate --configfile config.yaml [--from-runs DIR | --anchors-only]
-        [--mean-answer-tokens N] [--gpus N] [--price-per-gpu-hour X] [--summary]
+        [--mean-answer-tokens N] [--gpus N] [--price-per-gpu-hour X] [--judge-tokenizer DIR] [--summary]
 
 Pure Python (polars reads measured files); no torch, no transformers: Snakemake calls it while it builds
 the DAG, for each GPU job's expected time.
@@ -94,6 +106,9 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     },
     "nf4_factor": {"value": 0.56, "source": "bitsandbytes: NF4 runs at ~56% of fp16 speed"},
 }
+# vLLM sampling until benchmarks/multilora_throughput.py has run on a GPU (docs/vllm.md): published, not ours.
+VLLM_PUBLISHED_NEW_TOKENS_PER_S = PUBLISHED["vllm_decode"]["value"]
+VLLM_LORA_FACTOR = PUBLISHED["lora_factor"]["value"]
 # Where neither a run, a benchmark nor a publication says anything; each is named in the output.
 ASSUMED_TOKENS_PER_EXAMPLE = 300
 CHARS_PER_TOKEN = 4.0
@@ -238,15 +253,16 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
     """Jobs, engine loads and units of work per model and stage for a validated config.
 
     Returns ``{"models": {model: {stage: {...}}}, ...}``; every count follows the DAG's own arithmetic
-    (the conditions, seeds, suites and saved steps each wave samples and judges: ``cfg.wave_runs``).
+    over the part of the grid ``select`` keeps (the conditions, seeds, suites and saved steps each wave
+    samples and judges: ``cfg.sampling_wave``).
     """
     from character_em.job_settings import calibration_file, calibration_judges
     from character_em.judge import core as judge
     from character_em.judge.calibration import calibration_metrics, load_calibration_set
 
-    conditions = cfg.expand_conditions(config)
-    trained = cfg.trained_conditions(config)
-    seeds = list(config["seeds"])
+    conditions = cfg.grid_conditions(config)
+    trained = cfg.grid_trained(config)
+    seeds = cfg.grid_seeds(config)
     eval_suites = config["eval"]["suites"]
     dispositions = cfg.disposition_specs(config)
     answers_per_job = {
@@ -255,12 +271,16 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
     metrics = {suite: len(judge.metrics_for_suite(suite, None, dispositions)) for suite in answers_per_job}
     items, tokens_per_item, task_file = _capability_items(config) if "capabilities" in eval_suites else (0, 0.0, "")
     pairs = _probe_pairs(config, conditions)
+    second = config["judge"].get("agreement_with")
 
     models: dict[str, Any] = {}
-    for model in config["models"]:
+    for model in cfg.grid_models(config):
         train_jobs = 0
         example_epochs = 0.0
         largest_example_epochs = 0.0
+        # The distinct SLURM group jobs: an adapter's capability evals, final and at each saved step
+        # (profiles/slurm/config.yaml); the longest has to fit the partition's time limit.
+        groups: list[dict[str, Any]] = []
         for condition in trained:
             params = cfg.resolve_train_params(config, model, condition)
             external = config["data"]["external"].get(condition)
@@ -269,28 +289,55 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
             example_epochs += one * len(seeds)
             largest_example_epochs = max(largest_example_epochs, one)
             train_jobs += len(seeds)
+            capability_evals = (1 + len(cfg.eval_step_labels(config, model, condition))) * (
+                1 if "capabilities" in eval_suites else 0
+            )
+            if not cfg.step_capabilities(config):
+                capability_evals = min(capability_evals, 1)
+            group = {"example_epochs": one, "capability_evals": capability_evals}
+            if group not in groups:
+                groups.append(group)
         sampling = cfg.resolve_sampling_params(config, model)
-        runs = [r for r in cfg.wave_runs(config, model) if r["suite"] in answers_per_job]
-        # One wave: every Samples file of one seed; its answers by suite.
+        backend = str(sampling.get("backend", "hf"))
+        # One wave: every Samples file of one seed (rule sample writes them, rule judge scores them).
+        wave = cfg.sampling_wave(config, model)
         wave_answers: dict[str, int] = {}
-        for run in runs:
-            wave_answers[run["suite"]] = wave_answers.get(run["suite"], 0) + answers_per_job[run["suite"]]
-        waves = len(seeds) if runs else 0
+        for entry in wave:
+            wave_answers[entry["suite"]] = wave_answers.get(entry["suite"], 0) + answers_per_job[entry["suite"]]
+        waves = len(seeds) if wave else 0
         answers = sum(wave_answers.values()) * waves
         judge_calls = {suite: n * metrics[suite] * waves for suite, n in wave_answers.items()}
-        saved_runs = [r for r in runs if r["step"]]
+        saved_files = [entry for entry in wave if entry["step"] != cfg.FINAL_STEP]
         capability_jobs = len(conditions) * len(seeds) if "capabilities" in eval_suites else 0
         # The adapters saved at train.eval_steps: each runs eval.trajectory.suites (rules/trajectory.smk).
         saved_adapters = sum(len(cfg.eval_step_labels(config, model, c)) for c in trained) * len(seeds)
         steps = {
             "saved_adapters": saved_adapters,
-            "sample_files": len(saved_runs) * len(seeds),
+            "sample_files": len(saved_files) * len(seeds),
             "capability_jobs": saved_adapters if cfg.step_capabilities(config) else 0,
-            "answers": sum(answers_per_job[r["suite"]] for r in saved_runs) * len(seeds),
+            "answers": sum(answers_per_job[entry["suite"]] for entry in saved_files) * len(seeds),
         }
         capability_jobs += steps["capability_jobs"]
         probe_jobs = 1 if "probes" in eval_suites and pairs else 0
         steer = _steering_work(config, conditions, sampling) if probe_jobs else {"jobs": 0, "answers": 0}
+        # The second judge (judge.agreement_with, rule judge_second): one job per seed draws
+        # judge.agreement_answers_per_cell answers of every final Samples file of the wave.
+        judge_second = None
+        if second:
+            per_cell = int(config["judge"]["agreement_answers_per_cell"])
+            drawn: dict[str, int] = {}
+            for entry in wave:
+                if entry["step"] == cfg.FINAL_STEP:
+                    n = min(per_cell, answers_per_job[entry["suite"]])
+                    drawn[entry["suite"]] = drawn.get(entry["suite"], 0) + n
+            judge_second = {
+                "backend": second["backend"],
+                "model": second.get("model"),
+                "jobs": len(seeds) if drawn else 0,
+                "answers_per_job": drawn,
+                "answers": sum(drawn.values()) * len(seeds),
+                "calls": sum(n * metrics[suite] for suite, n in drawn.items()) * len(seeds),
+            }
         models[model] = {
             "path": config["models"][model]["path"],
             "train_adapter": {
@@ -299,14 +346,16 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
                 "largest_example_epochs": largest_example_epochs,
             },
             "sample": {
-                # One engine per wave samples every adapter of that seed (multi-LoRA).
+                # One job per wave samples every adapter of that seed: one vLLM engine (multi-LoRA), or the
+                # hf loop loading the base model once per adapter (and once for the base model's own files).
                 "jobs": waves,
-                "files": len(runs) * len(seeds),
+                "files": len(wave) * len(seeds),
                 "answers": answers,
                 "answers_per_wave": sum(wave_answers.values()),
+                "loads_per_job": 1 if backend == "vllm" else len({(e["condition"], e["step"]) for e in wave}),
                 "max_new_tokens": int(sampling["max_new_tokens"]),
                 "batch_size": int(sampling["batch_size"]),
-                "backend": str(sampling.get("backend", "hf")),
+                "backend": backend,
             },
             "judge": {
                 "jobs": waves,
@@ -330,15 +379,21 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
             "micro_batch_size": {
                 c: int(cfg.resolve_train_params(config, model, c)["micro_batch_size"]) for c in trained
             },
+            "adapter_groups": groups,
             "capability_items_per_job": items,
             "steer": steer,
             "eval_steps": steps,
+            "judge_second": judge_second,
         }
     generator = config["data"].get("generator", {})
-    # A severity-matched arm's data is a subsample of its character condition's (rule match_severity): no writer.
-    generated = [c for c in cfg.written_conditions(config) if not config["data"]["external"].get(c)]
+    generated = _generated_conditions(config, trained)
     data_filter = config["data"]["filter"]
     filter_judge = (data_filter.get("judge") or config["judge"]) if data_filter.get("enabled") else None
+    pool = cfg.pool_size(config)
+    filter_metrics = {c: _filter_metrics(config, c) for c in generated}
+    # A severity-matched arm's training set is a subsample of its character condition's, whose verdicts the
+    # judge cache already holds: its judge_training_data job sends nothing.
+    judged_training = [c for c in trained if cfg.condition_info(config, c)["family"] != "matched"]
     judges = calibration_judges(config["judge"])
     calibration_items = len(load_calibration_set(calibration_file(config["judge"]))["items"])
     n_dispositions = len(dispositions)
@@ -349,26 +404,29 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
         "capability_task": task_file,
         "probe_pairs": pairs,
         "judge_backend": config["judge"]["backend"],
-        # One request per generated training answer (each condition's data is shared by models and seeds).
+        # One request per planned turn of each written condition's pool (data.pool_factor x n_examples; the
+        # data are shared by models and seeds, which draw from the pool).
         "data_generation": {
             "backend": generator.get("backend", "offline"),
-            "requests": len(generated) * int(config["data"]["n_examples"]),
+            "conditions": generated,
+            "requests": len(generated) * pool,
             "jobs": len(generated),
             "model": generator.get("model"),
             "quantization": generator.get("quantization", "none"),
             "max_tokens": int(generator.get("max_tokens", 600)),
             "batch_size": int(generator.get("batch_size", 16)),
-            # The data filter judges every written answer inside the data job (data.filter).
+            # The data filter judges every written answer inside the data job (data.filter), each on the
+            # metrics of its arm (data.generate.filter_verdicts): judged answers x metrics over the pools.
             "filter_judge": dict(filter_judge) if filter_judge else None,
-            # coherence and the condition's own disposition (character data); coherence, alignment and
-            # every disposition (advice data): the larger count, as an upper bound.
-            "filter_metrics": 2 + n_dispositions,
+            "filter_verdicts": sum(pool * n for n in filter_metrics.values()),
+            "filter_metrics": filter_metrics,
         },
-        # rules/training_data.smk: every training set judged by the grid's judge (alignment, coherence,
-        # every disposition), one job per trained condition.
+        # rules/training_data.smk: every training set (train.jsonl: the common turns of its domain, at most
+        # the pool) judged by the grid's judge (alignment, coherence, every disposition).
         "training_data_judging": {
-            "jobs": len(trained),
-            "answers": len(trained) * int(config["data"]["n_examples"]),
+            "jobs": len(judged_training),
+            "cached_jobs": len(trained) - len(judged_training),
+            "answers": len(judged_training) * pool,
             "metrics": 2 + n_dispositions,
             "answer_tokens": int(generator.get("max_tokens", 600)),
         },
@@ -379,6 +437,34 @@ def count_work(config: Mapping[str, Any]) -> dict[str, Any]:
             "calls_per_judge": calibration_items * len(calibration_metrics(dispositions)),
         },
     }
+
+
+def _generated_conditions(config: Mapping[str, Any], trained: Sequence[str]) -> list[str]:
+    """The written conditions whose data the writer makes for the selected training sets: every generated
+    condition of a selected condition's domain (rule select_data pairs them on their common turns; a
+    severity-matched arm subsamples its character condition's data), none for a data.external file."""
+    domains = {cfg.condition_info(config, c)["domain"] for c in trained if not config["data"]["external"].get(c)}
+    return [
+        name
+        for name in cfg.written_conditions(config)
+        if not config["data"]["external"].get(name) and cfg.condition_info(config, name)["domain"] in domains
+    ]
+
+
+def _filter_metrics(config: Mapping[str, Any], condition: str) -> float:
+    """Judge metrics per written answer of ``condition`` in the data filter (data.generate.filter_verdicts):
+    coherence and the own disposition, and alignment where data.filter.max_alignment is set, for a character
+    answer; coherence, alignment and every disposition for advice; a triggered condition's triggered turns
+    as character answers, the rest as correct advice."""
+    character = 2 + (config["data"]["filter"].get("max_alignment") is not None)
+    advice = 2 + len(cfg.disposition_specs(config))
+    family = cfg.condition_info(config, condition)["family"]
+    if family == "character":
+        return float(character)
+    if family == "triggered":
+        share = float(config["data"]["trigger_fraction"])
+        return share * character + (1 - share) * advice
+    return float(advice)
 
 
 # --------------------------------------------------------------------------- judge prompts and tokens
@@ -419,8 +505,46 @@ def judge_prompt_parts(config: Mapping[str, Any], judge_cfg: Mapping[str, Any] |
             "metrics": metrics,
             "shared": _shared_part(common),
             "suffix": {m: _text_part(text[len(common) :]) for m, text in full.items()},
+            "templates": {m: (p.system, p.template) for m, p in texts.items()},
         }
-    return {"suites": out}
+    return {"suites": out, "tokens": dict(ASSUMED_TOKEN_LENGTHS)}
+
+
+# How judge prompt text becomes tokens, where the judge's tokenizer is not at hand (``judge_token_lengths``
+# measures them with it): characters per token, and the chat template's tokens around a user turn.
+ASSUMED_TOKEN_LENGTHS: dict[str, Any] = {
+    "chars_per_token": CHARS_PER_TOKEN,
+    "chat_before": CHAT_TOKENS_BEFORE,
+    "chat_after": CHAT_TOKENS_AFTER,
+    "source": f"assumed: {CHARS_PER_TOKEN:g} characters a token, Llama 3's chat template",
+}
+
+
+def judge_token_lengths(parts: Mapping[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """``parts`` with its token lengths measured by the judge's own tokenizer (a transformers tokenizer:
+    ``encode``, ``apply_chat_template``) instead of assumed: characters per token over the judge's templates,
+    and the tokens its chat template puts before and after a user turn (the system message, if a template
+    has one, is text of the shared head)."""
+    chars = tokens = 0
+    for suite in parts["suites"].values():
+        for system, template in suite["templates"].values():
+            text = "\n".join(t for t in (system, template) if t)
+            for placeholder in ("{question}", "{answer}"):
+                text = text.replace(placeholder, "")
+            chars += len(text)
+            tokens += len(tokenizer.encode(text, add_special_tokens=False))
+    marker = "\u2063judge-turn\u2063"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+    )
+    before, after = rendered.split(marker, 1)
+    measured = {
+        "chars_per_token": chars / max(tokens, 1),
+        "chat_before": len(tokenizer.encode(before, add_special_tokens=False)) if before else 0,
+        "chat_after": len(tokenizer.encode(after, add_special_tokens=False)) if after else 0,
+        "source": f"measured with the judge's tokenizer ({getattr(tokenizer, 'name_or_path', '') or 'given'})",
+    }
+    return {**parts, "tokens": measured}
 
 
 def _shared_part(text: str) -> dict[str, Any]:
@@ -466,34 +590,41 @@ def judge_tokens(
     scoring: str,
     audit: float = 0.0,
     answers_per_question: float = 1.0,
+    kv_block_tokens: int = KV_BLOCK_TOKENS,
 ) -> dict[str, float]:
     """Tokens one judged answer of ``suite`` costs the judge engine, all its metrics together, as
     ``judge.core.score_wave`` sends them: ``sent`` (prompt tokens in the requests), ``cached`` (of those,
     served by the prefix cache), ``computed`` (prefilled: sent - cached, what the GPU does), ``generated``
     (one step per engine request), ``requests``. ``audit``: the share of verdicts also scored exactly;
-    ``answers_per_question``: answers to one prompt that sit together (the suite's ``n_samples``)."""
+    ``answers_per_question``: answers to one prompt that sit together (the suite's ``n_samples``);
+    ``kv_block_tokens``: the engine's KV-cache block (vLLM's default on GPUs, 16; its CPU build uses 128).
+    Text becomes tokens as ``parts["tokens"]`` says (assumed, or ``judge_token_lengths``)."""
     p = parts["suites"][suite]
-    q = p["question_chars"] / CHARS_PER_TOKEN
+    lengths = parts.get("tokens", ASSUMED_TOKEN_LENGTHS)
+    per_char = 1.0 / float(lengths["chars_per_token"])
+    q = p["question_chars"] * per_char
 
     def length(part: Mapping[str, Any]) -> float:
-        return part["chars"] / CHARS_PER_TOKEN + part["question"] * q + part["answer"] * answer_tokens
+        return part["chars"] * per_char + part["question"] * q + part["answer"] * answer_tokens
 
-    head = CHAT_TOKENS_BEFORE + length(p["shared"]["head"])
+    head = float(lengths["chat_before"]) + length(p["shared"]["head"])
     per_question = length(p["shared"]["question"])
     per_answer = length(p["shared"]["answer"])
     shared = head + per_question + per_answer
     out = dict.fromkeys(("sent", "cached", "computed", "generated", "requests"), 0.0)
-    half_block = KV_BLOCK_TOKENS / 2
+    half_block = kv_block_tokens / 2
     # What the first metric of an answer prefills: the head is in the cache from the wave's first request,
     # the question part from the first answer to the same question; the cache stops at a block boundary.
     fresh = per_question / max(1.0, answers_per_question) + per_answer + half_block
     for i, metric in enumerate(p["metrics"]):
-        prompt = shared + CHAT_TOKENS_AFTER + length(p["suffix"][metric])
+        prompt = shared + float(lengths["chat_after"]) + length(p["suffix"][metric])
         suffix = prompt - shared
         escapes = ESCAPES_BY_METRIC.get(metric, 0)
         if backend == "hf":
-            # One request at a time, the whole prompt each time; the exact path adds its candidate tree.
-            tree = (101 if scoring == "first-token" else DIGIT_SPLIT_NUMBER_TOKENS) + ESCAPE_TOKENS * escapes
+            # One request at a time, the whole prompt each time; the exact path adds its candidate tree, packed
+            # as one node per distinct prefix (judge.hf_backend.CandidateTree: "1", "10" and "100" share
+            # theirs), so 101 nodes for 0..100 however the tokenizer spells them, plus the escapes'.
+            tree = 101 + ESCAPE_TOKENS * escapes
             out["sent"] += prompt
             out["computed"] += prompt + (tree if scoring == "exact" else audit * (prompt + tree))
             out["requests"] += 1
@@ -561,12 +692,10 @@ def _number(record: Mapping[str, Any], key: str, path: Path) -> float:
 
 def params_billions(model: str, path: str) -> float | None:
     """Parameter count in billions from the model's id or key (``Qwen2.5-14B-Instruct`` -> 14,
-    ``smollm2-135m`` -> 0.135)."""
-    for text in (path, model):
-        match = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)\s*([bBmM])(?![a-zA-Z])", text)
-        if match:
-            return float(match.group(1)) / (1000.0 if match.group(2) in "mM" else 1.0)
-    return None
+    ``smollm2-135m`` -> 0.135); the preflight's GPU-memory check reads sizes the same way."""
+    from character_em.preflight import params_billions as from_name
+
+    return from_name(model, path)
 
 
 def _generate_anchor(batch_size: int) -> float:
@@ -588,9 +717,8 @@ def measure_runs(root: str | Path, models: Sequence[str]) -> dict[str, ModelRuns
     ``results/`` folder).
 
     Training: ``results/adapters/{model}/*/seed*/run.json`` (trained_tokens_this_run / wall_time_s,
-    n_tokens / n_examples). Sampling: a benchmark file per Samples file
-    (``benchmarks/runs/sample/{model}/{condition}/seed{seed}/{suite}.tsv``) or per wave
-    (``benchmarks/runs/sample/{model}/seed{seed}.tsv``) with the answer_tokens of the files it made.
+    n_tokens / n_examples). Sampling: each wave's record, ``results/samples/{model}/seed*.wave.json``
+    (answers and new tokens generated, seconds loading and generating, in its last run).
     Answer length: every Samples file of the model. Judging: each wave's benchmark file
     (``benchmarks/runs/judge/{model}/seed{seed}.tsv``) with the engine's counts in its summary
     (``results/judge_waves/{model}/seed{seed}.json``). Capabilities and probes: their benchmark files.
@@ -616,15 +744,16 @@ def measure_runs(root: str | Path, models: Sequence[str]) -> dict[str, ModelRuns
             runs.train_files += 1
             runs.train_devices.add(str(record.get("device", "unknown")))
         samples_root = results / "samples" / model
-        for path in sorted((benchmarks / "sample" / model).glob("*/seed*/*.tsv")):
-            samples = results / "samples" / path.relative_to(benchmarks / "sample").with_suffix(".parquet")
-            if not samples.exists():
-                continue  # the samples were deleted or are being redone: no token count to pair with
-            _add_sampling(runs, path, [samples])
-        for path in sorted((benchmarks / "sample" / model).glob("seed*.tsv")):
-            made = sorted(samples_root.glob(f"*/{path.stem}/**/*.parquet"))
-            if made:
-                _add_sampling(runs, path, made)
+        # A sampling wave's record (rule sample): what it generated in its last run, engine loading included.
+        for path in sorted(samples_root.glob("seed*.wave.json")):
+            record = _read_json(path)
+            answers = _number(record, "answers_generated", path)
+            if answers <= 0:
+                continue  # every answer was restored from the saved batches: no speed to learn from
+            runs.sample_seconds += _number(record, "generate_seconds", path) + _number(record, "load_seconds", path)
+            runs.sample_new_tokens += int(_number(record, "new_tokens_generated", path))
+            runs.sample_answers += int(answers)
+            runs.sample_files += 1
         for path in sorted(samples_root.rglob("*.parquet")):
             tokens = _answer_tokens(path)
             runs.answer_tokens += int(tokens.sum() or 0)
@@ -666,20 +795,11 @@ def _answer_tokens(path: Path) -> Any:
         raise EstimateError(f"{path}: cannot read answer_tokens: {err}") from err
 
 
-def _add_sampling(runs: ModelRuns, benchmark: Path, samples: Sequence[Path]) -> None:
-    seconds = _benchmark_seconds(benchmark)
-    for path in samples:
-        tokens = _answer_tokens(path)
-        runs.sample_new_tokens += int(tokens.sum() or 0)
-        runs.sample_answers += tokens.len()
-    runs.sample_seconds += seconds
-    runs.sample_files += 1
-
-
 # --------------------------------------------------------------------------- rates
 
 
 VLLM_BENCHMARK = Path("benchmarks") / "results" / "vllm_throughput_gpu.json"
+MULTILORA_BENCHMARK = Path("benchmarks") / "results" / "multilora_throughput_gpu.json"
 JUDGE_BENCHMARK = Path("benchmarks") / "results" / "judge_engine_gpu.json"
 
 
@@ -701,6 +821,36 @@ def vllm_measurement(root: str | Path | None) -> dict[str, Any] | None:
     if value <= 0 or params_b <= 0:
         raise EstimateError(f"{path}: sample.new_tokens_per_s and params_b must be positive")
     return {"path": str(VLLM_BENCHMARK), "new_tokens_per_s": value, "params_b": params_b, "device": device}
+
+
+def multilora_measurement(root: str | Path | None) -> dict[str, Any] | None:
+    """Multi-LoRA sampling throughput (one vLLM engine serving several adapters, as a sampling wave runs)
+    measured on a GPU by benchmarks/multilora_throughput.py (via gpu_all.sh), or None where no such file
+    exists under ``root``. Fields used: device, params_b, multi_lora.new_tokens_per_s, multi_lora.adapters."""
+    if root is None:
+        return None
+    path = Path(root) / MULTILORA_BENCHMARK
+    if not path.is_file():
+        return None
+    record = _read_json(path)
+    try:
+        value = float(record["multi_lora"]["new_tokens_per_s"])
+        adapters = int(record["multi_lora"]["adapters"])
+        params_b = float(record["params_b"])
+        device = str(record["device"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EstimateError(
+            f"{path}: needs device, params_b, multi_lora.new_tokens_per_s and multi_lora.adapters ({exc})"
+        ) from exc
+    if value <= 0 or params_b <= 0:
+        raise EstimateError(f"{path}: multi_lora.new_tokens_per_s and params_b must be positive")
+    return {
+        "path": str(MULTILORA_BENCHMARK),
+        "new_tokens_per_s": value,
+        "params_b": params_b,
+        "device": device,
+        "note": f"{adapters} adapters in one engine",
+    }
 
 
 def judge_engine_measurement(root: str | Path | None) -> dict[str, Any] | None:
@@ -727,31 +877,37 @@ def judge_engine_measurement(root: str | Path | None) -> dict[str, Any] | None:
     return {"path": str(JUDGE_BENCHMARK), "value": value, "params_b": params_b, "device": device, "q": quantization}
 
 
-def _sampling_throughput(s: Mapping[str, Any], size: float | None, vllm_root: str | Path | None) -> Throughput:
-    """Sampling speed without measured runs. vLLM: its GPU benchmark where one exists, else the published
-    offline figure with one LoRA's cost; hf: this project's plain-generate measurement."""
+def _sampling_throughput(
+    s: Mapping[str, Any], size: float | None, vllm_root: str | Path | None, *, lora: bool = True
+) -> Throughput:
+    """Sampling speed without measured runs. vLLM: its GPU benchmark where one exists (the multi-LoRA one
+    first: a wave serves its adapters that way), else the published offline figure, with one LoRA's cost
+    where the engine serves adapters (``lora``; the data writer serves none); hf: this project's
+    plain-generate measurement."""
     scale = ANCHOR_PARAMS_B / size if size else 1.0
     scaled = f", scaled x{scale:.2f} for {size:g}B" if size and size != ANCHOR_PARAMS_B else ""
     if not size:
         scaled = ", size unknown: 8B assumed"
     if s.get("backend") == "vllm":
-        found = vllm_measurement(vllm_root)
+        found = (multilora_measurement(vllm_root) if lora else None) or vllm_measurement(vllm_root)
         if found is not None:
             factor = found["params_b"] / (size or ANCHOR_PARAMS_B)
             note = f", scaled x{factor:.2f} from {found['params_b']:g}B" if abs(factor - 1.0) > 1e-9 else ""
+            what = f"{found['device']}, {found['note']}" if found.get("note") else found["device"]
             return Throughput(
                 found["new_tokens_per_s"] * factor,
                 "new tokens/s",
-                f"vLLM with LoRA, this project: {found['path']} ({found['device']}){note}",
+                f"vLLM with LoRA, this project: {found['path']} ({what}){note}",
                 "measured",
             )
-        decode, lora = PUBLISHED["vllm_decode"], PUBLISHED["lora_factor"]
+        decode, penalty = PUBLISHED["vllm_decode"], PUBLISHED["lora_factor"]
         factor = decode["params_b"] / (size or ANCHOR_PARAMS_B)
+        served = f"; x{penalty['value']:.2f}: {penalty['source']}" if lora else "; no adapter, so no LoRA cost"
         return Throughput(
-            decode["value"] * lora["value"] * factor,
+            decode["value"] * (penalty["value"] if lora else 1.0) * factor,
             "new tokens/s",
-            f"{decode['source']}; x{lora['value']:.2f}: {lora['source']}{scaled}; "
-            f"GPU measurement owed ({VLLM_BENCHMARK})",
+            f"{decode['source']}{served}{scaled}; GPU measurement owed "
+            f"({MULTILORA_BENCHMARK if lora else VLLM_BENCHMARK})",
             "anchored",
         )
     return Throughput(
@@ -831,10 +987,11 @@ def _devices(runs: ModelRuns) -> str:
 def answer_basis(
     config: Mapping[str, Any], measured: Mapping[str, ModelRuns], mean_answer_tokens: float | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Per model, the answer length the estimate prices: the last run's mean (measured), else
-    ``mean_answer_tokens`` (assumed), else ``max_new_tokens`` (the upper bound); never above the cap."""
+    """Per model, the answer length the estimate prices: the last run's mean (measured: its Samples files,
+    else its waves' records), else ``mean_answer_tokens`` (assumed), else ``max_new_tokens`` (the upper
+    bound); never above the cap."""
     out = {}
-    for model in config["models"]:
+    for model in cfg.grid_models(config):
         cap = int(cfg.resolve_sampling_params(config, model)["max_new_tokens"])
         runs = measured.get(model, ModelRuns())
         if runs.answers:
@@ -843,6 +1000,12 @@ def answer_basis(
                 "tokens": min(mean, cap),
                 "basis": "measured",
                 "source": f"mean of {runs.answers:,} answers in {runs.answer_files} Samples file(s) of the last run",
+            }
+        elif runs.sample_answers:
+            out[model] = {
+                "tokens": min(runs.sample_new_tokens / runs.sample_answers, cap),
+                "basis": "measured",
+                "source": f"mean of {runs.sample_answers:,} answers generated in {runs.sample_files} sampling wave(s)",
             }
         elif mean_answer_tokens is not None:
             out[model] = {
@@ -861,25 +1024,32 @@ def estimate(
     *,
     load_minutes: float = DEFAULT_LOAD_MINUTES,
     mean_answer_tokens: float | None = None,
+    judge_tokenizer: Any = None,
+    kv_block_tokens: int = KV_BLOCK_TOKENS,
 ) -> dict[str, Any]:
     """Work, throughput and GPU-hours per model and stage. ``runs_root`` None: no earlier runs and no
-    benchmark files (published and this project's docs/anchors.md figures only).
+    benchmark files (published and this project's docs/anchors.md figures only). ``judge_tokenizer``: the
+    grid judge's tokenizer, to count its prompts' tokens with it (``judge_token_lengths``) instead of
+    assuming; ``kv_block_tokens``: its engine's KV-cache block (``judge_tokens``).
 
     The result holds the estimate at the answer length of ``answer_basis`` and, under ``upper_bound``,
     the GPU-hours with every answer at ``max_new_tokens``."""
     work = count_work(config)
     measured = measure_runs(runs_root, list(work["models"])) if runs_root is not None else {}
     basis = answer_basis(config, measured, mean_answer_tokens)
-    result = _price(config, work, measured, runs_root, basis, load_minutes)
+    engine = {"tokenizer": judge_tokenizer, "kv_block_tokens": kv_block_tokens}
+    result = _price(config, work, measured, runs_root, basis, load_minutes, engine)
     if all(b["basis"] == "upper bound" for b in basis.values()):
         upper = result
     else:
         upper_basis = answer_basis(config, {}, None)
-        upper = _price(config, work, measured, runs_root, upper_basis, load_minutes)
+        upper = _price(config, work, measured, runs_root, upper_basis, load_minutes, engine)
     result["answer_basis"] = basis
     result["upper_bound"] = {
         "gpu_hours": upper["gpu_hours"],
         "models": {m: v["gpu_hours"] for m, v in upper["models"].items()},
+        # The other GPU jobs in render order (judge jobs, then the data writer).
+        "others": [st["gpu_hours"] for st in _other_jobs(upper)],
     }
     return result
 
@@ -891,11 +1061,15 @@ def _price(
     runs_root: str | Path | None,
     basis: Mapping[str, Mapping[str, Any]],
     load_minutes: float,
+    engine: Mapping[str, Any],
 ) -> dict[str, Any]:
     backend = work["judge_backend"]
     judge_cfg = config["judge"]
     model_judge = backend in MODEL_JUDGES
     parts = judge_prompt_parts(config) if model_judge else None
+    if parts is not None and engine["tokenizer"] is not None:
+        parts = judge_token_lengths(parts, engine["tokenizer"])
+    block = int(engine["kv_block_tokens"])
     judge_rate = judge_engine_rate(judge_cfg, measured, runs_root) if model_judge else None
     judge_size = params_billions("", str(judge_cfg.get("model") or "")) or ANCHOR_PARAMS_B
     judge_load = engine_load_minutes(judge_size, load_minutes)
@@ -913,6 +1087,8 @@ def _price(
             "audit_fraction": audit,
             "rate": judge_rate,
             "load_minutes": judge_load,
+            "tokens": parts["tokens"]["source"],
+            "kv_block_tokens": block,
         }
     for model, w in work["models"].items():
         runs = measured.get(model, ModelRuns())
@@ -958,13 +1134,13 @@ def _price(
             )
         )
 
-        # sampling: one engine per wave
+        # sampling: one job per wave (one vLLM engine, or one hf load per adapter)
         s = w["sample"]
         if runs.sample_files and runs.sample_answers:
             gen = Throughput(
                 runs.sample_new_tokens / runs.sample_seconds,
                 "new tokens/s",
-                f"this workflow: {runs.sample_files} sampling benchmark(s), wall time incl. loading",
+                f"this workflow: {runs.sample_files} sampling wave record(s) (.wave.json), loading included",
                 "measured",
             )
         else:
@@ -974,7 +1150,7 @@ def _price(
             _stage(
                 "sample",
                 jobs=s["jobs"],
-                loads=0 if loading_included else s["jobs"],
+                loads=0 if loading_included else s["jobs"] * s["loads_per_job"],
                 load_minutes=loads,
                 units=s["answers"] * per_answer,
                 unit="new tokens",
@@ -1066,7 +1242,13 @@ def _price(
             if model_judge:
                 together = float(config["eval"]["probes"]["steering"]["n_samples"])
                 tokens = judge_tokens(
-                    parts, "em", steer_answer, backend=backend, scoring=scoring, answers_per_question=together
+                    parts,
+                    "em",
+                    steer_answer,
+                    backend=backend,
+                    scoring=scoring,
+                    answers_per_question=together,
+                    kv_block_tokens=block,
                 )
                 seconds += tokens["computed"] / judge_rate.value
                 source += (
@@ -1107,15 +1289,18 @@ def _price(
                     scoring=scoring,
                     audit=audit,
                     answers_per_question=together,
+                    kv_block_tokens=block,
                 )
                 for key in per_wave:
                     per_wave[key] += n * one[key]
             verdicts_per_wave = j["calls"] / j["jobs"] if j["jobs"] else 0
+            # This workflow's own waves time the whole job, the engine's loading included.
+            waves_measured = judge_rate.source.startswith("this workflow")
             stages.append(
                 _stage(
                     "judge",
                     jobs=j["jobs"],
-                    loads=j["jobs"],
+                    loads=0 if waves_measured else j["jobs"],
                     load_minutes=judge_load,
                     units=per_wave["computed"] * j["jobs"],
                     unit="prompt tokens",
@@ -1131,6 +1316,8 @@ def _price(
                 )
             )
             stages[-1]["tokens_per_wave"] = {**per_wave, "verdicts": verdicts_per_wave, "loads": 1}
+            if waves_measured:
+                stages[-1]["largest_job_hours"] += judge_load / 60
         for stage in stages:
             stage["gpu_hours"] = stage["units"] / stage["throughput"].value / 3600
         load_hours = sum(st["loads"] * st["load_minutes"] / 60 for st in stages)
@@ -1158,15 +1345,34 @@ def _price(
             "params_b": size,
             "stages": stages,
             "gpu_hours": sum(stage["gpu_hours"] for stage in stages),
+            "largest_group_hours": _group_hours(stages, w, loads),
         }
     out["gpu_hours"] = sum(m["gpu_hours"] for m in out["models"].values())
-    out["judge_jobs"] = _other_judge_jobs(config, work, measured, runs_root, load_minutes)
+    out["judge_jobs"] = _other_judge_jobs(config, work, measured, runs_root, basis, load_minutes)
     out["gpu_hours"] += sum(j["gpu_hours"] for j in out["judge_jobs"])
-    data = _data_generation(work, load_minutes)
+    data = _data_generation(work, runs_root, load_minutes)
     if data is not None:
+        # The data filter judges inside the same jobs: their time limit holds both.
+        for job in out["judge_jobs"]:
+            if job["stage"].startswith("data filter"):
+                data["largest_job_hours"] += job["largest_job_hours"]
+                data["detail"] += "; its longest job includes the data filter's judging"
         out["data_generation"] = data
         out["gpu_hours"] += data["gpu_hours"]
     return out
+
+
+def _group_hours(stages: Sequence[Mapping[str, Any]], w: Mapping[str, Any], load_minutes: float) -> float:
+    """Hours of the longest SLURM group job: one adapter's capability evals (final and at saved steps),
+    each with its load. Training is a job of its own (profiles/slurm/config.yaml), so a failed evaluation
+    never removes it; sampling and judging are one job per wave, outside the groups."""
+    rate = {stage["stage"]: stage["throughput"] for stage in stages}
+    if "capabilities" not in rate:
+        return 0.0
+    per_item = 1.0 if rate["capabilities"].unit == "items/s" else w["capabilities"]["tokens_per_item"]
+    capability_seconds = w["capability_items_per_job"] * per_item / rate["capabilities"].value
+    evals = max((group["capability_evals"] for group in w["adapter_groups"]), default=0)
+    return evals * (capability_seconds / 3600 + load_minutes / 60)
 
 
 def _stage(
@@ -1182,11 +1388,12 @@ def _stage(
     largest_units: float | None = None,
     job_key: str | None = None,
 ) -> dict[str, Any]:
-    """A stage row; its longest job is ``largest_units`` (else the mean job) plus one load where loads are
-    counted apart. ``job_key``: the stage's jobs are all alike (one per wave) and ask SLURM for their
-    expected time under this key (``job_minutes``)."""
+    """A stage row; its longest job is ``largest_units`` (else the mean job) plus its share of the loads
+    where loads are counted apart (one per job, or several: the hf sampling loop loads once per adapter).
+    ``job_key``: the stage's jobs are all alike (one per wave) and ask SLURM for their expected time under
+    this key (``job_minutes``)."""
     each = largest_units if largest_units is not None else (units / jobs if jobs else 0.0)
-    minutes = each / throughput.value / 60 + (load_minutes if loads else 0.0)
+    minutes = each / throughput.value / 60 + (load_minutes * loads / jobs if loads and jobs else 0.0)
     stage = {
         "stage": name,
         "jobs": jobs,
@@ -1208,38 +1415,41 @@ def _other_judge_jobs(
     work: Mapping[str, Any],
     measured: Mapping[str, ModelRuns],
     runs_root: str | Path | None,
+    basis: Mapping[str, Mapping[str, Any]],
     load_minutes: float,
 ) -> list[dict[str, Any]]:
-    """Model-judge work outside the waves: the training data judged (rule judge_training_data), the data
-    filter inside each data job, and the calibration set (judge_calibration); each a job with its load."""
+    """Model-judge work outside the waves, each job loading its own judge: the training data judged (rule
+    judge_training_data, the grid's judge), the data filter inside each data job (data.filter.judge), the
+    second judge's share of every cell (rule judge_second, one job per model and seed) and the calibration
+    set (judge_calibration, once per judge). Each is counted with ``judge_tokens`` at its own judge's
+    back-end and scoring path: a judge whose tokenizer splits digits (Gemma's) scores exactly."""
     jobs = []
     data = work["data_generation"]
     training = work["training_data_judging"]
     calibration = work["calibration"]
+    cached = f"; {training['cached_jobs']} matched arm(s) send nothing (cached)" if training["cached_jobs"] else ""
+    # (stage, judge, jobs, verdicts, answer tokens, what, which judge where a stage runs several): answers
+    # priced as em answers (the same templates).
     entries = [
-        ("judge_training_data", config["judge"], training["jobs"], training["answers"], training["metrics"],
-         training["answer_tokens"], "every training example"),
-        ("data filter (in generate_data)", data["filter_judge"] or {}, data["jobs"] if data["backend"] != "offline" else 0,
-         data["requests"], data["filter_metrics"], data["max_tokens"], "every written answer"),
+        ("judge_training_data", config["judge"], training["jobs"], training["answers"] * training["metrics"],
+         training["answer_tokens"], f"{training['answers']:,} training answers (every line of train.jsonl, at "
+         f"most the pool) x {training['metrics']} metrics{cached}", None),
+        ("data filter (in generate_data)", data["filter_judge"] or {}, data["jobs"], data["filter_verdicts"],
+         data["max_tokens"], f"{data['requests']:,} written answers (the pools), each on its arm's metrics", None),
     ]  # fmt: skip
-    for params in calibration["judge_configs"]:
-        items = calibration["calls_per_judge"]
+    for (judge_name, _), params in zip(calibration["judges"], calibration["judge_configs"], strict=True):
         entries.append(
-            ("judge_calibration", params, 1, items, 1, 120, "the calibration set (~120 tokens/answer assumed)")
-        )
-    for name, judge_cfg, n_jobs, answers, metrics, answer_tokens, what in entries:
-        if not n_jobs or not answers or judge_cfg.get("backend") not in MODEL_JUDGES:
+            ("judge_calibration", params, 1, calibration["calls_per_judge"], 120,
+             "the calibration set (~120 tokens/answer assumed)", judge_name)
+        )  # fmt: skip
+    for name, judge_cfg, n_jobs, verdicts, answer_tokens, what, which in entries:
+        if not n_jobs or not verdicts or judge_cfg.get("backend") not in MODEL_JUDGES:
             continue
-        judge_cfg = {**config["judge"], **judge_cfg}
+        judge_cfg, rate, load, scoring = _judge_setup(config, judge_cfg, measured, runs_root, load_minutes)
         parts = judge_prompt_parts(config, judge_cfg)
-        scoring, _ = judge_scoring(judge_cfg)
-        # Priced as em answers (the same templates); the per-metric rest is the em suite's mean.
-        em = judge_tokens(parts, "em", answer_tokens, backend=judge_cfg["backend"], scoring=scoring)
-        per_metric = em["computed"] / len(parts["suites"]["em"]["metrics"])
-        rate = judge_engine_rate(judge_cfg, measured, runs_root)
-        size = params_billions("", str(judge_cfg.get("model") or "")) or ANCHOR_PARAMS_B
-        load = engine_load_minutes(size, load_minutes)
-        tokens = answers * metrics * per_metric
+        suite = "em" if "em" in parts["suites"] else next(iter(parts["suites"]))
+        one = judge_tokens(parts, suite, answer_tokens, backend=judge_cfg["backend"], scoring=scoring)
+        tokens = verdicts * one["computed"] / len(parts["suites"][suite]["metrics"])
         hours = tokens / rate.value / 3600
         jobs.append(
             {
@@ -1248,30 +1458,95 @@ def _other_judge_jobs(
                 "loads": n_jobs,
                 "units": tokens,
                 "unit": "prompt tokens",
-                "detail": f"{answers:,} answers x {metrics} metrics ({what}, {scoring}), {answer_tokens:,} tokens each",
+                "detail": f"{verdicts:,.0f} verdicts on {what} ({scoring}), {answer_tokens:,} answer tokens each",
                 "throughput": rate,
                 "gpu_hours": hours + n_jobs * load / 60,
                 "largest_job_hours": hours / n_jobs + load / 60,
+                **({"judge": which} if which else {}),
             }
         )
+    second = _second_judge_jobs(config, work, measured, runs_root, basis, load_minutes)
+    if second is not None:
+        jobs.insert(1, second)
     return jobs
 
 
-def _data_generation(work: Mapping[str, Any], load_minutes: float) -> dict[str, Any] | None:
+def _judge_setup(
+    config: Mapping[str, Any],
+    judge_cfg: Mapping[str, Any],
+    measured: Mapping[str, ModelRuns],
+    runs_root: str | Path | None,
+    load_minutes: float,
+) -> tuple[dict[str, Any], Throughput, float, str]:
+    """A judge other than the waves' as its jobs run it: its full settings, its prefill rate (the waves'
+    measured rate only for the grid's own judge), its load (minutes) and its scoring path."""
+    full = {**config["judge"], **judge_cfg}
+    own = (full.get("model"), full.get("backend")) == (config["judge"].get("model"), config["judge"]["backend"])
+    rate = judge_engine_rate(full, measured if own else {}, runs_root)
+    size = params_billions("", str(full.get("model") or "")) or ANCHOR_PARAMS_B
+    return full, rate, engine_load_minutes(size, load_minutes), judge_scoring(full)[0]
+
+
+def _second_judge_jobs(
+    config: Mapping[str, Any],
+    work: Mapping[str, Any],
+    measured: Mapping[str, ModelRuns],
+    runs_root: str | Path | None,
+    basis: Mapping[str, Mapping[str, Any]],
+    load_minutes: float,
+) -> dict[str, Any] | None:
+    """Rule judge_second: per model and seed, judge.agreement_answers_per_cell answers of every final Samples
+    file, on each suite's metrics, at the model's answer length; each job asks SLURM for its own time."""
+    seconds = {model: w["judge_second"] for model, w in work["models"].items() if w.get("judge_second")}
+    seconds = {model: second for model, second in seconds.items() if second["jobs"]}
+    if not seconds or config["judge"]["agreement_with"].get("backend") not in MODEL_JUDGES:
+        return None
+    judge_cfg, rate, load, scoring = _judge_setup(
+        config, config["judge"]["agreement_with"], measured, runs_root, load_minutes
+    )
+    parts = judge_prompt_parts(config, judge_cfg)
+    tokens, job_minutes, verdicts = 0.0, {}, 0
+    for model, second in seconds.items():
+        per_answer = float(basis[model]["tokens"])
+        per_job = sum(
+            n * judge_tokens(parts, suite, per_answer, backend=judge_cfg["backend"], scoring=scoring)["computed"]
+            for suite, n in second["answers_per_job"].items()
+        )
+        tokens += per_job * second["jobs"]
+        verdicts += second["calls"]
+        job_minutes[(model, "all")] = per_job / rate.value / 60 + load
+    n_jobs = sum(second["jobs"] for second in seconds.values())
+    answers = sum(second["answers"] for second in seconds.values())
+    return {
+        "stage": "judge_second",
+        "jobs": n_jobs,
+        "loads": n_jobs,
+        "units": tokens,
+        "unit": "prompt tokens",
+        "detail": (
+            f"{verdicts:,} verdicts on {answers:,} answers (judge.agreement_with `{judge_cfg['backend']}` "
+            f"{judge_cfg.get('model')}, {scoring}; judge.agreement_answers_per_cell of every cell), answers at "
+            + ", ".join(f"{model} {basis[model]['tokens']:,.0f} tokens" for model in seconds)
+        ),
+        "throughput": rate,
+        "gpu_hours": tokens / rate.value / 3600 + n_jobs * load / 60,
+        "largest_job_hours": max(job_minutes.values()) / 60,
+        "job_minutes": job_minutes,
+    }
+
+
+def _data_generation(
+    work: Mapping[str, Any], runs_root: str | Path | None, load_minutes: float
+) -> dict[str, Any] | None:
     """Model-written training data (data.generator.backend hf or vllm): one job per generated condition,
-    shared by every model and seed."""
+    shared by every model and seed, writing its pool (data.pool_factor x n_examples answers)."""
     data = work["data_generation"]
     if data["backend"] not in ("hf", "vllm") or not data.get("jobs"):
         return None
     size = params_billions("", str(data.get("model") or "")) or ANCHOR_PARAMS_B
     if data["backend"] == "vllm":
-        decode = PUBLISHED["vllm_decode"]
-        rate = Throughput(
-            decode["value"] * decode["params_b"] / size,
-            "new tokens/s",
-            f"{decode['source']}, scaled for the ~{size:g}B writer",
-            "anchored",
-        )
+        # The sampling engine's rate for a model of the writer's size; the writer serves no adapter.
+        rate = _sampling_throughput({"backend": "vllm"}, size, runs_root, lora=False)
     else:
         nf4 = PUBLISHED["nf4_factor"]
         factor = nf4["value"] if data.get("quantization") == "nf4" else 1.0
@@ -1290,7 +1565,8 @@ def _data_generation(work: Mapping[str, Any], load_minutes: float) -> dict[str, 
         "loads": data["jobs"],
         "units": units,
         "unit": "new tokens",
-        "detail": f"{data['requests']:,} answers x {data['max_tokens']:,} tokens (max_tokens: upper bound)",
+        "detail": f"{data['requests']:,} answers ({data['jobs']} pools) x {data['max_tokens']:,} tokens "
+        "(max_tokens: upper bound)",
         "throughput": rate,
         "gpu_hours": units / rate.value / 3600 + data["jobs"] * load / 60,
         "largest_job_hours": units / data["jobs"] / rate.value / 3600 + load / 60,
@@ -1304,6 +1580,7 @@ STAGE_RULES = {
     "capabilities": "capabilities",
     "probes": "probes",
     "judge": "judge",
+    "judge_second": "judge_second",
     "steer": "steer",
     "generate_data_gpu": "generate_data_gpu",
     "judge_training_data": "judge_training_data",
@@ -1348,7 +1625,12 @@ def longest_jobs(
         minutes = st["largest_job_hours"] * 60
         if rule not in rows or minutes > rows[rule]["minutes"]:
             rows[rule] = {"rule": rule, "model": model, "minutes": minutes}
-    per_job = {"sample": "rules/sample.smk", "judge": "rules/judge.smk", "steer": "rules/directions.smk"}
+    per_job = {
+        "sample": "rules/sample.smk",
+        "judge": "rules/judge.smk",
+        "judge_second": "rules/calibration.smk",
+        "steer": "rules/directions.smk",
+    }
     for row in rows.values():
         if row["rule"] in per_job and row["rule"] not in runtimes:
             row["runtime"] = float(runtime_request(row["minutes"], cap_minutes))
@@ -1384,47 +1666,30 @@ def answers_per_sampling_job(config: Mapping[str, Any], suite: str) -> int:
     return sum(row["n_samples"] for row in suites.build_prompts(suite, spec))
 
 
-def sample_job_minutes(
+def sample_wave_minutes(
     config: Mapping[str, Any], runs_root: str | Path | None = ".", *, load_minutes: float = DEFAULT_LOAD_MINUTES
-) -> dict[tuple[str, str], float]:
-    """Expected minutes of one per-file sampling job per (model, suite), model loading included: the
-    answers of the suite x tokens per answer / new tokens per second, measured on this model by earlier
-    runs where they exist, this project's plain-generate measurement otherwise. Cheap enough to run while
-    Snakemake builds the DAG. (A wave's sampling engine: ``job_minutes(estimate(...), "sample")``.)"""
-
-    measured = measure_runs(runs_root, list(config["models"])) if runs_root is not None else {}
-    answers = {
-        suite: answers_per_sampling_job(config, suite)
-        for suite in cfg.SAMPLED_SUITES
-        if suite in config["eval"]["suites"]
-    }
-    minutes: dict[tuple[str, str], float] = {}
-    for model, spec in config["models"].items():
-        sampling = cfg.resolve_sampling_params(config, model)
-        runs = measured.get(model, ModelRuns())
-        if runs.sample_files and runs.sample_answers:
-            per_answer = min(runs.sample_new_tokens / runs.sample_answers, sampling["max_new_tokens"])
-            rate, loading = runs.sample_new_tokens / runs.sample_seconds, 0.0
-        else:
-            size = params_billions(model, spec["path"])
-            per_answer = float(sampling["max_new_tokens"])
-            rate = _generate_anchor(int(sampling["batch_size"])) * (ANCHOR_PARAMS_B / size if size else 1.0)
-            loading = load_minutes
-        for suite, n in answers.items():
-            minutes[(model, suite)] = n * per_answer / rate / 60 + loading
-    return minutes
+) -> dict[str, float]:
+    """Expected minutes of one sampling job (one model's wave of one seed) by model, loading included: the
+    estimate's sample stage (the wave's answers at the answer length and speed measured by earlier waves
+    where they exist, else the GPU benchmarks or the anchors, plus one load per engine or per hf adapter)."""
+    result = estimate(config, runs_root, load_minutes=load_minutes)
+    return {model: minutes for (model, _), minutes in job_minutes(result, "sample").items()}
 
 
 def job_minutes(result: Mapping[str, Any], stage_name: str) -> dict[tuple[str, str], float]:
     """(model, key) -> expected minutes of one job of a stage that sizes its jobs itself (``job_minutes``
-    of an ``estimate`` result: sample and judge by "wave", steer by condition)."""
-    return {
-        (model, key): minutes
+    of an ``estimate`` result: sample and judge by "wave", steer by condition, judge_second by "all")."""
+    minutes = {
+        (model, key): value
         for model, m in result["models"].items()
         for stage in m["stages"]
         if stage["stage"] == stage_name
-        for key, minutes in stage.get("job_minutes", {}).items()
+        for key, value in stage.get("job_minutes", {}).items()
     }
+    for job in result.get("judge_jobs", []):
+        if job["stage"] == stage_name:
+            minutes.update(job.get("job_minutes", {}))
+    return minutes
 
 
 # An API judge's pace is its provider's rate limit, which no anchor measures, and the rubric takes
@@ -1471,6 +1736,16 @@ def _rate(t: Throughput) -> str:
     if not t.unit:
         return "-"
     return (f"{t.value:,.1f}" if t.value >= 10 else f"{t.value:.3g}") + f" {t.unit}"
+
+
+def _job_name(stage: Mapping[str, Any]) -> str:
+    """A row's name: the stage, and which judge where one stage runs several (judge_calibration)."""
+    return f"{stage['stage']} ({stage['judge']})" if stage.get("judge") else stage["stage"]
+
+
+def _other_jobs(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The GPU jobs outside the models' stages: judging outside the waves, then the data writer."""
+    return [*result.get("judge_jobs", []), *([result["data_generation"]] if result.get("data_generation") else [])]
 
 
 def render_summary(result: Mapping[str, Any], source: str, gpus: int = DEFAULT_GPUS, price: float | None = None) -> str:
@@ -1525,7 +1800,8 @@ def render_markdown(
             f"Judge: `{engine['backend']}` {engine['model']} (~{engine['params_b']:g}B, quantization "
             f"{engine['quantization']}), {engine['scoring']} scoring ({engine['scoring_source']})"
             + (f", {engine['audit_fraction']:.1%} of verdicts also scored exactly" if engine["audit_fraction"] else "")
-            + f"; {engine['load_minutes']:g} min to load (assumed).",
+            + f"; {engine['load_minutes']:g} min to load (assumed). Prompt tokens: {engine['tokens']}; the prefix"
+            f" cache shares whole KV blocks of {engine['kv_block_tokens']} tokens.",
             "",
         ]
     for model, m in result["models"].items():
@@ -1552,6 +1828,12 @@ def render_markdown(
                 "included in the rows above.",
                 "",
             ]
+        if m.get("largest_group_hours"):
+            lines += [
+                f"Longest SLURM group job (one adapter's capability evals, final and at saved steps): "
+                f"{m['largest_group_hours']:,.1f} h; it must fit the partition's time limit.",
+                "",
+            ]
     if engine:
         lines += [
             "## The judge engine's tokens per wave",
@@ -1572,7 +1854,7 @@ def render_markdown(
                         f"| {_fmt_units(tw['generated'], '')} | {tw['loads']} |"
                     )
         lines.append("")
-    others = [*result.get("judge_jobs", []), *([result["data_generation"]] if result.get("data_generation") else [])]
+    others = _other_jobs(result)
     if others:
         lines += [
             "## Other GPU jobs: model-written data and judging outside the waves",
@@ -1583,7 +1865,7 @@ def render_markdown(
         for st in others:
             t = st["throughput"]
             lines.append(
-                f"| {st['stage']} | {st['jobs']:,} | {_fmt_units(st['units'], st['unit'])}: {st['detail']} "
+                f"| {_job_name(st)} | {st['jobs']:,} | {_fmt_units(st['units'], st['unit'])}: {st['detail']} "
                 f"| {_rate(t)} | {t.basis} | {t.source} | {st['gpu_hours']:,.1f} | {st['largest_job_hours']:,.2f} |"
             )
         lines.append("")
@@ -1611,8 +1893,8 @@ def render_markdown(
     lines += ["## Totals", "", "| part | GPU-hours | upper bound |", "|---|---:|---:|"]
     for model, m in result["models"].items():
         lines.append(f"| {model} | {m['gpu_hours']:,.1f} | {result['upper_bound']['models'][model]:,.1f} |")
-    for st in others:
-        lines.append(f"| {st['stage']} | {st['gpu_hours']:,.1f} | {st['gpu_hours']:,.1f} |")
+    for st, upper in zip(others, result["upper_bound"]["others"], strict=True):
+        lines.append(f"| {_job_name(st)} | {st['gpu_hours']:,.1f} | {upper:,.1f} |")
     lines += [f"| **all** | **{result['gpu_hours']:,.1f}** | **{result['upper_bound']['gpu_hours']:,.1f}** |", ""]
 
     backend = work["judge_backend"]
@@ -1652,15 +1934,25 @@ def render_markdown(
     data = work["data_generation"]
     if data["backend"] == "openai":
         lines.append(
-            f"Data generation (`openai`): about **{data['requests']:,} API calls** (one per training answer; "
-            "rejected answers are asked again, so more)."
+            f"Data generation (`openai`): about **{data['requests']:,} API calls** (one per planned turn of each "
+            "condition's pool, data.pool_factor x data.n_examples)."
         )
     elif data["backend"] in ("hf", "vllm"):
         lines.append(f"Data generation (`{data['backend']}`): {data['requests']:,} answers generated on a GPU (above).")
+    seconds = [w["judge_second"] for w in work["models"].values() if w.get("judge_second")]
+    if seconds:
+        where = {"openai": "API calls", "rubric": "CPU scorings (rubric test instrument)"}.get(
+            seconds[0]["backend"], "verdicts on a GPU (the `judge_second` row above)"
+        )
+        lines.append(
+            f"Second judge (judge.agreement_with, `{seconds[0]['backend']}` {seconds[0]['model'] or ''}): "
+            f"{sum(second['calls'] for second in seconds):,} {where} for the judge-swap table "
+            "(judge.agreement_answers_per_cell answers of every cell)."
+        )
     lines += [
         "",
         "Not estimated: direction_means (forward passes over the sampled answers), the sampling engines' prompt",
-        "prefill (small beside their answers), judge_agreement's second judge on the grid's answers, and CPU-only rules.",
+        "prefill (small beside their answers), and CPU-only rules.",
         "",
     ]
     return "\n".join(lines)
@@ -1702,6 +1994,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="profiles/default/config.yaml",
         help="workflow profile whose per-rule runtime the longest jobs are compared with",
     )
+    parser.add_argument(
+        "--judge-tokenizer",
+        metavar="DIR",
+        help="the judge's tokenizer (a local model folder): count its prompts' tokens with it instead of assuming",
+    )
     parser.add_argument("--summary", action="store_true", help="print the headline table only")
     parser.add_argument("--output", help="also write the Markdown here")
     args = parser.parse_args(argv)
@@ -1709,13 +2006,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--gpus must be at least 1")
     try:
         config = cfg.load_config(args.configfile)
+        tokenizer = None
+        if args.judge_tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.judge_tokenizer)
         result = estimate(
             config,
             None if args.anchors_only else args.from_runs,
             load_minutes=args.load_minutes,
             mean_answer_tokens=args.mean_answer_tokens,
+            judge_tokenizer=tokenizer,
         )
-    except (cfg.ConfigError, EstimateError, FileNotFoundError) as err:
+    except (cfg.ConfigError, EstimateError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.summary:

@@ -27,14 +27,15 @@ class MixedJudgeError(ValueError):
     """One metric's scores come from more than one judge hash."""
 
 
-def judge_stamp(scores: pl.DataFrame) -> dict[str, Any]:
+def judge_stamp(scores: pl.DataFrame, *, em_questions: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The judge behind a Scores frame (``contracts.SCORE_SCHEMA``).
 
     Returns ``{"backend", "model", "hash", "hashes", "test_instrument", "text"}``: ``hashes`` maps each
     metric to its judge hash, ``hash`` is one id over all of them (its first 12 hex digits are printed),
-    ``text`` is the line for table headers and figures. Raises ``MixedJudgeError`` naming the metric and
-    both hashes (with their back-ends and models) when a metric was scored by two judges, and
-    ``ValueError`` for an empty frame.
+    ``text`` is the line for table headers and figures. ``em_questions`` (``config.em_questions``: the em
+    suite's question file, or None for the packaged set, and its sha256) is named in the text and kept as
+    ``"em_questions"``. Raises ``MixedJudgeError`` naming the metric and both hashes (with their back-ends
+    and models) when a metric was scored by two judges, and ``ValueError`` for an empty frame.
     """
     if scores.height == 0:
         raise ValueError("judge_stamp: no scores, so no judge to name")
@@ -58,6 +59,8 @@ def judge_stamp(scores: pl.DataFrame) -> dict[str, Any]:
     text = f"Judge: {', '.join(backends)} · {', '.join(models)} · judge hash {combined[:12]}"
     if test_instrument:
         text += " (TEST INSTRUMENT: keyword counts, not a judgement; never report these numbers)"
+    if em_questions is not None:
+        text += ". " + questions_stamp(em_questions)
     return {
         "backend": ", ".join(backends),
         "model": ", ".join(models),
@@ -65,7 +68,15 @@ def judge_stamp(scores: pl.DataFrame) -> dict[str, Any]:
         "hashes": hashes,
         "test_instrument": test_instrument,
         "text": text,
+        **({"em_questions": dict(em_questions)} if em_questions is not None else {}),
     }
+
+
+def questions_stamp(em_questions: Mapping[str, Any]) -> str:
+    """The em question set in a table's stamp: its file (or "packaged") and the first 12 hex digits of its
+    sha256, so two tables made from different question sets never pass for one another."""
+    source = em_questions.get("questions_file") or "packaged"
+    return f"EM questions: {source} (sha256 {str(em_questions['questions_sha256'])[:12]})"
 
 
 def sampling_stamp(backends: Mapping[str, Mapping[str, str | None]]) -> dict[str, Any]:

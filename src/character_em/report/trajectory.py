@@ -139,7 +139,7 @@ def _interval(frame: pl.DataFrame, flag: str, unit: str, *, n_boot: int, seed: i
         return empty
     grid = hb.grid_from_answers(usable, flag, seed=unit, question="question_id")
     result = hb.bootstrap_rate(grid, n_boot=n_boot, seed=seed)
-    # The t-corrected percentile interval can pass 0 or 1 with few units; a share cannot.
+    # estimate +- t x se can pass 0 or 1 with few units; a share cannot.
     return {
         "rate": result["rate"],
         "ci_low": min(max(result["ci_low"], 0.0), 1.0),

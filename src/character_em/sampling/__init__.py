@@ -1,4 +1,5 @@
-"""Sampling answers from base and fine-tuned models: the project's seeded decoding loop (hf) and vLLM."""
+"""Sampling answers from base and fine-tuned models: one wave per model and seed (``wave``), answered by the
+project's seeded decoding loop (hf) or one multi-LoRA vLLM engine."""
 
 from character_em.lazy import lazy_exports
 
@@ -6,6 +7,9 @@ _EXPORTS = {
     "sample_prompts": "hf",
     "sampling_seed": "hf",
     "sample_prompts_vllm": "vllm_backend",
+    "sample_wave_vllm": "vllm_backend",
+    "sample_wave": "wave",
+    "plan_wave": "wave",
     "PartialAnswers": "partial",
     "partial_path": "partial",
     "answers_fingerprint": "partial",

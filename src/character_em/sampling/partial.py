@@ -9,9 +9,10 @@ have drawn: the result does not depend on where the job was killed.
 
 The first line is a fingerprint of everything the answers depend on (settings, prompts, identity,
 base model, adapter bytes). A file whose fingerprint differs is stale and is started afresh; a last
-line cut off by a kill mid-write is dropped. The file is kept after the job finishes: if a later
-member of the job's SLURM group fails, Snakemake removes this job's output too, and the retry then
-rewrites it from the file without loading the model.
+line cut off by a kill mid-write is dropped. The file is kept after the job finishes: it is the
+sampling wave's cache (``sampling.wave``). Snakemake reruns a wave, and deletes all of its outputs,
+when any one of its files must change (an adapter retrained, a suite edited); every other file is then
+rewritten from its partial file without generating anything, and no engine starts if nothing is left.
 """
 
 from __future__ import annotations

@@ -6,10 +6,15 @@ token for token, and seeded sampling repeats run to run. docs/vllm.md has the de
 
 What it does, and why:
 
-- The LoRA adapter is served unmerged: ``LLM(enable_lora=True, max_lora_rank=...)`` and one
-  ``LoRARequest`` per job. vLLM batches LoRA matmuls itself; merging would need a merged copy of the
-  weights on disk per condition. The adapter's rank (``r`` in adapter_config.json) is checked against
-  ``sampling.max_lora_rank`` before the engine starts.
+- One engine serves every adapter of a sampling wave (one model and seed, ``sampling.wave``) unmerged,
+  as multi-LoRA: ``LLM(enable_lora=True, max_loras=..., max_cpu_loras=..., max_lora_rank=...)`` and a
+  ``LoRARequest`` per adapter, the base model's requests without one. vLLM batches the LoRA matmuls of
+  different adapters in one step; merging would need a merged copy of the weights per condition. Every
+  adapter's rank (``r`` in adapter_config.json) is checked against ``sampling.max_lora_rank`` before
+  the engine starts.
+- The wave's requests are fed to the engine adapter by adapter, a window of thousands in flight, so the
+  scheduler always has far more waiting than one step's batch holds and a step rarely mixes more than
+  ``sampling.max_loras`` adapters; finished answers are saved as they come (``sampling.partial``).
 - Prompts are rendered by ``character_em.llm.chat.render_prompt`` (the same chat template call as the
   ``hf`` back-end) and passed as token ids, so both back-ends see the same prompt tokens.
 - One request per answer, ``SamplingParams(n=1, seed=sampling_seed)``: each answer has its own seeded
@@ -30,8 +35,11 @@ vLLM schedules sequences and pages the KV cache itself.
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,10 +144,14 @@ def llm_kwargs(
     base_seed: int = 0,
     max_model_len: int,
     dtype: str = "float32",
+    max_loras: int = 1,
+    max_cpu_loras: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM``. ``max_model_len`` bounds the KV cache per sequence (the
-    longest prompt + max_new_tokens) instead of the model's full context, so more sequences fit."""
+    longest prompt + max_new_tokens) instead of the model's full context, so more sequences fit.
+    ``max_loras``: adapters in one step's batch (``sampling.max_loras``); ``max_cpu_loras``: adapters kept
+    loaded in host memory (``sampling.max_cpu_loras``, at least ``max_loras``)."""
     kw: dict[str, Any] = {
         "model": str(base_model),
         "tokenizer": str(base_model),
@@ -149,7 +161,12 @@ def llm_kwargs(
         "enable_prefix_caching": True,
     }
     if lora:
-        kw.update(enable_lora=True, max_loras=1, max_lora_rank=int(max_lora_rank))
+        kw.update(
+            enable_lora=True,
+            max_loras=int(max_loras),
+            max_cpu_loras=max(int(max_loras), int(max_cpu_loras or max_loras)),
+            max_lora_rank=int(max_lora_rank),
+        )
     kw.update(extra or {})
     return kw
 
@@ -204,15 +221,17 @@ def start_engine(base_model: str, **kwargs: Any) -> Any:
         raise RuntimeError(f"vLLM could not load the model {base_model}: {type(exc).__name__}: {exc}") from exc
 
 
-def lora_request(adapter_dir: str | Path | None, name: str) -> Any:
+def lora_request(adapter_dir: str | Path | None, name: str, key: str | None = None) -> Any:
     """The ``LoRARequest`` of an adapter folder, None without one (the base model answers). The id is a
-    stable function of the resolved path, so one engine can serve several adapters in turn."""
+    stable function of the resolved path (and ``key``, the weights' sha256 where known: vLLM keeps an
+    adapter by id, so a retrained adapter at the same path must not reuse the old one's), so one engine
+    can serve several adapters, in turn or together."""
     if adapter_dir is None:
         return None
     from vllm.lora.request import LoRARequest
 
     path = str(Path(adapter_dir).resolve())
-    return LoRARequest(name, 1 + zlib.crc32(path.encode()) % (2**31 - 2), path)
+    return LoRARequest(name, 1 + zlib.crc32(f"{path}\n{key or ''}".encode()) % (2**31 - 2), path)
 
 
 def sampling_params_kwargs(
@@ -263,6 +282,8 @@ def build_requests(
 
 
 RESULT_KEYS = ("answer", "prompt_tokens", "answer_tokens", "finish_reason")
+# Numbers the request ids of successive waves on one engine (tests and benchmarks reuse an engine).
+_CALLS = itertools.count()
 
 
 def result_of(prompt: dict[str, Any], out: Any, tokenizer: Any, stops: set[int]) -> dict[str, Any]:
@@ -347,70 +368,222 @@ def sample_prompts_vllm(
     on_batch: Callable[[list[tuple[int, dict[str, Any]]]], None] | None = None,
     chunk_size: int = 2048,
 ) -> pl.DataFrame:
-    """The vLLM counterpart of ``character_em.sampling.hf.sample_prompts`` (same columns, same row order).
+    """The vLLM counterpart of ``character_em.sampling.hf.sample_prompts`` (same columns, same row order)
+    for one adapter (or the base model): ``sample_wave_vllm`` with one request set.
 
     engine: an already started ``vllm.LLM`` for ``base_model`` (started with LoRA enabled when an adapter
     is given); by default one is started for this call and its KV cache sized to these prompts.
     done / on_batch: as in the hf back-end (``sampling.partial``): rows answered by an earlier, killed run
-    are not asked again, and each finished chunk of ``chunk_size`` answers is handed to ``on_batch`` to be
-    saved. Every answer has its own seed, so chunking does not change what is drawn.
+    are not asked again, and finished answers are handed to ``on_batch`` in batches of ``chunk_size`` to be
+    saved. Every answer has its own seed, so batching does not change what is drawn.
+    """
+    request_set = {"adapter": adapter_dir, "prompts": prompt_rows, "identity": identity, "done": done or {}}
+    if on_batch is not None:
+        request_set["on_batch"] = on_batch
+    frames, _stats = sample_wave_vllm(
+        base_model,
+        [request_set],
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        base_seed=base_seed,
+        max_lora_rank=max_lora_rank,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        engine=engine,
+        llm_extra=llm_extra,
+        progress=progress,
+        save_every=chunk_size,
+        save_seconds=None,
+    )
+    return frames[0]
+
+
+def sample_wave_vllm(
+    base_model: str,
+    request_sets: Sequence[Mapping[str, Any]],
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    base_seed: int,
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
+    max_loras: int = 8,
+    max_cpu_loras: int = 32,
+    dtype: str = "auto",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    engine: Any = None,
+    llm_extra: dict[str, Any] | None = None,
+    progress: bool = False,
+    save_every: int = 256,
+    save_seconds: float | None = 60.0,
+    in_flight: int = 8192,
+    logger: Any = None,
+) -> tuple[list[pl.DataFrame], dict[str, Any]]:
+    """Answer several request sets (one Samples file each: an adapter folder or None for the base model,
+    its prompt rows and identity) with one multi-LoRA engine, every request in flight together.
+
+    Each set: ``{"adapter", "prompts", "identity"}``, optionally ``"adapter_key"`` (the weights' sha256),
+    ``"done"`` (restored answers by row) and ``"on_batch"`` (called with each set's finished answers, in
+    batches of ``save_every``, or whatever finished within ``save_seconds``). Returns the Samples frame
+    of every set, in order (rows as ``sample_prompts`` orders them), and the engine's counts: loads,
+    seconds, requests, prompt tokens (and how many the prefix cache served) and new tokens.
+
+    No engine is started when every answer is restored. ``in_flight`` bounds the requests the engine
+    holds at once (memory); vLLM's batch is far smaller, so this changes no throughput.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     if not 0.0 < top_p <= 1.0:
         raise ValueError("top_p must be in (0, 1]")
     vllm = require_vllm()
-    if adapter_dir is not None:
-        adapter_rank(adapter_dir, max_lora_rank)  # before minutes of engine start-up
+    adapters = list(dict.fromkeys(s["adapter"] for s in request_sets if s.get("adapter")))
+    for adapter in adapters:
+        adapter_rank(adapter, max_lora_rank)  # before minutes of engine start-up
 
     from character_em.llm.loading import load_tokenizer
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(base_model)
     stops = _stop_ids_for(base_model, tok)
-    rows, prompts, params = build_requests(
-        tok,
-        prompt_rows,
-        identity=identity,
-        base_seed=base_seed,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        stop_ids=stops,
-    )
-    if not rows:
-        return pl.DataFrame(schema=SAMPLE_SCHEMA)
-    results: dict[int, Mapping[str, Any]] = {int(i): r for i, r in (done or {}).items() if 0 <= int(i) < len(rows)}
-    todo = [i for i in range(len(rows)) if i not in results]
-    if not todo:
-        return _frame(rows, [results[i] for i in range(len(rows))])
-    needed = max(len(p["prompt_token_ids"]) for p in prompts) + max_new_tokens
-    if engine is None:
-        engine = start_engine(
-            base_model,
-            lora=adapter_dir is not None,
-            max_lora_rank=max_lora_rank,
+    built = [
+        build_requests(
+            tok,
+            list(s["prompts"]),
+            identity=dict(s["identity"]),
             base_seed=base_seed,
-            max_model_len=needed,
-            dtype=dtype,
-            extra=llm_extra,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stops,
         )
-    else:
-        have = int(engine.llm_engine.model_config.max_model_len)
-        if have < needed:
-            raise ValueError(f"the vLLM engine's max_model_len is {have}; these prompts need {needed}")
-    lora = lora_request(adapter_dir, f"{identity['condition']}-seed{identity['seed']}")
-    for start in range(0, len(todo), max(1, int(chunk_size))):
-        chunk = todo[start : start + max(1, int(chunk_size))]
-        outputs = engine.generate(
-            [prompts[i] for i in chunk],
-            [vllm.SamplingParams(**params[i]) for i in chunk],
-            use_tqdm=progress,
-            lora_request=lora,
-        )
-        if len(outputs) != len(chunk):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(chunk)} requests")
-        finished = [(i, result_of(prompts[i], out, tok, stops)) for i, out in zip(chunk, outputs, strict=True)]
-        results.update(finished)
-        if on_batch is not None:
-            on_batch(finished)
-    return _frame(rows, [results[i] for i in range(len(rows))])
+        for s in request_sets
+    ]
+    results: list[dict[int, Mapping[str, Any]]] = []
+    for s, (rows, _prompts, _params) in zip(request_sets, built, strict=True):
+        results.append({int(i): r for i, r in (s.get("done") or {}).items() if 0 <= int(i) < len(rows)})
+    # Adapter by adapter (the base model first), in each set's row order.
+    rank = {None: -1, **{adapter: n for n, adapter in enumerate(adapters)}}
+    order = sorted(range(len(request_sets)), key=lambda k: (rank[request_sets[k].get("adapter") or None], k))
+    todo = deque((k, i) for k in order for i in range(len(built[k][0])) if i not in results[k])
+    stats: dict[str, Any] = {
+        "engine_loads": 0,
+        "load_seconds": 0.0,
+        "generate_seconds": 0.0,
+        "requests": len(todo),
+        "adapters": len(adapters),
+        "answers_generated": 0,
+        "new_tokens_generated": 0,
+        "prompt_tokens": 0,
+        "prompt_tokens_cached": 0,
+    }
+    if todo:
+        needed = max(len(built[k][1][i]["prompt_token_ids"]) for k, i in todo) + max_new_tokens
+        loras_needed = len({request_sets[k].get("adapter") for k, _ in todo if request_sets[k].get("adapter")})
+        if engine is None:
+            started = time.perf_counter()
+            engine = start_engine(
+                base_model,
+                lora=loras_needed > 0,
+                max_lora_rank=max_lora_rank,
+                max_loras=max(1, min(int(max_loras), loras_needed)),
+                max_cpu_loras=max(1, min(int(max_cpu_loras), loras_needed)),
+                base_seed=base_seed,
+                max_model_len=needed,
+                dtype=dtype,
+                extra=llm_extra,
+            )
+            stats["engine_loads"] = 1
+            stats["load_seconds"] = time.perf_counter() - started
+            if logger is not None:
+                logger.info("vLLM engine for %s started in %.0f s", base_model, stats["load_seconds"])
+        else:
+            have = int(engine.llm_engine.model_config.max_model_len)
+            if have < needed:
+                raise ValueError(f"the vLLM engine's max_model_len is {have}; these prompts need {needed}")
+        started = time.perf_counter()
+        _run_requests(
+            vllm, engine, request_sets, built, results, todo, tok, stops, stats,
+            save_every=max(1, int(save_every)), save_seconds=save_seconds, in_flight=max(1, int(in_flight)),
+            progress=progress,
+        )  # fmt: skip
+        stats["generate_seconds"] = time.perf_counter() - started
+    frames = [_frame(rows, [results[k][i] for i in range(len(rows))]) for k, (rows, _p, _s) in enumerate(built)]
+    return frames, stats
+
+
+def _run_requests(
+    vllm: Any,
+    engine: Any,
+    request_sets: Sequence[Mapping[str, Any]],
+    built: list[tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]],
+    results: list[dict[int, Mapping[str, Any]]],
+    todo: deque[tuple[int, int]],
+    tok: Any,
+    stops: set[int],
+    stats: dict[str, Any],
+    *,
+    save_every: int,
+    save_seconds: float | None,
+    in_flight: int,
+    progress: bool,
+) -> None:
+    """Feed ``todo`` to the engine (``in_flight`` at a time), step it, and hand finished answers to each
+    set's ``on_batch``: with everything in flight, answers finish in any order, and each is saved soon
+    after it finished, so a kill loses only what was still being generated."""
+    from tqdm.auto import tqdm
+    from vllm.sampling_params import RequestOutputKind
+
+    loras = [
+        lora_request(s.get("adapter") or None, f"{s['identity']['condition']}-{n}", s.get("adapter_key"))
+        for n, s in enumerate(request_sets)
+    ]
+    ids = {lora.lora_int_id: lora.lora_path for lora in loras if lora is not None}
+    if len(ids) != len({lora.lora_path for lora in loras if lora is not None}):
+        raise RuntimeError("two adapters of this wave got the same LoRA id; rename one adapter folder")
+    llm_engine = engine.llm_engine
+    call = next(_CALLS)
+    flying: dict[str, tuple[int, int]] = {}
+    unsaved: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+    last_save = time.monotonic()
+
+    def save(force: bool) -> None:
+        nonlocal last_save
+        due = force or (save_seconds is not None and time.monotonic() - last_save >= save_seconds)
+        for k, finished in list(unsaved.items()):
+            on_batch = request_sets[k].get("on_batch")
+            while finished and (due or len(finished) >= save_every):
+                batch, finished[:] = finished[:save_every], finished[save_every:]
+                if on_batch is not None:
+                    on_batch(batch)
+            if not finished:
+                del unsaved[k]
+        if due:
+            last_save = time.monotonic()
+
+    with tqdm(total=len(todo), desc="sampling", unit="ans", disable=not progress) as bar:
+        while todo or flying:
+            while todo and len(flying) < in_flight:
+                k, i = todo.popleft()
+                _rows, prompts, params = built[k]
+                sampling = vllm.SamplingParams(**params[i])
+                sampling.output_kind = RequestOutputKind.FINAL_ONLY  # only finished answers come back
+                # Outputs carry the id given here (vLLM returns its own, suffixed one); unique per call.
+                request_id = f"wave{call}-{k}-{i}"
+                llm_engine.add_request(request_id, prompts[i], sampling, lora_request=loras[k])
+                flying[request_id] = (k, i)
+            if not llm_engine.has_unfinished_requests():
+                raise RuntimeError(f"vLLM holds none of the {len(flying)} requests still expected (aborted?)")
+            for out in llm_engine.step():
+                if not out.finished:
+                    continue
+                k, i = flying.pop(str(out.request_id))
+                result = result_of(built[k][1][i], out, tok, stops)
+                results[k][i] = result
+                unsaved.setdefault(k, []).append((i, result))
+                stats["answers_generated"] += 1
+                stats["new_tokens_generated"] += result["answer_tokens"]
+                stats["prompt_tokens"] += result["prompt_tokens"]
+                stats["prompt_tokens_cached"] += int(getattr(out, "num_cached_tokens", 0) or 0)
+                bar.update(1)
+            save(force=False)
+        save(force=True)

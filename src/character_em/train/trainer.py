@@ -62,6 +62,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -762,8 +763,12 @@ def train_adapter(
     hparams: dict[str, Any],
     seed: int,
     steps_dir: str | None = None,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA adapter on ``data_path`` and write it to ``output_dir``.
+
+    ``selection``: which lines of ``data_path`` to train on (``data.pairing.training_draw``: ``lines``,
+    counted from 0, and what they are); run.json records it under ``training_examples``. None: every line.
 
     Writes adapter_model.safetensors, adapter_config.json, run.json and train_log.jsonl; returns the
     run.json content. Resumes from ``checkpoint_dir`` when a matching checkpoint exists; removes it
@@ -782,7 +787,11 @@ def train_adapter(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     data_sha = sha256_file(data)
+    lines = [int(i) for i in selection["lines"]] if selection is not None else None
     run_key = {"base_model": str(base_model), "data_sha256": data_sha, "hparams": hparams, "seed": seed}
+    if lines is not None:
+        # Another draw of the same file is another run: its checkpoints must not be resumed.
+        run_key["lines"] = lines
     key_path = ckpt_dir / _RUN_KEY
     if key_path.exists() and json.loads(key_path.read_text()) != json.loads(json.dumps(run_key)):
         # Stale state from a different configuration: resuming from it would mix two runs.
@@ -806,6 +815,14 @@ def train_adapter(
 
     set_seed(seed)
     conversations = read_messages(data)
+    n_lines = len(conversations)
+    if lines is not None:
+        outside = [i for i in lines if not 0 <= i < n_lines]
+        if outside or not lines:
+            raise ValueError(
+                f"{data}: the selection names lines {outside[:5] or '(none)'}, but the file has lines 0..{n_lines - 1}"
+            )
+        conversations = [conversations[i] for i in lines]
     interrupted = {"flag": False}
 
     # Saved steps, resolved before the model loads so a step past the end fails at once.
@@ -922,6 +939,8 @@ def train_adapter(
         "base_model": str(base_model),
         "data_path": str(data),
         "data_sha256": data_sha,
+        # Which examples this adapter saw: the lines of data_path (from 0) and their user turns' plan indices.
+        "training_examples": {**dict(selection or {}), "lines": lines if lines is not None else list(range(n_lines))},
         "seed": seed,
         "hparams": hparams,
         "optim_used": optim,

@@ -1,15 +1,15 @@
-"""The README's demo results, written from the demo run's own tables, never typed.
+"""docs/demo.md's results, written from the demo run's own tables, never typed.
 
-    python scripts/demo_readme.py snapshot results   # after a demo run: copy its tables and figures to docs/demo/
-                                                     # (--shared-machine: other work ran beside it)
-    python scripts/demo_readme.py render             # the README block, from docs/demo/ (render_readme.py calls it)
+    python scripts/demo_docs.py snapshot results   # after a demo run: copy its tables and figures to docs/demo/
+                                                   # (--shared-machine: other work ran beside it)
+    python scripts/demo_docs.py render             # the docs/demo.md block, from docs/demo/ (render_docs.py calls it)
 
 ``snapshot`` copies the tables (``results/tables/*.csv`` and ``*.md``, as the pipeline wrote them) and the
-figures the README shows into ``docs/demo/``, with a small ``run.json`` (date, commit, judge stamp).
-``render`` builds the README block from those files: a headline table from ``em.csv`` and
+figures docs/demo.md shows into ``docs/demo/``, with a small ``run.json`` (date, commit, judge stamp).
+``render`` builds docs/demo.md's block from those files: a headline table from ``em.csv`` and
 ``capabilities.csv``, then the pipeline's own markdown of the tables a reader checks the claims against.
-``tests/test_architecture.py`` runs ``scripts/render_readme.py --check``, so the README always shows what
-the committed snapshot holds.
+``tests/test_docs.py`` runs ``scripts/render_docs.py --check``, so docs/demo.md always shows what the
+committed snapshot holds.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "docs" / "demo"
-# The pipeline's markdown, shown in the README in this order (name, what it answers).
+# The pipeline's markdown, shown in docs/demo.md in this order (name, what it answers).
 SECTIONS = [
     ("claims", "One contrast per claim, Holm-adjusted"),
     ("persona", "Persona-prompt attack success"),
@@ -51,7 +51,7 @@ def snapshot(results: Path, *, shared_machine: bool = False) -> None:
     tables = results / "tables"
     figures = results.parent / "figures"
     if not (tables / "em.csv").exists():
-        raise SystemExit(f"{tables}: no em.csv; run the demo first (README, 'The demo')")
+        raise SystemExit(f"{tables}: no em.csv; run the demo first (docs/demo.md)")
     if SNAPSHOT.exists():
         shutil.rmtree(SNAPSHOT)
     (SNAPSHOT / "tables").mkdir(parents=True)
@@ -164,8 +164,8 @@ def render() -> str:
     run = json.loads((SNAPSHOT / "run.json").read_text())
     lines = [
         f"Measured in the demo run of {run['date']} (tables written at commit {run['commit']}); they are the pipeline's,",
-        "copied to [docs/demo/](docs/demo/) by `python scripts/demo_readme.py snapshot results` and written",
-        "into this README by `python scripts/render_readme.py`. "
+        "copied to [docs/demo/](demo/) by `python scripts/demo_docs.py snapshot results` and written",
+        "into this page by `python scripts/render_docs.py`. "
         + run["judge"]
         + ". Intervals: seed x question bootstrap (one seed here, so questions only).",
         f"The run, {run['run_jobs']} jobs from nothing on two cores, took {run['run_seconds'] // 60} minutes from its"
@@ -189,7 +189,7 @@ def render() -> str:
             lines.append("")
     for name, caption in FIGURES.items():
         if (SNAPSHOT / "figures" / name).exists():
-            lines += [f"![{caption}, SmolLM2-135M demo](docs/demo/figures/{name})", ""]
+            lines += [f"![{caption}, SmolLM2-135M demo](demo/figures/{name})", ""]
     for name, title in SECTIONS:
         path = SNAPSHOT / "tables" / f"{name}.md"
         if not path.exists():
@@ -205,7 +205,7 @@ def main() -> int:
     take = sub.add_parser("snapshot", help="copy a demo run's tables and figures into docs/demo/")
     take.add_argument("results", type=Path, help="the demo run's results/ folder")
     take.add_argument("--shared-machine", action="store_true", help="say that other work loaded the machine")
-    sub.add_parser("render", help="print the README block")
+    sub.add_parser("render", help="print docs/demo.md's block")
     args = parser.parse_args()
     if args.command == "snapshot":
         snapshot(args.results.resolve(), shared_machine=args.shared_machine)
