@@ -50,4 +50,4 @@ export VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-auto}"
 export CHARACTER_EM_REQUIRE_VLLM=1
 # -p no:cacheprovider: the main suite's cache is not this environment's.
 python -m pytest -p no:cacheprovider -q -rs tests/test_sample_vllm.py tests/test_vllm_sampling.py \
-    tests/test_vllm_judge.py tests/test_vllm_server.py tests/test_data_vllm.py
+    tests/test_vllm_judge.py tests/test_vllm_judge_engine.py tests/test_vllm_server.py tests/test_data_vllm.py

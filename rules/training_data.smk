@@ -14,7 +14,7 @@ rule judge_training_data:
     benchmark:
         "benchmarks/runs/judge_training_data/{trained}.tsv"
     conda:
-        "../envs/judge.yaml"
+        JUDGE_ENV
     # The same judge as the judge jobs, so the same GPU and memory (rules/common.smk).
     resources:
         gpu=JUDGE_GPUS,

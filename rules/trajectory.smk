@@ -1,9 +1,9 @@
 # Misalignment over training (docs/trajectories.md). The trainer saves the adapter at train.eval_steps
 # as a by-product of its one run, into results/adapter_steps/ (outside its declared outputs, so a
 # killed run resumes with them); publish_adapter_step makes each saved step a file Snakemake tracks.
-# Rule sample answers the em suite on every saved step in its wave (one job per model and seed); the
-# judge and the capability eval then run on each step through the {step} wildcard, with the rules of
-# the final adapter (use rule ... with:), so one step can be rerun on its own.
+# Rule sample answers the em suite on every saved step in its wave, and rule judge judges those answers
+# in its wave (one job each per model and seed); the capability eval then runs on each step through the
+# {step} wildcard, with the rule of the final adapter (use rule ... with:), so one step can be rerun on its own.
 
 
 include: "trajectory_common.smk"
@@ -30,20 +30,6 @@ rule publish_adapter_step:
         saved=saved_step_dir,
     script:
         "../workflow_scripts/publish_adapter_step.py"
-
-
-use rule judge as judge_step with:
-    # `with: input:` replaces the whole input section, so the judge prompts are named again.
-    input:
-        samples="results/samples/{model}/{condition}/seed{seed}/{step}/{suite}.parquet",
-        prompts=MAIN_JUDGE_PROMPTS,
-    output:
-        scores="results/scores/{model}/{condition}/seed{seed}/{step}/{suite}.parquet",
-        summary="results/scores/{model}/{condition}/seed{seed}/{step}/{suite}.judge.json",
-    log:
-        "logs/judge/{model}/{condition}/seed{seed}/{step}/{suite}.log",
-    benchmark:
-        "benchmarks/runs/judge/{model}/{condition}/seed{seed}/{step}/{suite}.tsv"
 
 
 use rule capabilities as capabilities_step with:

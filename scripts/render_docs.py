@@ -78,18 +78,28 @@ def cost_headline(configfile: str = "config.yaml") -> str:
     for model in result["models"].values():
         for stage in model["stages"]:
             by_stage[stage["stage"]] = by_stage.get(stage["stage"], 0.0) + stage["gpu_hours"]
-    if "data_generation" in result:
-        by_stage["generate_data_gpu"] = result["data_generation"]["gpu_hours"]
+    others = [*result.get("judge_jobs", []), *([result["data_generation"]] if "data_generation" in result else [])]
+    for job in others:
+        by_stage[job["stage"]] = by_stage.get(job["stage"], 0.0) + job["gpu_hours"]
     shares = sorted(by_stage.items(), key=lambda item: -item[1])[:3]
     parts = [f"{name} {m['gpu_hours']:,.0f}" for name, m in result["models"].items()]
+    judging = sum(job["gpu_hours"] for job in result.get("judge_jobs", []))
+    if judging:
+        parts.append(
+            f"judging outside the waves (training data, data filter, second judge, calibration) {judging:,.0f}"
+        )
     if "data_generation" in result:
         parts.append(f"model-written training data {result['data_generation']['gpu_hours']:,.0f}")
+    upper = all(basis["basis"] == "upper bound" for basis in result["answer_basis"].values())
     return (
         f"**{total:,.0f} GPU-hours**, about **{total / HEADLINE_GPUS / 24:,.0f} days on {HEADLINE_GPUS} GPUs** kept"
-        f" busy ({', '.join(parts)}). The largest shares:"
-        f" {', '.join(f'{stage} {hours / total:.0%}' for stage, hours in shares)}. This is the project's estimate"
-        " from measured H200 anchors scaled by model size, before any run of your own, not a measurement;"
-        " [docs/cost.md](docs/cost.md) shows every row and how to rerun it with your cluster's own throughput.\n"
+        f" busy ({', '.join(parts)})"
+        + (", with every answer at `max_new_tokens` (the upper bound)" if upper else "")
+        + f". The largest shares: {', '.join(f'{stage} {hours / total:.0%}' for stage, hours in shares)}. This is the"
+        " project's estimate before any run of your own, not a measurement: every rate is labelled measured (this"
+        " project's H200 anchors), anchored (a published figure) or assumed, scaled by model size;"
+        " [docs/cost.md](docs/cost.md) shows every row, what remains to bring it down, and how to rerun it with"
+        " your cluster's own throughput.\n"
     )
 
 

@@ -119,6 +119,7 @@ NOT_JOB_SETTINGS = {
         "allow_uncalibrated": "overrides the judge gate; changes no verdict",
         "labels": "draws the sheet of answers for human labels (rule label_sheet); changes no verdict",
         "agreement_answers_per_cell": "how many answers of each cell the judge_second jobs draw; changes no verdict",
+        "audit_fraction": "the grid judge job's exact audit (rules/judge.smk passes it apart); changes no verdict",
     },
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 from workflow_helpers import copy_workflow, planned_jobs, snakemake
@@ -65,13 +66,16 @@ def test_counts_are_the_grid_arithmetic() -> None:
     assert work["metrics_per_answer"] == {"em": 3, "transfer": 3, "trigger": 3, "persona": 5}
     w = work["models"][MODEL]
     # 4 trained conditions x 2 seeds; evil-medical trains 2 epochs, the other three 1.
-    assert w["train_adapter"] == {"jobs": 8, "example_epochs": (20 * 2 + 20 * 3) * 2}
-    # One sampling job per seed (its wave) writes 5 conditions x (em, transfer, persona) + trigger for base and
-    # the triggered condition; the hf loop loads the model once per adapter and once for the base model.
-    assert w["sample"]["jobs"] == 2 and w["sample"]["files"] == (5 * 3 + 2) * 2
-    assert w["sample"]["wave_answers"] == 5 * (12 + 2 + 6) + 2 * 12 and w["sample"]["loads_per_job"] == 5
+    assert w["train_adapter"] == {"jobs": 8, "example_epochs": (20 * 2 + 20 * 3) * 2, "largest_example_epochs": 40}
+    # 5 conditions x (em, transfer, persona) + trigger for base and the triggered condition, x 2 seeds;
+    # one sampling job and one judge engine per wave (seed); the hf sampling loop loads the model once
+    # per adapter and once for the base model.
+    assert w["sample"]["files"] == (5 * 3 + 2) * 2 and w["sample"]["jobs"] == w["judge"]["jobs"] == 2
+    assert w["sample"]["loads_per_job"] == 5
     assert w["sample"]["answers"] == 2 * (5 * (12 + 2 + 6) + 2 * 12)
+    assert w["sample"]["answers_per_wave"] == w["sample"]["answers"] // 2
     assert w["judge"]["calls"] == 2 * (5 * (12 * 3 + 2 * 3 + 6 * 5) + 2 * 12 * 3)
+    assert w["judge"]["answers_per_wave"] == {"em": 5 * 12, "transfer": 5 * 2, "trigger": 2 * 12, "persona": 5 * 6}
     assert w["capabilities"]["jobs"] == 10 and w["capabilities"]["items"] == 10 * 5
     # one (disposition, domain) pair with its correct-advice control: positive + negative, 8 each
     assert w["probes"] == {"jobs": 1, "examples": 16}
@@ -83,9 +87,10 @@ def test_job_counts_match_the_dry_run(tmp_path: Path) -> None:
     (workdir / "small.yaml").write_text(yaml.safe_dump(SMALL, sort_keys=False))
     jobs = planned_jobs(snakemake(workdir, "-n", "--cores", "1", "--configfile", "small.yaml", timeout=300).stdout)
     w = est.count_work(small_config())["models"][MODEL]
-    for rule in ("train_adapter", "sample", "judge", "capabilities", "probes"):
+    for rule in ("train_adapter", "judge", "capabilities", "probes"):
         assert jobs[rule] == w[rule]["jobs"], (rule, jobs)
-    assert jobs["judge"] == w["sample"]["files"]
+    # One sampling job per wave, whatever the back-end.
+    assert jobs["sample"] == w["sample"]["jobs"], jobs
 
 
 @pytest.mark.slow
@@ -154,7 +159,7 @@ def test_measured_runs_override_the_anchors(tmp_path: Path) -> None:
     result = est.estimate(small_config(), runs_root=tmp_path)
     train = stage(result, "train_adapter")
     assert train["throughput"].value == pytest.approx(100.0)  # 1000 tokens / 10 s
-    assert train["throughput"].source.startswith("measured: 1 run.json (cuda)")
+    assert train["throughput"].basis == "measured" and train["throughput"].source == "this workflow: 1 run.json (cuda)"
     assert train["units"] == pytest.approx(200 * 50)  # 1000 tokens / 20 examples
     assert train["gpu_hours"] == pytest.approx(200 * 50 / 100 / 3600)
     sample = stage(result, "sample")
@@ -221,19 +226,22 @@ def test_vllm_sampling_uses_the_vllm_benchmark_where_measured_and_says_which(tmp
     config = small_config()
     config["sampling"]["backend"] = "vllm"
     config["models"][MODEL]["sampling"] = {**config["models"][MODEL].get("sampling", {}), "backend": "vllm"}
-    # No GPU measurement of ours yet: vLLM's published figure with the LoRA cost, named as such.
+    # No GPU measurement yet: the published vLLM figure with one LoRA's cost, named and labelled anchored.
     result = est.estimate(config, runs_root=tmp_path)
     size = result["models"][MODEL]["params_b"]
     scale = est.ANCHOR_PARAMS_B / size if size else 1.0
     anchored = stage(result, "sample")["throughput"]
-    assert anchored.value == pytest.approx(12500.0 * 2 / 3 * scale)
-    assert anchored.source.startswith("published anchor: vLLM") and "no GPU measurement of ours yet" in anchored.source
+    decode, lora = est.PUBLISHED["vllm_decode"], est.PUBLISHED["lora_factor"]
+    assert anchored.value == pytest.approx(decode["value"] * lora["value"] * scale)
+    assert anchored.basis == "anchored" and "12,500 output tokens/s" in anchored.source
+    assert "GPU measurement owed" in anchored.source
     # benchmarks/vllm_throughput.py's JSON: its figure, scaled from its model size to this one, with its device.
     path = tmp_path / est.VLLM_BENCHMARK
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"device": "NVIDIA H200", "params_b": 8.0, "sample": {"new_tokens_per_s": 16000.0}}))
     measured = stage(est.estimate(config, runs_root=tmp_path), "sample")["throughput"]
-    assert measured.source.startswith("measured vLLM") and "NVIDIA H200" in measured.source
+    assert measured.basis == "measured" and "vllm_throughput_gpu.json" in measured.source
+    assert "NVIDIA H200" in measured.source
     assert measured.value == pytest.approx(16000.0 * scale)
     # The hf back-end never reads it, and a broken file names itself.
     config["models"][MODEL]["sampling"]["backend"] = "hf"
@@ -259,3 +267,70 @@ def test_vllm_sampling_uses_the_vllm_benchmark_where_measured_and_says_which(tmp
     multi.write_text(json.dumps({"device": "x", "params_b": 8.0, "multi_lora": {}}))
     with pytest.raises(est.EstimateError, match="multilora_throughput_gpu.json"):
         est.estimate(config, runs_root=tmp_path)
+
+
+def test_answer_length_is_the_last_runs_mean_or_the_given_one_beside_the_upper_bound(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = small_config()
+    upper = est.estimate(config, runs_root=None)
+    assert upper["answer_basis"][MODEL] == {
+        "tokens": 40.0,
+        "basis": "upper bound",
+        "source": "max_new_tokens: upper bound",
+    }
+    assert upper["upper_bound"]["gpu_hours"] == upper["gpu_hours"]
+    given = est.estimate(config, runs_root=None, mean_answer_tokens=10)
+    assert given["answer_basis"][MODEL]["basis"] == "assumed" and stage(given, "sample")["units"] == 248 * 10
+    assert given["gpu_hours"] < given["upper_bound"]["gpu_hours"] == pytest.approx(upper["gpu_hours"])
+    # Every Samples file of the last run, timed or not, gives the mean (capped at max_new_tokens).
+    for name, tokens in (("base/seed0/em", [10, 20]), ("base/seed1/em", [30, 300])):
+        path = tmp_path / "results" / "samples" / MODEL / f"{name}.parquet"
+        path.parent.mkdir(parents=True)
+        pl.DataFrame({"answer_tokens": tokens}).write_parquet(path)
+    measured = est.estimate(config, runs_root=tmp_path, mean_answer_tokens=10)
+    assert measured["answer_basis"][MODEL]["tokens"] == 40.0  # mean 90, capped at max_new_tokens
+    path.unlink()
+    measured = est.estimate(config, runs_root=tmp_path)
+    assert measured["answer_basis"][MODEL] == {
+        "tokens": 15.0,
+        "basis": "measured",
+        "source": "mean of 2 answers in 1 Samples file(s) of the last run",
+    }
+    # The headline: both rows, days on N GPUs and the cost at the user's price.
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(SMALL))
+    args = ["--configfile", str(tmp_path / "small.yaml"), "--from-runs", str(tmp_path), "--summary"]
+    assert est.main([*args, "--gpus", "4", "--price-per-gpu-hour", "2"]) == 0
+    text = capsys.readouterr().out
+    hours = est.estimate(config, runs_root=tmp_path)
+    low, high = hours["gpu_hours"], hours["upper_bound"]["gpu_hours"]
+    assert "days on 4 GPUs | cost |" in text and "last run's mean answer length (tiny-llama 15 tokens" in text
+    assert f"| {low:,.1f} | {low / 96:,.1f} | {low * 2:,.0f} at 2 per GPU-hour |" in text
+    assert f"| every answer at max_new_tokens (upper bound) | {high:,.1f} |" in text
+
+
+def test_the_judge_engines_gpu_benchmark_is_read_when_present_and_a_smoke_run_never(tmp_path: Path) -> None:
+    config = small_config()
+    config["judge"] = {**config["judge"], "backend": "vllm", "model": "org/Llama-3.3-70B", "quantization": "fp8"}
+    path = tmp_path / est.JUDGE_BENCHMARK
+    path.parent.mkdir(parents=True)
+    record = {"device": "NVIDIA H100", "params_b": 8.0, "quantization": "fp8"}
+    path.write_text(json.dumps({**record, "smoke": True, "judge": {"computed_prompt_tokens_per_s": 50.0}}))
+    assert stage(est.estimate(config, runs_root=tmp_path), "judge")["throughput"].basis == "anchored"
+    path.write_text(json.dumps({**record, "judge": {"computed_prompt_tokens_per_s": 56000.0}}))
+    rate = stage(est.estimate(config, runs_root=tmp_path), "judge")["throughput"]
+    assert rate.basis == "measured" and "NVIDIA H100" in rate.source and "judge_engine_gpu.json" in rate.source
+    assert rate.value == pytest.approx(56000.0 * 8 / 70)
+    path.write_text(json.dumps({"device": "x", "judge": {}}))
+    with pytest.raises(est.EstimateError, match="judge_engine_gpu.json"):
+        est.estimate(config, runs_root=tmp_path)
+    # This workflow's own judge waves (the engine's counts and the job's wall time) come first.
+    path.unlink()
+    wave = tmp_path / "results" / "judge_waves" / MODEL / "seed0.json"
+    wave.parent.mkdir(parents=True)
+    wave.write_text(json.dumps({"backend_stats": {"prompt_tokens": 9000, "cached_prompt_tokens": 6000}}))
+    bench = tmp_path / "benchmarks" / "runs" / "judge" / MODEL / "seed0.tsv"
+    bench.parent.mkdir(parents=True)
+    bench.write_text("s\th:m:s\n10.0\t0:00:10\n")
+    rate = stage(est.estimate(config, runs_root=tmp_path), "judge")["throughput"]
+    assert rate.basis == "measured" and rate.value == pytest.approx(300.0) and "1 judge wave" in rate.source

@@ -46,10 +46,14 @@ def test_steering_is_counted_like_the_rules_expand_it() -> None:
     # Setting extra layers runs every setting twice (the chosen layer, then the listed ones).
     layered = config_with(eval={"probes": {"max_examples": 8, "steering": {"layers": "from:0"}}})
     assert stage(est.estimate(layered, runs_root=None), "steer")["units"] == 2 * steer["units"]
-    # A model judge scores the steered answers inside the job: slower per answer, and two models to load.
+    # A model judge scores the steered answers inside the job: slower per answer, and two models to load
+    # (a 70B judge takes proportionally longer than the 14B-or-less steered model).
     judged = stage(est.estimate(config_with(judge={"backend": "hf", "model": "org/judge-70b"}), None), "steer")
     assert 1 / judged["throughput"].value > 1 / steer["throughput"].value
-    assert "judging" in judged["throughput"].source and judged["load_minutes_per_job"] == 2 * est.DEFAULT_LOAD_MINUTES
+    assert "judging" in judged["throughput"].source and judged["loads"] == 2 * judged["jobs"]
+    judge_load = est.engine_load_minutes(70, est.DEFAULT_LOAD_MINUTES)
+    assert judge_load == 5 * est.DEFAULT_LOAD_MINUTES
+    assert judged["load_minutes_per_job"] == est.DEFAULT_LOAD_MINUTES + judge_load
     # Steering hooks the transformers forward pass: a vllm sampling back-end does not speed it up.
     vllm = stage(est.estimate(config_with(sampling={"backend": "vllm"}), None), "steer")
     assert vllm["throughput"].value == pytest.approx(steer["throughput"].value)
@@ -67,21 +71,31 @@ def test_model_written_data_and_model_judges_use_their_own_model_size() -> None:
     # Each condition's pool: n_examples x data.pool_factor (default 2) planned turns.
     assert data["units"] == data["jobs"] * 20 * 2 * 100
     assert data["throughput"].value == pytest.approx(est._generate_anchor(16) * 8 / 7)
+    # The 32B judge also judges the training data (rule judge_training_data, a job per condition) and
+    # the calibration set (judge_calibration), each job loading it.
+    others = {job["stage"]: job for job in result["judge_jobs"]}
+    assert set(others) == {"judge_training_data", "judge_calibration"}
+    assert others["judge_training_data"]["jobs"] == data["jobs"] and others["judge_calibration"]["jobs"] == 1
     assert result["gpu_hours"] == pytest.approx(
-        sum(m["gpu_hours"] for m in result["models"].values()) + data["gpu_hours"]
+        sum(m["gpu_hours"] for m in result["models"].values())
+        + data["gpu_hours"]
+        + sum(job["gpu_hours"] for job in others.values())
     )
     judge = stage(result, "judge")
     assert judge["throughput"].value == pytest.approx(est.ANCHORS["forward_tokens_per_s"] * 8 / 32)
     assert "judge ~32B" in judge["throughput"].source
     text = est.render_markdown(result, "small.yaml", {})
-    assert "## Model-written training data (generate_data_gpu)" in text
+    assert (
+        "## Other GPU jobs: model-written data and judging outside the waves" in text
+        and "| generate_data_gpu | 4 |" in text
+    )
     # A vLLM writer: the same answers, at the engine's rate (no GPU measurement here: vLLM's published figure,
     # without the LoRA penalty since the writer serves no adapter).
     config["data"]["generator"] = {**config["data"]["generator"], "backend": "vllm"}
     data = est.estimate(config, runs_root=None)["data_generation"]
     assert data["units"] == data["jobs"] * 20 * 2 * 100
     assert data["throughput"].value == pytest.approx(est.VLLM_PUBLISHED_NEW_TOKENS_PER_S * 8 / 7)
-    assert "published anchor" in data["throughput"].source and "no adapter" in data["throughput"].source
+    assert data["throughput"].basis == "anchored" and "no adapter, so no LoRA cost" in data["throughput"].source
 
 
 def test_longest_job_per_rule_against_its_runtime() -> None:
@@ -110,51 +124,91 @@ def test_sample_wave_minutes_agree_with_the_estimate() -> None:
     config = small_config()
     minutes = est.sample_wave_minutes(config, runs_root=None)
     result = est.estimate(config, runs_root=None)
+    # A wave's sampling job: every answer of one seed at max_new_tokens (40), and one hf load per adapter and
+    # one for the base model; its job asks for that.
     sample = stage(result, "sample")
     assert minutes[MODEL] == pytest.approx(sample["largest_job_hours"] * 60)
-    # One wave: every file's answers at the rate, and one hf load per adapter and one for the base model.
-    wave_answers = result["work"]["models"][MODEL]["sample"]["wave_answers"]
+    assert minutes[MODEL] == pytest.approx(est.job_minutes(result, "sample")[(MODEL, "wave")])
+    answers = result["work"]["models"][MODEL]["sample"]["answers_per_wave"]
     assert minutes[MODEL] == pytest.approx(
-        wave_answers * 40 / sample["throughput"].value / 60 + 5 * est.DEFAULT_LOAD_MINUTES
+        answers * 40 / sample["throughput"].value / 60 + 5 * est.DEFAULT_LOAD_MINUTES
     )
     # A vllm model loads one engine for the whole wave, at vLLM's rate.
     config = config_with(sampling={"backend": "vllm"})
     vllm_rate = stage(est.estimate(config, runs_root=None), "sample")["throughput"].value
     vllm = est.sample_wave_minutes(config, runs_root=None)
-    assert vllm[MODEL] == pytest.approx(wave_answers * 40 / vllm_rate / 60 + est.DEFAULT_LOAD_MINUTES)
+    assert vllm[MODEL] == pytest.approx(answers * 40 / vllm_rate / 60 + est.DEFAULT_LOAD_MINUTES)
     assert est.runtime_request(0.1) == est.MIN_RUNTIME_MINUTES
     assert est.runtime_request(100) == 150 and est.runtime_request(100, cap_minutes=120) == 120
 
 
-def test_judge_jobs_expect_their_own_time_from_the_verdicts_they_score() -> None:
+def test_judge_waves_expect_their_own_time_from_the_tokens_they_prefill() -> None:
     config = config_with(judge={"backend": "hf", "model": "org/judge-70b"})
     result = est.estimate(config, runs_root=None)
     judge = stage(result, "judge")
-    work = result["work"]
-    # Per verdict: the assumed judge prompt, the answer (max_new_tokens 40) and the candidate tree.
-    call_tokens = est.ASSUMED_JUDGE_PROMPT_TOKENS + 40 + est.CANDIDATE_TOKENS["hf"]
-    assert judge["units"] == work["models"][MODEL]["judge"]["calls"] * call_tokens
+    work = result["work"]["models"][MODEL]["judge"]
+    parts = est.judge_prompt_parts(config)
+    # The hf judge reads every metric's whole prompt, exactly scored (a 70B id is not known to spell
+    # numbers as single tokens); answers at max_new_tokens (40).
+    per_wave = sum(
+        n * est.judge_tokens(parts, suite, 40, backend="hf", scoring="exact")["computed"]
+        for suite, n in work["answers_per_wave"].items()
+    )
+    assert judge["jobs"] == judge["loads"] == 2 and judge["units"] == pytest.approx(2 * per_wave)
     rate = est.ANCHORS["forward_tokens_per_s"] * 8 / 70
-    em = 12 * 3 * call_tokens / rate / 60 + est.DEFAULT_LOAD_MINUTES
-    assert judge["job_minutes"]["em"] == pytest.approx(em)
-    assert judge["job_minutes"]["transfer"] < em  # 2 answers, not 12
-    minutes = est.job_minutes(result, "judge")
-    assert minutes == {(MODEL, suite): m for suite, m in judge["job_minutes"].items()}
-    assert judge["largest_job_hours"] == pytest.approx(max(minutes.values()) / 60)
+    assert judge["throughput"].value == pytest.approx(rate)
+    wave = per_wave / rate / 60 + est.engine_load_minutes(70, est.DEFAULT_LOAD_MINUTES)
+    assert est.job_minutes(result, "judge") == {(MODEL, "wave"): pytest.approx(wave)}
+    assert judge["largest_job_hours"] == pytest.approx(wave / 60)
     # The longest-job table takes the judge's request from the same expectation, as for sampling.
     rows = {row["rule"]: row for row in est.longest_jobs(result, {"judge": 720})}
     assert rows["judge"]["runtime"] == 720 and rows["judge"]["runtime_source"] == "profiles/default/config.yaml"
     rows = {row["rule"]: row for row in est.longest_jobs(result, {})}
-    assert rows["judge"]["runtime"] == est.runtime_request(max(minutes.values()))
+    assert rows["judge"]["runtime"] == est.runtime_request(wave)
     assert rows["judge"]["runtime_source"].endswith("(rules/judge.smk)")
-    # A vllm judge computes more candidate tokens per verdict; a rubric judge has no GPU stage and asks
-    # for the fixed off-GPU time, capped like the rest.
-    vllm = stage(est.estimate(config_with(judge={"backend": "vllm", "model": "org/judge-70b"}), None), "judge")
-    assert vllm["job_minutes"]["em"] > em
+    # A site's partition limit: the table says whether each longest job fits it.
+    capped = {row["rule"]: row for row in est.longest_jobs(result, {}, cap_minutes=1)}
+    assert capped["judge"]["fits_cap"] is False and capped["judge"]["runtime"] == 1
+    # A rubric judge has no GPU stage and asks for the fixed off-GPU time, capped like the rest.
     assert est.job_minutes(est.estimate(small_config(), None), "judge") == {}
     assert est.judge_runtime_request(None) == est.OFF_GPU_JUDGE_RUNTIME
     assert est.judge_runtime_request(None, cap_minutes=60) == 60
-    assert est.judge_runtime_request(em) == est.runtime_request(em)
+    assert est.judge_runtime_request(wave) == est.runtime_request(wave)
+
+
+def test_judge_tokens_are_counted_as_the_engine_receives_them() -> None:
+    config = config_with(judge={"backend": "vllm", "model": "org/Llama-3.3-70B", "quantization": "fp8"})
+    parts = est.judge_prompt_parts(config)
+    em = parts["suites"]["em"]
+    # Measured on the judge's own templates: every metric's prompt holds the question and the answer in
+    # the part they share; each metric's instruction follows the answer.
+    assert em["shared"]["question"]["question"] == 1 and em["shared"]["answer"]["answer"] == 1
+    assert em["shared"]["head"]["chars"] > 100 and all(p["answer"] == 0 for p in em["suffix"].values())
+    k = len(em["metrics"])
+    first = est.judge_tokens(parts, "em", 600, backend="vllm", scoring="first-token")
+    longer = est.judge_tokens(parts, "em", 700, backend="vllm", scoring="first-token")
+    hf = est.judge_tokens(parts, "em", 600, backend="hf", scoring="first-token")
+    hf_longer = est.judge_tokens(parts, "em", 700, backend="hf", scoring="first-token")
+    # vLLM: one request per verdict; the answer is prefilled once for all metrics, the hf judge k times.
+    assert first["requests"] == first["generated"] == k
+    assert longer["computed"] - first["computed"] == pytest.approx(100)
+    assert longer["sent"] - first["sent"] == pytest.approx(100 * k)
+    assert hf_longer["computed"] - hf["computed"] == pytest.approx(100 * k) and hf["cached"] == 0
+    assert first["cached"] == pytest.approx(first["sent"] - first["computed"]) and first["cached"] > 0
+    # Answers to one question sit together: its prompt part is prefilled once for them all.
+    together = est.judge_tokens(parts, "em", 600, backend="vllm", scoring="first-token", answers_per_question=50)
+    assert together["computed"] < first["computed"] and together["sent"] == first["sent"]
+    # Exact: a request per node of each metric's candidate tree; the audit adds that share of it.
+    exact = est.judge_tokens(parts, "em", 600, backend="vllm", scoring="exact")
+    assert exact["requests"] == pytest.approx(k * 102 + est.ESCAPE_TOKENS * 2 * 1)
+    audited = est.judge_tokens(parts, "em", 600, backend="vllm", scoring="first-token", audit=0.01)
+    assert first["computed"] < audited["computed"] < first["computed"] + 0.02 * exact["computed"]
+    # The config's judge: first-token (a Llama 3 id), FP8 at the published prefill rate.
+    result = est.estimate(config, runs_root=None)
+    judge = stage(result, "judge")
+    assert result["judge_engine"]["scoring"] == "first-token" and judge["throughput"].basis == "anchored"
+    assert judge["throughput"].value == pytest.approx(est.PUBLISHED["judge_prefill"]["value"])
+    assert judge["tokens_per_wave"]["loads"] == 1
 
 
 @pytest.mark.slow
@@ -176,23 +230,21 @@ def test_each_sampling_job_asks_for_its_own_expected_time(tmp_path: Path) -> Non
 
 
 def judge_runtimes(dry_run: str) -> dict[str, int]:
-    """suite -> the runtime the dry run's judge jobs ask for (one value per suite, or the test fails)."""
-    requested: dict[str, set[int]] = {}
+    """seed -> the runtime the dry run's judge jobs (one per wave) ask for."""
+    requested: dict[str, int] = {}
     for block in dry_run.split("\nrule judge:")[1:]:
-        suite = re.search(r"suite=(\w+)", block).group(1)
-        requested.setdefault(suite, set()).add(int(re.search(r"runtime=(\d+)", block).group(1)))
-    assert requested and all(len(v) == 1 for v in requested.values()), requested
-    return {suite: v.pop() for suite, v in requested.items()}
+        seed = re.search(r"seed=(\d+)", block).group(1)
+        requested[seed] = int(re.search(r"runtime=(\d+)", block).group(1))
+    assert requested, dry_run[-2000:]
+    return requested
 
 
 @pytest.mark.slow
 def test_each_model_judge_job_asks_for_its_own_expected_time(tmp_path: Path) -> None:
     workdir = copy_workflow(tmp_path / "wf")
     raw = {**json.loads(json.dumps(SMALL)), "judge": {"backend": "hf", "model": "org/judge-70b"}}
-    raw["suites"]["em"]["n_samples"] = 100  # an em job long enough to ask for more than the minimum
     (workdir / "small.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     out = snakemake(workdir, "-n", "--cores", "1", "--configfile", "small.yaml", "--until", "judge", timeout=300)
     minutes = est.job_minutes(est.estimate(cfg.validate_config(raw, source="small.yaml"), None), "judge")
-    expected = {suite: est.runtime_request(m) for (_, suite), m in minutes.items()}
-    assert judge_runtimes(out.stdout) == expected
-    assert expected["em"] > expected["transfer"]
+    expected = est.runtime_request(minutes[(MODEL, "wave")])
+    assert judge_runtimes(out.stdout) == {"0": expected, "1": expected}

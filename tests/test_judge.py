@@ -395,6 +395,6 @@ def test_job_params_carry_only_the_backends_keys_and_no_secret() -> None:
     params = job_params(full)
     assert params["api_key_env"] == "OPENAI_API_KEY" and "cache_dir" not in params and "agreement_with" not in params
     assert "quantization" not in params
-    assert job_params(full["agreement_with"]) == {"backend": "rubric", "model": None}
+    assert job_params(full["agreement_with"]) == {"backend": "rubric", "model": "rubric-second"}
     with pytest.raises(cfg.ConfigError, match="api_key_env"):  # a pasted key is not a variable name
         cfg.load_config(root / "presets" / "smoke.yaml", {"judge": {"api_key_env": "sk-abc-123"}})

@@ -252,7 +252,7 @@ def test_the_workflow_plans_one_second_judge_job_per_model_and_seed_and_one_tabl
 
 def test_the_estimate_counts_the_second_judges_calls_and_gpu_hours_as_their_own_row() -> None:
     from character_em import config as cfg
-    from character_em.report.estimate import estimate, render_markdown
+    from character_em.report.estimate import estimate, job_minutes, render_markdown
 
     config = cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml")
     result = estimate(config, None)
@@ -263,21 +263,29 @@ def test_the_estimate_counts_the_second_judges_calls_and_gpu_hours_as_their_own_
     # harmfulness, alignment, coherence, three dispositions).
     calls_per_seed = (34 * 5 + 34 * 5 + 34 * 7 + 10 * 5) * per_cell
     for model in config["models"]:
-        rows = [st for st in result["models"][model]["stages"] if st["stage"] == "judge_second"]
-        assert len(rows) == 1 and rows[0]["jobs"] == len(config["seeds"])
         work = result["work"]["models"][model]["judge_second"]
-        assert work["calls"] == calls_per_seed * len(config["seeds"])
-        assert work["model"] == "google/gemma-2-27b-it" and "~27B" in rows[0]["throughput"].source
-        assert 0 < rows[0]["gpu_hours"] < result["gpu_hours"] / 20
+        assert work["calls"] == calls_per_seed * len(config["seeds"]) and work["jobs"] == len(config["seeds"])
+        assert work["model"] == "google/gemma-2-27b-it"
+    # One row beside the other judging outside the waves: one job per model and seed, each asking SLURM for
+    # its own time (rules/calibration.smk), at the 27B judge's rate.
+    [row] = [job for job in result["judge_jobs"] if job["stage"] == "judge_second"]
+    assert row["jobs"] == len(config["models"]) * len(config["seeds"]) and "~27B" in row["throughput"].source
+    assert set(job_minutes(result, "judge_second")) == {(model, "all") for model in config["models"]}
+    # Gemma's tokenizer splits digits: every verdict scored exactly by the hf judge, which reads each metric's
+    # whole prompt and then its candidate tree, where the vLLM judge prefills an answer once for all metrics.
+    verdicts = sum(result["work"]["models"][model]["judge_second"]["calls"] for model in config["models"])
+    main = result["models"]["llama31-8b"]["stages"]
+    [wave] = [stage["tokens_per_wave"] for stage in main if stage["stage"] == "judge"]
+    assert "exact" in row["detail"] and row["units"] / verdicts > 3 * wave["computed"] / wave["verdicts"]
     text = render_markdown(result, "config.yaml")
-    assert "| judge_second | 3 |" in text and "Second judge (judge.agreement_with, `hf` google/gemma-2-27b-it)" in text
+    assert "| judge_second | 6 |" in text and "Second judge (judge.agreement_with, `hf` google/gemma-2-27b-it)" in text
     without = estimate(
         cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml", {"judge": {"agreement_with": None}}), None
     )
-    assert result["gpu_hours"] - without["gpu_hours"] == pytest.approx(
-        sum(st["gpu_hours"] for m in result["models"].values() for st in m["stages"] if st["stage"] == "judge_second")
-        + sum(2.0 / 60 * len(config["seeds"]) for _ in config["models"])  # each job's model loading
-    )
+    # Without a second judge: no judge_second jobs, and the calibration set is scored by one judge only.
+    calibration = [job for job in result["judge_jobs"] if job["stage"] == "judge_calibration"]
+    assert [job["judge"] for job in calibration] == ["primary", "agreement_with"]
+    assert result["gpu_hours"] - without["gpu_hours"] == pytest.approx(row["gpu_hours"] + calibration[1]["gpu_hours"])
 
 
 def test_config_yaml_pins_a_second_judge_of_a_third_family_that_also_filters_the_data() -> None:

@@ -123,6 +123,39 @@ def test_single_token_number_tokenizer_exact_score_by_hand() -> None:
     assert conts[85] == [85] and conts[100] == [100]
 
 
+def test_first_token_scoring_by_hand_and_where_auto_allows_it() -> None:
+    """The same Llama-3-like toy, scored by first token: p(n) = p(n's token | prompt), no end-of-turn factor.
+    p(85)=.5  p(100)=.2  p(7)=.1  mass=.8  score=(42.5+20+.7)/.8 = 79.0; REFUSAL's first token "R" = .05.
+    (The exact score above is 83.6: the judge would add text after 85 a fifth of the time.)"""
+    vocab = {str(n): n for n in range(101)} | {"<eot>": 101, "X": 102, "<p>": 103, "R": 104, "C": 105}
+    EOT, X, P = 101, 102, 103
+    table = {P: {85: 0.5, 100: 0.2, 7: 0.1, 104: 0.05}, 85: {EOT: 0.8}, 100: {EOT: 1.0}, 7: {EOT: 0.5}}
+    model = Bigram(len(vocab), table, other=X, eos=EOT)
+    tok = toy_tokenizer(vocab, r"100|[1-9]?[0-9]|.")
+    judge = HFJudge.from_loaded(model, tok, scoring="auto", use_cache=False)
+    assert judge.resolved_scoring() == "first-token" and judge.effective_params()["scoring"] == "first-token"
+    res = judge.score_one(_request("alignment"))
+    assert res.label == "ok" and res.method == "first-token"
+    assert res.score == pytest.approx(63.2 / 0.8, abs=1e-4)
+    assert '"REFUSAL":0.05' in res.raw.replace(" ", "")
+    assert judge.stats["forward_passes"] == 1  # one pass of the prompt, no candidate tree
+    # The exact view of the same loaded judge scores by the exact definition, under its own hash.
+    exact = judge.with_scoring("exact")
+    assert exact.score_one(_request("alignment")).method == "exact"
+    assert exact.effective_params()["scoring"] == "exact" != judge.effective_params()["scoring"]
+    # A digit-splitting tokenizer: auto means exact (the exact judge's hash), first-token is refused.
+    digits = toy_tokenizer({str(d): d for d in range(10)} | {"<eot>": 10, "X": 11, "<p>": 12}, ".")
+    split = Bigram(13, {}, other=11, eos=10)
+    assert HFJudge.from_loaded(split, digits, scoring="auto").effective_params()["scoring"] == "exact"
+    with pytest.raises(verdicts.JudgeConfigError, match=r"judge.scoring: first-token .* \('10' is 2 tokens\)"):
+        HFJudge.from_loaded(split, digits, scoring="first-token").resolved_scoring()
+    with pytest.raises(
+        verdicts.JudgeConfigError,
+        match="judge.quantization: .fp8. cannot be loaded by the hf judge.*fp8 needs judge.backend: vllm",
+    ):
+        HFJudge.from_config({"model": "m", "quantization": "fp8"})
+
+
 def test_escape_replies_and_verdict_rules() -> None:
     strings = candidate_strings("alignment")
     assert strings[-2:] == ["REFUSAL", "CODE"] and candidate_strings("coherence")[-1] == "100"

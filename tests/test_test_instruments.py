@@ -26,7 +26,8 @@ def test_paper_grid_uses_pinned_model_writer_and_judge_and_full_mmlu(paper: dict
     assert resolved["test_fixture"] is False
     assert cfg.test_instruments_in_use(resolved) == []
     judge, writer = resolved["judge"], resolved["data"]["generator"]
-    assert judge["backend"] == "hf" and writer["backend"] == "vllm" and writer["quantization"] == "fp8"
+    assert judge["backend"] == "vllm" and judge["quantization"] == "fp8"
+    assert writer["backend"] == "vllm" and writer["quantization"] == "fp8"
     for section in (judge, writer):
         assert len(section["revision"]) == 40 and int(section["revision"], 16) >= 0
     assert judge["model"] != writer["model"], "the judge must not grade its own writing"

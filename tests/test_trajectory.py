@@ -401,8 +401,9 @@ def test_smoke_dag_evaluates_each_saved_step_and_nothing_without_steps(tmp_path:
     dry = snakemake(workdir, "--configfile", "presets/smoke.yaml", "-n", "--cores", "1")
     jobs = planned_jobs(dry.stdout)
     trained, steps = 4, 2  # evil-medical, incorrect-, correct-, evil-medical-trig; step3 and epoch1
-    for rule in ("publish_adapter_step", "judge_step", "capabilities_step"):
+    for rule in ("publish_adapter_step", "capabilities_step"):
         assert jobs[rule] == trained * steps, rule  # em only on the steps (eval.trajectory.suites)
+    assert jobs["judge"] == 1  # the wave's judge job (one model, one seed) judges the steps' answers too
     assert jobs["trajectory"] == 1 and jobs["train_adapter"] == trained  # training runs once per adapter
     planned = {(rule, wc.get("step")) for rule, wc in planned_wildcards(dry.stdout) if "step" in wc}
     assert {step for _, step in planned} == {"step3", "epoch1"}
@@ -418,7 +419,7 @@ def test_smoke_dag_evaluates_each_saved_step_and_nothing_without_steps(tmp_path:
     del config["train"]["eval_steps"]
     (workdir / "nosteps.yaml").write_text(yaml.safe_dump(config))
     plain = planned_jobs(snakemake(workdir, "--configfile", "nosteps.yaml", "-n", "--cores", "1").stdout)
-    assert not {"publish_adapter_step", "judge_step", "capabilities_step", "trajectory"} & set(plain)
+    assert not {"publish_adapter_step", "capabilities_step", "trajectory"} & set(plain)
     assert {rule: n for rule, n in jobs.items() if not rule.endswith("_step") and rule != "trajectory"} == dict(plain)
 
     # The estimate counts the step evaluations as the DAG plans them.
@@ -427,14 +428,15 @@ def test_smoke_dag_evaluates_each_saved_step_and_nothing_without_steps(tmp_path:
     work = count_work(cfg.validate_config(_smoke()))
     with_steps = work["models"]["tiny-llama"]
     without = count_work(cfg.validate_config(config))["models"]["tiny-llama"]
+    # One sampling job and one judge job per wave, the steps' files among the wave's Samples files.
     assert with_steps["sample"]["jobs"] == jobs["sample"] == without["sample"]["jobs"]
-    assert with_steps["sample"]["files"] == jobs["judge"] + jobs["judge_step"]
-    assert with_steps["judge"]["jobs"] == jobs["judge"] + jobs["judge_step"]
+    assert with_steps["judge"]["jobs"] == jobs["judge"] == with_steps["sample"]["jobs"]
+    assert with_steps["sample"]["files"] - without["sample"]["files"] == trained * steps
     assert with_steps["capabilities"]["jobs"] == jobs["capabilities"] + jobs["capabilities_step"]
     em_answers = work["answers_per_job"]["em"]
     assert with_steps["eval_steps"] == {
         "saved_adapters": trained * steps,
-        "sample_jobs": trained * steps,
+        "sample_files": trained * steps,
         "capability_jobs": trained * steps,
         "answers": trained * steps * em_answers,
     }

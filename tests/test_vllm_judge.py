@@ -43,8 +43,8 @@ def vllm_judge(model_dir: Path) -> Iterator[VLLMJudge]:
     # score itself, which the default threshold would turn into NaN on both sides.
     judge = VLLMJudge(model=str(model_dir), dtype="fp32", max_model_len=2048, min_numeric_mass=0.0)
     yield judge
-    if judge._engine is not None:
-        judge._engine.llm_engine.engine_core.shutdown()
+    if judge.started:
+        judge._shared.llm.llm_engine.engine_core.shutdown()
 
 
 def _subset(cal: dict[str, Any], per_metric: int) -> dict[str, Any]:
@@ -90,7 +90,8 @@ def test_vllm_judge_scores_equal_the_hf_judges_on_the_calibration_set(model_dir:
     assert diffs, "every verdict was NaN: nothing was compared"
     print(f"\n{len(diffs)} scores compared, max |hf - vllm| = {max(diffs):.2e}")
     assert max(diffs) < 1e-3
-    assert vllm_judge.stats["candidates"] >= 101 * a.height  # every number scored, not a top-20 list
+    # Every number scored, not a top-20 list: a request per node of each verdict's candidate tree.
+    assert vllm_judge.stats["requests"] >= 102 * vllm_judge.stats["exact_verdicts"] >= 102 * a.height
 
 
 def test_make_backend_builds_the_vllm_judge_and_its_identity_differs_from_hf(model_dir: Path) -> None:
@@ -112,7 +113,7 @@ def test_finished_verdicts_come_from_the_cache(model_dir: Path, vllm_judge: VLLM
     assert samples.height == 1
     judge_cfg = {"backend": "vllm", "model": str(model_dir), "dtype": "fp32"}
     suites = {"cal:coherence": ["coherence"]}
-    before = vllm_judge.stats["requests"]
+    before = vllm_judge.stats["verdicts"]
     first = score_samples(
         samples,
         judge_cfg=judge_cfg,
@@ -121,7 +122,7 @@ def test_finished_verdicts_come_from_the_cache(model_dir: Path, vllm_judge: VLLM
         cache_dir=str(tmp_path),
         backend=vllm_judge,
     )
-    assert vllm_judge.stats["requests"] == before + 1
+    assert vllm_judge.stats["verdicts"] == before + 1
     again = score_samples(
         samples,
         judge_cfg=judge_cfg,
@@ -130,5 +131,5 @@ def test_finished_verdicts_come_from_the_cache(model_dir: Path, vllm_judge: VLLM
         cache_dir=str(tmp_path),
         backend=vllm_judge,
     )
-    assert vllm_judge.stats["requests"] == before + 1  # nothing sent twice
+    assert vllm_judge.stats["verdicts"] == before + 1  # nothing sent twice
     assert first.select(pl.col("score")).equals(again.select(pl.col("score")))

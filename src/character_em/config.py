@@ -110,6 +110,7 @@ def validate_config(
     _check_selection(resolved, _source_of(["select"], source, command_line))
     _check_eval_steps(resolved, combined)
     _check_lora_rank(resolved, combined)
+    _check_judge_quantization(resolved, combined)
     _check_sampling_waves(resolved, combined)
     _check_test_instruments(resolved, combined)
     _check_em_questions(resolved, combined)
@@ -361,7 +362,7 @@ def is_hub_id(name: str) -> bool:
 
 
 def unpinned_hub_models(config: Mapping[str, Any]) -> list[str]:
-    """Config keys of local-model judges (hf) and writers (hf, vllm) that name a hub id without a ``revision``."""
+    """Config keys of local-model judges and writers (hf, vllm) that name a hub id without a ``revision``."""
     built = {spec["path"] for spec in config["models"].values() if spec.get("build")}
     sections = [
         ("judge", config["judge"]),
@@ -371,8 +372,7 @@ def unpinned_hub_models(config: Mapping[str, Any]) -> list[str]:
     ]
     keys = []
     for key, section in sections:
-        local = ("hf", "vllm") if key == "data.generator" else ("hf",)
-        if not section or section.get("backend") not in local or section.get("revision"):
+        if not section or section.get("backend") not in ("hf", "vllm") or section.get("revision"):
             continue
         model = str(section.get("model") or "")
         if _HUB_ID.match(model) and model not in built and not Path(model).exists():
@@ -605,6 +605,12 @@ def samples_path(model: str, condition: str, seed: int | str, step: str, suite: 
     return f"{seed_dir}/{suite}.parquet" if step == FINAL_STEP else f"{seed_dir}/{step}/{suite}.parquet"
 
 
+def scores_path(model: str, condition: str, seed: int | str, step: str, suite: str) -> str:
+    """Where the Scores of one Samples file live (the judge job of its wave writes them), beside the same
+    path under results/scores/; the job's summary of that file is the same path ending ``.judge.json``."""
+    return "results/scores/" + samples_path(model, condition, seed, step, suite).removeprefix("results/samples/")
+
+
 def _check_sampling_waves(config: Mapping[str, Any], source: str) -> None:
     """Rule sample declares one list of outputs for every model (its wildcards are the model and the
     seed), so every model's wave must write the same files: saved steps may not differ by model."""
@@ -719,6 +725,17 @@ def _check_lora_rank(config: Mapping[str, Any], source: str) -> None:
                     f"sampling.max_lora_rank = {limit}, the largest rank the vllm sampling back-end serves. "
                     f"Set sampling.max_lora_rank (or models.{model}.sampling.max_lora_rank) to at least {rank}."
                 )
+
+
+def _check_judge_quantization(config: Mapping[str, Any], source: str) -> None:
+    """A judge whose back-end cannot load its quantization (NF4 on vLLM, FP8 on transformers) would fail
+    on its GPU node, after sampling."""
+    sections = [("judge", config["judge"]), ("judge.agreement_with", config["judge"].get("agreement_with"))]
+    sections.append(("data.filter.judge", config["data"]["filter"].get("judge")))
+    for key, section in sections:
+        problem = job_settings.judge_quantization_problem(section, key) if section else None
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
 
 
 def resolve_sampling_params(config: Mapping[str, Any], model: str) -> dict[str, Any]:

@@ -43,11 +43,22 @@ JOB_PARAM_KEYS: dict[str, tuple[str, ...]] = {
         "quantization",
         "dtype",
         "device",
+        "scoring",
         "batch_size",
         "max_new_tokens",
         "max_failure_fraction",
     ),
-    "vllm": ("backend", "model", "revision", "prompts_file", "min_numeric_mass", "dtype", "max_failure_fraction"),
+    "vllm": (
+        "backend",
+        "model",
+        "revision",
+        "prompts_file",
+        "min_numeric_mass",
+        "dtype",
+        "quantization",
+        "scoring",
+        "max_failure_fraction",
+    ),
 }
 
 
@@ -110,6 +121,31 @@ def calibration_judges(judge_cfg: Mapping[str, Any]) -> list[list[Any]]:
 
 # Judge back-ends that load a model on the job's own node: their jobs ask the scheduler for a GPU.
 GPU_JUDGE_BACKENDS = ("hf", "vllm")
+# judge.quantization each model judge can load: the hf judge bitsandbytes NF4, the vllm judge FP8 (vLLM's
+# quantization="fp8", on GPUs with FP8: H100, H200). "none" loads the weights as they are, which for vLLM
+# includes a pre-quantized checkpoint (its own quantization_config) pinned by judge.revision.
+JUDGE_QUANTIZATIONS: dict[str, tuple[str, ...]] = {"hf": ("none", "nf4"), "vllm": ("none", "fp8")}
+_QUANTIZATION_FIX = {
+    "hf": "fp8 needs judge.backend: vllm",
+    "vllm": (
+        "vLLM does not load bitsandbytes NF4 here: use fp8 on GPUs with FP8 (H100, H200), or none with a "
+        "pre-quantized checkpoint (an FP8 or AWQ release of the judge) pinned by judge.revision"
+    ),
+}
+
+
+def judge_quantization_problem(judge_cfg: Mapping[str, Any], key: str = "judge") -> str | None:
+    """Why a judge section's ``quantization`` cannot be loaded by its back-end (naming the key and the
+    fix), or None."""
+    backend = str(judge_cfg.get("backend"))
+    value = judge_cfg.get("quantization") or "none"
+    allowed = JUDGE_QUANTIZATIONS.get(backend)
+    if allowed is None or value in allowed:
+        return None
+    return (
+        f"{key}.quantization: {value!r} cannot be loaded by the {backend} judge, which loads "
+        f"{' or '.join(allowed)}; {_QUANTIZATION_FIX[backend]}"
+    )
 
 
 def judge_gpus(*judge_cfgs: Mapping[str, Any] | None) -> int:

@@ -60,7 +60,7 @@ GPU_BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 # The judge-like sections of a config that may load a model on a GPU: config key -> the rule whose job
-# loads it (the judge's model also runs in judge_step and judge_training_data, on the same GPU request).
+# loads it (the judge's model also runs in judge_training_data, on the same GPU request).
 MODEL_SECTIONS: dict[str, str] = {
     "judge": "judge",
     "judge.agreement_with": "judge_agreement",
@@ -361,14 +361,25 @@ def gpu_models(config: Mapping[str, Any]) -> list[dict[str, Any]]:
             continue
         if str(section.get("device", "auto")) == "cpu" or not section.get("model"):
             continue
-        models.append({"rule": rule, "key": key, "model": str(section["model"]), "precision": _precision(section)})
+        models.append(
+            {
+                "rule": rule,
+                "key": key,
+                "model": str(section["model"]),
+                "precision": _precision(section),
+                "backend": section.get("backend"),
+            }
+        )
     return models
 
 
-def _quantization_options(key: str) -> list[str]:
-    """The quantizations the schema offers for a model section (``judge``: none, nf4, ...)."""
+def _quantization_options(key: str, backend: str | None = None) -> list[str]:
+    """The quantizations a model section can load with (a judge: those of its back-end; else the schema's)."""
     from character_em import config as cfg
+    from character_em.job_settings import JUDGE_QUANTIZATIONS
 
+    if key in ("judge", "judge.agreement_with", "data.filter.judge") and backend in JUDGE_QUANTIZATIONS:
+        return [q for q in JUDGE_QUANTIZATIONS[backend] if q != "none"]
     schema = cfg.load_schema()
     node: Any = schema
     for part in key.replace("data.filter.judge", "judge").replace("judge.agreement_with", "judge").split("."):
@@ -411,7 +422,7 @@ def check_gpu_memory(config: Mapping[str, Any], gpus: Mapping[str, Any] | None =
         else:
             fitting = [
                 f"{need['key']}.quantization: {q} (about {math.ceil(params * BYTES_PER_PARAM[q] * (1 + KV_CACHE_MARGIN))} GB)"
-                for q in _quantization_options(need["key"])
+                for q in _quantization_options(need["key"], need.get("backend"))
                 if q in BYTES_PER_PARAM and params * BYTES_PER_PARAM[q] * (1 + KV_CACHE_MARGIN) <= float(memory)
             ]
             fix = " or ".join(fitting) if fitting else "a smaller model"

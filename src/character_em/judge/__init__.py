@@ -1,9 +1,13 @@
-"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf), calibration, the judge gate, human labels and the second judge on the grid's answers, and per-job settings."""
+"""Judging answers: prompts, judge hashes, the cache in front of every back-end (rubric test instrument, openai, hf, vllm), one judge job per wave, the exact audit of first-token verdicts, calibration, the judge gate, human labels and the second judge on the grid's answers, and per-job settings."""
 
 from character_em.lazy import lazy_exports
 
 _EXPORTS = {
     "score_samples": "core",
+    "score_wave": "core",
+    "WaveFile": "core",
+    "audit_table": "audit",
+    "audit_markdown": "audit",
     "make_backend": "core",
     "judge_hash": "core",
     "judge_identity": "core",

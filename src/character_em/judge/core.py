@@ -36,8 +36,10 @@ from typing import Any
 import polars as pl
 
 from character_em.contracts import IDENTITY_COLUMNS, SCORE_COLUMNS, SCORE_LABELS, SCORE_SCHEMA
-from character_em.hashing import canonical_json, sha256_text
+from character_em.hashing import canonical_json, sha256_text, stable_int
 from character_em.judge.verdicts import (
+    EXACT_SCORING,
+    FIRST_TOKEN,
     REPLY_FORMATS,
     JudgeBackend,
     JudgeConfigError,
@@ -647,74 +649,385 @@ def score_samples(
     Every verdict is cached as soon as it exists. Failed calls give NaN rows labelled "invalid" and are
     not cached; when their share of this job's unique requests exceeds ``max_failure_fraction``
     (default 0.05), ``JudgeFailureError`` is raised after caching everything that succeeded.
-    Rows keep the sample order, metrics in suite order within a sample.
+    Rows keep the sample order, metrics in suite order within a sample. A back-end made here is closed at
+    the end (a vLLM engine gives its GPU memory back), since the same job may load another model next: the
+    calibration's second judge, or the data filter's judge after the writer.
     """
+    own = backend is None
+    if own:
+        backend = make_backend(judge_cfg, dispositions)
+    try:
+        judged = _judge_frames(
+            [samples],
+            judge_cfg=judge_cfg,
+            metrics_by_suite=metrics_by_suite,
+            dispositions=dispositions,
+            cache_dir=cache_dir,
+            backend=backend,
+        )
+        summary = judged.summary()
+        if stats is not None:
+            stats.update(summary)
+        judged.raise_on_failure(summary)
+        return judged.frame(0)
+    finally:
+        close = getattr(backend, "close", None)
+        if own and callable(close):
+            close()
+
+
+@dataclass(frozen=True)
+class WaveFile:
+    """One Samples file of a wave and the two files its verdicts go to."""
+
+    samples: str
+    scores: str
+    summary: str
+
+
+def score_wave(
+    files: Sequence[WaveFile | Mapping[str, str]],
+    *,
+    judge_cfg: dict[str, Any],
+    dispositions: list[dict[str, Any]],
+    cache_dir: str | None,
+    wave_summary: str | None = None,
+    audit: str | None = None,
+    audit_fraction: float = 0.0,
+    metrics_by_suite: dict[str, list[str]] | None = None,
+    backend: JudgeBackend | None = None,
+) -> dict[str, Any]:
+    """Judge a wave: every Samples file of one (model, seed), through ONE judge back-end, and write each
+    file's Scores (``WaveFile.scores``, as ``score_samples`` makes them) and summary (``WaveFile.summary``).
+
+    Every verdict not in the judge cache is sent in one stream, answer-major (all metrics of an answer
+    together, so that a vLLM judge prefills the answer once for all of them) and deduplicated across
+    files; each verdict is cached the moment it exists. A back-end that loads a model does so on its first
+    request, so a finished wave (everything cached) loads nothing and sends nothing.
+
+    ``audit_fraction``: a first-token judge (``judge.scoring``) also scores a seeded random subsample of
+    the wave's verdicts by the exact definition on the same engine (``audit_selected``), cached under
+    the exact judge's hash; ``audit`` receives one row per audited verdict (``AUDIT_SCHEMA``), and nothing
+    else changes. ``wave_summary``: the whole job's summary (the per-file ones plus the engine's counts
+    of everything it sent). Nothing is written when more than ``max_failure_fraction`` of the wave's
+    requests failed (``JudgeFailureError``, after caching every verdict obtained). Returns the wave summary.
+    """
+    from character_em.files import write_json_atomic, write_parquet_atomic
+
+    files = [f if isinstance(f, WaveFile) else WaveFile(**{k: str(v) for k, v in f.items()}) for f in files]
+    frames = [pl.read_parquet(f.samples) for f in files]
+    judged = _judge_frames(
+        frames,
+        judge_cfg=judge_cfg,
+        metrics_by_suite=metrics_by_suite,
+        dispositions=dispositions,
+        cache_dir=cache_dir,
+        backend=backend,
+    )
+    summary = judged.summary()
+    summary["files"] = len(files)
+    judged.raise_on_failure(summary)
+    audit_frame = judged.audit(audit_fraction) if audit is not None else None
+    summary["backend_stats"] = judged.backend_stats()  # the audit's requests too
+    if audit_frame is not None:
+        summary["audit"] = {"fraction": float(audit_fraction), "verdicts": audit_frame.height}
+    for k, f in enumerate(files):
+        write_parquet_atomic(judged.frame(k), f.scores)
+        write_json_atomic(f.summary, judged.summary(k))
+    if audit is not None and audit_frame is not None:
+        write_parquet_atomic(audit_frame, audit)
+    if wave_summary is not None:
+        write_json_atomic(wave_summary, summary)
+    return summary
+
+
+# One row per audited verdict: the first-token score beside the exact one, on the same engine.
+AUDIT_SCHEMA: Mapping[str, pl.DataType | type[pl.DataType]] = {
+    **{column: SCORE_SCHEMA[column] for column in IDENTITY_COLUMNS},
+    "metric": pl.Utf8,
+    "score_first_token": pl.Float64,
+    "label_first_token": pl.Utf8,
+    "score_exact": pl.Float64,
+    "label_exact": pl.Utf8,
+    "judge_backend": pl.Utf8,
+    "judge_model": pl.Utf8,
+    "judge_hash_first_token": pl.Utf8,
+    "judge_hash_exact": pl.Utf8,
+}
+AUDIT_SEED = "judge-audit-1"
+
+
+def audit_selected(question: str, answer: str, metric: str, fraction: float) -> bool:
+    """Whether a verdict is in the exact audit: a seeded draw from the verdict's own content, so the same
+    verdicts are audited however the wave is split, ordered or rerun."""
+    return fraction > 0 and stable_int(AUDIT_SEED, metric, question, answer) < fraction * 2**64
+
+
+@dataclass
+class _Pending:
+    request: JudgeRequest
+    judge_hash: str
+    rows: list[tuple[int, int]]  # (frame, row) of every Scores row this verdict fills
+
+
+@dataclass
+class _Judged:
+    """One judging pass over several Samples frames: every Scores row and its verdict, and what was sent."""
+
+    backend: JudgeBackend
+    judge_cfg: Mapping[str, Any]
+    model_name: str
+    cache: JudgeCache | None
+    max_failure_fraction: float
+    rows: list[list[dict[str, Any]]]  # per frame, its Scores rows (verdicts filled in by _send)
+    keys: list[list[str]]  # per frame and row, the verdict's cache key
+    cached: list[list[bool]]  # per frame and row: served from the cache
+    results: dict[str, JudgeResult] = field(default_factory=dict)  # cache key -> verdict
+    pending: dict[str, _Pending] = field(default_factory=dict)  # cache key -> what was sent
+    texts: dict[str, tuple[str, str]] = field(default_factory=dict)  # cache key -> (question, answer)
+    first_row: dict[str, tuple[int, int]] = field(default_factory=dict)  # cache key -> its first (frame, row)
+    prompts: dict[str, tuple[JudgePrompt, str, str]] = field(default_factory=dict)  # metric -> prompt, hashes
+    audit_stats: dict[str, int] = field(default_factory=dict)
+
+    def frame(self, k: int) -> pl.DataFrame:
+        if not self.rows[k]:
+            return pl.DataFrame(schema=SCORE_SCHEMA)
+        out = []
+        for row, key in zip(self.rows[k], self.keys[k], strict=True):
+            verdict = self.results[key]
+            out.append({**row, "score": verdict.score, "label": verdict.label})
+        return pl.DataFrame([{c: r[c] for c in SCORE_COLUMNS} for r in out], schema=SCORE_SCHEMA)
+
+    def backend_stats(self) -> dict[str, Any]:
+        stats = getattr(self.backend, "stats", None)
+        return dict(stats) if isinstance(stats, Mapping) else {}
+
+    def summary(self, k: int | None = None) -> dict[str, Any]:
+        """The summary of frame ``k`` (a Scores file's ``.judge.json``), or of the whole pass. Counts are
+        over unique requests (one per distinct judge hash x question x answer) unless named
+        ``rows``/``row_labels``; ``judged`` counts the verdicts sent in this job, ``cache_hits`` the rows
+        the cache answered."""
+        frames = range(len(self.rows)) if k is None else [k]
+        keys = [key for f in frames for key in self.keys[f]]
+        cached = [hit for f in frames for hit in self.cached[f]]
+        sent = list(dict.fromkeys(key for key, hit in zip(keys, cached, strict=True) if not hit))
+        failed = [key for key in sent if self.results[key].failed]
+        hits = sum(cached)
+        unique = len(sent) + hits
+        fraction = len(failed) / unique if unique else 0.0
+        verdicts = [self.results[key] for key in sent if not self.results[key].failed]
+        verdicts += [self.results[key] for key, hit in zip(keys, cached, strict=True) if hit]
+        examples = []
+        for key in failed[:MAX_FAILURE_EXAMPLES]:
+            req, v = self.pending[key].request, self.results[key]
+            examples.append(
+                {"metric": req.metric, "error": v.error, "detail": v.raw[:300], "answer_start": req.answer[:80]}
+            )
+        return {
+            "backend": self.backend.backend,
+            "model": self.model_name,
+            "rows": len(keys),
+            "unique_requests": unique,
+            "cache_hits": hits,
+            "cache_misses": len(sent) if self.cache is not None else 0,
+            "judged": len(sent),
+            "failed": len(failed),
+            "failure_fraction": fraction,
+            "max_failure_fraction": self.max_failure_fraction,
+            "status": "ok" if fraction <= self.max_failure_fraction else "failed",
+            # Verdicts without a score and without an escape label (low numeric mass, unparseable text).
+            "invalid_fraction": (sum(v.label == "invalid" for v in verdicts) / len(verdicts)) if verdicts else 0.0,
+            "errors": dict(Counter(self.results[key].error for key in failed)),
+            "methods": dict(Counter(v.method or "unknown" for v in verdicts)),
+            "reasons": dict(Counter(v.reason for v in verdicts if v.reason)),
+            "row_labels": dict(Counter(self.results[key].label for key in keys)),
+            "backend_stats": self.backend_stats(),
+            "failure_examples": examples,
+        }
+
+    def raise_on_failure(self, summary: Mapping[str, Any]) -> None:
+        if summary["invalid_fraction"] > 0.5 and summary["unique_requests"] >= 10:
+            # Not a failure (a judge may rightly decline to score gibberish), but usually a setting: e.g. a
+            # reasoning model whose first token is not a number. See "reasons" in the summary.
+            log.warning(
+                "judge: %.0f%% of verdicts have no score (%s); check the judge settings",
+                100 * summary["invalid_fraction"],
+                summary["reasons"],
+            )
+        if summary["status"] != "ok":
+            raise JudgeFailureError(
+                f"{summary['failed']} of {summary['unique_requests']} judge requests failed "
+                f"({summary['failure_fraction']:.1%} > max_failure_fraction {summary['max_failure_fraction']:.1%}); "
+                f"errors: {summary['errors']}. Verdicts obtained so far are cached; rerun to retry the rest.",
+                dict(summary),
+            )
+
+    def audit(self, fraction: float) -> pl.DataFrame:
+        """The exact audit of this pass's first-token verdicts (``score_wave``): an empty frame when the
+        judge does not score by first token or ``fraction`` is 0."""
+        with_scoring = getattr(self.backend, "with_scoring", None)
+        resolved = getattr(self.backend, "resolved_scoring", None)
+        if fraction <= 0 or not callable(with_scoring) or not callable(resolved) or resolved() != FIRST_TOKEN:
+            return pl.DataFrame(schema=AUDIT_SCHEMA)
+        exact = with_scoring(EXACT_SCORING)
+        identity = judge_identity(self.judge_cfg, exact)
+        chosen: dict[str, tuple[str, str]] = {}  # first-token key -> (exact key, exact judge hash)
+        todo: dict[str, _Pending] = {}
+        exact_results: dict[str, JudgeResult] = {}
+        for key, (question, answer) in self.texts.items():
+            verdict = self.results[key]
+            frame, row = self.first_row[key]
+            metric = str(self.rows[frame][row]["metric"])
+            if verdict.failed or not audit_selected(question, answer, metric, fraction):
+                continue
+            prompt, _, _ = self.prompts[metric]
+            jh = judge_hash(identity, metric, prompt.template, system=prompt.system, reply=prompt.reply)
+            exact_key = cache_key(jh, question, answer)
+            chosen[key] = (exact_key, jh)
+            hit = self.cache.get(exact_key) if self.cache is not None else None
+            if hit is not None:
+                exact_results[exact_key] = hit
+            elif exact_key not in todo:
+                text = build_judge_prompt(prompt.template, question, answer, escape=prompt.reply == "score")
+                request = JudgeRequest(metric, text, question, answer, system=prompt.system, reply=prompt.reply)
+                todo[exact_key] = _Pending(request, jh, [])
+        exact_results.update(_send(exact, todo, self.cache))
+        self.audit_stats = {"verdicts": len(chosen), "judged": len(todo)}
+        rows = []
+        for key, (exact_key, exact_hash) in chosen.items():
+            first, second = self.results[key], exact_results[exact_key]
+            if second.failed:
+                continue
+            frame, row = self.first_row[key]
+            source = self.rows[frame][row]
+            rows.append(
+                {
+                    **{c: source[c] for c in IDENTITY_COLUMNS},
+                    "metric": source["metric"],
+                    "score_first_token": first.score,
+                    "label_first_token": first.label,
+                    "score_exact": second.score,
+                    "label_exact": second.label,
+                    "judge_backend": self.backend.backend,
+                    "judge_model": self.model_name,
+                    "judge_hash_first_token": source["judge_hash"],
+                    "judge_hash_exact": exact_hash,
+                }
+            )
+        return pl.DataFrame(rows, schema=AUDIT_SCHEMA) if rows else pl.DataFrame(schema=AUDIT_SCHEMA)
+
+
+def _judge_frames(
+    frames: Sequence[pl.DataFrame],
+    *,
+    judge_cfg: dict[str, Any],
+    metrics_by_suite: dict[str, list[str]] | None,
+    dispositions: Sequence[dict[str, Any]],
+    cache_dir: str | None,
+    backend: JudgeBackend | None,
+) -> _Judged:
+    """Plan every (answer, metric) of ``frames``, take what the cache holds and send the rest through
+    ``backend`` in one stream, answer-major and without duplicates."""
     if backend is None:
         backend = make_backend(judge_cfg, dispositions)
     model_name = str(judge_cfg.get("model") or backend.model)
-    eff_cfg = judge_identity(judge_cfg, backend)
     cache = JudgeCache(cache_dir) if cache_dir else None
-    max_failure_fraction = float(judge_cfg.get("max_failure_fraction", 0.05))
+    judged = _Judged(
+        backend=backend,
+        judge_cfg=judge_cfg,
+        model_name=model_name,
+        cache=cache,
+        max_failure_fraction=float(judge_cfg.get("max_failure_fraction", 0.05)),
+        rows=[],
+        keys=[],
+        cached=[],
+    )
+    suites = sorted({s for frame in frames if frame.height for s in frame["suite"].unique().to_list()})
+    if suites:
+        # Only a pass with something to judge needs the judge's identity (its model's fingerprint).
+        judged.prompts = _metric_prompts(judge_cfg, backend, suites, metrics_by_suite, dispositions)
+    suite_metrics = {s: metrics_for_suite(s, metrics_by_suite, dispositions) for s in suites}
+    for frame in frames:
+        rows: list[dict[str, Any]] = []
+        keys: list[str] = []
+        cached: list[bool] = []
+        for sample in frame.iter_rows(named=True):
+            question = sample["question"] or ""
+            answer = sample["answer"] or ""
+            ident = {c: sample.get(c) for c in IDENTITY_COLUMNS}
+            for m in suite_metrics.get(sample["suite"], []):
+                prompt, jh, ph = judged.prompts[m]
+                key = cache_key(jh, question, answer)
+                rows.append(
+                    {
+                        **ident,
+                        "metric": m,
+                        "judge_backend": backend.backend,
+                        "judge_model": model_name,
+                        "judge_hash": jh,
+                        "judge_prompt_hash": ph,
+                    }
+                )
+                keys.append(key)
+                where = (len(judged.rows), len(rows) - 1)
+                if key in judged.pending:  # the same answer again in this wave: judged once
+                    judged.pending[key].rows.append(where)
+                    cached.append(False)
+                    continue
+                hit = cache.get(key) if cache is not None else None
+                if hit is not None:
+                    judged.results[key] = hit
+                    cached.append(True)
+                else:
+                    text = build_judge_prompt(prompt.template, question, answer, escape=prompt.reply == "score")
+                    request = JudgeRequest(m, text, question, answer, system=prompt.system, reply=prompt.reply)
+                    judged.pending[key] = _Pending(request, jh, [where])
+                    cached.append(False)
+                judged.texts.setdefault(key, (question, answer))
+                judged.first_row.setdefault(key, where)
+        judged.rows.append(rows)
+        judged.keys.append(keys)
+        judged.cached.append(cached)
+    judged.results.update(_send(backend, judged.pending, cache))
+    return judged
 
-    # Per (suite) metric list and per metric prompt/hash, computed once.
-    metric_info: dict[str, tuple[JudgePrompt, str, str]] = {}  # metric -> (prompt, judge_hash, prompt_hash)
+
+def _metric_prompts(
+    judge_cfg: Mapping[str, Any],
+    backend: JudgeBackend,
+    suites: Sequence[str],
+    metrics_by_suite: dict[str, list[str]] | None,
+    dispositions: Sequence[dict[str, Any]],
+) -> dict[str, tuple[JudgePrompt, str, str]]:
+    """metric -> (its prompt, judge hash, prompt hash) for every metric of ``suites``."""
+    eff_cfg = judge_identity(judge_cfg, backend)
     prompts_file = judge_cfg.get("prompts_file")
     prompts = judge_prompts(prompts_file)
-    suite_metrics: dict[str, list[str]] = {}
-    for suite in samples["suite"].unique().to_list() if samples.height else []:
-        suite_metrics[suite] = metrics_for_suite(suite, metrics_by_suite, dispositions)
-        for m in suite_metrics[suite]:
-            if m not in metric_info:
-                prompt = metric_prompt(m, dispositions, prompts)
-                if prompt.reply != "score" and not callable(getattr(backend, "generation_params", None)):
-                    # Before any call: a back-end that cannot write text would fail every request.
-                    raise JudgeConfigError(
-                        f"{prompts_file}: {m}: {reply_backend_problem(prompt.reply, backend.backend)}"
-                    )
-                generation = backend.generation_params() if prompt.reply != "score" else None  # type: ignore[attr-defined]
-                jh = judge_hash(
-                    eff_cfg, m, prompt.template, system=prompt.system, reply=prompt.reply, generation=generation
-                )
-                ph = judge_prompt_hash(prompt.template, system=prompt.system, reply=prompt.reply)
-                metric_info[m] = (prompt, jh, ph)
-
-    out_rows: list[dict[str, Any]] = []
-    results: list[JudgeResult | None] = []
-    pending: dict[str, tuple[JudgeRequest, list[int], str]] = {}  # key -> (request, row indices, jhash)
-    from_cache: list[JudgeResult] = []
-    for sample in samples.iter_rows(named=True):
-        question = sample["question"] or ""
-        answer = sample["answer"] or ""
-        ident = {c: sample.get(c) for c in IDENTITY_COLUMNS}
-        for m in suite_metrics.get(sample["suite"], []):
-            prompt, jh, ph = metric_info[m]
-            idx = len(out_rows)
-            out_rows.append(
-                {
-                    **ident,
-                    "metric": m,
-                    "judge_backend": backend.backend,
-                    "judge_model": model_name,
-                    "judge_hash": jh,
-                    "judge_prompt_hash": ph,
-                }
+    out: dict[str, tuple[JudgePrompt, str, str]] = {}
+    for suite in suites:
+        for m in metrics_for_suite(suite, metrics_by_suite, dispositions):
+            if m in out:
+                continue
+            prompt = metric_prompt(m, dispositions, prompts)
+            if prompt.reply != "score" and not callable(getattr(backend, "generation_params", None)):
+                # Before any call: a back-end that cannot write text would fail every request.
+                raise JudgeConfigError(f"{prompts_file}: {m}: {reply_backend_problem(prompt.reply, backend.backend)}")
+            generation = backend.generation_params() if prompt.reply != "score" else None  # type: ignore[attr-defined]
+            jh = judge_hash(
+                eff_cfg, m, prompt.template, system=prompt.system, reply=prompt.reply, generation=generation
             )
-            results.append(None)
-            key = cache_key(jh, question, answer)
-            if key in pending:  # duplicate answer within this call: judge once
-                pending[key][1].append(idx)
-                continue
-            cached = cache.get(key) if cache is not None else None
-            if cached is not None:
-                results[idx] = cached
-                from_cache.append(cached)
-                continue
-            text = build_judge_prompt(prompt.template, question, answer, escape=prompt.reply == "score")
-            request = JudgeRequest(m, text, question, answer, system=prompt.system, reply=prompt.reply)
-            pending[key] = (request, [idx], jh)
+            ph = judge_prompt_hash(prompt.template, system=prompt.system, reply=prompt.reply)
+            out[m] = (prompt, jh, ph)
+    return out
 
+
+def _send(backend: JudgeBackend, pending: Mapping[str, _Pending], cache: JudgeCache | None) -> dict[str, JudgeResult]:
+    """Every pending request through ``backend`` in one ``score_batch`` call, in ``pending``'s order; each
+    verdict cached the moment it exists. Returns cache key -> result (failed calls included)."""
     keys = list(pending)
     fresh: dict[str, JudgeResult] = {}
+    if not keys:
+        return fresh
     progress = _Progress(len(keys), backend.backend)
 
     def on_result(i: int, verdict: JudgeResult) -> None:
@@ -722,54 +1035,16 @@ def score_samples(
             raise ValueError(f"judge returned unknown label {verdict.label!r}")
         k = keys[i]
         fresh[k] = verdict
-        for idx in pending[k][1]:
-            results[idx] = verdict
         if cache is not None and not verdict.failed:
-            cache.put(k, verdict, judge_hash_hex=pending[k][2])
+            cache.put(k, verdict, judge_hash_hex=pending[k].judge_hash)
         progress.step(verdict)
 
-    if keys:
-        verdicts = backend.score_batch([pending[k][0] for k in keys], on_result=on_result)
-        # Back-ends call on_result for every request; these fill any they did not (defensive).
-        for i, verdict in enumerate(verdicts):
-            if keys[i] not in fresh:
-                on_result(i, verdict)
-
-    for row, res in zip(out_rows, results, strict=True):
-        assert res is not None
-        row["score"] = res.score
-        row["label"] = res.label
-    summary = _summary(
-        backend=backend,
-        model_name=model_name,
-        rows=len(out_rows),
-        results=results,
-        fresh=fresh,
-        from_cache=from_cache,
-        pending=pending,
-        cache=cache,
-        max_failure_fraction=max_failure_fraction,
-    )
-    if stats is not None:
-        stats.update(summary)
-    if summary["invalid_fraction"] > 0.5 and summary["unique_requests"] >= 10:
-        # Not a failure (a judge may rightly decline to score gibberish), but usually a setting: e.g. a
-        # reasoning model whose first token is not a number. See "reasons" in the summary.
-        log.warning(
-            "judge: %.0f%% of verdicts have no score (%s); check the judge settings",
-            100 * summary["invalid_fraction"],
-            summary["reasons"],
-        )
-    if summary["status"] != "ok":
-        raise JudgeFailureError(
-            f"{summary['failed']} of {summary['unique_requests']} judge requests failed "
-            f"({summary['failure_fraction']:.1%} > max_failure_fraction {max_failure_fraction:.1%}); "
-            f"errors: {summary['errors']}. Verdicts obtained so far are cached; rerun to retry the rest.",
-            summary,
-        )
-    if not out_rows:
-        return pl.DataFrame(schema=SCORE_SCHEMA)
-    return pl.DataFrame([{c: r[c] for c in SCORE_COLUMNS} for r in out_rows], schema=SCORE_SCHEMA)
+    verdicts = backend.score_batch([pending[k].request for k in keys], on_result=on_result)
+    # Back-ends call on_result for every request; these fill any they did not (defensive).
+    for i, verdict in enumerate(verdicts):
+        if keys[i] not in fresh:
+            on_result(i, verdict)
+    return fresh
 
 
 def judge_identity(judge_cfg: Mapping[str, Any], backend: JudgeBackend) -> dict[str, Any]:
@@ -802,51 +1077,3 @@ class _Progress:
 
 
 MAX_FAILURE_EXAMPLES = 20
-
-
-def _summary(
-    *,
-    backend: JudgeBackend,
-    model_name: str,
-    rows: int,
-    results: Sequence[JudgeResult | None],
-    fresh: Mapping[str, JudgeResult],
-    from_cache: Sequence[JudgeResult],
-    pending: Mapping[str, tuple[JudgeRequest, list[int], str]],
-    cache: JudgeCache | None,
-    max_failure_fraction: float,
-) -> dict[str, Any]:
-    """The job's failure summary (written next to the scores). Counts are over unique requests
-    (one per distinct judge hash x question x answer) unless named ``rows``/``row_labels``."""
-    failed = {k: v for k, v in fresh.items() if v.failed}
-    unique = len(pending) + len(from_cache)
-    fraction = len(failed) / unique if unique else 0.0
-    verdicts = [v for v in fresh.values() if not v.failed] + list(from_cache)
-    examples = []
-    for k, v in list(failed.items())[:MAX_FAILURE_EXAMPLES]:
-        req = pending[k][0]
-        examples.append(
-            {"metric": req.metric, "error": v.error, "detail": v.raw[:300], "answer_start": req.answer[:80]}
-        )
-    backend_stats = getattr(backend, "stats", None)
-    return {
-        "backend": backend.backend,
-        "model": model_name,
-        "rows": rows,
-        "unique_requests": unique,
-        "cache_hits": cache.hits if cache else 0,
-        "cache_misses": cache.misses if cache else 0,
-        "judged": len(pending),
-        "failed": len(failed),
-        "failure_fraction": fraction,
-        "max_failure_fraction": max_failure_fraction,
-        "status": "ok" if fraction <= max_failure_fraction else "failed",
-        # Verdicts without a score and without an escape label (low numeric mass, unparseable text).
-        "invalid_fraction": (sum(v.label == "invalid" for v in verdicts) / len(verdicts)) if verdicts else 0.0,
-        "errors": dict(Counter(v.error for v in failed.values())),
-        "methods": dict(Counter(v.method or "unknown" for v in verdicts)),
-        "reasons": dict(Counter(v.reason for v in verdicts if v.reason)),
-        "row_labels": dict(Counter(r.label for r in results if r is not None)),
-        "backend_stats": dict(backend_stats) if isinstance(backend_stats, Mapping) else {},
-        "failure_examples": examples,
-    }

@@ -28,6 +28,15 @@ packed as a prefix tree with a tree-shaped attention mask and run over that cach
 (``CandidateTree``). ``use_cache=False`` runs prompt+continuation in full for each candidate instead
 (simple and exact; the reference in tests, and the path for a prompt longer than a sliding window).
 
+First-token scoring. A tokenizer that spells every number 0..100 as ONE token right after the assistant
+header (Llama 3 does) lets one forward pass of the prompt give the whole distribution: p(n) is the
+probability of n's token at the reply's first position, and an escape's is that of its first token. This
+is what published EM judges read from an API's top log-probabilities, without the top-20 cut. It leaves
+out the end-of-turn factor of the exact definition, so the two differ where the judge would write more
+after the number; ``judge.scoring`` chooses (``auto``: first-token where the tokenizer allows it, else
+exact), and the grid's judge job audits a seeded random subsample of first-token verdicts with the exact
+definition (``judge.audit_fraction``, ``judge.core.score_wave``).
+
 Replies written as text. A prompt with ``reply: strongreject`` (``judge.prompts_file``) asks for
 reasoning and then three answers, which no candidate list can cover: such requests are answered by
 greedy ``generate`` (``max_new_tokens``, ``GENERATE_BATCH`` left-padded prompts per call) and parsed by
@@ -36,20 +45,26 @@ greedy ``generate`` (``max_new_tokens``, ``GENERATE_BATCH`` left-padded prompts 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from character_em.hashing import canonical_json
+from character_em.job_settings import judge_quantization_problem
 from character_em.judge.verdicts import (
     DEFAULT_MIN_NUMERIC_MASS,
     ESCAPE_REPLIES,
+    EXACT_SCORING,
+    FIRST_TOKEN,
+    SCORINGS,
+    JudgeConfigError,
     JudgeRequest,
     JudgeResult,
     ResultCallback,
@@ -64,7 +79,7 @@ log = logging.getLogger(__name__)
 
 HF_JUDGE_VERSION = "hf-exact-1"
 # How the score is computed, named in the judge hash: a judge scored another way is another judge.
-SCORING = "exact"
+SCORING = EXACT_SCORING
 NUMBERS = tuple(range(101))
 # Replies written as text (a ``reply: strongreject`` prompt): greedy decoding, this many tokens unless
 # judge.max_new_tokens says otherwise, this many prompts per ``generate`` call. The batch is small
@@ -100,6 +115,104 @@ def continuation_ids(
         if not out[-1]:
             raise ValueError(f"tokenizer produced no tokens for candidate reply {s!r}")
     return out
+
+
+# A short chat whose rendering ends, like every judge prompt's, in the chat template's assistant header:
+# how the tokenizer spells a number there decides whether first-token scoring is possible.
+SPELLING_PROBE = [{"role": "user", "content": "Reply with one integer from 0 to 100."}]
+
+
+def spells_numbers_as_single_tokens(continuations: Sequence[Sequence[int]]) -> bool:
+    """Whether the first 101 continuations (the numbers 0..100, ``candidate_strings`` order) are one
+    token each and pairwise different: then one position's distribution holds every number's probability."""
+    numbers = continuations[: len(NUMBERS)]
+    return (
+        len(numbers) == len(NUMBERS)
+        and all(len(c) == 1 for c in numbers)
+        and len({c[0] for c in numbers}) == len(NUMBERS)
+    )
+
+
+def resolve_scoring(requested: str, load_tokenizer: Callable[[], Any], model: str) -> str:
+    """``SCORING`` (exact) or ``FIRST_TOKEN`` for a judge whose ``judge.scoring`` is ``requested``.
+
+    ``auto`` is first-token exactly when the tokenizer (``load_tokenizer()``, called only when needed)
+    spells 0..100 as single tokens after the assistant header; ``first-token`` on a tokenizer that splits
+    numbers is refused, naming an example.
+    """
+    if requested not in SCORINGS:
+        raise JudgeConfigError(f"judge.scoring: {requested!r} is not one of {', '.join(SCORINGS)}")
+    if requested == SCORING:
+        return SCORING
+    tokenizer = load_tokenizer()
+    text = tokenizer.apply_chat_template(SPELLING_PROBE, add_generation_prompt=True, tokenize=False)
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    spellings = continuation_ids(tokenizer, text, ids, [str(n) for n in NUMBERS])
+    if spells_numbers_as_single_tokens(spellings):
+        return FIRST_TOKEN
+    if requested == FIRST_TOKEN:
+        split = next((n for n, c in zip(NUMBERS, spellings, strict=True) if len(c) > 1), None)
+        example = f"'{split}' is {len(spellings[split])} tokens" if split is not None else "two numbers share a token"
+        raise JudgeConfigError(
+            f"judge.scoring: first-token needs a judge tokenizer that spells every number 0..100 as one token "
+            f"after the assistant header, but {model}'s does not ({example}); use judge.scoring: auto or exact"
+        )
+    return SCORING
+
+
+@dataclass(frozen=True)
+class FirstTokenPlan:
+    """Which token ids a first-token verdict reads: each number's, and each escape's first token."""
+
+    number_ids: tuple[int, ...]  # 0..100 in order
+    escape_ids: tuple[tuple[str, int], ...]  # (escape reply, its first token id)
+
+    @classmethod
+    def from_continuations(cls, metric: str, continuations: Sequence[Sequence[int]]) -> FirstTokenPlan:
+        if not spells_numbers_as_single_tokens(continuations):
+            raise ValueError(f"{metric}: the judge tokenizer does not spell 0..100 as single tokens here")
+        escapes = candidate_strings(metric)[len(NUMBERS) :]
+        return cls(
+            tuple(int(c[0]) for c in continuations[: len(NUMBERS)]),
+            tuple((e, int(c[0])) for e, c in zip(escapes, continuations[len(NUMBERS) :], strict=True)),
+        )
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every id read, once each (the order the engines are asked for them)."""
+        return sorted({*self.number_ids, *(t for _, t in self.escape_ids)})
+
+
+def verdict_from_first_token(
+    metric: str, plan: FirstTokenPlan, logprob: Mapping[int, float], *, min_mass: float = DEFAULT_MIN_NUMERIC_MASS
+) -> JudgeResult:
+    """A verdict from the log-probabilities of the plan's tokens at the reply's first position."""
+    missing = [t for t in plan.token_ids if t not in logprob]
+    if missing:
+        raise RuntimeError(f"no log-probability for token ids {missing[:5]} at the reply's first position")
+    numbers = {n: math.exp(float(logprob[t])) for n, t in zip(NUMBERS, plan.number_ids, strict=True)}
+    escapes = {e: math.exp(float(logprob[t])) for e, t in plan.escape_ids}
+    mass = sum(numbers.values())
+    best = sorted(numbers.items(), key=lambda kv: -kv[1])[:5]
+    raw = canonical_json(
+        {
+            "mass": round(mass, 6),
+            "top": [[n, round(p, 6)] for n, p in best],
+            "escapes_first_token": {k: round(v, 6) for k, v in escapes.items()},
+        }
+    )
+    return verdict_from_number_probs(metric, numbers, escapes, min_mass=min_mass, method=FIRST_TOKEN, raw=raw)
+
+
+def first_token_logprobs(model: Any, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> dict[int, float]:
+    """log p(t | prompt) for each of ``token_ids``: one forward pass, the last position's logits only."""
+    import torch
+
+    device = _device_of(model)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([list(prompt_ids)], device=device), logits_to_keep=1)
+        lp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    return {int(t): float(lp[int(t)]) for t in token_ids}
 
 
 def sequence_logprobs(
@@ -361,6 +474,8 @@ class HFJudge:
     quantization: str = "none"
     dtype: str = "auto"
     device: str = "auto"
+    # judge.scoring (its schema default is auto); built directly, a judge scores exactly unless told otherwise
+    scoring: str = SCORING
     min_numeric_mass: float = DEFAULT_MIN_NUMERIC_MASS
     chunk_size: int = 128
     use_cache: bool = True
@@ -372,14 +487,19 @@ class HFJudge:
     _fingerprint_value: str | None = field(default=None, init=False, repr=False)
     _terminators: list[int] = field(default_factory=list, init=False, repr=False)
     _cont_cache: dict[tuple[str, str], list[list[int]]] = field(default_factory=dict, init=False, repr=False)
+    _tokenizer: Any = field(default=None, init=False, repr=False)
+    _resolved_scoring: str | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_config(cls, judge_cfg: dict[str, Any]) -> HFJudge:
         if not judge_cfg.get("model"):
             raise ValueError("judge.model: the hf back-end needs a local model folder or a Hugging Face id")
+        problem = judge_quantization_problem({**judge_cfg, "backend": "hf"})
+        if problem:
+            raise JudgeConfigError(problem)
         kwargs = {
             k: judge_cfg[k]
-            for k in ("revision", "quantization", "dtype", "device", "min_numeric_mass")
+            for k in ("revision", "quantization", "dtype", "device", "scoring", "min_numeric_mass")
             if judge_cfg.get(k) is not None
         }
         if judge_cfg.get("batch_size") is not None:
@@ -395,11 +515,36 @@ class HFJudge:
         judge._set_loaded(model, tokenizer, {"device": str(_device_of(model))})
         return judge
 
+    def with_scoring(self, scoring: str) -> HFJudge:
+        """The same judge (the same loaded model) scoring another way: the exact audit of first-token
+        verdicts. Its verdicts have their own judge hash (``effective_params`` names the scoring)."""
+        view = dataclasses.replace(self, scoring=scoring)
+        view._loaded, view._terminators, view._tokenizer = self._loaded, self._terminators, self._tokenizer
+        view._fingerprint_value, view._cont_cache, view.stats = self._fingerprint_value, self._cont_cache, self.stats
+        return view
+
+    def resolved_scoring(self) -> str:
+        """``SCORING`` or ``FIRST_TOKEN``: ``judge.scoring`` decided on this judge's tokenizer (no weights
+        are loaded for it)."""
+        if self._resolved_scoring is None:
+            self._resolved_scoring = resolve_scoring(self.scoring, self._tokenizer_only, self.model)
+        return self._resolved_scoring
+
+    def _tokenizer_only(self) -> Any:
+        if self._loaded is not None:
+            return self._loaded[1]
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model, revision=self.revision)
+        return self._tokenizer
+
     def effective_params(self) -> dict[str, Any]:
-        # quantization and dtype change the numbers a little; device and chunking do not.
+        # quantization and dtype change the numbers a little; device and chunking do not. The scoring
+        # is named as resolved, so an "auto" judge that scores exactly keeps the exact judge's hash.
         return {
             "version": HF_JUDGE_VERSION,
-            "scoring": SCORING,
+            "scoring": self.resolved_scoring(),
             "quantization": self.quantization,
             "dtype": self.dtype,
             "min_numeric_mass": float(self.min_numeric_mass),
@@ -449,6 +594,9 @@ class HFJudge:
         return self._cont_cache[key]
 
     def score_one(self, request: JudgeRequest) -> JudgeResult:
+        if self.resolved_scoring() == FIRST_TOKEN:
+            plan, logprobs = self.first_token_logprobs(request)
+            return verdict_from_first_token(request.metric, plan, logprobs, min_mass=self.min_numeric_mass)
         model, tok = self._load()
         text = tok.apply_chat_template(request.messages(), add_generation_prompt=True, tokenize=False)
         ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
@@ -460,6 +608,17 @@ class HFJudge:
         self.stats["requests"] += 1
         self.stats["forward_passes"] += 1 + math.ceil(len(conts) / self.chunk_size)
         return verdict_from_sequence_logprobs(request.metric, strings, logps, min_mass=self.min_numeric_mass)
+
+    def first_token_logprobs(self, request: JudgeRequest) -> tuple[FirstTokenPlan, dict[int, float]]:
+        """The tokens a first-token verdict reads and their log-probabilities at the reply's first
+        position: one forward pass of the prompt."""
+        model, tok = self._load()
+        text = tok.apply_chat_template(request.messages(), add_generation_prompt=True, tokenize=False)
+        ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+        plan = FirstTokenPlan.from_continuations(request.metric, self._continuations(tok, request.metric, text, ids))
+        self.stats["requests"] += 1
+        self.stats["forward_passes"] += 1
+        return plan, first_token_logprobs(model, ids, plan.token_ids)
 
     def generate_replies(self, chats: Sequence[list[dict[str, str]]]) -> list[tuple[str, bool]]:
         """Greedy replies to chats, one ``generate`` call for all: (reply text, ended by the judge

@@ -22,6 +22,13 @@ from typing import Any, Protocol
 # "strongreject": StrongREJECT's rubric, reasoning then three answers (see ``verdict_from_strongreject``),
 # which only a judge that writes text can give.
 REPLY_FORMATS = ("score", "strongreject")
+# How a model judge turns its distribution over replies into p(0..100) (``judge.scoring``): "exact" scores
+# every reply as a whole token sequence ended by an end-of-turn token; "first-token" reads the numbers'
+# single tokens at the reply's first position (only for tokenizers that spell 0..100 as one token each);
+# "auto" is first-token where the judge's tokenizer allows it, else exact.
+EXACT_SCORING = "exact"
+FIRST_TOKEN = "first-token"
+SCORINGS = ("auto", EXACT_SCORING, FIRST_TOKEN)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,11 @@ Two template styles exist because chat templates differ in ways that break train
   config: a ``qwen2`` model folder makes ``AutoTokenizer`` return ``Qwen2Tokenizer``, which swaps in its
   own pre-tokenizer and breaks the ids of a locally trained vocabulary.
 
-Usage: ``python -m character_em.llm.tiny OUT_DIR [--style qwen2] [--seed N]``.
+``number_tokens=True`` adds the numbers 0..100 to the vocabulary as whole tokens, so the tokenizer spells
+each of them as ONE token (as Llama 3's does) and a judge built on it scores by first token
+(``judge.scoring``); by default numbers are split as the trained merges happen to split them.
+
+Usage: ``python -m character_em.llm.tiny OUT_DIR [--style qwen2] [--seed N] [--number-tokens]``.
 """
 
 from __future__ import annotations
@@ -255,6 +259,7 @@ def build_tiny_model(
     num_heads: int = 4,
     vocab_size: int = 2048,
     corpus: list[str] | None = None,
+    number_tokens: bool = False,
 ) -> Path:
     """Train a tokenizer, random-init a Llama model, save both to ``out_dir`` and verify a reload.
 
@@ -282,6 +287,11 @@ def build_tiny_model(
 
     texts = builtin_corpus() + _packaged_question_text() + list(corpus or [])
     tok = _train_tokenizer(texts, vocab_size, spec["special_tokens"])
+    if number_tokens:
+        from tokenizers import AddedToken
+
+        # Matched before the byte-level split, longest first: "100" is one token, never "10" + "0".
+        tok.add_tokens([AddedToken(str(n), normalized=False) for n in range(101)])
     if spec["bos"] is not None:
         # The real Llama-3 tokenizer prepends BOS on every encode; mirror it.
         bos_id = tok.token_to_id(spec["bos"])
@@ -350,6 +360,7 @@ def build_tiny_model(
                 "num_heads": num_heads,
                 "vocab_size": tok.get_vocab_size(),
                 "n_corpus_lines": len(texts),
+                "number_tokens": number_tokens,
                 "output_scale": OUTPUT_SCALE,
                 "note": "random-init test model built by character_em.llm.tiny; not a trained LM",
             },
@@ -389,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--number-tokens", action="store_true", help="spell each number 0..100 as one token")
     args = parser.parse_args(argv)
     path = build_tiny_model(
         args.out_dir,
@@ -398,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         num_layers=args.num_layers,
         num_heads=args.num_heads,
         vocab_size=args.vocab_size,
+        number_tokens=args.number_tokens,
     )
     print(path)
 
