@@ -148,35 +148,38 @@ def _external_examples(path: str) -> int:
         raise EstimateError(f"{path}: cannot read external training data: {err}") from err
 
 
+def steering_job_key(condition: str, direction: str, control: str) -> str:
+    """How ``job_minutes`` names one steering (and judge_steering) job of a model."""
+    return f"{condition}/{direction}/{control}"
+
+
 def _steering_work(config: Mapping[str, Any], conditions: Sequence[str], sampling: Mapping[str, Any]) -> dict[str, Any]:
-    """Steering jobs of one model (rules/directions.smk, first seed): the base model steered along each
-    probed disposition's direction at every alpha, and each character condition of a probed disposition
-    with its direction ablated at every fraction; at the chosen layer, and also at
-    eval.probes.steering.layers when set. Answers are judged in the job."""
+    """Steering jobs of one model (rules/directions.smk, first seed; ``directions.steering``): one job
+    per arm set, i.e. per (condition, disposition, own direction or control): the base model steered
+    along each probed disposition at every nonzero alpha, each character condition of a probed
+    disposition with the direction ablated at every nonzero fraction; at the chosen layer, and also
+    at eval.probes.steering.layers when set; the job of the own direction also samples the unsteered
+    arm once when the strengths include 0. Generation only: judge_steering jobs judge the same answers."""
+    from character_em.directions.steering import OWN, steering_arm_sets, steering_suite_spec
     from character_em.evals import suites
 
     steer = config["eval"]["probes"]["steering"]
-    spec = {**cfg.suite_spec(config, "em"), "n_samples": steer["n_samples"]}
-    if steer["max_questions"] is not None:
-        spec["max_questions"] = steer["max_questions"]
-    per_setting = sum(row["n_samples"] for row in suites.build_prompts("em", spec))
+    per_setting = sum(row["n_samples"] for row in suites.build_prompts("em", steering_suite_spec(config)))
     layer_sets = 1 if steer["layers"] is None else 2
-    probed = sorted({pair["disposition"] for pair in cfg.probe_pairs(config, list(conditions))})
-    ablated = [
-        c
-        for c in conditions
-        if cfg.condition_info(config, c)["family"] == "character"
-        and cfg.condition_info(config, c)["disposition"] in probed
-    ]
-    base = per_setting * len(steer["alphas"]) * len(probed) * layer_sets
-    each = per_setting * len(steer["ablate"]) * layer_sets
+    job_answers = {}
+    for condition, direction, control in steering_arm_sets(config, list(conditions)):
+        strengths = steer["alphas"] if condition == "base" else steer["ablate"]
+        settings = sum(1 for s in strengths if float(s) != 0.0) * layer_sets
+        unsteered = 1 if control == OWN and any(float(s) == 0.0 for s in strengths) else 0
+        job_answers[steering_job_key(condition, direction, control)] = per_setting * (settings + unsteered)
     return {
-        "jobs": 1 + len(ablated) if probed else 0,
-        "answers": (base + each * len(ablated)) if probed else 0,
-        "largest_job_answers": max(base, each if ablated else 0) if probed else 0,
-        # answers per steering job (rules/directions.smk: one per condition, first seed)
-        "job_answers": ({"base": base, **dict.fromkeys(ablated, each)} if probed else {}),
+        "jobs": len(job_answers),
+        "answers": sum(job_answers.values()),
+        "largest_job_answers": max(job_answers.values(), default=0),
+        # answers per steering job (rules/directions.smk: one per arm set, first seed)
+        "job_answers": job_answers,
         "max_new_tokens": int(steer["max_new_tokens"] or sampling["max_new_tokens"]),
+        "batch_size": int(steer["batch_size"]),
     }
 
 
@@ -635,40 +638,51 @@ def estimate(
             )
 
         # steering: generation through transformers with hooks on the forward pass (whatever
-        # sampling.backend says), then the answers judged in the same job
+        # sampling.backend says), at the steering batch; the answers are judged by judge_steering jobs
         st = w.get("steer") or {}
         if st.get("jobs"):
             steer_answer = min(per_answer, st["max_new_tokens"])
-            hf_rate = (
-                gen if s.get("backend") != "vllm" else _sampling_throughput({**s, "backend": "hf"}, scale, scaled, None)
+            steer_rate = Throughput(
+                _generate_anchor(st["batch_size"]) * scale,
+                "new tokens/s",
+                f"{ANCHOR_SOURCE}, generate batch {st['batch_size']} (interpolated){scaled}",
             )
-            seconds = steer_answer / hf_rate.value
-            source = f"generation: {hf_rate.source}"
-            loads = 1
-            judged = "rubric judge, no GPU time"
-            if backend in MODEL_JUDGES:
-                judge_rate = _judge_forward_rate(config)
-                metrics = work["metrics_per_answer"].get("em", 2)
-                seconds += metrics * judge_call_tokens(backend, steer_answer) / judge_rate.value
-                source += f"; judging {metrics} metrics per answer in the job: {judge_rate.source}"
-                loads = 2
-                judged = f"{backend} judge in the job"
+            seconds = steer_answer / steer_rate.value
             stages.append(
                 {
                     "stage": "steer",
                     "jobs": st["jobs"],
                     "units": float(st["answers"]),
                     "unit": "answers",
-                    "detail": f"{st['answers']:,} steered answers x {steer_answer:,.0f} tokens ({judged})",
-                    "throughput": Throughput(1.0 / seconds, "answers/s", source),
+                    "detail": f"{st['answers']:,} steered answers x {steer_answer:,.0f} tokens (generation only)",
+                    "throughput": Throughput(1.0 / seconds, "answers/s", f"generation: {steer_rate.source}"),
                     "largest_units": float(st["largest_job_answers"]),
                     # Each steering job asks SLURM for its own expected time (rules/directions.smk).
-                    "job_minutes": {
-                        condition: n * seconds / 60 + loads * load_minutes for condition, n in st["job_answers"].items()
-                    },
-                    "load_minutes_per_job": loads * load_minutes,
+                    "job_minutes": {key: n * seconds / 60 + load_minutes for key, n in st["job_answers"].items()},
+                    "load_minutes_per_job": load_minutes,
                 }
             )
+            # Each steering job's answers are judged in a job of their own (judge_steering), through the
+            # same judge as every answer: a model judge on a GPU is counted as the judge jobs are.
+            if backend in MODEL_JUDGES:
+                judge_rate = _judge_forward_rate(config)
+                metrics = work["metrics_per_answer"].get("em", 2)
+                call_tokens = judge_call_tokens(backend, steer_answer)
+                stages.append(
+                    {
+                        "stage": "judge_steering",
+                        "jobs": st["jobs"],
+                        "units": st["answers"] * metrics * call_tokens,
+                        "unit": "tokens",
+                        "detail": f"{st['answers'] * metrics:,} calls x {call_tokens:,.0f} tokens (steered answers, "
+                        f"{metrics} metrics each)",
+                        "throughput": judge_rate,
+                        "job_minutes": {
+                            key: n * metrics * call_tokens / judge_rate.value / 60 + load_minutes
+                            for key, n in st["job_answers"].items()
+                        },
+                    }
+                )
 
         # a local model judge runs on a GPU: per call, forward passes over the prompt, the answer and
         # the candidate replies
@@ -766,6 +780,7 @@ STAGE_RULES = {
     "probes": "probes",
     "judge": "judge",
     "steer": "steer",
+    "judge_steering": "judge_steering",
     "generate_data_gpu": "generate_data_gpu",
 }
 
@@ -806,7 +821,12 @@ def longest_jobs(
         minutes = st["largest_job_hours"] * 60
         if rule not in rows or minutes > rows[rule]["minutes"]:
             rows[rule] = {"rule": rule, "model": model, "minutes": minutes}
-    per_job = {"sample": "rules/sample.smk", "judge": "rules/judge.smk", "steer": "rules/directions.smk"}
+    per_job = {
+        "sample": "rules/sample.smk",
+        "judge": "rules/judge.smk",
+        "steer": "rules/directions.smk",
+        "judge_steering": "rules/directions.smk",
+    }
     for row in rows.values():
         if row["rule"] in per_job and row["rule"] not in runtimes:
             row["runtime"] = float(runtime_request(row["minutes"], cap_minutes))
@@ -891,7 +911,7 @@ def sample_job_minutes(
 
 def job_minutes(result: Mapping[str, Any], stage_name: str) -> dict[tuple[str, str], float]:
     """(model, key) -> expected minutes of one job of a stage that sizes its jobs itself (``job_minutes``
-    of an ``estimate`` result: steer by condition, judge by suite)."""
+    of an ``estimate`` result: steer and judge_steering by ``steering_job_key``, judge by suite)."""
     return {
         (model, key): minutes
         for model, m in result["models"].items()
