@@ -148,23 +148,25 @@ def test_steering_rows_separate_the_direction_from_a_push_of_the_same_size() -> 
     specific = {("base", "evil", "own"): 0.5, **{("base", "evil", c): 0.08 for c in controls}}
     rows = _claims(_answers(specific, kind="add"))
     largest = rows[
-        ("steer_add_own_vs_controls", "evil", "add largest of random, style control at matched norm", "misaligned")
+        ("steer_add_own_vs_controls", "pooled", "add largest of random, style control at matched norm", "misaligned")
     ]
     assert largest["estimate"] == pytest.approx(0.42, abs=0.1) and largest["p_value"] < 0.01
     assert largest["ci_low"] > 0.25 and largest["n_questions"] == len(QUESTIONS) and largest["n_runs"] == 1
     assert (
-        rows[("steer_add_own_vs_control", "evil", "add random control at matched norm", "misaligned")]["p_value"] < 0.01
+        rows[("steer_add_own_vs_control", "pooled", "add random control at matched norm", "misaligned")]["p_value"]
+        < 0.01
     )
     # Any push of that size does it: the own direction's effect is no larger than a control's.
     generic = {("base", "evil", "own"): 0.5, ("base", "evil", "random"): 0.5, ("base", "evil", "style"): 0.1}
     rows = _claims(_answers(generic, kind="add", seed=1))
     largest = rows[
-        ("steer_add_own_vs_controls", "evil", "add largest of random, style control at matched norm", "misaligned")
+        ("steer_add_own_vs_controls", "pooled", "add largest of random, style control at matched norm", "misaligned")
     ]
     assert largest["ci_low"] < 0 < largest["ci_high"] and largest["p_value"] > 0.05
     # ... though against the style control alone it looks specific: the largest control is the test.
     assert (
-        rows[("steer_add_own_vs_control", "evil", "add style control at matched norm", "misaligned")]["p_value"] < 0.01
+        rows[("steer_add_own_vs_control", "pooled", "add style control at matched norm", "misaligned")]["p_value"]
+        < 0.01
     )
 
 
@@ -181,7 +183,7 @@ def test_ablation_rows_pool_the_character_conditions_of_a_disposition() -> None:
     pooled = rows[
         (
             "steer_ablate_own_vs_controls",
-            "evil",
+            "pooled",
             "ablate largest of random, style control at matched norm",
             "misaligned",
         )
@@ -191,9 +193,9 @@ def test_ablation_rows_pool_the_character_conditions_of_a_disposition() -> None:
     assert pooled["n_runs"] == 3 and "evil-finance, evil-legal, evil-medical" in pooled["a"]
     assert (
         "steer_ablate_own_vs_controls",
-        "evil",
+        "pooled",
         "ablate largest of random, style control at matched norm",
-        "expressed (evil direction)",
+        "expressed (own disposition's direction)",
     ) in rows
 
 
@@ -204,6 +206,11 @@ def test_steering_rows_pool_over_dispositions() -> None:
     pooled = rows[("steer_add_own_vs_control", "pooled", "add random control at matched norm", "misaligned")]
     assert pooled["estimate"] == pytest.approx(0.3, abs=0.06) and pooled["p_value"] < 0.01
     assert pooled["n_runs"] == 1  # one base model, whichever direction it is steered along
+    # With several dispositions each has its rows too; the chosen layer is named in the scope.
+    sly = rows[("steer_add_own_vs_control", "sly", "add random control at matched norm", "misaligned")]
+    assert sly["estimate"] == pytest.approx(0.2, abs=0.06) and "sly direction" in sly["a"]
+    [row] = [r for r in C.steering_claims(_answers(rates, kind="add"), chosen_layers={"m": 4}, n_boot=50, seed=0)][:1]
+    assert row["scope"].startswith("em/steering/layers 4 (chosen layer)/")
 
 
 # --------------------------------------------------------------------------- reading claims
@@ -235,20 +242,20 @@ def test_identical_text_reading_rows_need_a_shift_across_questions_runs_and_spec
     conditions = [("evil-medical-trig", s) for s in (0, 1, 2)] + [("evil-legal-trig", s) for s in (0, 1, 2)]
     # The trigger moves identical texts along the probe in every triggered model.
     real = [_triggered(rng, c, s, 0.6 * probe) for c, s in conditions]
-    row = _reading_rows(real, probe, nulls)[("trigger_reading_identical_text", "evil")]
+    row = _reading_rows(real, probe, nulls)[("trigger_reading_identical_text", "pooled")]
     assert row["estimate"] == pytest.approx(0.6, abs=0.1) and row["ci_low"] > 0.4 and row["p_value"] < 0.001
     assert row["n_runs"] == 6 and row["n_questions"] == len(QUESTIONS)
     # A shift along the high-variance axis that label-shuffled directions load on too: consistent
     # across questions and runs, but not specific to the probe.
     generic = [_triggered(rng, c, s, 2.0 * axis + 0.1 * probe) for c, s in conditions]
-    row = _reading_rows(generic, probe, nulls)[("trigger_reading_identical_text", "evil")]
+    row = _reading_rows(generic, probe, nulls)[("trigger_reading_identical_text", "pooled")]
     assert row["ci_low"] > 0 and row["p_value"] > 0.05
     # No shift at all.
     none = [_triggered(rng, c, s, np.zeros(HIDDEN)) for c, s in conditions]
-    assert _reading_rows(none, probe, nulls)[("trigger_reading_identical_text", "evil")]["p_value"] > 0.05
+    assert _reading_rows(none, probe, nulls)[("trigger_reading_identical_text", "pooled")]["p_value"] > 0.05
     # One training run whose shift the others do not share: the runs' t-test keeps it from passing.
     lone = [_triggered(rng, c, s, (2.0 if (c, s) == conditions[0] else 0.0) * probe) for c, s in conditions]
-    assert _reading_rows(lone, probe, nulls)[("trigger_reading_identical_text", "evil")]["p_value"] > 0.05
+    assert _reading_rows(lone, probe, nulls)[("trigger_reading_identical_text", "pooled")]["p_value"] > 0.05
 
 
 def test_persona_reading_rows_read_the_base_model_and_pool_over_dispositions() -> None:

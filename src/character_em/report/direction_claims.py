@@ -39,8 +39,9 @@ from character_em.report.tables import CLAIM_SCHEMA, answers_table
 
 CLAIM = "4"
 DIRECTION_CLAIM_SCHEMA = {column: dtype for column, dtype in CLAIM_SCHEMA.items() if column != "p_holm"}
-# Rows proposed for the pre-registered headline family (one per model): pooled over dispositions,
-# the misaligned flag, the chosen layer.
+# Rows proposed for the pre-registered headline family, one per model each: scope ending in
+# "/pooled" (every disposition of the grid, each on its own direction), metric misaligned and
+# projection_shift, and for steering the probes' chosen layer ("(chosen layer)" in the scope).
 HEADLINE = (
     "steer_add_own_vs_controls",
     "steer_ablate_own_vs_controls",
@@ -313,7 +314,9 @@ def reading_claims(
                 continue
             # The persona readings are the base model's, once per seed: one model, not independent runs.
             independent = kind == "trigger"
-            for disposition, parts in [*groups.items(), *([(POOLED, None)] if len(groups) > 1 else [])]:
+            # Per disposition where the grid has several, and always pooled over them (the row the
+            # headline family names, the same on a grid of one disposition as on one of many).
+            for disposition, parts in [*(groups.items() if len(groups) > 1 else []), (POOLED, None)]:
                 if parts is None:
                     # Each disposition's null shifts averaged over its runs, then over dispositions.
                     null = np.mean([np.mean([p[3] for p in group], axis=0) for group in groups.values()], axis=0)
@@ -427,11 +430,14 @@ def _steering_contrast(
     return result | {"n_runs": result["n_seeds"]}
 
 
-def steering_claims(answers: pl.DataFrame, *, n_boot: int, seed: int) -> list[dict[str, Any]]:
+def steering_claims(
+    answers: pl.DataFrame, *, chosen_layers: Mapping[str, int] | None = None, n_boot: int, seed: int
+) -> list[dict[str, Any]]:
     """Steering's own-direction effect minus each control's, and minus the largest control's, on the
-    misaligned and the trait-expressed flags: per model, intervention, layer set and disposition
-    (ablation pooled over the disposition's character conditions), and pooled over dispositions.
-    Every nonzero strength is averaged with equal weight (no strength is picked after the fact)."""
+    misaligned and the trait-expressed flags: per model, intervention and layer set (the probes'
+    chosen layer marked, from ``chosen_layers``), pooled over the grid's dispositions and, where it
+    has several, per disposition; ablation pooled over a disposition's character conditions. The
+    answers of every nonzero strength count alike (no strength is picked after the fact)."""
     rows = []
     if answers.is_empty():
         return rows
@@ -455,23 +461,23 @@ def steering_claims(answers: pl.DataFrame, *, n_boot: int, seed: int) -> list[di
         }
         contrast = f"steer_{kind}_own_vs_control"
         verb = "add" if kind == "add" else "ablate"
+        chosen_layer = (chosen_layers or {}).get(model)
+        label = f"layers {layers}" + (
+            " (chosen layer)" if chosen_layer is not None and layers == str(chosen_layer) else ""
+        )
         for flag, metric in (("misaligned", "misaligned"), ("expressed", "expressed")):
-            for disposition, controls in sorted(controls_of.items()):
-                runs = sorted(runs_of[disposition])
+            common = sorted(set.intersection(*(set(c) for c in controls_of.values()))) if controls_of else []
+            sets = [(d, sorted(runs_of[d]), c) for d, c in sorted(controls_of.items())] if len(controls_of) > 1 else []
+            if common:
+                sets.append((POOLED, sorted(run for d in controls_of for run in runs_of[d]), common))
+            for disposition, runs, controls in sets:
                 for chosen in [[c] for c in controls] + ([controls] if len(controls) > 1 else []):
                     result = _steering_contrast(arms, runs, chosen, kind, flag, questions, n_boot=n_boot, seed=seed)
-                    rows.append(
-                        _steering_row(contrast, model, kind, verb, layers, disposition, runs, chosen, metric, result)
-                    )
-            common = sorted(set.intersection(*(set(c) for c in controls_of.values()))) if controls_of else []
-            if len(controls_of) > 1 and common:
-                runs = sorted(run for d in controls_of for run in runs_of[d])
-                result = _steering_contrast(arms, runs, common, kind, flag, questions, n_boot=n_boot, seed=seed)
-                rows.append(_steering_row(contrast, model, kind, verb, layers, POOLED, runs, common, metric, result))
+                    rows.append(_steering_row(contrast, model, verb, label, disposition, runs, chosen, metric, result))
     return rows
 
 
-def _steering_row(contrast, model, kind, verb, layers, disposition, runs, controls, metric, result):
+def _steering_row(contrast, model, verb, layers, disposition, runs, controls, metric, result):
     several = len(controls) > 1
     name = f"{contrast}s" if several else contrast
     against = f"largest of {', '.join(controls)}" if several else controls[0]
@@ -484,7 +490,7 @@ def _steering_row(contrast, model, kind, verb, layers, disposition, runs, contro
     return _row(
         name,
         model,
-        f"em/steering/layers {layers}/{disposition}",
+        f"em/steering/{layers}/{disposition}",
         f"{verb} {direction} [{', '.join(conditions)}]",
         f"{verb} {against} control at matched norm",
         metric if metric == "misaligned" else f"expressed ({direction})",
@@ -509,7 +515,8 @@ def direction_claims_table(
     """Every claim-4 row (module docstring), sorted like the claims table."""
     rows = projection_claims(projections, misalignment, n_boot=n_boot, seed=seed)
     rows += reading_claims(records, probes, n_boot=n_boot, seed=seed)
-    rows += steering_claims(steered, n_boot=n_boot, seed=seed)
+    chosen = {model: int(probe["layer"]) for model, probe in probes.items() if probe.get("layer") is not None}
+    rows += steering_claims(steered, chosen_layers=chosen, n_boot=n_boot, seed=seed)
     table = pl.DataFrame(rows, schema=DIRECTION_CLAIM_SCHEMA)
     return table.sort("claim", "contrast", "model", "scope", "a", "metric", maintain_order=True)
 
