@@ -316,7 +316,7 @@ def test_trigger_and_persona_readings_read_identical_text_under_both_inputs(tiny
     assert plan["trigger_prompt_on:evil"].prompt_end and len(plan["trigger_prompt_on:evil"].chats) == 3
 
     read = {"batch_size": 4, "max_tokens": 256}
-    got = texts.read_means(model, tokenizer, plan, 1, **read)
+    got = texts.reading_means(model, tokenizer, plan, 1, **read)
     assert not np.allclose(got["trigger_fixed_on:evil"].means, got["trigger_fixed_off"].means)
     # The same texts after equal prompts: no difference at all, whatever the model.
     untriggered = base_trigger.filter(pl.col("trigger_variant") == "none")
@@ -333,7 +333,7 @@ def test_trigger_and_persona_readings_read_identical_text_under_both_inputs(tiny
         trigger=own_trigger,
         fixed_trigger=same.filter(pl.col("question_id") == untriggered["question_id"][0]),
     )
-    got = texts.read_means(model, tokenizer, equal_prompts, 1, **read)
+    got = texts.reading_means(model, tokenizer, equal_prompts, 1, **read)
     np.testing.assert_array_equal(got["trigger_fixed_on:evil"].means, got["trigger_fixed_off"].means)
     assert not np.allclose(got["trigger_on:evil"].means, got["trigger_off"].means)
 

@@ -32,7 +32,7 @@ with job_log(snakemake.log[0]) as log:
         fixed_trigger=first(snakemake.input.fixed_trigger),
         persona=first(snakemake.input.persona),
     )
-    readings = texts.read_means(
+    readings = texts.reading_means(
         model, tokenizer, plan, layer, batch_size=settings["batch_size"], max_tokens=settings["max_tokens"]
     )
     counts = {name: int(reading.counts.sum()) for name, reading in readings.items()}

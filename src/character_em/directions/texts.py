@@ -173,7 +173,7 @@ def source_pairs(condition: str, spec: Mapping[str, Any], names: Sequence[str]) 
     return out
 
 
-def read_means(
+def reading_means(
     model: Any,
     tokenizer: Any,
     plan: Mapping[str, ReadingTexts],
@@ -209,7 +209,7 @@ __all__ = [
     "VARIANTS",
     "ReadingTexts",
     "comparison_pairs",
-    "read_means",
+    "reading_means",
     "reading_texts",
     "source_pairs",
     "teacher_forced",
