@@ -244,7 +244,7 @@ def test_identical_text_reading_rows_need_a_shift_across_questions_runs_and_spec
     real = [_triggered(rng, c, s, 0.6 * probe) for c, s in conditions]
     row = _reading_rows(real, probe, nulls)[("trigger_reading_identical_text", "pooled")]
     assert row["estimate"] == pytest.approx(0.6, abs=0.1) and row["ci_low"] > 0.4 and row["p_value"] < 0.001
-    assert row["n_runs"] == 6 and row["n_questions"] == len(QUESTIONS)
+    assert row["n_runs"] == 6 and row["n_questions"] == len(QUESTIONS) and row["n_answers"] == 6 * 2 * len(QUESTIONS)
     # A shift along the high-variance axis that label-shuffled directions load on too: consistent
     # across questions and runs, but not specific to the probe.
     generic = [_triggered(rng, c, s, 2.0 * axis + 0.1 * probe) for c, s in conditions]

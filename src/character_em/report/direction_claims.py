@@ -307,7 +307,11 @@ def reading_claims(
                 with np.errstate(invalid="ignore", divide="ignore"):
                     null_units = nulls / np.linalg.norm(nulls, axis=1, keepdims=True)
                 run = f"{record['condition']}/seed{record['seed']}"
-                found.setdefault((kind, disposition), []).append((run, ids, deltas @ u, null_units @ deltas.mean(0)))
+                # The texts read after each input (the same ones on both sides).
+                texts = int(readings[on].counts.sum())
+                found.setdefault((kind, disposition), []).append(
+                    (run, ids, deltas @ u, null_units @ deltas.mean(0), texts)
+                )
         for kind in ("trigger", "persona"):
             groups = {d: parts for (k, d), parts in sorted(found.items()) if k == kind}
             if not groups:
@@ -320,11 +324,14 @@ def reading_claims(
                 if parts is None:
                     # Each disposition's null shifts averaged over its runs, then over dispositions.
                     null = np.mean([np.mean([p[3] for p in group], axis=0) for group in groups.values()], axis=0)
-                    runs = [(f"{d}:{run}", ids, values) for d, group in groups.items() for run, ids, values, _ in group]
+                    chosen = [part for group in groups.values() for part in group]
+                    runs = [(f"{d}:{p[0]}", p[1], p[2]) for d, group in groups.items() for p in group]
                 else:
                     null = np.mean([p[3] for p in parts], axis=0)
-                    runs = [(run, ids, values) for run, ids, values, _ in parts]
+                    chosen = parts
+                    runs = [p[:3] for p in parts]
                 result = reading_claim(runs, null, independent_runs=independent, n_boot=n_boot, seed=seed)
+                result["n_answers"] = sum(p[4] for p in chosen)
                 conditions = sorted({run.split("/")[0].split(":")[-1] for run, _, _ in runs})
                 if kind == "trigger":
                     contrast, scope = "trigger_reading_identical_text", "trigger suite/identical texts"
