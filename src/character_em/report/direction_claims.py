@@ -1,5 +1,5 @@
-"""Claim 4 (a character direction inside the model carries the misalignment) as claim rows, the
-columns of ``tables.CLAIM_SCHEMA`` without ``p_holm`` (the tables rule adjusts the whole family):
+"""Claim 4 (a character direction inside the model carries the misalignment) as claim rows, in the
+claim-row columns ``DIRECTION_CLAIM_COLUMNS`` (the tables rule adds Holm's adjustment):
 
 - ``projection_vs_misalignment``: across fine-tuned conditions, Spearman's rho between the fixed-text
   projection shift on a disposition's probe and the em misalignment rate. The unit is the condition
@@ -38,7 +38,26 @@ from character_em.report.hierarchical import bootstrap_statistic, grid_from_answ
 from character_em.report.tables import CLAIM_SCHEMA, answers_table
 
 CLAIM = "4"
-DIRECTION_CLAIM_SCHEMA = {column: dtype for column, dtype in CLAIM_SCHEMA.items() if column != "p_holm"}
+# The claim-row columns the tables rule reads from results/tables/direction_claims.csv (it adds Holm's
+# adjustment over the headline family); each as the claims table types it.
+DIRECTION_CLAIM_COLUMNS = (
+    "claim",
+    "contrast",
+    "model",
+    "scope",
+    "a",
+    "b",
+    "metric",
+    "estimate",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "n_runs",
+    "n_questions",
+    "n_answers",
+    "pairing",
+)
+DIRECTION_CLAIM_SCHEMA = {column: CLAIM_SCHEMA[column] for column in DIRECTION_CLAIM_COLUMNS}
 # Rows proposed for the pre-registered headline family, one per model each: scope ending in
 # "/pooled" (every disposition of the grid, each on its own direction), metric misaligned and
 # projection_shift, and for steering the probes' chosen layer ("(chosen layer)" in the scope).
@@ -529,6 +548,7 @@ def direction_claims_table(
 
 
 __all__ = [
+    "DIRECTION_CLAIM_COLUMNS",
     "DIRECTION_CLAIM_SCHEMA",
     "HEADLINE",
     "direction_claims_table",
