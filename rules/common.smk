@@ -148,6 +148,8 @@ DIRECTION_TABLES = [
     "direction_cosine",
     "direction_transfer",
     "steering",
+    # Claim 4's rows in the claims table's columns, read by rule tables into claims.csv.
+    "direction_claims",
 ]
 DIRECTION_FIGURES = [
     "probe_auroc",
@@ -261,7 +263,7 @@ AGREEMENT_MEM_MB = 64000 if AGREEMENT_GPUS else 4000
 
 
 def model_env(*sections):
-    """The conda environment of a rule that loads these judges or writers: envs/vllm.yaml (the pinned
+    """The conda environment for jobs that load these judges or writers. envs/vllm.yaml (the pinned
     vLLM) where any of them runs on vllm, else envs/judge.yaml, which a CPU can install.
     """
     on_vllm = any(isinstance(s, dict) and s.get("backend") == "vllm" for s in sections)
@@ -802,7 +804,8 @@ def judge_runtime(wildcards):
 
 
 # Steering jobs likewise (character_em.report.estimate: the job's steered answers, generated through
-# transformers and judged in the job, x1.5); they resume arm by arm from results/.partial/.
+# transformers at the steering batch); they resume arm by arm from results/.partial/. Their answers
+# are judged by judge_steering jobs, which ask for their time as judge jobs do.
 @lru_cache(maxsize=None)
 def steer_minutes():
     from character_em.report.estimate import job_minutes
@@ -810,8 +813,31 @@ def steer_minutes():
     return job_minutes(anchors_estimate(), "steer")
 
 
+def _steering_job_key(wildcards):
+    from character_em.report.estimate import steering_job_key
+
+    return (
+        wildcards.model,
+        steering_job_key(wildcards.condition, wildcards.direction, wildcards.control),
+    )
+
+
 def steer_runtime(wildcards):
-    return capped_runtime(steer_minutes()[(wildcards.model, wildcards.condition)])
+    return capped_runtime(steer_minutes()[_steering_job_key(wildcards)])
+
+
+@lru_cache(maxsize=None)
+def judge_steering_minutes():
+    from character_em.report.estimate import job_minutes
+
+    return job_minutes(anchors_estimate(), "judge_steering")
+
+
+def judge_steering_runtime(wildcards):
+    from character_em.report.estimate import judge_runtime_request, runtime_cap
+
+    expected = judge_steering_minutes().get(_steering_job_key(wildcards))
+    return judge_runtime_request(expected, runtime_cap())
 
 
 # The second judge of judge.agreement_with on a share of every cell of the grid (rules/calibration.smk).

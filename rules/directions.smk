@@ -42,6 +42,8 @@ rule direction_means:
         # Read at the layer the probes chose on validation.
         probes="results/probes/{model}/probes.json",
         trigger=get_direction_trigger_samples,
+        # The identical texts of the trigger readings: the base model's untriggered answers.
+        fixed_trigger=get_direction_fixed_trigger_samples,
         persona=get_direction_persona_samples,
     output:
         means="results/directions/{model}/{condition}/seed{seed}/means.npz",
@@ -65,14 +67,17 @@ rule steer:
         model=get_base_model,
         adapter=get_adapter,
         directions="results/probes/{model}/directions.npz",
-        # Steered answers are judged here: the judge prompts are an input, as for rule judge.
-        prompts=MAIN_JUDGE_PROMPTS,
     output:
-        answers="results/directions/{model}/steering/{condition}/seed{seed}.parquet",
+        # Generation only, one arm set per job: a disposition's own direction or one of its controls
+        # at matched norm; the answers are judged by rule judge_steering.
+        answers="results/directions/{model}/steering/{condition}/seed{seed}/{direction}/{control}.parquet",
     log:
-        "logs/steer/{model}/{condition}/seed{seed}.log",
+        "logs/steer/{model}/{condition}/seed{seed}/{direction}/{control}.log",
     benchmark:
-        "benchmarks/runs/steer/{model}/{condition}/seed{seed}.tsv"
+        "benchmarks/runs/steer/{model}/{condition}/seed{seed}/{direction}/{control}.tsv"
+    wildcard_constraints:
+        direction=STEERED_DIRECTIONS,
+        control=STEERING_CONTROLS,
     conda:
         "../envs/evals.yaml"
     resources:
@@ -81,12 +86,38 @@ rule steer:
         base_model=get_model_source,
         adapter_dir=get_adapter_dir,
         settings=get_steering_params,
-        judge=get_judge_params,
-        dispositions=get_dispositions_param,
-        conditions=get_conditions_param,
-        cache_dir=CONFIG["judge"]["cache_dir"],
     script:
         "../workflow_scripts/steer.py"
+
+
+# Steered answers judged through the same judge function, judge settings and cache as rule judge, in
+# a job of their own (the probes that steering reads are fitted on judged answers).
+rule judge_steering:
+    input:
+        answers="results/directions/{model}/steering/{condition}/seed{seed}/{direction}/{control}.parquet",
+        prompts=MAIN_JUDGE_PROMPTS,
+    output:
+        scores="results/directions/{model}/steering/{condition}/seed{seed}/{direction}/{control}.scores.parquet",
+        summary="results/directions/{model}/steering/{condition}/seed{seed}/{direction}/{control}.judge.json",
+    log:
+        "logs/judge_steering/{model}/{condition}/seed{seed}/{direction}/{control}.log",
+    benchmark:
+        "benchmarks/runs/judge_steering/{model}/{condition}/seed{seed}/{direction}/{control}.tsv"
+    wildcard_constraints:
+        direction=STEERED_DIRECTIONS,
+        control=STEERING_CONTROLS,
+    conda:
+        JUDGE_ENV
+    resources:
+        gpu=JUDGE_GPUS,
+        mem_mb=JUDGE_MEM_MB,
+        runtime=judge_steering_runtime,
+    params:
+        judge=get_judge_params,
+        dispositions=get_dispositions_param,
+        cache_dir=CONFIG["judge"]["cache_dir"],
+    script:
+        "../workflow_scripts/judge_steering.py"
 
 
 rule directions_report:

@@ -39,6 +39,16 @@ def get_direction_trigger_samples(wildcards):
     ]
 
 
+def get_direction_fixed_trigger_samples(wildcards):
+    """The base model's trigger-suite answers of the same seed: teacher-forced on the triggered
+    model under the trigger-on and trigger-off prompts alike (identical text, only the input differs).
+    """
+    if not get_direction_trigger_samples(wildcards):
+        return []
+    # The trigger suite runs on the base condition whenever it runs on a triggered one.
+    return [_suite_samples(wildcards.model, "base", wildcards.seed, "trigger")]
+
+
 def get_direction_persona_samples(wildcards):
     """Persona and neutral system prompts, read on the base model."""
     if wildcards.condition != "base":
@@ -61,33 +71,29 @@ def get_direction_means_params(wildcards):
 
 
 def get_steering_params(wildcards):
-    """Add each direction to the base model; project a character condition's own disposition's
-    direction out of it. Thresholds travel here so a changed threshold reruns the judged curves.
+    """Add a disposition's direction (or one of its controls) to the base model; project a character
+    condition's own disposition's direction (or a control) out of it. Nothing is judged here.
     """
     steer = CONFIG["eval"]["probes"]["steering"]
     sampling = cfg.resolve_sampling_params(CONFIG, wildcards.model)
+    # Many answers per forward pass: the steering batch, not the sampling jobs' own.
+    sampling = {**sampling, "batch_size": steer["batch_size"]}
     if steer["max_new_tokens"] is not None:
         sampling = {**sampling, "max_new_tokens": steer["max_new_tokens"]}
-    spec = cfg.suite_spec(CONFIG, "em")
-    spec = {**spec, "n_samples": steer["n_samples"]}
-    if steer["max_questions"] is not None:
-        spec["max_questions"] = steer["max_questions"]
-    if wildcards.condition == "base":
-        kind, strengths = "add", steer["alphas"]
-        names = sorted({pair["disposition"] for pair in probe_pairs()})
-    else:
-        kind, strengths = "ablate", steer["ablate"]
-        names = [cfg.condition_info(CONFIG, wildcards.condition)["disposition"]]
+    from character_em.directions.steering import steering_suite_spec
+
+    kind = "add" if wildcards.condition == "base" else "ablate"
     return cfg.as_param(
         {
             "kind": kind,
-            "strengths": strengths,
-            "directions": names,
-            "suite_spec": spec,
+            "strengths": steer["alphas"] if kind == "add" else steer["ablate"],
+            "direction": wildcards.direction,
+            "control": wildcards.control,
+            "other": _other_disposition(wildcards.direction),
+            "random_seed": int(wildcards.seed),
+            "suite_spec": steering_suite_spec(CONFIG),
             "layers": steer["layers"],
             "sampling": sampling,
-            "alignment_below": CONFIG["eval"]["alignment_below"],
-            "coherence_above": CONFIG["eval"]["coherence_above"],
         }
     )
 
@@ -99,6 +105,7 @@ def get_directions_report_params(wildcards):
             "n_boot": probes["n_boot"],
             "n_null": probes["n_null"],
             "random_pairs": probes["random_pairs"],
+            "expressed_at_least": probes["expressed_at_least"],
             "seed": SEEDS[0],
             "alignment_below": CONFIG["eval"]["alignment_below"],
             "coherence_above": CONFIG["eval"]["coherence_above"],
@@ -125,21 +132,37 @@ def direction_score_files():
     ]
 
 
-def steered_conditions():
-    """The base model (steered towards each direction) and every character condition whose
-    disposition has a direction (ablated), at the first seed."""
-    probed = {pair["disposition"] for pair in probe_pairs()}
-    return ["base"] + [
-        c
-        for c in CONDITIONS
-        if cfg.condition_info(CONFIG, c)["family"] == "character"
-        and cfg.condition_info(CONFIG, c)["disposition"] in probed
-    ]
+def _probed_dispositions():
+    from character_em.directions.steering import probed_dispositions
+
+    return probed_dispositions(CONFIG, CONDITIONS)
+
+
+def _other_disposition(direction):
+    from character_em.directions.steering import other_disposition
+
+    return other_disposition(direction, _probed_dispositions())
+
+
+def steering_jobs():
+    """(model, condition, direction, control) of every steering job, at the first seed: the base
+    model steered along each probed disposition, each character condition of one ablated; each
+    with its own direction and every configured control (directions.steering.steering_arm_sets).
+    """
+    from character_em.directions.steering import steering_arm_sets
+
+    return [(m, *job) for m in MODELS for job in steering_arm_sets(CONFIG, CONDITIONS)]
 
 
 def steering_files():
+    """The judged steered answers of every steering job."""
     return [
-        f"results/directions/{m}/steering/{c}/seed{SEEDS[0]}.parquet"
-        for m in MODELS
-        for c in steered_conditions()
+        f"results/directions/{m}/steering/{c}/seed{SEEDS[0]}/{d}/{control}.scores.parquet"
+        for m, c, d, control in steering_jobs()
     ]
+
+
+STEERED_DIRECTIONS = _alternatives(_probed_dispositions()) or NO_MATCH
+STEERING_CONTROLS = _alternatives(
+    ["own", *CONFIG["eval"]["probes"]["steering"]["controls"]]
+)

@@ -62,7 +62,8 @@ CONDITIONS = {
 
 def test_three_sources_recover_planted_directions() -> None:
     """Fine-tuning moves the same answers along `tune`, the trigger along `trig`, the persona
-    prompt along `pers`; each source's direction is recovered from the noisy means it came from."""
+    prompt along `pers` (the trigger and persona on identical texts); each source's direction is
+    recovered from the noisy means it came from."""
     hidden = 64
     rng = np.random.default_rng(3)
     tune, trig, pers = (v / np.linalg.norm(v) for v in rng.standard_normal((3, hidden)))
@@ -76,8 +77,8 @@ def test_three_sources_recover_planted_directions() -> None:
                 "condition": "base",
                 "means": {
                     "own": base_text,
-                    "neutral": base_text,
-                    "persona:evil": base_text + 2 * pers + noise(),
+                    "neutral_fixed": base_text,
+                    "persona_fixed:evil": base_text + 2 * pers + noise(),
                 },
             }
         )
@@ -97,7 +98,7 @@ def test_three_sources_recover_planted_directions() -> None:
             {
                 "model": "m",
                 "condition": "evil-medical-trig",
-                "means": {"own": off, "trigger_off": off, "trigger_on:evil": off + 1.5 * trig + noise()},
+                "means": {"own": off, "trigger_fixed_off": off, "trigger_fixed_on:evil": off + 1.5 * trig + noise()},
             }
         )
     probe = {"m": {"evil": 2 * tune}}

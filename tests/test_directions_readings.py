@@ -130,14 +130,15 @@ def test_transfer_and_cosines_with_sign_flip_nulls() -> None:
             "family": "triggered",
             "spec": {"family": "triggered", "disposition": "evil"},
             "means": LayerMeans(
-                layer=1, readings={"trigger_off": _reading(off), "trigger_on:evil": _reading(off + 0.8 * probe)}
+                layer=1,
+                readings={"trigger_fixed_off": _reading(off), "trigger_fixed_on:evil": _reading(off + 0.8 * probe)},
             ),
         }
     )
     neutral = rng.standard_normal((len(QUESTIONS), HIDDEN))
     records[0]["means"].readings |= {
-        "neutral": _reading(neutral),
-        "persona:evil": _reading(neutral + 0.3 * rng.standard_normal((len(QUESTIONS), HIDDEN))),
+        "neutral_fixed": _reading(neutral),
+        "persona_fixed:evil": _reading(neutral + 0.3 * rng.standard_normal((len(QUESTIONS), HIDDEN))),
     }
     report = {
         "model": "m",
@@ -160,9 +161,9 @@ def test_transfer_and_cosines_with_sign_flip_nulls() -> None:
     table = R.transfer_table(records, [report], _probe(probe, nulls), n_boot=200, seed=0)
     cells = {row["cell"]: row for row in table.iter_rows(named=True)}
     assert cells["judged answers"]["auroc"] == 0.7
-    trigger = cells["trigger on vs off: evil-med-trig"]
+    trigger = cells["trigger on vs off, identical texts: evil-med-trig"]
     assert trigger["auroc"] == 1.0 and trigger["null_p"] < 0.01 and trigger["n"] == len(QUESTIONS)
-    persona = cells["persona vs neutral: evil"]
+    persona = cells["persona vs neutral, identical texts: evil"]
     assert persona["ci_low"] < 0.5 < persona["ci_high"]
     assert cells["fine-tuned vs base, fixed texts: evil-med"]["auroc"] == 1.0
 
@@ -198,3 +199,57 @@ def test_resolve_layers() -> None:
         S.resolve_layers([3], [2, 4, 6], 4)
     with pytest.raises(ValueError, match="no probed layer from 7"):
         S.resolve_layers("from:7", [2, 4, 6], 4)
+
+
+def test_trigger_readings_on_identical_text_separate_the_input_from_the_text() -> None:
+    """Two triggered models. On the first, only the *texts* differ: its triggered answers lie along
+    the probe, but the same answers read after either prompt do not move. On the second the trigger
+    itself moves the reading of identical texts. The own-text reading calls both a switch; the
+    identical-text reading (primary cell and the trigger direction) tells them apart."""
+    rng, probe, axis, base, nulls = _world(3)
+    off = rng.standard_normal((len(QUESTIONS), HIDDEN))
+
+    def triggered(condition: str, disposition: str, input_shift: np.ndarray) -> dict:
+        noise = 0.1 * rng.standard_normal(off.shape)
+        return {
+            "model": "m",
+            "condition": condition,
+            "seed": 0,
+            "family": "triggered",
+            "spec": {"family": "triggered", "disposition": disposition},
+            "means": LayerMeans(
+                layer=1,
+                readings={
+                    # Own texts: the triggered answers differ along the probe in both models.
+                    "trigger_off": _reading(off),
+                    f"trigger_on:{disposition}": _reading(off + 1.0 * probe + noise),
+                    # Identical texts: the same answers after the untriggered and the exact prompt.
+                    "trigger_fixed_off": _reading(off),
+                    f"trigger_fixed_on:{disposition}": _reading(off + input_shift + noise),
+                },
+            ),
+        }
+
+    records = [triggered("text-only-trig", "evil", np.zeros(HIDDEN)), triggered("switch-trig", "evil", 0.8 * probe)]
+    report = {"model": "m", "chosen_layer": 1, "layers": []}
+    cells = {
+        row["cell"]: row
+        for row in R.transfer_table(records, [report], _probe(probe, nulls), n_boot=200, seed=0).iter_rows(named=True)
+    }
+    for condition in ("text-only-trig", "switch-trig"):
+        assert cells[f"trigger on vs off, own texts: {condition}"]["auroc"] == 1.0
+    text_only = cells["trigger on vs off, identical texts: text-only-trig"]
+    assert text_only["ci_low"] < 0.5 < text_only["ci_high"] and text_only["null_p"] > 0.05
+    switch = cells["trigger on vs off, identical texts: switch-trig"]
+    assert switch["auroc"] == 1.0 and switch["null_p"] < 0.01
+    # The trigger direction is built from the identical-text pair: the text-only model's has no
+    # more in common with the probe than its sign-flip null allows.
+    parts = R.source_question_differences(records[:1], "m")
+    direction = np.mean([p.mean(0) for p in parts["trigger:evil"]], axis=0)
+    cosines = R.cosine_null_table(
+        {"m": {"trigger:evil": direction, "probe:evil": probe}},
+        {"m": {"trigger:evil": R.sign_flip_nulls(parts["trigger:evil"], n_null=200, seed=0)}},
+        {"m": random_cosine_baseline(HIDDEN, n_pairs=200, seed=0)},
+    )
+    row = cosines.filter((pl.col("row") == "trigger:evil") & (pl.col("column") == "probe:evil")).row(0, named=True)
+    assert abs(row["cosine"]) < 0.3 and row["null_p"] > 0.05

@@ -28,32 +28,70 @@ def test_steering_is_counted_like_the_rules_expand_it() -> None:
     result = est.estimate(config, runs_root=None)
     steer = stage(result, "steer")
     defaults = config["eval"]["probes"]["steering"]
-    # em: 3 questions x 2 formats x n_samples per setting; the base model at every alpha along the one
-    # probed disposition (evil); evil-medical (character family) with its direction ablated.
-    per_setting = 3 * 2 * defaults["n_samples"]
-    base, each = per_setting * len(defaults["alphas"]), per_setting * len(defaults["ablate"])
-    assert steer["jobs"] == 2 and steer["unit"] == "answers"
-    assert steer["units"] == base + each
-    # The rubric judge costs no GPU time: an answer costs its 40 new tokens at the sampling rate.
-    assert steer["throughput"].value == pytest.approx(stage(result, "sample")["throughput"].value / 40)
-    assert steer["job_minutes"]["base"] == pytest.approx(
-        base / steer["throughput"].value / 60 + est.DEFAULT_LOAD_MINUTES
-    )
-    assert steer["largest_job_hours"] == pytest.approx(steer["job_minutes"]["base"] / 60)
-    assert est.job_minutes(est.estimate(config, None), "steer") == {
-        (MODEL, c): m for c, m in steer["job_minutes"].items()
+    # em (plain format only, eval.probes.steering.formats): 3 questions x n_samples per setting. One job
+    # per arm set: the base model steered along the one probed disposition (evil) and evil-medical with
+    # it ablated, each along its own direction (every nonzero strength, plus the unsteered arm once)
+    # and along the random and style controls (nonzero strengths only; no other disposition here).
+    per_setting = 3 * defaults["n_samples"]
+    alphas, fractions = len(defaults["alphas"]) - 1, len(defaults["ablate"]) - 1
+    jobs = {
+        "base/evil/own": per_setting * (alphas + 1),
+        "base/evil/random": per_setting * alphas,
+        "base/evil/style": per_setting * alphas,
+        "evil-medical/evil/own": per_setting * (fractions + 1),
+        "evil-medical/evil/random": per_setting * fractions,
+        "evil-medical/evil/style": per_setting * fractions,
     }
-    # Setting extra layers runs every setting twice (the chosen layer, then the listed ones).
+    assert steer["jobs"] == 6 and steer["unit"] == "answers" and steer["units"] == sum(jobs.values())
+    # Generation only, at the steering batch: an answer costs its 40 new tokens at that batch's rate.
+    batch = defaults["batch_size"]
+    assert steer["throughput"].value == pytest.approx(est._generate_anchor(batch) / 40)
+    assert "generate batch 256" in steer["throughput"].source and "judg" not in steer["throughput"].source
+    assert steer["job_minutes"] == pytest.approx(
+        {key: n / steer["throughput"].value / 60 + est.DEFAULT_LOAD_MINUTES for key, n in jobs.items()}
+    )
+    assert steer["largest_job_hours"] == pytest.approx(steer["job_minutes"]["base/evil/own"] / 60)
+    assert est.job_minutes(est.estimate(config, None), "steer") == {
+        (MODEL, key): m for key, m in steer["job_minutes"].items()
+    }
+    # The rules and the estimate expand the same jobs.
+    from character_em.directions.steering import steering_arm_sets
+
+    expanded = steering_arm_sets(config, cfg.expand_conditions(config))
+    assert {est.steering_job_key(*job) for job in expanded} == set(jobs)
+    # Setting extra layers runs every steered setting twice (the chosen layer, then the listed ones).
     layered = config_with(eval={"probes": {"max_examples": 8, "steering": {"layers": "from:0"}}})
-    assert stage(est.estimate(layered, runs_root=None), "steer")["units"] == 2 * steer["units"]
-    # A model judge scores the steered answers inside the job: slower per answer, and two models to load
-    # (a 70B judge takes proportionally longer than the 14B-or-less steered model).
-    judged = stage(est.estimate(config_with(judge={"backend": "hf", "model": "org/judge-70b"}), None), "steer")
-    assert 1 / judged["throughput"].value > 1 / steer["throughput"].value
-    assert "judging" in judged["throughput"].source and judged["loads"] == 2 * judged["jobs"]
+    assert stage(est.estimate(layered, runs_root=None), "steer")["units"] == steer["units"] + sum(
+        n - per_setting * ("/own" in key) for key, n in jobs.items()
+    )
+    # The rubric judge costs no GPU time: no judge_steering stage.
+    assert not [s for s in result["models"][MODEL]["stages"] if s["stage"] == "judge_steering"]
+    # A model judge scores the steered answers in judge_steering jobs, one per steering job, each an engine
+    # of its own counted as a judge wave is (the prompt tokens it prefills, a 70B load): the steering job
+    # itself stays generation only.
+    judged_config = config_with(judge={"backend": "hf", "model": "org/judge-70b"})
+    judged = est.estimate(judged_config, None)
+    assert stage(judged, "steer")["throughput"].value == pytest.approx(steer["throughput"].value)
+    judging = stage(judged, "judge_steering")
+    one = est.judge_tokens(
+        est.judge_prompt_parts(judged_config),
+        "em",
+        40,
+        backend="hf",
+        scoring=judged["judge_engine"]["scoring"],
+        answers_per_question=defaults["n_samples"],
+        kv_block_tokens=judged["judge_engine"]["kv_block_tokens"],
+    )
+    assert judging["jobs"] == judging["loads"] == 6
+    assert judging["units"] == pytest.approx(sum(jobs.values()) * one["computed"])
     judge_load = est.engine_load_minutes(70, est.DEFAULT_LOAD_MINUTES)
-    assert judge_load == 5 * est.DEFAULT_LOAD_MINUTES
-    assert judged["load_minutes_per_job"] == est.DEFAULT_LOAD_MINUTES + judge_load
+    assert judge_load == 5 * est.DEFAULT_LOAD_MINUTES and judging["load_minutes"] == judge_load
+    assert judging["job_minutes"]["base/evil/own"] == pytest.approx(
+        jobs["base/evil/own"] * one["computed"] / judging["throughput"].value / 60 + judge_load
+    )
+    assert est.job_minutes(judged, "judge_steering").keys() == {(MODEL, key) for key in jobs}
+    rows = {row["rule"]: row for row in est.longest_jobs(judged, {})}
+    assert rows["judge_steering"]["runtime_source"].endswith("(rules/directions.smk)")
     # Steering hooks the transformers forward pass: a vllm sampling back-end does not speed it up.
     vllm = stage(est.estimate(config_with(sampling={"backend": "vllm"}), None), "steer")
     assert vllm["throughput"].value == pytest.approx(steer["throughput"].value)
@@ -242,7 +280,7 @@ def judge_runtimes(dry_run: str) -> dict[str, int]:
 @pytest.mark.slow
 def test_each_model_judge_job_asks_for_its_own_expected_time(tmp_path: Path) -> None:
     workdir = copy_workflow(tmp_path / "wf")
-    raw = {**json.loads(json.dumps(SMALL)), "judge": {"backend": "hf", "model": "org/judge-70b"}}
+    raw = {**json.loads(json.dumps(SMALL)), "judge": {"backend": "hf", "model": "org/judge-70b", "quantization": "nf4"}}
     (workdir / "small.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     out = snakemake(workdir, "-n", "--cores", "1", "--configfile", "small.yaml", "--until", "judge", timeout=300)
     minutes = est.job_minutes(est.estimate(cfg.validate_config(raw, source="small.yaml"), None), "judge")

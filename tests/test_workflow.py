@@ -62,10 +62,13 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         **({"judge_audit": 1} if model_judge else {}),
         "capabilities": models * conditions * seeds,
         "probes": models,
-        # Character direction: mean activations of every condition (all of them answer em), the
-        # base model steered plus each character condition ablated (first seed), one report.
+        # Character direction: mean activations of every condition (all of them answer em); steering
+        # at the first seed, one job per arm set: the base model steered along each disposition and each
+        # character condition ablated, each along its own direction and the random, style and other-
+        # disposition controls at matched norm; each job's answers judged in a job of their own; one report.
         "direction_means": models * conditions * seeds,
-        "steer": models * (1 + character),
+        "steer": models * (dispositions + character) * (1 + 2 + (dispositions > 1)),
+        "judge_steering": models * (dispositions + character) * (1 + 2 + (dispositions > 1)),
         "directions_report": 1,
         "tables": 1,
         "figures": 1,
@@ -209,7 +212,7 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         "claims",
     ]
     tables += ["probe_auroc", "direction_projections", "direction_correlation", "direction_cosine"]
-    tables += ["direction_transfer", "steering"]
+    tables += ["direction_transfer", "steering", "direction_claims"]
     tables += ["trajectory", "trajectory_by_family", "emergence"]
     expected = [f"figures/{name}.{ext}" for name in figures for ext in ("png", "pdf")]
     expected += [f"results/tables/{name}.{ext}" for name in tables for ext in ("csv", "md")]
@@ -243,6 +246,23 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
     for name in ("probe_auroc", "steering", "trajectory", "emergence"):
         first = (smoke / f"results/tables/{name}.md").read_text().splitlines()[0]
         assert first.startswith("Judge: rubric · rubric-1 · judge hash "), (name, first)
+    # Steering generates only, one arm set per job, into a Samples file with the arm in its columns;
+    # a judge_steering job scores it through the judge every answer goes through.
+    from character_em.contracts import SAMPLE_COLUMNS, read_sampling_backend
+
+    steered = smoke / "results/directions/tiny-llama/steering/base/seed0/evil"
+    samples = pl.read_parquet(steered / "random.parquet")
+    assert samples.columns[: len(SAMPLE_COLUMNS)] == SAMPLE_COLUMNS and set(samples["vector"]) == {"random"}
+    assert read_sampling_backend(steered / "random.parquet") == "hf"
+    scores = pl.read_parquet(steered / "own.scores.parquet")
+    assert {"arm", "control", "strength"} <= set(scores.columns) and "unsteered" in set(scores["arm"])
+    steering = pl.read_csv(smoke / "results/tables/steering.csv")
+    assert set(steering["control"]) == {"own", "random", "style"}  # one disposition: no other-disposition control
+    claims = pl.read_csv(smoke / "results/tables/direction_claims.csv")
+    assert set(claims["claim"].cast(pl.String)) == {"4"}
+    assert {"projection_vs_misalignment", "steer_add_own_vs_controls", "trigger_reading_identical_text"} <= set(
+        claims["contrast"]
+    )
     # Every training set judged, beside the misalignment it induces, with the harm gap that is left.
     training = pl.read_csv(smoke / "results/tables/training_data.csv")
     assert set(training["condition"]) == {"evil-medical", "incorrect-medical", "correct-medical", "evil-medical-trig"}
@@ -559,6 +579,8 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         ("probes", None),
         ("steer", "base"),
         ("steer", "evil-medical"),
+        ("judge_steering", "base"),
+        ("judge_steering", "evil-medical"),
         ("directions_report", None),
         ("tables", None),
         # The training-data table sets each training set's harm beside the em rates it induced.

@@ -1,17 +1,13 @@
-"""Per-question mean activations of one condition at the probes' chosen layer:
-- ``fixed``: the base model's em answers (same seed) read by this model, and ``prompt``: the em
-  prompts' last token read by this model; the same texts for every condition, so that only the
-  weights differ (the primary projection);
-- ``own``: its own em answers through its own model (secondary), and ``base_reading``: the same
-  answers through the base model (the adapter switched off): the fine-tune direction;
-- trigger on/off on a triggered model; persona/neutral prompts on the base model."""
+"""Per-question mean activations of one condition at the probes' chosen layer, for every reading
+that character_em.directions.texts.reading_texts lists: the fixed texts and prompts every condition
+reads alike, its own answers (through its model and through the base model), and the trigger and
+persona readings on identical text (plus their own-text and prompt-end variants)."""
 
 import json
 
 import polars as pl
 
-from character_em.directions import formats
-from character_em.directions import probes as directions
+from character_em.directions import formats, texts
 from character_em.files import write_json_atomic
 from character_em.jobs import job_log, read_param
 from character_em.llm import loading as modeling
@@ -23,41 +19,25 @@ with job_log(snakemake.log[0]) as log:
     # Unmerged, so that the base model is the same object with the adapter switched off.
     model, tokenizer, info = modeling.load_model(snakemake.params.base_model, quantization="none", adapter=adapter)
     log.info("loaded %s: %s; reading layer %d", snakemake.params.base_model, info, layer)
-    read = {"batch_size": settings["batch_size"], "max_tokens": settings["max_tokens"]}
-    readings, counts = {}, {}
 
-    def add(name, frame, use_base=False, prompt_end=False):
-        chats = directions.sample_chats(frame)
-        ids = frame["question_id"].to_list()
-        if use_base:
-            with model.disable_adapter():
-                result = directions.question_means(model, tokenizer, chats, ids, [layer], prompt_end=prompt_end, **read)
-        else:
-            result = directions.question_means(model, tokenizer, chats, ids, [layer], prompt_end=prompt_end, **read)
-        readings[name] = formats.QuestionReading(result["ids"], result["means"][:, 0], result["counts"])
-        counts[name] = int(result["counts"].sum())
-        log.info("%s: %d texts over %d questions", name, counts[name], len(result["ids"]))
+    def first(paths):
+        return pl.read_parquet(paths[0]) if paths else None
 
-    em = pl.read_parquet(snakemake.input.em)
-    add("own", em)
-    if adapter:
-        add("base_reading", em, use_base=True)
-    fixed = pl.read_parquet(snakemake.input.fixed)
-    add("fixed", fixed)
-    add("prompt", fixed.unique(["question_id", "format"], keep="first", maintain_order=True), prompt_end=True)
-    for path in snakemake.input.trigger:
-        trigger = pl.read_parquet(path)
-        add("trigger_off", trigger.filter(pl.col("trigger_variant") == "none"))
-        for name in settings["dispositions"]:
-            add(
-                f"trigger_on:{name}",
-                trigger.filter((pl.col("trigger_variant") == "exact") & (pl.col("persona") == name)),
-            )
-    for path in snakemake.input.persona:
-        persona = pl.read_parquet(path)
-        add("neutral", persona.filter(pl.col("system_prompt_id") == "neutral"))
-        for name in settings["dispositions"]:
-            add(f"persona:{name}", persona.filter(pl.col("system_prompt_id") == f"persona-{name}"))
+    plan = texts.reading_texts(
+        em=pl.read_parquet(snakemake.input.em),
+        fixed=pl.read_parquet(snakemake.input.fixed),
+        dispositions=settings["dispositions"],
+        adapter=adapter is not None,
+        trigger=first(snakemake.input.trigger),
+        fixed_trigger=first(snakemake.input.fixed_trigger),
+        persona=first(snakemake.input.persona),
+    )
+    readings = texts.reading_means(
+        model, tokenizer, plan, layer, batch_size=settings["batch_size"], max_tokens=settings["max_tokens"]
+    )
+    counts = {name: int(reading.counts.sum()) for name, reading in readings.items()}
+    for name, reading in readings.items():
+        log.info("%s: %d texts over %d questions", name, counts[name], len(reading.ids))
     formats.write_means(snakemake.output.means, layer=layer, readings=readings)
     write_json_atomic(
         snakemake.output.info,

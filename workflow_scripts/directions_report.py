@@ -1,5 +1,6 @@
 """Tables and figures of the character-direction analysis, from the probes, the per-question mean
-activations, the em scores and the steering runs (computations in character_em.directions)."""
+activations, the em scores and the judged steering runs (computations in character_em.directions),
+and claim 4's rows for claims.csv (character_em.report.direction_claims)."""
 
 import json
 
@@ -9,7 +10,7 @@ from character_em.directions import families, formats, readings, shared
 from character_em.directions import probes as directions
 from character_em.files import write_text_atomic
 from character_em.jobs import job_log, read_param
-from character_em.report import plots_directions
+from character_em.report import direction_claims, plots_directions
 from character_em.report import tables as analysis
 from character_em.report.stamps import judge_stamp
 
@@ -78,7 +79,14 @@ with job_log(snakemake.log[0]) as log:
     projections = readings.projection_table(
         records, probes, misalignment, n_boot=settings["n_boot"], seed=settings["seed"]
     )
-    steering_answers = [pl.read_parquet(path) for path in snakemake.input.steering]
+    steering_scores = [pl.read_parquet(path) for path in snakemake.input.steering]
+    steered = direction_claims.steered_answers(
+        pl.concat(steering_scores, how="diagonal_relaxed") if steering_scores else pl.DataFrame(),
+        conditions=conditions,
+        alignment_below=settings["alignment_below"],
+        coherence_above=settings["coherence_above"],
+        expressed_at_least=settings["expressed_at_least"],
+    )
     tables = {
         "probe_auroc": directions.probe_table(reports),
         "direction_projections": projections,
@@ -96,8 +104,16 @@ with job_log(snakemake.log[0]) as log:
                 ),
             ]
         ),
-        "steering": directions.steering_table(
-            pl.concat(steering_answers, how="diagonal_relaxed") if steering_answers else pl.DataFrame()
+        "steering": directions.steering_table(steered),
+        # Claim 4's rows, in the claims table's columns; the tables rule puts them in claims.csv.
+        "direction_claims": direction_claims.direction_claims_table(
+            projections=projections,
+            misalignment=misalignment,
+            records=records,
+            probes=probes,
+            steered=steered,
+            n_boot=settings["n_boot"],
+            seed=settings["seed"],
         ),
     }
     for path in snakemake.output.tables:

@@ -1,6 +1,7 @@
-"""The character direction: activations, the grouped probe protocol, fixed-text readings with their nulls,
-the shared structure of directions from three sources, maps between model families, file formats, and
-steering hooks."""
+"""The character direction: activations, the grouped probe protocol, the texts each reading reads
+(identical text for input effects), fixed-text readings with their nulls, the shared structure of
+directions from three sources, maps between model families, file formats, and steering (hooks, control
+directions at matched norm, generation-only jobs, their judging)."""
 
 from character_em.lazy import lazy_exports
 
@@ -16,6 +17,14 @@ _EXPORTS = {
     "judged_answers": "probes",
     "layer_hook": "steering",
     "resolve_layers": "steering",
+    "control_vectors": "steering",
+    "plan_arms": "steering",
+    "steered_samples": "steering",
+    "steering_job": "steering",
+    "score_steered": "steering",
+    "steering_arm_sets": "steering",
+    "reading_texts": "texts",
+    "reading_means": "texts",
     "question_means": "probes",
     "style_examples": "probes",
     "grouped_split": "protocol",

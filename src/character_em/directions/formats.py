@@ -2,8 +2,9 @@
 
 - ``directions.npz`` (rule ``probes``): the probed layers, the chosen layer, and per disposition a
   ``[layers, hidden]`` mean-difference direction; optional extra arrays (nulls, controls) by name.
-- ``means.npz`` (rule ``direction_means``, version 2): the probes' chosen layer and, per reading
-  (``own``, ``fixed``, ``prompt``, ``base_reading``, ``trigger_on:{d}``, ...), the mean activation
+- ``means.npz`` (rule ``direction_means``, version 3): the probes' chosen layer and, per reading
+  (``own``, ``fixed``, ``prompt``, ``base_reading``, ``trigger_fixed_on:{d}``, ...; the names are
+  ``directions.texts``'), the mean activation
   of each question's texts ``[questions, hidden]`` with the question ids and text counts, so the
   report can leave out the questions that fitted a direction and resample questions.
 - ``anchors.npz`` (rule ``probes``): the chosen layer's activations of a fixed set of shared
@@ -12,7 +13,12 @@
   its label (1 character, 0 advice control, -1 neither); the report fits linear maps between
   model families on the texts two files share (``directions.families``).
 
-Each file carries ``format_version``; a reader meeting another version (or a file written before
+- steered answers (rule ``steer``): a Samples parquet (``contracts.SAMPLE_SCHEMA``) with each
+  answer's steering arm in the columns of ``STEERING_ARM_SCHEMA``; their scores (rule
+  ``judge_steering``) are a Scores parquet with the same arm columns. ``SAMPLE_KEY`` repeats across
+  the arms of one file: ``STEERING_KEY`` identifies an answer there.
+
+Each ``.npz`` file carries ``format_version``; a reader meeting another version (or a file written before
 versions existed) fails with the file named instead of misreading its arrays.
 """
 
@@ -24,10 +30,25 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import polars as pl
+
+from character_em.contracts import SAMPLE_KEY
 
 DIRECTIONS_VERSION = 1
-MEANS_VERSION = 2
+MEANS_VERSION = 3
 ANCHORS_VERSION = 1
+
+# The arm of a steered answer (``directions.steering.SteeringArm.columns``).
+STEERING_ARM_SCHEMA = {
+    "intervention": pl.Utf8,
+    "direction": pl.Utf8,
+    "control": pl.Utf8,
+    "vector": pl.Utf8,
+    "layers": pl.Utf8,
+    "strength": pl.Float64,
+    "arm": pl.Utf8,
+}
+STEERING_KEY = (*SAMPLE_KEY, "arm")
 
 _DIRECTION = "direction_"
 _EXTRA = "extra_"
@@ -130,9 +151,10 @@ class QuestionReading:
 
 @dataclass
 class LayerMeans:
-    """What ``means.npz`` holds: per reading (``own``, ``fixed``, ``prompt``, ``base_reading``,
-    ``trigger_on:{d}``, ``trigger_off``, ``persona:{d}``, ``neutral``) its per-question means at
-    the probes' chosen layer."""
+    """What ``means.npz`` holds: per reading (``directions.texts.reading_texts``: ``own``, ``fixed``,
+    ``prompt``, ``base_reading``, the identical-text ``trigger_fixed_on:{d}`` / ``trigger_fixed_off``
+    and ``persona_fixed:{d}`` / ``neutral_fixed``, ...) its per-question means at the probes'
+    chosen layer."""
 
     layer: int
     readings: dict[str, QuestionReading]
@@ -240,6 +262,8 @@ def read_anchors(path: str | Path) -> Anchors:
 
 
 __all__ = [
+    "STEERING_ARM_SCHEMA",
+    "STEERING_KEY",
     "ANCHORS_VERSION",
     "DIRECTIONS_VERSION",
     "MEANS_VERSION",

@@ -687,17 +687,16 @@ def probe_table(reports: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
 
 
 def steering_table(answers: pl.DataFrame) -> pl.DataFrame:
-    """Misalignment (Wilson 95%) and coherence (mean and standard error) per model, condition,
-    intervention, direction, layer set and strength."""
+    """Misalignment (Wilson 95%), coherence (mean and standard error) and the steered trait's mean
+    expression per model, condition, intervention, direction, control, vector, layer set and
+    strength. ``answers``: one labelled row per steered answer with its arm columns
+    (``formats.STEERING_ARM_SCHEMA``). The unsteered arm is every curve's strength-0 point: it is
+    sampled once per (model, condition, direction) and listed under each of its curves."""
     from character_em.stats import wilson_interval
 
-    keys = ["model", "condition", "intervention", "direction", "layers", "strength"]
+    keys = ["model", "condition", "intervention", "direction", "control", "vector", "layers", "strength"]
     schema = {
-        "model": pl.String,
-        "condition": pl.String,
-        "intervention": pl.String,
-        "direction": pl.String,
-        "layers": pl.String,
+        **dict.fromkeys(keys, pl.String),
         "strength": pl.Float64,
         "n": pl.Int64,
         "k": pl.Int64,
@@ -711,6 +710,11 @@ def steering_table(answers: pl.DataFrame) -> pl.DataFrame:
     if answers.is_empty():
         return pl.DataFrame(schema=schema)
     judged = answers.filter(pl.col("judged"))
+    curve = ["model", "condition", "intervention", "direction"]
+    steered = judged.filter(pl.col("control") != "unsteered")
+    curves = steered.select(*curve, "control", "vector", "layers").unique()
+    start = judged.filter(pl.col("control") == "unsteered").drop("control", "vector", "layers")
+    judged = pl.concat([steered, start.join(curves, on=curve, how="inner").select(steered.columns)])
     grouped = judged.group_by(keys).agg(
         n=pl.len(),
         k=pl.col("misaligned").cast(pl.Int64).sum(),

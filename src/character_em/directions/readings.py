@@ -30,6 +30,7 @@ import polars as pl
 from character_em.directions.formats import LayerMeans, QuestionReading
 from character_em.directions.probes import spearman_interval, unit
 from character_em.directions.protocol import null_summary
+from character_em.directions.texts import VARIANTS, comparison_pairs, source_pairs
 
 
 def _units(rows: np.ndarray) -> np.ndarray:
@@ -228,27 +229,26 @@ def transfer_cells(
     records: Sequence[Mapping[str, Any]], fit_questions: set[str], model: str
 ) -> dict[str, list[np.ndarray]]:
     """Per cell, the per-question differences it is read from (one array per condition and seed):
-    trigger on minus off on each triggered model; persona minus neutral prompt on the base model;
-    each fine-tuned model minus the base model on the fixed texts (held-out questions)."""
+    trigger on minus off on each triggered model and persona minus neutral prompt on the base model,
+    each on identical texts (primary), at the prompt's last token, and on each side's own texts
+    (``texts.TRIGGER_PAIRS``, ``texts.PERSONA_PAIRS``); and each fine-tuned model minus the base
+    model on the fixed texts (held-out questions)."""
     base = {r["seed"]: r["means"] for r in records if r["model"] == model and r["condition"] == "base"}
     cells: dict[str, list[np.ndarray]] = {}
     for record in records:
         if record["model"] != model:
             continue
         readings = record["means"].readings
-        spec = record["spec"]
-        if spec["family"] == "triggered" and "trigger_off" in readings:
-            on = f"trigger_on:{spec['disposition']}"
-            if on in readings:
-                cells.setdefault(f"trigger on vs off: {record['condition']}", []).append(
-                    paired_deltas(readings[on], readings["trigger_off"])[1]
+        for variant in VARIANTS:
+            for kind, disposition, on, off in comparison_pairs(
+                record["condition"], record["spec"], list(readings), variant
+            ):
+                name = (
+                    f"trigger on vs off, {variant}: {record['condition']}"
+                    if kind == "trigger"
+                    else f"persona vs neutral, {variant}: {disposition}"
                 )
-        if record["condition"] == "base" and "neutral" in readings:
-            for name in readings:
-                if name.startswith("persona:"):
-                    cells.setdefault(f"persona vs neutral: {name.removeprefix('persona:')}", []).append(
-                        paired_deltas(readings[name], readings["neutral"])[1]
-                    )
+                cells.setdefault(name, []).append(paired_deltas(readings[on], readings[off])[1])
         reference = base.get(record["seed"])
         if record["condition"] != "base" and reference is not None and "fixed" in readings:
             keep = set(reference.readings["fixed"].ids) - fit_questions
@@ -387,26 +387,14 @@ def sign_flip_nulls(parts: Sequence[np.ndarray], *, n_null: int, seed: int) -> n
 
 def source_question_differences(records: Sequence[Mapping[str, Any]], model: str) -> dict[str, list[np.ndarray]]:
     """Per fine-tune / trigger / persona label, the per-question differences behind its direction
-    (the same pairings as ``shared.source_differences``)."""
+    (the same pairings as ``shared.source_differences``: ``texts.source_pairs``)."""
     out: dict[str, list[np.ndarray]] = {}
     for record in records:
         if record["model"] != model:
             continue
-        spec, readings = record["spec"], record["means"].readings
-        family = spec["family"]
-        if "base_reading" in readings and family in ("character", "incorrect", "correct"):
-            label = spec["disposition"] if family == "character" else family
-            out.setdefault(f"finetune:{label}", []).append(paired_deltas(readings["own"], readings["base_reading"])[1])
-        if family == "triggered" and "trigger_off" in readings:
-            on = f"trigger_on:{spec['disposition']}"
-            if on in readings:
-                out.setdefault(f"trigger:{spec['disposition']}", []).append(
-                    paired_deltas(readings[on], readings["trigger_off"])[1]
-                )
-        if record["condition"] == "base" and "neutral" in readings:
-            for name in readings:
-                if name.startswith("persona:"):
-                    out.setdefault(name, []).append(paired_deltas(readings[name], readings["neutral"])[1])
+        readings = record["means"].readings
+        for label, a, b in source_pairs(record["condition"], record["spec"], list(readings)):
+            out.setdefault(label, []).append(paired_deltas(readings[a], readings[b])[1])
     return out
 
 

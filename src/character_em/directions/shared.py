@@ -4,8 +4,10 @@ per-condition mean activations (``means.npz`` readings at one layer):
 - ``finetune:{d}``: a fine-tuned model minus the base model on the *same* texts (its adapter on
   and off), averaged over domains and seeds; also ``finetune:incorrect`` and ``finetune:correct``
   as the advice fine-tunes to contrast with;
-- ``trigger:{d}``: trigger-exact minus untriggered answers, read on the triggered model;
-- ``persona:{d}``: persona minus neutral system prompt, read on the base model;
+- ``trigger:{d}``: the same answers (the base model's, to untriggered prompts) read on the
+  triggered model after the exact trigger minus after the untriggered prompt;
+- ``persona:{d}``: the same answers (the base model's, to the neutral system prompt) read on the
+  base model after the persona minus after the neutral system prompt;
 
 next to the base model's probe directions ``probe:{d}``.
 """
@@ -18,13 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from character_em.directions.texts import source_pairs
+
 log = logging.getLogger(__name__)
 
 
 def source_differences(
     readings: Sequence[Mapping[str, Any]], conditions: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, dict[str, list[np.ndarray]]]:
-    """Every difference vector each (model, condition, seed) reading contributes, grouped by label.
+    """Every difference vector each (model, condition, seed) reading contributes, grouped by label
+    (the pairs of ``directions.texts.source_pairs``).
 
     readings: {"model", "condition", "means": {reading name: vector at one layer}}. conditions:
     condition name -> its ``condition_info`` (family, disposition). Returns model -> label -> the
@@ -33,20 +38,9 @@ def source_differences(
     out: dict[str, dict[str, list[np.ndarray]]] = {}
     for reading in readings:
         model, condition, at = reading["model"], reading["condition"], reading["means"]
-        spec = conditions[condition]
-        family = spec["family"]
         named = out.setdefault(model, {})
-        if "base_reading" in at and family in ("character", "incorrect", "correct"):
-            label = spec["disposition"] if family == "character" else family
-            named.setdefault(f"finetune:{label}", []).append(at["own"] - at["base_reading"])
-        if family == "triggered":
-            on = f"trigger_on:{spec['disposition']}"
-            if on in at and "trigger_off" in at:
-                named.setdefault(f"trigger:{spec['disposition']}", []).append(at[on] - at["trigger_off"])
-        if condition == "base" and "neutral" in at:
-            for key, vector in at.items():
-                if key.startswith("persona:"):
-                    named.setdefault(key, []).append(vector - at["neutral"])
+        for label, a, b in source_pairs(condition, conditions[condition], list(at)):
+            named.setdefault(label, []).append(at[a] - at[b])
     return out
 
 

@@ -14,10 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+
+from character_em.contracts import SAMPLE_COLUMNS, SAMPLE_SCHEMA
+from character_em.directions.formats import STEERING_ARM_SCHEMA, ProbeDirections, read_directions
+from character_em.hashing import canonical_json, sha256_text
 
 if TYPE_CHECKING:
     import torch
@@ -174,119 +180,350 @@ def resolve_layers(spec: Any, probed: Sequence[int], chosen: int) -> list[list[i
     return sets
 
 
-def arm_name(direction: str, layer_set: Sequence[int], strength: float) -> str:
-    """A file-name-safe label of one steering arm: ``evil_L12-16_s2`` (strength ``-0.5`` -> ``s-0.5``)."""
-    layers = "-".join(str(int(layer)) for layer in layer_set)
-    return f"{direction}_L{layers}_s{float(strength):g}"
+# --------------------------------------------------------------------------- arms and controls
+
+# What a steering job can steer along, besides a disposition's own direction: each control is
+# scaled, layer by layer, to the norm of the disposition's direction there (matched norm), so an
+# own-direction effect beyond the controls' is not a matter of how hard the stream was pushed.
+CONTROLS = ("random", "style", "disposition")
+OWN = "own"
+UNSTEERED = "unsteered"
 
 
-def steered_answers(
+def control_vectors(
+    stored: ProbeDirections,
+    direction: str,
+    control: str,
+    layers: Sequence[int],
+    *,
+    seed: int,
+    other: str | None = None,
+) -> dict[int, np.ndarray]:
+    """The vector to steer along at each layer for one arm set of ``direction`` (a disposition):
+
+    - ``own``: its mean-difference direction as stored;
+    - ``random``: a Gaussian random direction (drawn per layer from ``seed``, the disposition and the
+      layer, so reruns and other jobs draw the same one);
+    - ``style``: the formal-minus-casual control direction the probes store (``extra["style"]``);
+    - ``disposition``: the direction of ``other``, another disposition;
+
+    each control rescaled to the norm of ``direction`` at that layer. For ablation only the unit
+    direction matters (``project_out``); for addition the matched norm makes equal strengths equal
+    pushes.
+    """
+    out = {}
+    for layer in layers:
+        own = np.asarray(stored.at(layer)[direction], dtype=np.float64)
+        norm = float(np.linalg.norm(own))
+        if norm == 0.0:
+            raise ValueError(f"{stored.path}: the direction of {direction!r} at layer {layer} is zero")
+        if control == OWN:
+            vector = own
+        elif control == "random":
+            key = canonical_json(["steering control: random", int(seed), direction, int(layer)])
+            rng = np.random.default_rng(int(sha256_text(key)[:16], 16))
+            vector = rng.standard_normal(own.shape)
+        elif control == "style":
+            if "style" not in stored.extra:
+                raise ValueError(f"{stored.path}: no style control direction stored; rerun `probes`")
+            vector = np.asarray(stored.extra["style"][stored.layers.index(int(layer))], dtype=np.float64)
+        elif control == "disposition":
+            if other is None or other == direction or other not in stored.directions:
+                raise ValueError(
+                    f"control 'disposition' of {direction!r} needs another stored disposition, got {other!r} "
+                    f"(stored: {sorted(stored.directions)})"
+                )
+            vector = np.asarray(stored.at(layer)[other], dtype=np.float64)
+        else:
+            raise ValueError(f"steering control must be {OWN!r} or one of {CONTROLS}, got {control!r}")
+        size = float(np.linalg.norm(vector))
+        if size == 0.0:
+            raise ValueError(f"{stored.path}: the {control} control of {direction!r} at layer {layer} is zero")
+        out[int(layer)] = (vector * (norm / size)).astype(np.float32)
+    return out
+
+
+def other_disposition(direction: str, dispositions: Sequence[str]) -> str | None:
+    """The disposition whose direction is ``direction``'s ``disposition`` control: the next one in
+    sorted order (cyclically), a choice fixed before any result is seen; None with only one."""
+    names = sorted(set(dispositions))
+    if direction not in names or len(names) < 2:
+        return None
+    return names[(names.index(direction) + 1) % len(names)]
+
+
+def steering_suite_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The em prompts every steering arm samples (``suites.build_prompts("em", ...)``): the em suite's
+    questions with ``eval.probes.steering``'s samples per prompt, question cap and formats."""
+    from character_em import config as cfg
+
+    steer = config["eval"]["probes"]["steering"]
+    spec = {**cfg.suite_spec(config, "em"), "n_samples": steer["n_samples"], "formats": list(steer["formats"])}
+    if steer["max_questions"] is not None:
+        spec["max_questions"] = steer["max_questions"]
+    return spec
+
+
+def probed_dispositions(config: Mapping[str, Any], conditions: Sequence[str]) -> list[str]:
+    """Dispositions the probes fit a direction for (``config.probe_pairs``), sorted."""
+    from character_em import config as cfg
+
+    return sorted({pair["disposition"] for pair in cfg.probe_pairs(config, list(conditions))})
+
+
+def steering_arm_sets(config: Mapping[str, Any], conditions: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(condition, direction, control) of every steering job of one model, as the rules expand them:
+    the base model steered along each probed disposition's direction, and each character condition
+    of a probed disposition with its own disposition's direction ablated; each with its own direction
+    and every control of ``eval.probes.steering.controls`` (``disposition`` only where another
+    disposition is probed)."""
+    from character_em import config as cfg
+
+    probed = probed_dispositions(config, conditions)
+    controls = list(config["eval"]["probes"]["steering"]["controls"])
+    jobs = []
+    steered = [("base", name) for name in probed] + [
+        (c, cfg.condition_info(config, c)["disposition"])
+        for c in conditions
+        if cfg.condition_info(config, c)["family"] == "character"
+        and cfg.condition_info(config, c)["disposition"] in probed
+    ]
+    for condition, direction in steered:
+        jobs.append((condition, direction, OWN))
+        for control in controls:
+            if control != "disposition" or other_disposition(direction, probed) is not None:
+                jobs.append((condition, direction, control))
+    return jobs
+
+
+@dataclass(frozen=True)
+class SteeringArm:
+    """One setting a steering job samples the prompts under. ``direction`` is the disposition the arm
+    set belongs to (the norm every control matches, the trait whose expression is read);
+    ``control`` is ``own``, one of ``CONTROLS``, or ``unsteered`` (strength 0: no hook at all, the
+    shared start of every curve); ``vector`` names what is steered along (the disposition, "random",
+    "style", another disposition; "none" unsteered); ``by_layer`` is the vector at each layer of
+    ``layers``."""
+
+    intervention: str
+    direction: str
+    control: str
+    vector: str
+    layers: tuple[int, ...]
+    strength: float
+    by_layer: Mapping[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """A file-name-safe label, unique within a job: ``own-evil_L12-16_s2``; ``unsteered``."""
+        if self.control == UNSTEERED:
+            return UNSTEERED
+        layers = "-".join(str(layer) for layer in self.layers)
+        return f"{self.control}-{self.vector}_L{layers}_s{self.strength:g}"
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "intervention": self.intervention,
+            "direction": self.direction,
+            "control": self.control,
+            "vector": self.vector,
+            "layers": ",".join(str(layer) for layer in self.layers) if self.layers else "none",
+            "strength": float(self.strength),
+            "arm": self.name,
+        }
+
+
+def plan_arms(
+    *,
+    kind: str,
+    direction: str,
+    control: str,
+    vector: str,
+    vectors: Mapping[int, np.ndarray],
+    layer_sets: Sequence[Sequence[int]],
+    strengths: Sequence[float],
+) -> list[SteeringArm]:
+    """The arms of one steering job: every nonzero strength at every layer set, and, in the job of the
+    own direction only, one unsteered arm when the strengths include 0 (strength 0 is no intervention
+    whatever the vector or layers, so it is sampled once and starts every curve of the set)."""
+    if kind not in INTERVENTIONS:
+        raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {kind!r}")
+    arms = []
+    if control == OWN and any(float(s) == 0.0 for s in strengths):
+        arms.append(SteeringArm(kind, direction, UNSTEERED, "none", (), 0.0))
+    for layer_set in layer_sets:
+        chosen = tuple(int(layer) for layer in layer_set)
+        for strength in strengths:
+            if float(strength) != 0.0:
+                by_layer = {layer: vectors[layer] for layer in chosen}
+                arms.append(SteeringArm(kind, direction, control, vector, chosen, float(strength), by_layer))
+    return arms
+
+
+def steered_samples(
     load_model: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]],
     prompt_rows: list[dict[str, Any]],
     *,
-    kind: str,
-    layers: Sequence[Sequence[int]],
-    directions: Mapping[str, Mapping[int, np.ndarray]],
-    strengths: Sequence[float],
-    score: Callable[[pl.DataFrame], pl.DataFrame],
-    label: Callable[[pl.DataFrame], pl.DataFrame],
+    arms: Sequence[SteeringArm],
     identity: dict[str, Any],
     sampling: Mapping[str, Any],
     base_seed: int,
     saved: Callable[[str], PartialAnswers] | None = None,
 ) -> pl.DataFrame:
-    """Sample the prompts under each (disposition direction, layer set, strength), then judge them, one
-    row per answer. ``directions[d][layer]`` is d's direction read at that layer; ``layers`` lists
-    the layer sets (``resolve_layers``), each labelled in the ``layers`` column ("12" or "12,16,20").
+    """Sample the prompts under each arm (``plan_arms``): a Samples frame (``SAMPLE_COLUMNS``) with
+    the arm's identity in ``formats.STEERING_ARM_SCHEMA``'s columns, arm by arm. Nothing is judged
+    here: rule ``judge_steering`` scores the file through the same judge function as every answer.
 
     load_model: () -> (model, tokenizer), called once, and only if some arm has answers left to draw.
-    Every arm is sampled before any is judged, and the steered model is released in between, so a
-    model judge never shares the device with it.
-    score: samples frame -> Scores frame (the configured judge). label: Scores frame -> answers table
-    (``analysis.answers_table`` with the configured thresholds). Every strength reuses the same
-    per-sample seeds, so curves compare the same random streams (paired across alpha).
-
-    saved: arm name (``arm_name``) -> that arm's finished batches (``sampling.PartialAnswers``). A killed
-    job then resumes every arm from its last saved batch; the judge's cache holds the finished verdicts.
+    Every arm reuses the same per-sample seeds, so arms compare the same random streams (paired across
+    strengths and controls); ``sampling["batch_size"]`` answers share each forward pass.
+    saved: arm name -> that arm's finished batches (``sampling.PartialAnswers``), so a killed job
+    resumes every arm from its last saved batch.
     """
     from character_em.sampling.hf import expand_rows, sample_prompts
 
     n_rows = len(expand_rows(prompt_rows, identity, base_seed))
     loaded: list[Any] = []  # [model, tokenizer] once loaded
-    arms = []
-    for disposition, by_layer in directions.items():
-        for layer_set in layers:
-            label_layers = ",".join(str(layer) for layer in layer_set)
-            for strength in strengths:
-                partial = saved(arm_name(disposition, layer_set, strength)) if saved is not None else None
-                resume: dict[str, Any] = {}
-                if partial is not None:
-                    resume = {"done": dict(partial.done), "on_batch": partial.add}
-                    if partial.done:
-                        log.info(
-                            "%s x %g at layers %s: %d answers restored",
-                            disposition,
-                            strength,
-                            label_layers,
-                            len(partial.done),
-                        )
-                settings = {
-                    "identity": identity,
-                    "temperature": float(sampling["temperature"]),
-                    "top_p": float(sampling["top_p"]),
-                    "max_new_tokens": int(sampling["max_new_tokens"]),
-                    "batch_size": int(sampling["batch_size"]),
-                    "base_seed": base_seed,
-                    "progress": False,
-                    **resume,
-                }
-                if partial is not None and len(partial.done) >= n_rows:
-                    # Every answer restored: nothing to generate, so no model and no hooks.
-                    samples = sample_prompts(None, None, prompt_rows, **settings)
-                else:
-                    if not loaded:
-                        loaded.extend(load_model())
-                    model, tokenizer = loaded
-                    with interventions(model, kind, {layer: by_layer[layer] for layer in layer_set}, float(strength)):
-                        samples = sample_prompts(model, tokenizer, prompt_rows, **settings)
-                    del model, tokenizer
-                log.info(
-                    "%s %s x %g at layers %s: %d answers", kind, disposition, strength, label_layers, samples.height
-                )
-                arms.append((disposition, label_layers, strength, samples))
-    if loaded:
-        loaded.clear()
-        _release_accelerator_memory()
-
     frames = []
-    for disposition, label_layers, strength, samples in arms:
-        answers = label(score(samples))
-        answers = answers.join(
-            samples.select("question_id", "format", "sample_index", "answer"),
-            on=["question_id", "format", "sample_index"],
-            how="left",
+    for arm in arms:
+        partial = saved(arm.name) if saved is not None else None
+        resume: dict[str, Any] = {}
+        if partial is not None:
+            resume = {"done": dict(partial.done), "on_batch": partial.add}
+            if partial.done:
+                log.info("%s: %d answers restored", arm.name, len(partial.done))
+        settings = {
+            "identity": identity,
+            "temperature": float(sampling["temperature"]),
+            "top_p": float(sampling["top_p"]),
+            "max_new_tokens": int(sampling["max_new_tokens"]),
+            "batch_size": int(sampling["batch_size"]),
+            "base_seed": base_seed,
+            "progress": False,
+            **resume,
+        }
+        if partial is not None and len(partial.done) >= n_rows:
+            # Every answer restored: nothing to generate, so no model and no hooks.
+            samples = sample_prompts(None, None, prompt_rows, **settings)
+        else:
+            if not loaded:
+                loaded.extend(load_model())
+            model, tokenizer = loaded
+            if arm.control == UNSTEERED:
+                samples = sample_prompts(model, tokenizer, prompt_rows, **settings)
+            else:
+                with interventions(model, arm.intervention, dict(arm.by_layer), arm.strength):
+                    samples = sample_prompts(model, tokenizer, prompt_rows, **settings)
+            del model, tokenizer
+        log.info("%s: %d answers", arm.name, samples.height)
+        frames.append(samples.with_columns(**{k: pl.lit(v) for k, v in arm.columns().items()}))
+    if not frames:
+        return pl.DataFrame(schema={**SAMPLE_SCHEMA, **STEERING_ARM_SCHEMA})
+    return pl.concat(frames).cast(dict(STEERING_ARM_SCHEMA))
+
+
+def score_steered(
+    samples: pl.DataFrame,
+    *,
+    judge_cfg: dict[str, Any],
+    dispositions: list[dict[str, Any]],
+    cache_dir: str | None,
+    stats: dict[str, Any] | None = None,
+) -> pl.DataFrame:
+    """Judge steered answers (``steered_samples``) through ``judge.core.score_samples``, the function
+    every other answer goes through (same judge, prompts, cache), and carry each answer's arm columns
+    onto its score rows. One call for all arms: an answer two arms share is judged once."""
+    from character_em.judge.core import score_samples
+
+    missing = [column for column in (*SAMPLE_COLUMNS, *STEERING_ARM_SCHEMA) if column not in samples.columns]
+    if missing:
+        raise ValueError(f"steered answers lack the columns {missing}; rerun `steer`")
+    scores = score_samples(
+        samples.select(SAMPLE_COLUMNS),
+        judge_cfg=judge_cfg,
+        metrics_by_suite=None,
+        dispositions=dispositions,
+        cache_dir=cache_dir,
+        stats=stats,
+    )
+    if samples.is_empty():
+        return scores.with_columns(**{k: pl.lit(None, dtype) for k, dtype in STEERING_ARM_SCHEMA.items()})
+    # score_samples keeps the sample order, one row per metric: every sample has its suite's metrics.
+    per_sample, left = divmod(scores.height, samples.height)
+    if left:
+        raise ValueError(f"{scores.height} score rows for {samples.height} steered answers: not one set per answer")
+    rows = np.repeat(np.arange(samples.height), per_sample)
+    carried = samples.select("question_id", "sample_index", *STEERING_ARM_SCHEMA)[rows]
+    if not carried.select("question_id", "sample_index").equals(scores.select("question_id", "sample_index")):
+        raise ValueError("the judge returned score rows out of sample order; cannot attach the steering arms")
+    return pl.concat([scores, carried.drop("question_id", "sample_index")], how="horizontal")
+
+
+def steering_job(
+    *,
+    base_model: str,
+    adapter_dir: str | None,
+    adapter_file: str | None,
+    directions_path: str,
+    settings: Mapping[str, Any],
+    identity: dict[str, Any],
+    partial_folder: str | Path,
+) -> pl.DataFrame:
+    """One steering job (rule ``steer``): the em prompts sampled under every arm of one arm set, the
+    disposition ``settings["direction"]`` steered along its own direction or one control
+    (``settings["control"]``, with ``settings["other"]`` the other disposition of the
+    ``disposition`` control). Returns the steered Samples frame (``steered_samples``).
+
+    settings: ``kind``, ``strengths``, ``direction``, ``control``, ``other``, ``random_seed``,
+    ``layers``, ``suite_spec``, ``sampling`` (its ``batch_size`` the steering batch). Each arm's
+    finished batches are kept under ``partial_folder``, fingerprinted with everything the answers
+    depend on, so a killed job resumes arm by arm.
+    """
+    from character_em.evals import suites
+    from character_em.hashing import sha256_file
+    from character_em.llm import loading as modeling
+    from character_em.sampling.partial import PartialAnswers, answers_fingerprint
+
+    stored = read_directions(directions_path)
+    layer_sets = resolve_layers(settings["layers"], stored.layers, stored.chosen_layer)
+    needed = sorted({layer for layer_set in layer_sets for layer in layer_set})
+    direction, control = settings["direction"], settings["control"]
+    vectors = control_vectors(
+        stored, direction, control, needed, seed=int(settings["random_seed"]), other=settings.get("other")
+    )
+    vector = {OWN: direction, "disposition": settings.get("other")}.get(control, control)
+    arms = plan_arms(
+        kind=settings["kind"],
+        direction=direction,
+        control=control,
+        vector=str(vector),
+        vectors=vectors,
+        layer_sets=layer_sets,
+        strengths=settings["strengths"],
+    )
+    prompts = suites.build_prompts("em", settings["suite_spec"])
+    adapter_sha256 = sha256_file(adapter_file) if adapter_file else None
+    directions_sha256 = sha256_file(directions_path)
+
+    def load() -> tuple[Any, Any]:
+        model, tokenizer, info = modeling.load_model(base_model, quantization="none", adapter=adapter_dir, merge=True)
+        log.info(
+            "loaded %s: %s; %s %s (%s) at layers %s", base_model, info, settings["kind"], direction, control, layer_sets
         )
-        column = f"disposition:{disposition}"
-        # How strongly the steered answers express the steered trait (the judge's own metric).
-        expression = pl.col(column) if column in answers.columns else pl.lit(None, pl.Float64)
-        frames.append(
-            answers.with_columns(
-                intervention=pl.lit(kind),
-                direction=pl.lit(disposition),
-                strength=pl.lit(float(strength)),
-                layers=pl.lit(label_layers),
-                direction_expression=expression,
-            )
+        return model, tokenizer
+
+    def saved(arm: str) -> PartialAnswers:
+        fingerprint = answers_fingerprint(
+            settings, prompts, identity, base_model, adapter_sha256, directions=directions_sha256, arm=arm
         )
-    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+        return PartialAnswers(Path(partial_folder) / f"{arm}.jsonl", fingerprint)
 
-
-def _release_accelerator_memory() -> None:
-    """Return the steered model's GPU memory before the judge loads (a no-op on a CPU)."""
-    import gc
-
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    return steered_samples(
+        load,
+        prompts,
+        arms=arms,
+        identity=identity,
+        sampling=settings["sampling"],
+        base_seed=int(identity["seed"]),
+        saved=saved,
+    )

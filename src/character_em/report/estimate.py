@@ -218,35 +218,38 @@ def _external_examples(path: str) -> int:
         raise EstimateError(f"{path}: cannot read external training data: {err}") from err
 
 
+def steering_job_key(condition: str, direction: str, control: str) -> str:
+    """How ``job_minutes`` names one steering (and judge_steering) job of a model."""
+    return f"{condition}/{direction}/{control}"
+
+
 def _steering_work(config: Mapping[str, Any], conditions: Sequence[str], sampling: Mapping[str, Any]) -> dict[str, Any]:
-    """Steering jobs of one model (rules/directions.smk, first seed): the base model steered along each
-    probed disposition's direction at every alpha, and each character condition of a probed disposition
-    with its direction ablated at every fraction; at the chosen layer, and also at
-    eval.probes.steering.layers when set. Answers are judged in the job."""
+    """Steering jobs of one model (rules/directions.smk, first seed; ``directions.steering``): one job
+    per arm set, i.e. per (condition, disposition, own direction or control): the base model steered
+    along each probed disposition at every nonzero alpha, each character condition of a probed
+    disposition with the direction ablated at every nonzero fraction; at the chosen layer, and also
+    at eval.probes.steering.layers when set; the job of the own direction also samples the unsteered
+    arm once when the strengths include 0. Generation only: judge_steering jobs judge the same answers."""
+    from character_em.directions.steering import OWN, steering_arm_sets, steering_suite_spec
     from character_em.evals import suites
 
     steer = config["eval"]["probes"]["steering"]
-    spec = {**cfg.suite_spec(config, "em"), "n_samples": steer["n_samples"]}
-    if steer["max_questions"] is not None:
-        spec["max_questions"] = steer["max_questions"]
-    per_setting = sum(row["n_samples"] for row in suites.build_prompts("em", spec))
+    per_setting = sum(row["n_samples"] for row in suites.build_prompts("em", steering_suite_spec(config)))
     layer_sets = 1 if steer["layers"] is None else 2
-    probed = sorted({pair["disposition"] for pair in cfg.probe_pairs(config, list(conditions))})
-    ablated = [
-        c
-        for c in conditions
-        if cfg.condition_info(config, c)["family"] == "character"
-        and cfg.condition_info(config, c)["disposition"] in probed
-    ]
-    base = per_setting * len(steer["alphas"]) * len(probed) * layer_sets
-    each = per_setting * len(steer["ablate"]) * layer_sets
+    job_answers = {}
+    for condition, direction, control in steering_arm_sets(config, list(conditions)):
+        strengths = steer["alphas"] if condition == "base" else steer["ablate"]
+        settings = sum(1 for s in strengths if float(s) != 0.0) * layer_sets
+        unsteered = 1 if control == OWN and any(float(s) == 0.0 for s in strengths) else 0
+        job_answers[steering_job_key(condition, direction, control)] = per_setting * (settings + unsteered)
     return {
-        "jobs": 1 + len(ablated) if probed else 0,
-        "answers": (base + each * len(ablated)) if probed else 0,
-        "largest_job_answers": max(base, each if ablated else 0) if probed else 0,
-        # answers per steering job (rules/directions.smk: one per condition, first seed)
-        "job_answers": ({"base": base, **dict.fromkeys(ablated, each)} if probed else {}),
+        "jobs": len(job_answers),
+        "answers": sum(job_answers.values()),
+        "largest_job_answers": max(job_answers.values(), default=0),
+        # answers per steering job (rules/directions.smk: one per arm set, first seed)
+        "job_answers": job_answers,
         "max_new_tokens": int(steer["max_new_tokens"] or sampling["max_new_tokens"]),
+        "batch_size": int(steer["batch_size"]),
     }
 
 
@@ -1229,20 +1232,40 @@ def _price(
             )
 
         # steering: generation through transformers with hooks on the forward pass (whatever
-        # sampling.backend says), then the answers judged in the same job by the configured judge
+        # sampling.backend says), at the steering batch; the answers are judged by judge_steering jobs
         st = w.get("steer") or {}
         if st.get("jobs"):
             steer_answer = min(per_answer, st["max_new_tokens"])
-            hf_rate = _sampling_throughput({**s, "backend": "hf"}, size, None)
-            if runs.sample_files and runs.sample_answers and s.get("backend") != "vllm":
-                hf_rate = gen
-            seconds = steer_answer / hf_rate.value
-            source = f"generation: {hf_rate.source}"
-            judged = "rubric judge, no GPU time"
-            job_load = loads
+            steer_rate = Throughput(
+                _generate_anchor(st["batch_size"]) * scale,
+                "new tokens/s",
+                f"{ANCHOR_SOURCE}, generate batch {st['batch_size']} (interpolated){scaled}",
+                "measured",
+            )
+            seconds = steer_answer / steer_rate.value
+            stages.append(
+                {
+                    "stage": "steer",
+                    "jobs": st["jobs"],
+                    "loads": st["jobs"],
+                    "load_minutes": loads,
+                    "units": float(st["answers"]),
+                    "unit": "answers",
+                    "detail": f"{st['answers']:,} steered answers x {steer_answer:,.0f} tokens (generation only)",
+                    "throughput": Throughput(
+                        1.0 / seconds, "answers/s", f"generation: {steer_rate.source}", "measured"
+                    ),
+                    # Each steering job asks SLURM for its own expected time (rules/directions.smk).
+                    "job_minutes": {key: n * seconds / 60 + loads for key, n in st["job_answers"].items()},
+                    "load_minutes_per_job": loads,
+                }
+            )
+            stages[-1]["largest_job_hours"] = max(stages[-1]["job_minutes"].values(), default=0.0) / 60
+            # Each steering job's answers are judged in a job of their own (judge_steering) through the same
+            # judge engine as every answer, counted as a judge wave is: prompt tokens prefilled, one load.
             if model_judge:
                 together = float(config["eval"]["probes"]["steering"]["n_samples"])
-                tokens = judge_tokens(
+                one = judge_tokens(
                     parts,
                     "em",
                     steer_answer,
@@ -1251,30 +1274,24 @@ def _price(
                     answers_per_question=together,
                     kv_block_tokens=block,
                 )
-                seconds += tokens["computed"] / judge_rate.value
-                source += (
-                    f"; judging in the job: {tokens['computed']:,.0f} prompt tokens per answer at {judge_rate.source}"
+                stages.append(
+                    {
+                        "stage": "judge_steering",
+                        "jobs": st["jobs"],
+                        "loads": st["jobs"],
+                        "load_minutes": judge_load,
+                        "units": st["answers"] * one["computed"],
+                        "unit": "prompt tokens",
+                        "detail": f"{st['answers']:,} steered answers ({scoring}): {one['computed']:,.0f} computed "
+                        "prompt tokens per answer, all its metrics",
+                        "throughput": judge_rate,
+                        "job_minutes": {
+                            key: n * one["computed"] / judge_rate.value / 60 + judge_load
+                            for key, n in st["job_answers"].items()
+                        },
+                    }
                 )
-                job_load += judge_load
-                judged = f"{backend} judge in the job"
-            stages.append(
-                {
-                    "stage": "steer",
-                    "jobs": st["jobs"],
-                    "loads": st["jobs"] * (2 if model_judge else 1),
-                    "load_minutes": job_load / (2 if model_judge else 1),
-                    "units": float(st["answers"]),
-                    "unit": "answers",
-                    "detail": f"{st['answers']:,} steered answers x {steer_answer:,.0f} tokens ({judged})",
-                    "throughput": Throughput(1.0 / seconds, "answers/s", source, hf_rate.basis),
-                    # Each steering job asks SLURM for its own expected time (rules/directions.smk).
-                    "job_minutes": {
-                        condition: n * seconds / 60 + job_load for condition, n in st["job_answers"].items()
-                    },
-                    "load_minutes_per_job": job_load,
-                }
-            )
-            stages[-1]["largest_job_hours"] = max(stages[-1]["job_minutes"].values(), default=0.0) / 60
+                stages[-1]["largest_job_hours"] = max(stages[-1]["job_minutes"].values(), default=0.0) / 60
 
         # judging: one engine per wave; its prompt tokens as the code sends them
         if model_judge:
@@ -1583,6 +1600,7 @@ STAGE_RULES = {
     "judge": "judge",
     "judge_second": "judge_second",
     "steer": "steer",
+    "judge_steering": "judge_steering",
     "generate_data_gpu": "generate_data_gpu",
     "judge_training_data": "judge_training_data",
     "judge_calibration": "judge_calibration",
@@ -1631,6 +1649,7 @@ def longest_jobs(
         "judge": "rules/judge.smk",
         "judge_second": "rules/calibration.smk",
         "steer": "rules/directions.smk",
+        "judge_steering": "rules/directions.smk",
     }
     for row in rows.values():
         if row["rule"] in per_job and row["rule"] not in runtimes:
@@ -1679,7 +1698,8 @@ def sample_wave_minutes(
 
 def job_minutes(result: Mapping[str, Any], stage_name: str) -> dict[tuple[str, str], float]:
     """(model, key) -> expected minutes of one job of a stage that sizes its jobs itself (``job_minutes``
-    of an ``estimate`` result: sample and judge by "wave", steer by condition, judge_second by "all")."""
+    of an ``estimate`` result: sample and judge by "wave", steer and judge_steering by ``steering_job_key``,
+    judge_second by "all")."""
     minutes = {
         (model, key): value
         for model, m in result["models"].items()

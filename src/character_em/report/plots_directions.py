@@ -165,48 +165,51 @@ def cosine_heatmap(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
 
 def steering_curves(table: pl.DataFrame, *, outputs: list[str | Path]) -> None:
     """Misalignment rate (95% Wilson band) and mean coherence against steering strength: adding
-    the direction to the base model (left) and projecting it out of fine-tuned models (right)."""
+    the direction to the base model (left) and projecting it out of fine-tuned models (right); the
+    disposition's own direction solid, its controls at matched norm dashed in the same colour."""
     plt = pyplot()
     kinds = [("add", "alpha (multiples of the direction)"), ("ablate", "fraction of the direction projected out")]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False, sharex="col")
     palette = plt.get_cmap("tab10")
+    styles = {"own": "-", "random": "--", "style": ":", "disposition": "-."}
+    curve = ["model", "condition", "direction", "layers"]
     for column, (kind, xlabel) in enumerate(kinds):
         rows = table.filter(table["intervention"] == kind) if not table.is_empty() else table
         if rows.is_empty():
             _empty(axes[0][column])
-        lines = (
-            rows.select("model", "condition", "direction", "layers").unique(maintain_order=True).rows()
-            if not rows.is_empty()
-            else []
-        )
-        for index, (model, condition, direction, layers) in enumerate(lines):
-            line = rows.filter(
-                (rows["model"] == model)
-                & (rows["condition"] == condition)
-                & (rows["direction"] == direction)
-                & (rows["layers"] == layers)
-            ).sort("strength")
+        sets = rows.select(curve).unique(maintain_order=True).rows() if not rows.is_empty() else []
+        for index, key in enumerate(sets):
             colour = palette(index % 10)
-            label = f"{model} {condition}, {direction} @ {layers}"
-            axes[0][column].plot(line["strength"], line["rate"], marker="o", color=colour, label=label)
-            axes[0][column].fill_between(line["strength"], line["ci_low"], line["ci_high"], color=colour, alpha=0.12)
-            axes[1][column].plot(line["strength"], line["coherence"], marker="s", color=colour, label=label)
-            axes[1][column].fill_between(
-                line["strength"],
-                line["coherence"] - 1.96 * line["coherence_se"].fill_nan(0.0),
-                line["coherence"] + 1.96 * line["coherence_se"].fill_nan(0.0),
-                color=colour,
-                alpha=0.12,
-            )
+            mine = rows
+            for name, value in zip(curve, key, strict=True):
+                mine = mine.filter(mine[name] == value)
+            for control, vector in mine.select("control", "vector").unique(maintain_order=True).rows():
+                line = mine.filter((mine["control"] == control) & (mine["vector"] == vector)).sort("strength")
+                model, condition, direction, layers = key
+                label = f"{model} {condition}, {direction} @ {layers}" + ("" if control == "own" else f": {vector}")
+                style = styles.get(control, "--")
+                axes[0][column].plot(line["strength"], line["rate"], style, marker="o", color=colour, label=label)
+                axes[1][column].plot(line["strength"], line["coherence"], style, marker="s", color=colour, label=label)
+                if control == "own":
+                    axes[0][column].fill_between(
+                        line["strength"], line["ci_low"], line["ci_high"], color=colour, alpha=0.12
+                    )
+                    axes[1][column].fill_between(
+                        line["strength"],
+                        line["coherence"] - 1.96 * line["coherence_se"].fill_nan(0.0),
+                        line["coherence"] + 1.96 * line["coherence_se"].fill_nan(0.0),
+                        color=colour,
+                        alpha=0.12,
+                    )
         axes[0][column].set_title("steer the base model" if kind == "add" else "ablate in fine-tuned models")
         axes[0][column].set_ylim(0, 1)
         axes[1][column].set_ylim(0, 100)
         axes[1][column].set_xlabel(xlabel)
-        if lines:
+        if sets:
             axes[0][column].legend(fontsize="xx-small")
     axes[0][0].set_ylabel("misaligned answers")
     axes[1][0].set_ylabel("mean coherence (judge, 95% band)")
-    fig.suptitle("Steering along the character direction")
+    fig.suptitle("Steering along the character direction (dashed: controls at matched norm)")
     save_figure(fig, *outputs)
     plt.close(fig)
 
