@@ -30,7 +30,7 @@ pytest.importorskip("openai")  # the optional `api` extra
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import ChatServer, Reply, answer_of, kill_child_mid_run, prompt_of  # noqa: E402
-from workflow_helpers import copy_workflow, planned_jobs, snakemake  # noqa: E402
+from workflow_helpers import PLAN_ONLY, copy_workflow, planned_jobs, snakemake  # noqa: E402
 
 KEY_ENV = "CEM_TEST_GENERATOR_KEY"
 KEY = "sk-gen-SECRET-0123456789abcdef"
@@ -699,6 +699,9 @@ def test_workflow_runs_the_filter_in_smoke_and_sends_hf_generation_to_a_gpu_rule
     assert jobs["generate_data_gpu"] == 4 and jobs["generate_data"] == 0 and jobs["build_tiny_model"] == 1, jobs
     raw["data"]["generator"] = {"backend": "vllm", "model": "resources/models/tiny-llama"}
     (workdir / "vllm.yaml").write_text(yaml.safe_dump(raw))
-    dry = snakemake(workdir, "--configfile", "vllm.yaml", "-n", "--forceall", "results/data/overlap_check.json")
+    # Only planning: vLLM need not be importable here (the refusal where it is not: tests/test_preflight.py).
+    dry = snakemake(
+        workdir, "--configfile", "vllm.yaml", "-n", "--forceall", "results/data/overlap_check.json", env=PLAN_ONLY
+    )
     jobs = planned_jobs(dry.stdout)
     assert jobs["generate_data_gpu"] == 4 and jobs["generate_data"] == 0 and jobs["select_data"] == 4, jobs

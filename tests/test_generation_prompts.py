@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_rendered_writer_prompts_hold_no_rubric_marker(config: str) -> None:
     resolved = cfg.load_config(ROOT / config)
     templates = G.load_prompt_templates()
-    for name in cfg.trained_conditions(resolved):
+    for name in cfg.written_conditions(resolved):  # a matched arm's data is subsampled, not written
         spec = cfg.data_spec(resolved, name)
         prompts = G.condition_prompts(
             spec["condition"], disposition=spec["disposition"], domain=spec["domain"], templates=templates
