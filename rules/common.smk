@@ -805,7 +805,7 @@ def judge_runtime(wildcards):
 
 # Steering jobs likewise (character_em.report.estimate: the job's steered answers, generated through
 # transformers at the steering batch); they resume arm by arm from results/.partial/. Their answers
-# are judged by judge_steering jobs, which ask for their time as judge jobs do.
+# are judged by one judge_steering job per model, which asks for its time as judge jobs do.
 @lru_cache(maxsize=None)
 def steer_minutes():
     from character_em.report.estimate import job_minutes
@@ -836,7 +836,7 @@ def judge_steering_minutes():
 def judge_steering_runtime(wildcards):
     from character_em.report.estimate import judge_runtime_request, runtime_cap
 
-    expected = judge_steering_minutes().get(_steering_job_key(wildcards))
+    expected = judge_steering_minutes().get((wildcards.model, "all"))
     return judge_runtime_request(expected, runtime_cap())
 
 

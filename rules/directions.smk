@@ -90,22 +90,21 @@ rule steer:
         "../workflow_scripts/steer.py"
 
 
-# Steered answers judged through the same judge function, judge settings and cache as rule judge, in
-# a job of their own (the probes that steering reads are fitted on judged answers).
+# Every steered answer of one model judged through the same judge function, judge settings and cache as
+# rule judge, in one job per model: a model judge loads once for all of that model's steering files.
 rule judge_steering:
     input:
-        answers="results/directions/{model}/steering/{condition}/seed{seed}/{direction}/{control}.parquet",
+        answers=steering_wave("answers"),
         prompts=MAIN_JUDGE_PROMPTS,
     output:
-        scores="results/directions/{model}/steering/{condition}/seed{seed}/{direction}/{control}.scores.parquet",
-        summary="results/directions/{model}/steering/{condition}/seed{seed}/{direction}/{control}.judge.json",
+        # In the order of the answers: steering_wave() builds the lists from one list of jobs.
+        scores=steering_wave("scores"),
+        summaries=steering_wave("summary"),
+        job="results/directions/{model}/steering/judge.json",
     log:
-        "logs/judge_steering/{model}/{condition}/seed{seed}/{direction}/{control}.log",
+        "logs/judge_steering/{model}.log",
     benchmark:
-        "benchmarks/runs/judge_steering/{model}/{condition}/seed{seed}/{direction}/{control}.tsv"
-    wildcard_constraints:
-        direction=STEERED_DIRECTIONS,
-        control=STEERING_CONTROLS,
+        "benchmarks/runs/judge_steering/{model}.tsv"
     conda:
         JUDGE_ENV
     resources:

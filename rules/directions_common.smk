@@ -156,9 +156,23 @@ def steering_jobs():
 
 def steering_files():
     """The judged steered answers of every steering job."""
+    return [file for m in MODELS for file in steering_wave("scores", m)]
+
+
+def steering_wave(kind, model="{model}"):
+    """One model's steering files, in job order: the answers, their scores or their summaries (the
+    scores' `.judge.json`); with the default, patterns of the {model} wildcard of rule judge_steering.
+    """
+    from character_em.directions.steering import steering_arm_sets
+
+    suffix = {
+        "answers": ".parquet",
+        "scores": ".scores.parquet",
+        "summary": ".judge.json",
+    }[kind]
     return [
-        f"results/directions/{m}/steering/{c}/seed{SEEDS[0]}/{d}/{control}.scores.parquet"
-        for m, c, d, control in steering_jobs()
+        f"results/directions/{model}/steering/{c}/seed{SEEDS[0]}/{d}/{control}{suffix}"
+        for c, d, control in steering_arm_sets(CONFIG, CONDITIONS)
     ]
 
 

@@ -547,6 +547,23 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tiny_mo
     metrics = scored["metric"].n_unique()
     assert scored.height == metrics * samples_all.height
     assert scored.group_by("arm").len().sort("arm")["len"].to_list() == [metrics * plain.height] * 5
+    # The rule's script: every steering file of a model through one judge back-end, each Scores file what
+    # score_steered makes of it; a rerun finds every verdict in the cache and judges nothing.
+    files = []
+    for name, frame in (("own", steered), ("random", random_arms)):
+        frame.write_parquet(tmp_path / f"{name}.parquet")
+        files.append(tuple(str(tmp_path / f"{name}{suffix}") for suffix in (".parquet", ".scores.parquet", ".json")))
+    judged_files = S.score_steering_files(
+        files, judge_cfg=judge, dispositions=dispositions, cache_dir=str(tmp_path / "judge_cache")
+    )
+    assert judged_files["files"] == 2 and judged_files["judged"] > 0 and judged_files["failed"] == 0
+    for (answers, scores_path, _), frame in zip(files, (steered, random_arms), strict=True):
+        alone = S.score_steered(frame, judge_cfg=judge, dispositions=dispositions, cache_dir=None)
+        assert pl.read_parquet(scores_path).equals(alone), answers
+    again = S.score_steering_files(
+        files, judge_cfg=judge, dispositions=dispositions, cache_dir=str(tmp_path / "judge_cache")
+    )
+    assert again["judged"] == 0 and again["cache_hits"] == judged_files["judged"] + judged_files["cache_hits"]
     labelled = direction_claims.steered_answers(
         scored, conditions=conditions, alignment_below=30, coherence_above=50, expressed_at_least=50
     )

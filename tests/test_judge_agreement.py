@@ -267,18 +267,20 @@ def test_the_estimate_counts_the_second_judges_calls_and_gpu_hours_as_their_own_
         assert work["calls"] == calls_per_seed * len(config["seeds"]) and work["jobs"] == len(config["seeds"])
         assert work["model"] == "google/gemma-2-27b-it"
     # One row beside the other judging outside the waves: one job per model and seed, each asking SLURM for
-    # its own time (rules/calibration.smk), at the 27B judge's rate.
+    # its own time (rules/calibration.smk), at the 27B judge's rate (the 70B FP8 prefill anchor scaled by size).
     [row] = [job for job in result["judge_jobs"] if job["stage"] == "judge_second"]
-    assert row["jobs"] == len(config["models"]) * len(config["seeds"]) and "~27B" in row["throughput"].source
+    assert row["jobs"] == len(config["models"]) * len(config["seeds"]) and "for 27B" in row["throughput"].source
     assert set(job_minutes(result, "judge_second")) == {(model, "all") for model in config["models"]}
-    # Gemma's tokenizer splits digits: every verdict scored exactly by the hf judge, which reads each metric's
-    # whole prompt and then its candidate tree, where the vLLM judge prefills an answer once for all metrics.
+    # Gemma's tokenizer splits digits: every verdict is scored exactly, one engine request per node of its
+    # candidate tree, where the main judge's first-token verdict is one prefill shared by an answer's metrics.
     verdicts = sum(result["work"]["models"][model]["judge_second"]["calls"] for model in config["models"])
     main = result["models"]["llama31-8b"]["stages"]
     [wave] = [stage["tokens_per_wave"] for stage in main if stage["stage"] == "judge"]
     assert "exact" in row["detail"] and row["units"] / verdicts > 3 * wave["computed"] / wave["verdicts"]
     text = render_markdown(result, "config.yaml")
-    assert "| judge_second | 6 |" in text and "Second judge (judge.agreement_with, `hf` google/gemma-2-27b-it)" in text
+    assert (
+        "| judge_second | 6 |" in text and "Second judge (judge.agreement_with, `vllm` google/gemma-2-27b-it)" in text
+    )
     without = estimate(
         cfg.load_config(Path(__file__).resolve().parents[1] / "config.yaml", {"judge": {"agreement_with": None}}), None
     )

@@ -68,7 +68,7 @@ def grid_arithmetic(config: dict) -> dict[str, int]:
         # disposition controls at matched norm; each job's answers judged in a job of their own; one report.
         "direction_means": models * conditions * seeds,
         "steer": models * (dispositions + character) * (1 + 2 + (dispositions > 1)),
-        "judge_steering": models * (dispositions + character) * (1 + 2 + (dispositions > 1)),
+        "judge_steering": models,
         "directions_report": 1,
         "tables": 1,
         "figures": 1,
@@ -247,7 +247,7 @@ def test_smoke_runs_to_tables_and_figures(smoke: Path) -> None:
         first = (smoke / f"results/tables/{name}.md").read_text().splitlines()[0]
         assert first.startswith("Judge: rubric · rubric-1 · judge hash "), (name, first)
     # Steering generates only, one arm set per job, into a Samples file with the arm in its columns;
-    # a judge_steering job scores it through the judge every answer goes through.
+    # one judge_steering job per model scores them all through the judge every answer goes through.
     from character_em.contracts import SAMPLE_COLUMNS, read_sampling_backend
 
     steered = smoke / "results/directions/tiny-llama/steering/base/seed0/evil"
@@ -579,8 +579,7 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         ("probes", None),
         ("steer", "base"),
         ("steer", "evil-medical"),
-        ("judge_steering", "base"),
-        ("judge_steering", "evil-medical"),
+        ("judge_steering", None),
         ("directions_report", None),
         ("tables", None),
         # The training-data table sets each training set's harm beside the em rates it induced.

@@ -22,6 +22,7 @@ _EXPORTS = {
     "steered_samples": "steering",
     "steering_job": "steering",
     "score_steered": "steering",
+    "score_steering_files": "steering",
     "steering_arm_sets": "steering",
     "reading_texts": "texts",
     "reading_means": "texts",

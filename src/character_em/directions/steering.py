@@ -429,6 +429,7 @@ def score_steered(
     dispositions: list[dict[str, Any]],
     cache_dir: str | None,
     stats: dict[str, Any] | None = None,
+    backend: Any = None,
 ) -> pl.DataFrame:
     """Judge steered answers (``steered_samples``) through ``judge.core.score_samples``, the function
     every other answer goes through (same judge, prompts, cache), and carry each answer's arm columns
@@ -445,6 +446,7 @@ def score_steered(
         dispositions=dispositions,
         cache_dir=cache_dir,
         stats=stats,
+        backend=backend,
     )
     if samples.is_empty():
         return scores.with_columns(**{k: pl.lit(None, dtype) for k, dtype in STEERING_ARM_SCHEMA.items()})
@@ -457,6 +459,56 @@ def score_steered(
     if not carried.select("question_id", "sample_index").equals(scores.select("question_id", "sample_index")):
         raise ValueError("the judge returned score rows out of sample order; cannot attach the steering arms")
     return pl.concat([scores, carried.drop("question_id", "sample_index")], how="horizontal")
+
+
+def score_steering_files(
+    files: Sequence[tuple[str, str, str]],
+    *,
+    judge_cfg: dict[str, Any],
+    dispositions: list[dict[str, Any]],
+    cache_dir: str | None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Judge every steering file of one model with ONE judge back-end (a model judge loads once for all
+    of them, on its first request; a rerun whose verdicts are all cached loads nothing). ``files``:
+    (answers, scores, summary) paths; each Scores file is what ``score_steered`` makes of its answers,
+    written with its summary as soon as it is judged, so a killed job keeps the finished files and the
+    cache. Returns the whole job's summary: each file's, and their totals."""
+    from character_em.files import write_json_atomic, write_parquet_atomic
+    from character_em.judge.core import JudgeFailureError, make_backend
+
+    backend = make_backend(judge_cfg, dispositions)
+    per_file: dict[str, Any] = {}
+    try:
+        for answers, scores_path, summary_path in files:
+            stats: dict[str, Any] = {}
+            try:
+                scores = score_steered(
+                    pl.read_parquet(answers),
+                    judge_cfg=judge_cfg,
+                    dispositions=dispositions,
+                    cache_dir=cache_dir,
+                    stats=stats,
+                    backend=backend,
+                )
+            except JudgeFailureError:
+                if log is not None:
+                    log.error("%s: judge summary %s", answers, stats)
+                raise
+            write_parquet_atomic(scores, scores_path)
+            write_json_atomic(summary_path, stats)
+            per_file[answers] = stats
+            if log is not None:
+                log.info("%s: %d score rows, %s", answers, scores.height, stats)
+    finally:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
+    totals = {
+        key: sum(stats.get(key, 0) for stats in per_file.values())
+        for key in ("rows", "unique_requests", "cache_hits", "judged", "failed")
+    }
+    return {"files": len(per_file), **totals, "per_file": per_file}
 
 
 def steering_job(

@@ -219,7 +219,7 @@ def _external_examples(path: str) -> int:
 
 
 def steering_job_key(condition: str, direction: str, control: str) -> str:
-    """How ``job_minutes`` names one steering (and judge_steering) job of a model."""
+    """How ``job_minutes`` names one steering job of a model."""
     return f"{condition}/{direction}/{control}"
 
 
@@ -229,7 +229,7 @@ def _steering_work(config: Mapping[str, Any], conditions: Sequence[str], samplin
     along each probed disposition at every nonzero alpha, each character condition of a probed
     disposition with the direction ablated at every nonzero fraction; at the chosen layer, and also
     at eval.probes.steering.layers when set; the job of the own direction also samples the unsteered
-    arm once when the strengths include 0. Generation only: judge_steering jobs judge the same answers."""
+    arm once when the strengths include 0. Generation only: one judge_steering job per model judges them."""
     from character_em.directions.steering import OWN, steering_arm_sets, steering_suite_spec
     from character_em.evals import suites
 
@@ -1261,7 +1261,7 @@ def _price(
                 }
             )
             stages[-1]["largest_job_hours"] = max(stages[-1]["job_minutes"].values(), default=0.0) / 60
-            # Each steering job's answers are judged in a job of their own (judge_steering) through the same
+            # A model's steered answers are judged in one job of their own (judge_steering) through the same
             # judge engine as every answer, counted as a judge wave is: prompt tokens prefilled, one load.
             if model_judge:
                 together = float(config["eval"]["probes"]["steering"]["n_samples"])
@@ -1275,23 +1275,19 @@ def _price(
                     kv_block_tokens=block,
                 )
                 stages.append(
-                    {
-                        "stage": "judge_steering",
-                        "jobs": st["jobs"],
-                        "loads": st["jobs"],
-                        "load_minutes": judge_load,
-                        "units": st["answers"] * one["computed"],
-                        "unit": "prompt tokens",
-                        "detail": f"{st['answers']:,} steered answers ({scoring}): {one['computed']:,.0f} computed "
-                        "prompt tokens per answer, all its metrics",
-                        "throughput": judge_rate,
-                        "job_minutes": {
-                            key: n * one["computed"] / judge_rate.value / 60 + judge_load
-                            for key, n in st["job_answers"].items()
-                        },
-                    }
+                    _stage(
+                        "judge_steering",
+                        jobs=1,
+                        loads=1,
+                        load_minutes=judge_load,
+                        units=st["answers"] * one["computed"],
+                        unit="prompt tokens",
+                        detail=f"{st['answers']:,} steered answers of {st['jobs']} steering jobs ({scoring}): "
+                        f"{one['computed']:,.0f} computed prompt tokens per answer, all its metrics",
+                        throughput=judge_rate,
+                        job_key="all",
+                    )
                 )
-                stages[-1]["largest_job_hours"] = max(stages[-1]["job_minutes"].values(), default=0.0) / 60
 
         # judging: one engine per wave; its prompt tokens as the code sends them
         if model_judge:
@@ -1698,8 +1694,8 @@ def sample_wave_minutes(
 
 def job_minutes(result: Mapping[str, Any], stage_name: str) -> dict[tuple[str, str], float]:
     """(model, key) -> expected minutes of one job of a stage that sizes its jobs itself (``job_minutes``
-    of an ``estimate`` result: sample and judge by "wave", steer and judge_steering by ``steering_job_key``,
-    judge_second by "all")."""
+    of an ``estimate`` result: sample and judge by "wave", steer by ``steering_job_key``, judge_steering
+    and judge_second by "all")."""
     minutes = {
         (model, key): value
         for model, m in result["models"].items()
