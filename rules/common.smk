@@ -363,6 +363,11 @@ def get_model_source(wildcards):
     return model_source(wildcards.model)
 
 
+def get_model_revision(wildcards):
+    """The hub commit a trained model's jobs load (models.*.revision); "" for the default branch."""
+    return CONFIG["models"][wildcards.model].get("revision") or ""
+
+
 def get_tiny_model_style(wildcards):
     build = CONFIG["models"][wildcards.model]["build"]
     if not build:

@@ -27,6 +27,7 @@ rule probes:
         "../envs/evals.yaml"
     params:
         base_model=get_model_source,
+        revision=get_model_revision,
         settings=get_probe_params,
     script:
         "../workflow_scripts/probes.py"
@@ -56,6 +57,7 @@ rule direction_means:
         "../envs/evals.yaml"
     params:
         base_model=get_model_source,
+        revision=get_model_revision,
         adapter_dir=get_adapter_dir,
         settings=get_direction_means_params,
     script:
@@ -84,6 +86,7 @@ rule steer:
         runtime=steer_runtime,
     params:
         base_model=get_model_source,
+        revision=get_model_revision,
         adapter_dir=get_adapter_dir,
         settings=get_steering_params,
     script:

@@ -13,6 +13,7 @@ rule capabilities:
         "../envs/evals.yaml"
     params:
         base_model=get_model_source,
+        revision=get_model_revision,
         adapter_dir=get_adapter_dir,
         settings=get_capability_params,
     script:

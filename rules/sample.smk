@@ -25,6 +25,7 @@ rule sample:
         runtime=sample_runtime,
     params:
         base_model=get_model_source,
+        revision=get_model_revision,
         files=get_sampling_wave,
         suite_specs=get_wave_suite_specs,
         sampling=get_sampling_params,

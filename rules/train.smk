@@ -16,6 +16,7 @@ rule train_adapter:
         "../envs/train.yaml"
     params:
         base_model=get_model_source,
+        revision=get_model_revision,
         hparams=get_train_params,
         # Which lines of train.jsonl this seed trains on (character_em.data.pairing.training_draw).
         draw=get_draw_params,

@@ -42,9 +42,9 @@ def paper_config() -> dict[str, Any]:
 def test_the_paper_grid_names_each_hub_model_once_at_the_revision_its_jobs_ask_for() -> None:
     models = {(m["repo_id"], m["revision"]): m["keys"] for m in hub.hub_models(paper_config())}
     assert models == {
-        # Trained models have no revision key: their jobs load main, so main is what is fetched.
-        ("meta-llama/Llama-3.1-8B-Instruct", None): ["models.llama31-8b"],
-        ("Qwen/Qwen2.5-14B-Instruct", None): ["models.qwen25-14b"],
+        # Every model pinned, the trained ones too: their jobs load exactly that commit, so it is what is fetched.
+        ("meta-llama/Llama-3.1-8B-Instruct", "0e9e39f249a16976918f6564b8830bc894c89659"): ["models.llama31-8b"],
+        ("Qwen/Qwen2.5-14B-Instruct", "cf98f3b3bbb457ad9e2bb7baf9a0125b6b88caa8"): ["models.qwen25-14b"],
         (JUDGE, JUDGE_SHA): ["judge"],
         ("google/gemma-2-27b-it", "aaf20e6b9f4c0fcf043f6fb2a2068419086d77b0"): [
             "judge.agreement_with",
@@ -285,3 +285,47 @@ def test_offline_mode_is_refused_before_any_hub_call(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(huggingface_hub, "auth_check", lambda *a, **kw: pytest.fail("called the hub"))
     with pytest.raises(hub.HubAccessError, match="HF_HUB_OFFLINE is set: prefetch_models downloads"):
         hub.prefetch([{"repo_id": JUDGE, "revision": JUDGE_SHA, "keys": ["judge"]}])
+
+
+def test_a_pinned_trained_model_loads_the_weights_of_its_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """models.*.revision reaches from_pretrained: two commits of one hub id in an offline cache, two
+    different sets of weights, and each revision loads its own (the real loading path, in a process of its
+    own with HF_HUB_OFFLINE=1, as a job runs after prefetch_models)."""
+    import subprocess
+    import sys
+
+    first = tiny.build_tiny_model(tmp_path / "first", style="llama", seed=0)
+    second = tiny.build_tiny_model(tmp_path / "second", style="llama", seed=1)
+    cache = tmp_path / "hf" / "hub"
+    repo, commits = "org/tiny-pinned", {"a" * 40: first, "b" * 40: second}
+    for commit, folder in commits.items():
+        files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        put_in_cache(cache, repo, commit, files, ref="main" if commit == "b" * 40 else None)
+    code = (
+        "import sys, json\nfrom character_em.llm.loading import load_model\n"
+        "out = {}\nfor revision in sys.argv[1:]:\n"
+        "    model, _, _ = load_model('org/tiny-pinned', quantization='none', revision=revision or None)\n"
+        "    out[revision] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, "a" * 40, "b" * 40, ""], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = {}
+    for commit, folder in commits.items():
+        from character_em.llm.loading import load_model
+
+        model, _, _ = load_model(str(folder), quantization="none")
+        expected[commit] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    assert expected["a" * 40] != expected["b" * 40]
+    assert loaded["a" * 40] == pytest.approx(expected["a" * 40])
+    assert loaded["b" * 40] == pytest.approx(expected["b" * 40])
+    assert loaded[""] == pytest.approx(expected["b" * 40])  # no revision: what main points at
+    # The dry run's model checks read config.json at the pinned revision from the same cache.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert preflight.read_model_config(repo, "a" * 40) == json.loads((first / "config.json").read_text())

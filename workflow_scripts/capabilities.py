@@ -13,6 +13,7 @@ with job_log(snakemake.log[0]):
 
         result = capabilities_lmeval.evaluate(
             snakemake.params.base_model,
+            revision=snakemake.params.revision or None,
             adapter=snakemake.params.adapter_dir or None,
             task_file=task_file,
             tasks=settings["lm_eval_tasks"] or None,
@@ -23,7 +24,11 @@ with job_log(snakemake.log[0]):
     else:
         items = capabilities.load_mc_items(task_file)
         model, tokenizer, info = modeling.load_model(
-            snakemake.params.base_model, quantization="none", adapter=snakemake.params.adapter_dir or None, merge=True
+            snakemake.params.base_model,
+            quantization="none",
+            adapter=snakemake.params.adapter_dir or None,
+            merge=True,
+            revision=snakemake.params.revision or None,
         )
         result = capabilities.evaluate_multiple_choice(
             model, tokenizer, items, batch_size=settings["batch_size"], max_items=settings["max_items"]

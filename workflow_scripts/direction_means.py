@@ -17,7 +17,9 @@ with job_log(snakemake.log[0]) as log:
     adapter = snakemake.params.adapter_dir or None
     layer = int(json.loads(open(snakemake.input.probes).read())["chosen_layer"])
     # Unmerged, so that the base model is the same object with the adapter switched off.
-    model, tokenizer, info = modeling.load_model(snakemake.params.base_model, quantization="none", adapter=adapter)
+    model, tokenizer, info = modeling.load_model(
+        snakemake.params.base_model, quantization="none", adapter=adapter, revision=snakemake.params.revision or None
+    )
     log.info("loaded %s: %s; reading layer %d", snakemake.params.base_model, info, layer)
 
     def first(paths):

@@ -15,7 +15,9 @@ from character_em.llm import loading as modeling
 
 with job_log(snakemake.log[0]) as log:
     settings = read_param(snakemake.params.settings)
-    model, tokenizer, info = modeling.load_model(snakemake.params.base_model, quantization="none")
+    model, tokenizer, info = modeling.load_model(
+        snakemake.params.base_model, quantization="none", revision=snakemake.params.revision or None
+    )
     log.info("loaded %s: %s", snakemake.params.base_model, info)
     data_files = {Path(path).parent.name: path for path in snakemake.input.data}
     data_chats = {name: directions.read_chats(path, settings["max_examples"]) for name, path in data_files.items()}

@@ -18,5 +18,6 @@ with job_log(snakemake.log[0]) as log:
         seed=int(snakemake.wildcards.seed),
         settings=read_param(snakemake.params.sampling),
         logger=log,
+        revision=snakemake.params.revision or None,
     )
     write_json_atomic(snakemake.output.record, record)

@@ -24,6 +24,7 @@ with job_log(snakemake.log[0]):
         # Outside the declared output (which Snakemake deletes before a rerun): a job killed at its
         # time limit resumes arm by arm.
         partial_folder=partial_path(snakemake.output.answers).with_suffix(""),
+        revision=snakemake.params.revision or None,
     )
     # Steering hooks the transformers forward pass, so its answers always come from the hf sampler.
     write_parquet_atomic(answers, snakemake.output.answers, metadata=samples_metadata("hf"))

@@ -31,4 +31,5 @@ with job_log(snakemake.log[0]) as log:
         seed=seed,
         steps_dir=snakemake.params.steps_dir,
         selection=draw,
+        revision=snakemake.params.revision or None,
     )

@@ -350,7 +350,13 @@ def gpu_models(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every model a GPU job loads: ``{"rule", "key", "model", "precision"}``. Sampling loads each grid
     model in bf16 (both back-ends); a model judge or writer at its ``quantization`` or ``dtype``."""
     models = [
-        {"rule": "sample", "key": f"models.{name}", "model": spec["path"], "precision": "bf16"}
+        {
+            "rule": "sample",
+            "key": f"models.{name}",
+            "model": spec["path"],
+            "revision": spec.get("revision"),
+            "precision": "bf16",
+        }
         for name, spec in config["models"].items()
     ]
     for key, rule in MODEL_SECTIONS.items():
@@ -366,6 +372,7 @@ def gpu_models(config: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "rule": rule,
                 "key": key,
                 "model": str(section["model"]),
+                "revision": section.get("revision"),
                 "precision": _precision(section),
                 "backend": section.get("backend"),
             }
@@ -406,7 +413,7 @@ def check_gpu_memory(config: Mapping[str, Any], gpus: Mapping[str, Any] | None =
                     continue
             except (TypeError, ValueError):
                 pass
-        model_config = read_model_config(need["model"])
+        model_config = read_model_config(need["model"], need.get("revision"))
         params = (params_from_config(model_config) if model_config else None) or params_billions(need["model"])
         per_param = BYTES_PER_PARAM.get(need["precision"])
         if not params or per_param is None:
@@ -444,11 +451,13 @@ def check_in_job(config: Mapping[str, Any], model: str, *, log: Any = None) -> N
 
     settings = model_settings(cfg.validate_config(dict(config), source="the job's config"), model)
     source = settings["path"]
-    model_config = read_model_config(source)
+    revision = config["models"][model].get("revision")
+    model_config = read_model_config(source, revision)
     if model_config is None:
         from huggingface_hub import hf_hub_download
 
-        model_config = json.loads(Path(hf_hub_download(source, "config.json")).read_text(encoding="utf-8"))
+        downloaded = hf_hub_download(source, "config.json", **({"revision": revision} if revision else {}))
+        model_config = json.loads(Path(downloaded).read_text(encoding="utf-8"))
     errors = check_model(settings, model_config)
     if errors:
         raise PreflightError("; ".join(errors))
@@ -471,7 +480,7 @@ def check_all(
     unchecked: list[str] = []
     for model in config["models"]:
         settings = model_settings(config, model)
-        model_config = read_model_config(settings["path"])
+        model_config = read_model_config(settings["path"], config["models"][model].get("revision"))
         source = "config.json"
         if model_config is None and planned and model in planned:
             model_config, source = dict(planned[model]), "the config.json its build rule will write"

@@ -520,6 +520,7 @@ def steering_job(
     settings: Mapping[str, Any],
     identity: dict[str, Any],
     partial_folder: str | Path,
+    revision: str | None = None,
 ) -> pl.DataFrame:
     """One steering job (rule ``steer``): the em prompts sampled under every arm of one arm set, the
     disposition ``settings["direction"]`` steered along its own direction or one control
@@ -529,7 +530,7 @@ def steering_job(
     settings: ``kind``, ``strengths``, ``direction``, ``control``, ``other``, ``random_seed``,
     ``layers``, ``suite_spec``, ``sampling`` (its ``batch_size`` the steering batch). Each arm's
     finished batches are kept under ``partial_folder``, fingerprinted with everything the answers
-    depend on, so a killed job resumes arm by arm.
+    depend on, so a killed job resumes arm by arm. ``revision``: the hub commit of a hub id ``base_model``.
     """
     from character_em.evals import suites
     from character_em.hashing import sha256_file
@@ -558,7 +559,9 @@ def steering_job(
     directions_sha256 = sha256_file(directions_path)
 
     def load() -> tuple[Any, Any]:
-        model, tokenizer, info = modeling.load_model(base_model, quantization="none", adapter=adapter_dir, merge=True)
+        model, tokenizer, info = modeling.load_model(
+            base_model, quantization="none", adapter=adapter_dir, merge=True, revision=revision
+        )
         log.info(
             "loaded %s: %s; %s %s (%s) at layers %s", base_model, info, settings["kind"], direction, control, layer_sets
         )
@@ -566,7 +569,13 @@ def steering_job(
 
     def saved(arm: str) -> PartialAnswers:
         fingerprint = answers_fingerprint(
-            settings, prompts, identity, base_model, adapter_sha256, directions=directions_sha256, arm=arm
+            settings,
+            prompts,
+            identity,
+            f"{base_model}@{revision}" if revision else base_model,
+            adapter_sha256,
+            directions=directions_sha256,
+            arm=arm,
         )
         return PartialAnswers(Path(partial_folder) / f"{arm}.jsonl", fingerprint)
 

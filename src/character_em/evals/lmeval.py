@@ -102,12 +102,14 @@ def evaluate(
     max_items: int | None = None,
     device: str | None = None,
     dtype: str = "auto",
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy through the harness, in the shape of :func:`~character_em.evals.capabilities.evaluate_multiple_choice`.
 
     ``tasks`` (harness task or group names) wins over ``task_file``; with neither, the packaged
     smoke task. ``max_items`` is the harness's ``limit`` (per task). Returns {"accuracy", "n",
     "n_correct", "per_subject", "per_item", "backend", "lm_eval_version", "tasks", "harness_results"}.
+    ``revision``: the hub commit of a hub id ``model_path`` (``models.*.revision``).
     """
     import lm_eval
     import torch
@@ -127,6 +129,7 @@ def evaluate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = HFLM(
         pretrained=str(model_path),
+        **({"revision": revision} if revision else {}),
         peft=str(adapter) if adapter else None,
         device=device,
         dtype=dtype,

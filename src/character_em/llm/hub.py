@@ -1,9 +1,9 @@
 """Hugging Face models at the revisions the jobs ask for: which ones a config names, access to them,
 the disk they need, and their download into the cache the jobs read (``snakemake prefetch_models``).
 
-A job loads a hub model with ``from_pretrained(repo_id, revision=...)``: the judge, the second judge,
-the data filter's judge and the data writer at their pinned ``revision``; a trained model
-(``models.*.path``, which has no revision key) at ``main``. With ``HF_HUB_OFFLINE=1`` that call finds
+A job loads a hub model with ``from_pretrained(repo_id, revision=...)``: the trained models
+(``models.*.revision``), the judge, the second judge, the data filter's judge and the data writer at
+their pinned ``revision`` (``main`` where none is pinned). With ``HF_HUB_OFFLINE=1`` that call finds
 the files only when the cache holds that very revision: a snapshot of ``main`` does not serve a job
 pinned to an older commit, and a snapshot of a pinned commit does not serve a job asking for ``main``
 (there is no ``refs/main``). So the download asks for exactly the revision each job asks for.

@@ -147,14 +147,17 @@ def llm_kwargs(
     max_loras: int = 1,
     max_cpu_loras: int | None = None,
     extra: dict[str, Any] | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM``. ``max_model_len`` bounds the KV cache per sequence (the
     longest prompt + max_new_tokens) instead of the model's full context, so more sequences fit.
     ``max_loras``: adapters in one step's batch (``sampling.max_loras``); ``max_cpu_loras``: adapters kept
-    loaded in host memory (``sampling.max_cpu_loras``, at least ``max_loras``)."""
+    loaded in host memory (``sampling.max_cpu_loras``, at least ``max_loras``). ``revision``: the hub commit
+    of a hub id (``models.*.revision``), for the weights and the tokenizer."""
     kw: dict[str, Any] = {
         "model": str(base_model),
         "tokenizer": str(base_model),
+        **({"revision": revision, "tokenizer_revision": revision} if revision else {}),
         "dtype": dtype,
         "seed": int(base_seed),
         "max_model_len": int(max_model_len),
@@ -336,15 +339,16 @@ def rows_from_outputs(
     return _frame(rows, results)
 
 
-def _stop_ids_for(base_model: str, tokenizer: Any) -> set[int]:
+def _stop_ids_for(base_model: str, tokenizer: Any, revision: str | None = None) -> set[int]:
     """The hf back-end's stop set, from the model folder's generation/config files (no weights loaded)."""
     from transformers import AutoConfig, GenerationConfig
 
+    pin = {"revision": revision} if revision else {}
     try:
-        gen = GenerationConfig.from_pretrained(str(base_model))
+        gen = GenerationConfig.from_pretrained(str(base_model), **pin)
     except (OSError, ValueError):
         gen = None
-    cfg = AutoConfig.from_pretrained(str(base_model))
+    cfg = AutoConfig.from_pretrained(str(base_model), **pin)
     return stop_token_ids(SimpleNamespace(generation_config=gen, config=cfg), tokenizer)
 
 
@@ -419,6 +423,7 @@ def sample_wave_vllm(
     save_seconds: float | None = 60.0,
     in_flight: int = 8192,
     logger: Any = None,
+    revision: str | None = None,
 ) -> tuple[list[pl.DataFrame], dict[str, Any]]:
     """Answer several request sets (one Samples file each: an adapter folder or None for the base model,
     its prompt rows and identity) with one multi-LoRA engine, every request in flight together.
@@ -443,8 +448,8 @@ def sample_wave_vllm(
 
     from character_em.llm.loading import load_tokenizer
 
-    tok = tokenizer if tokenizer is not None else load_tokenizer(base_model)
-    stops = _stop_ids_for(base_model, tok)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(base_model, revision)
+    stops = _stop_ids_for(base_model, tok, revision)
     built = [
         build_requests(
             tok,
@@ -491,6 +496,7 @@ def sample_wave_vllm(
                 max_model_len=needed,
                 dtype=dtype,
                 extra=llm_extra,
+                revision=revision,
             )
             stats["engine_loads"] = 1
             stats["load_seconds"] = time.perf_counter() - started

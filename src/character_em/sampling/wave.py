@@ -102,12 +102,15 @@ def sample_wave(
     engine: Any = None,
     progress: bool = False,
     logger: logging.Logger | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Sample every file of one (model, seed) wave and write each Samples file; returns the wave's record
     (back-end, engine loads, answers restored and generated per file, seconds loading and generating).
 
     settings: the model's resolved sampling settings (``config.resolve_sampling_params``); ``backend``
     picks the engine. engine: an already started ``vllm.LLM`` for the vllm back-end (tests, benchmarks).
+    revision: the hub commit of a hub id (``models.*.revision``): the weights every engine loads, and part
+    of the saved batches' fingerprint, so answers of other weights are never restored.
     """
     out = logger or log
     backend = settings.get("backend", "hf")
@@ -116,7 +119,7 @@ def sample_wave(
         prompts_by_suite,
         model=model,
         seed=seed,
-        base_model=base_model,
+        base_model=f"{base_model}@{revision}" if revision else base_model,
         settings=settings,
         results_dir=results_dir,
     )
@@ -132,9 +135,11 @@ def sample_wave(
     todo = sum(job["n_rows"] - restored[job["label"]] for job in planned)
     out.info("wave %s seed %s: %d files, %d answers to generate, back-end %s", model, seed, len(planned), todo, backend)
     if backend == "vllm":
-        frames, stats = _vllm_wave(base_model, planned, settings, seed, engine=engine, progress=progress, logger=out)
+        frames, stats = _vllm_wave(
+            base_model, planned, settings, seed, engine=engine, progress=progress, logger=out, revision=revision
+        )
     else:
-        frames, stats = _hf_wave(base_model, planned, settings, seed, progress=progress, logger=out)
+        frames, stats = _hf_wave(base_model, planned, settings, seed, progress=progress, logger=out, revision=revision)
     record_files = []
     for job, frame in zip(planned, frames, strict=True):
         generated = len(job["partial"].done) - restored[job["label"]]
@@ -151,7 +156,14 @@ def sample_wave(
                 "generated": generated,
             }
         )
-    return {"model": model, "seed": int(seed), "backend": backend, "files": record_files, **stats}
+    return {
+        "model": model,
+        "seed": int(seed),
+        "backend": backend,
+        "revision": revision,
+        "files": record_files,
+        **stats,
+    }
 
 
 def _saver(job: Mapping[str, Any], logger: logging.Logger) -> Callable[[list[tuple[int, dict[str, Any]]]], None]:
@@ -174,6 +186,7 @@ def _hf_wave(
     *,
     progress: bool,
     logger: logging.Logger,
+    revision: str | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """One adapter after another, each merged into a fresh copy of the base model (as a job of one adapter
     would load it, so the answers do not depend on the wave); an adapter whose files are all restored is
@@ -192,7 +205,9 @@ def _hf_wave(
         model = tokenizer = None
         if any(len(planned[i]["partial"].done) < planned[i]["n_rows"] for i in indices):
             started = time.perf_counter()
-            model, tokenizer, info = loading.load_model(base_model, quantization="none", adapter=adapter, merge=True)
+            model, tokenizer, info = loading.load_model(
+                base_model, quantization="none", adapter=adapter, merge=True, revision=revision
+            )
             load_seconds += time.perf_counter() - started
             loads += 1
             logger.info("loaded %s (adapter %s): %s", base_model, adapter or "none", info)
@@ -242,6 +257,7 @@ def _vllm_wave(
     engine: Any,
     progress: bool,
     logger: logging.Logger,
+    revision: str | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     # Imported here so that the hf path never needs vLLM (docs/vllm.md).
     from character_em.sampling.vllm_backend import DEFAULT_MAX_LORA_RANK, sample_wave_vllm
@@ -270,4 +286,5 @@ def _vllm_wave(
         engine=engine,
         progress=progress,
         logger=logger,
+        revision=revision,
     )

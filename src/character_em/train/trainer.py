@@ -618,6 +618,7 @@ def prepare_trainer(
     hparams: dict[str, Any],
     seed: int,
     callbacks: list[Any] | None = None,
+    revision: str | None = None,
 ) -> PreparedTrainer:
     """Load the model and build the SFTTrainer exactly as ``train_adapter`` trains with it.
 
@@ -635,7 +636,9 @@ def prepare_trainer(
 
     from character_em.llm.loading import disable_bnb_cpu_repacking, load_model
 
-    model, tok, load_info = load_model(base_model, quantization=hparams["quantization"], for_training=True)
+    model, tok, load_info = load_model(
+        base_model, quantization=hparams["quantization"], for_training=True, revision=revision
+    )
     device = load_info["device"]
     on_gpu = device.startswith("cuda")
     max_len = int(hparams["max_seq_length"])
@@ -764,8 +767,11 @@ def train_adapter(
     seed: int,
     steps_dir: str | None = None,
     selection: Mapping[str, Any] | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA adapter on ``data_path`` and write it to ``output_dir``.
+
+    ``revision``: the hub commit of a hub id ``base_model`` (``models.*.revision``); run.json records it.
 
     ``selection``: which lines of ``data_path`` to train on (``data.pairing.training_draw``: ``lines``,
     counted from 0, and what they are); run.json records it under ``training_examples``. None: every line.
@@ -789,6 +795,9 @@ def train_adapter(
     data_sha = sha256_file(data)
     lines = [int(i) for i in selection["lines"]] if selection is not None else None
     run_key = {"base_model": str(base_model), "data_sha256": data_sha, "hparams": hparams, "seed": seed}
+    if revision:
+        # Other weights are another run: a checkpoint of the old ones must not be resumed.
+        run_key["revision"] = revision
     if lines is not None:
         # Another draw of the same file is another run: its checkpoints must not be resumed.
         run_key["lines"] = lines
@@ -887,6 +896,7 @@ def train_adapter(
         hparams=hparams,
         seed=seed,
         callbacks=[_StepLog(), _SaveSteps(), _StopOnSigterm()],
+        revision=revision,
     )
     device = load_info["device"]
     on_gpu = device.startswith("cuda")
@@ -937,6 +947,7 @@ def train_adapter(
     log_rows = [json.loads(ln) for ln in log_text.splitlines() if ln.strip()]
     info: dict[str, Any] = {
         "base_model": str(base_model),
+        "revision": revision,
         "data_path": str(data),
         "data_sha256": data_sha,
         # Which examples this adapter saw: the lines of data_path (from 0) and their user turns' plan indices.
