@@ -92,7 +92,7 @@ def cost_headline(configfile: str = "config.yaml") -> str:
         parts.append(f"model-written training data {result['data_generation']['gpu_hours']:,.0f}")
     upper = all(basis["basis"] == "upper bound" for basis in result["answer_basis"].values())
     return (
-        f"**{total:,.0f} GPU-hours**, about **{total / HEADLINE_GPUS / 24:,.0f} days on {HEADLINE_GPUS} GPUs** kept"
+        f"**{total:,.0f} GPU-hours**, about **{total / HEADLINE_GPUS / 24:,.1f} days on {HEADLINE_GPUS} GPUs** kept"
         f" busy ({', '.join(parts)})"
         + (", with every answer at `max_new_tokens` (the upper bound)" if upper else "")
         + f". The largest shares: {', '.join(f'{stage} {hours / total:.0%}' for stage, hours in shares)}. This is the"
