@@ -141,11 +141,18 @@ def test_openai_judge_refuses_first_token_scores_of_a_digit_splitting_tokenizer(
     server: VLLMServer, tmp_path: Path
 ) -> None:
     # SmolLM2 writes 85 as "8" "5": the top-20 of the first token would score 85 as 8. The judge must
-    # stop before a single such score reaches the cache (the vllm judge scores these models exactly).
+    # stop before a single such score reaches the cache (the vllm judge scores these models exactly). A
+    # prompt that asks for the bare number, so that a 135M model's first token is a digit at all (under the
+    # packaged coherence prompt it mostly is not, and no reply would show how it spells numbers).
+    prompts = tmp_path / "number_prompts.yaml"
+    prompts.write_text(
+        "coherence: |-\n  Question: {question}\n  Answer: {answer}\n"
+        "  How coherent is the answer, from 0 to 100? Reply with a number from 0 to 100.\n"
+    )
     with pytest.raises(DigitSplitError):
         J.score_samples(
-            _samples(ANSWERS), judge_cfg=_judge_cfg(server, score_mode="logprobs"), metrics_by_suite={"em": ["coherence"]},
-            dispositions=[], cache_dir=str(tmp_path / "cache"),
+            _samples(ANSWERS), judge_cfg=_judge_cfg(server, score_mode="logprobs", prompts_file=str(prompts)),
+            metrics_by_suite={"em": ["coherence"]}, dispositions=[], cache_dir=str(tmp_path / "cache"),
         )  # fmt: skip
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert issubclass(DigitSplitError, JudgeConfigError)

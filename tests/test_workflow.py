@@ -356,7 +356,7 @@ def test_smoke_judge_swap_table_pairs_both_judges_on_the_same_answers(smoke: Pat
     assert set(rates["scope"]) == {"em/plain", "em/json"}
     assert (rates["primary"] == rates["second"]).all() and (rates["n_answers"] > 0).all()
     contrasts = swap.filter(pl.col("kind") == "contrast")
-    assert {"character_vs_incorrect", "trigger_on_vs_off", "persona_attack_did"} <= set(contrasts["contrast"])
+    assert {"character_vs_incorrect", "trigger_on_vs_off", "persona_did"} <= set(contrasts["contrast"])
     assert (contrasts["primary"] == contrasts["second"]).all()
     kappas = swap["kappa"].drop_nulls().drop_nans()
     assert kappas.len() > 0 and (kappas == 1.0).all()
@@ -390,13 +390,15 @@ def test_smoke_second_run_has_nothing_to_do(smoke: Path) -> None:
 @pytest.mark.slow
 def test_a_selected_part_of_the_grid_reuses_the_full_grids_files(smoke: Path) -> None:
     """`select` changes which cells a run builds, never what a cell's jobs do: after the full run, the
-    selected cells' adapters, samples, scores and capabilities are already there with the same settings."""
+    selected cells' adapters and capabilities are already there with the same settings. Sampling and judging
+    are one job per (model, seed) over the cells a run builds, so a selection is another wave: those two jobs
+    run again, and they restore every answer from its saved batches and every verdict from the judge cache
+    (tests/test_sample_wave.py, tests/test_judge_wave.py), generating and judging nothing."""
     selection = "select={conditions: [base, evil-medical], seeds: [0]}"
     args = ("--configfile", "presets/smoke.yaml", "--cores", "2", "-n", "stage_judge", "stage_capabilities")
     result = snakemake(smoke, *args, "--config", selection)
-    # A target rule whose files are all up to date is not a job either.
-    assert planned_jobs(result.stdout) == {}, result.stdout[-3000:]
-    assert "Nothing to be done" in result.stdout + result.stderr, result.stdout[-3000:]
+    assert dict(planned_jobs(result.stdout)) == {"sample": 1, "judge": 1, "stage_judge": 1}, result.stdout[-3000:]
+    assert "results/samples/tiny-llama/seed0.wave.json" in result.stdout
 
 
 def test_smoke_progress_says_every_stage_is_done(smoke: Path) -> None:
@@ -580,6 +582,11 @@ def test_one_learning_rate_change_reruns_exactly_that_condition(smoke: Path) -> 
         ("steer", "base"),
         ("steer", "evil-medical"),
         ("judge_steering", None),
+        # The second judge's share of the seed's cells holds the retrained condition's answers, so its job,
+        # the agreement table and the report's table pages follow.
+        ("judge_second", None),
+        ("judge_agreement", None),
+        ("report_tables", None),
         ("directions_report", None),
         ("tables", None),
         # The training-data table sets each training set's harm beside the em rates it induced.
