@@ -76,6 +76,7 @@ ESTIMATE_STAGES = {
     "capabilities": "capabilities",
     "probes": "directions",
     "steer": "directions",
+    "judge_steering": "directions",
 }
 PLAN_ONLY_ENV = "CHARACTER_EM_PLAN_ONLY"
 
