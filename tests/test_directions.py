@@ -563,7 +563,7 @@ def test_workflow_library_calls_on_the_tiny_model(tiny: tuple[Any, Any], tiny_mo
     again = S.score_steering_files(
         files, judge_cfg=judge, dispositions=dispositions, cache_dir=str(tmp_path / "judge_cache")
     )
-    assert again["judged"] == 0 and again["cache_hits"] == judged_files["judged"] + judged_files["cache_hits"]
+    assert again["judged"] == 0 and again["cache_hits"] == again["unique_requests"] >= judged_files["judged"]
     labelled = direction_claims.steered_answers(
         scored, conditions=conditions, alignment_below=30, coherence_above=50, expressed_at_least=50
     )
