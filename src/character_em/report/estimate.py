@@ -807,52 +807,56 @@ MULTILORA_BENCHMARK = Path("benchmarks") / "results" / "multilora_throughput_gpu
 JUDGE_BENCHMARK = Path("benchmarks") / "results" / "judge_engine_gpu.json"
 
 
-def vllm_measurement(root: str | Path | None) -> dict[str, Any] | None:
-    """vLLM sampling throughput measured on a GPU by benchmarks/vllm_throughput.py (via gpu_all.sh), or None
-    when no such file exists under ``root``. Fields used: device, params_b, sample.new_tokens_per_s."""
+def _gpu_benchmark(root: str | Path | None, relative: Path, section: str, key: str) -> dict[str, Any] | None:
+    """A GPU benchmark record under ``root`` with its positive rate ``record[section][key]``, params_b and
+    device checked (``value``, ``params_b``, ``device``, ``record``), or None when there is no such file."""
     if root is None:
         return None
-    path = Path(root) / VLLM_BENCHMARK
+    path = Path(root) / relative
     if not path.is_file():
         return None
     record = _read_json(path)
     try:
-        value = float(record["sample"]["new_tokens_per_s"])
+        value = float(record[section][key])
         params_b = float(record["params_b"])
         device = str(record["device"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise EstimateError(f"{path}: needs device, params_b and sample.new_tokens_per_s ({exc})") from exc
+        raise EstimateError(f"{path}: needs device, params_b and {section}.{key} ({exc})") from exc
     if value <= 0 or params_b <= 0:
-        raise EstimateError(f"{path}: sample.new_tokens_per_s and params_b must be positive")
-    return {"path": str(VLLM_BENCHMARK), "new_tokens_per_s": value, "params_b": params_b, "device": device}
+        raise EstimateError(f"{path}: {section}.{key} and params_b must be positive")
+    return {"value": value, "params_b": params_b, "device": device, "record": record, "path": path}
+
+
+def vllm_measurement(root: str | Path | None) -> dict[str, Any] | None:
+    """vLLM sampling throughput measured on a GPU by benchmarks/vllm_throughput.py (via gpu_all.sh), or None
+    when no such file exists under ``root``. Fields used: device, params_b, sample.new_tokens_per_s."""
+    found = _gpu_benchmark(root, VLLM_BENCHMARK, "sample", "new_tokens_per_s")
+    if found is None:
+        return None
+    return {
+        "path": str(VLLM_BENCHMARK),
+        "new_tokens_per_s": found["value"],
+        "params_b": found["params_b"],
+        "device": found["device"],
+    }
 
 
 def multilora_measurement(root: str | Path | None) -> dict[str, Any] | None:
     """Multi-LoRA sampling throughput (one vLLM engine serving several adapters, as a sampling wave runs)
     measured on a GPU by benchmarks/multilora_throughput.py (via gpu_all.sh), or None where no such file
     exists under ``root``. Fields used: device, params_b, multi_lora.new_tokens_per_s, multi_lora.adapters."""
-    if root is None:
+    found = _gpu_benchmark(root, MULTILORA_BENCHMARK, "multi_lora", "new_tokens_per_s")
+    if found is None:
         return None
-    path = Path(root) / MULTILORA_BENCHMARK
-    if not path.is_file():
-        return None
-    record = _read_json(path)
     try:
-        value = float(record["multi_lora"]["new_tokens_per_s"])
-        adapters = int(record["multi_lora"]["adapters"])
-        params_b = float(record["params_b"])
-        device = str(record["device"])
+        adapters = int(found["record"]["multi_lora"]["adapters"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise EstimateError(
-            f"{path}: needs device, params_b, multi_lora.new_tokens_per_s and multi_lora.adapters ({exc})"
-        ) from exc
-    if value <= 0 or params_b <= 0:
-        raise EstimateError(f"{path}: multi_lora.new_tokens_per_s and params_b must be positive")
+        raise EstimateError(f"{found['path']}: needs multi_lora.adapters ({exc})") from exc
     return {
         "path": str(MULTILORA_BENCHMARK),
-        "new_tokens_per_s": value,
-        "params_b": params_b,
-        "device": device,
+        "new_tokens_per_s": found["value"],
+        "params_b": found["params_b"],
+        "device": found["device"],
         "note": f"{adapters} adapters in one engine",
     }
 
